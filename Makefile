@@ -1,0 +1,61 @@
+# pama_ext — build, check and test.
+#
+#   make test            fresh machine: venv (.venv), torch==2.13.0 + test deps, build, nvcc check, pytest
+#   make test VENV=      use the current python3 as is (e.g. a GPU machine with torch preinstalled)
+#   make nvcc-check      compile every csrc/cuda/*.cu with bare nvcc for sm_80 and sm_90
+#   make bench           CPU benchmark of the fused ops (benchmarks/bench_ops.py)
+#   make info            versions, compiled archs, kernels per device
+VENV ?= .venv
+PYTHON ?= python3
+TORCH_SPEC ?= torch==2.13.0
+NVCC ?= nvcc
+NVCC_ARCHS ?= 80 90
+PYTEST_ARGS ?=
+
+ifeq ($(strip $(VENV)),)
+PY := $(PYTHON)
+VENV_STAMP :=
+else
+PY := $(VENV)/bin/python
+VENV_STAMP := $(VENV)/.created
+endif
+
+CU_SOURCES := $(wildcard csrc/cuda/*.cu)
+CU_OBJECTS := $(patsubst csrc/cuda/%.cu,build/nvcc/%.o,$(CU_SOURCES))
+CU_HEADERS := csrc/pama_math.h $(wildcard csrc/cuda/*.cuh)
+
+.PHONY: test install build nvcc-check bench info clean
+
+test: install nvcc-check
+	PAMA_EXT_REQUIRE_NATIVE=1 $(PY) -m pytest python_tests -q $(PYTEST_ARGS)
+
+$(VENV)/.created:
+	$(PYTHON) -m venv $(VENV)
+	touch $@
+
+# Installs only what is missing, so it also works where no package registry is reachable.
+install: $(VENV_STAMP)
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	@$(PY) -c "import pytest, hypothesis, expecttest, numpy, ninja, setuptools, wheel" 2>/dev/null || \
+		$(PY) -m pip install -q pytest hypothesis expecttest numpy ninja setuptools wheel
+	$(MAKE) build VENV="$(VENV)" PYTHON="$(PYTHON)"
+
+build:
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+
+# The CUDA sources must compile even where no GPU is present (kernels.cuh has no torch headers).
+nvcc-check: $(CU_OBJECTS)
+	@echo "nvcc-check: $(words $(CU_SOURCES)) CUDA files compile for sm_$(NVCC_ARCHS)"
+
+build/nvcc/%.o: csrc/cuda/%.cu $(CU_HEADERS)
+	@mkdir -p build/nvcc
+	$(NVCC) -std=c++17 -O3 -Icsrc $(foreach a,$(NVCC_ARCHS),-gencode arch=compute_$(a),code=sm_$(a)) -c $< -o $@
+
+bench: install
+	$(PY) benchmarks/bench_ops.py
+
+info: install
+	$(PY) -m pama_ext.cli info
+
+clean:
+	rm -rf build dist *.egg-info pama_ext/_C*.so pama_ext/_build_info.py

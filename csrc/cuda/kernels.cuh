@@ -1,0 +1,196 @@
+// kernels.cuh — the contract between the device-independent op code (ops.cpp) and the kernels.
+//
+// Plain parameter structs and launcher declarations, no torch headers, so the .cu files compile
+// with bare nvcc on a machine without a GPU. The same launchers exist twice: pama::cpu (ops.cpp)
+// and pama::cuda (cuda/*.cu); ops.cpp picks one table per device and runs the same stages on it.
+//
+// Conventions
+// - Tensors are contiguous. [n, B, T] is objective-first; [B, T] per token; mask is bool [B, T].
+// - `dtype` (DType) is the dtype of every floating input/output marked "dtype"; buffers marked
+//   "acc" are float for fp32/fp16/bf16 inputs and double for float64 inputs.
+// - Work is split into chunks: chunk k of row b covers t in [k*chunk_len, min(T,(k+1)*chunk_len))
+//   and owns partial index b*chunks_per_row + k of the `partials` workspace (acc).
+// - A launcher writes every element of its outputs (and partial entries it owns), so buffers may
+//   be allocated uninitialised. Launchers enqueue on `stream` (cudaStream_t as void*) and never
+//   synchronise with the host.
+#pragma once
+
+#include <cstdint>
+
+namespace pama {
+
+enum DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
+
+// §1: rewards[i,b,t] = -beta_kl * mask * (old_logp - ref_logp) + [t == last valid t of row b] * scores[i,b]
+struct TokenRewardsParams {
+  const void* scores;    // dtype [n, B]
+  const void* old_logp;  // dtype [B, T]
+  const void* ref_logp;  // dtype [B, T]
+  const bool* mask;      // [B, T]
+  void* rewards;         // dtype [n, B, T] out
+  int64_t n, B, T;
+  double beta_kl;
+  int dtype;
+};
+
+// §2: per-objective GAE (pama::gae_step), one scan per (objective, row).
+struct GaeParams {
+  const void* rewards;  // dtype [n, B, T]
+  const void* values;   // dtype [n, B, T]
+  const bool* mask;     // [B, T]
+  void* advantages;     // dtype [n, B, T] out
+  void* returns;        // dtype [n, B, T] out  (advantages + values)
+  int64_t n, B, T;
+  double gamma, lam;
+  int dtype;
+};
+// Adjoint of §2 (pama::gae_adjoint_step), walked forward in time.
+struct GaeBackwardParams {
+  const void* grad_advantages;  // dtype [n, B, T]
+  const void* grad_returns;     // dtype [n, B, T]
+  const bool* mask;             // [B, T]
+  void* grad_rewards;           // dtype [n, B, T] out
+  void* grad_values;            // dtype [n, B, T] out (includes grad_returns)
+  int64_t n, B, T;
+  double gamma, lam;
+  int dtype;
+};
+
+// §3 statistics, two passes over the data.
+// launch_stats_moments: partials = MomentsPartial per chunk; then writes stats[count, num_seqs,
+//   mean, var] and row_count (finalize_moments_rows / finalize_moments_stats).
+// launch_stats_indicators (after moments): per token N_i = whiten_noon(A_i), I_i = N_i * [u <= 1+eps_hi];
+//   partials = IndicatorPartial per chunk (sumI, pos = [N_i > 0], ctok = thm1 weights of N,
+//   gram = I_i I_j when with_gram); then writes stats[abar, pos, ctok, cseq, gram] and
+//   seq_weights (finalize_indicator_totals / _rows / _cseq). Masked-out tokens contribute nothing.
+struct StatsParams {
+  const void* advantages;  // dtype [n, B, T]
+  const void* logp;        // dtype [B, T]
+  const void* old_logp;    // dtype [B, T]
+  const bool* mask;        // [B, T]
+  int64_t n, B, T;
+  int64_t chunk_len, chunks_per_row;
+  double eps_hi;
+  bool whiten, noon, with_gram;
+  void* stats;        // acc [StatsLayout(n).size()]
+  void* row_count;    // acc [B]
+  void* seq_weights;  // acc [B, n]
+  void* partials;     // acc [B * chunks_per_row * max(MomentsPartial.size, IndicatorPartial.size)]
+  int dtype;
+};
+
+// §4 weights from statistics (finalize_weights), one tiny launch.
+struct WeightsParams {
+  const void* stats;  // acc [StatsLayout(n).size()]
+  const void* prefs;  // acc [n] or nullptr (uniform)
+  int n;
+  int method, granularity;  // pama::Method, pama::Granularity
+  void* weights;            // acc [n] out
+  void* work;               // acc [2n] scratch
+  int acc_is_double;
+};
+
+// §4 fused policy loss forward. Per token: N_i = whiten_noon(A_i) with stats' mean/var; Ã from
+// `combine` (kCombineTokenThm1: thm1 s*; kCombineWeighted: Σ w_i N_i with w = weights (global) or
+// seq_weights[b] when weights_per_row); l = ppo_token_loss(Ã, …); k3 when ref_logp != nullptr.
+// Writes a_tilde (0 on masked tokens), partials (kLossPartialSize per chunk), then row_scale,
+// loss and metrics (finalize_row_scale / finalize_policy_loss).
+struct PolicyLossParams {
+  const void* logp;        // dtype [B, T]
+  const void* old_logp;    // dtype [B, T]
+  const void* ref_logp;    // dtype [B, T] or nullptr
+  const void* advantages;  // dtype [n, B, T]
+  const bool* mask;        // [B, T]
+  const void* stats;       // acc, from the stats launchers
+  const void* row_count;   // acc [B]
+  const void* weights;     // acc [n]
+  const void* seq_weights; // acc [B, n]
+  int64_t n, B, T;
+  int64_t chunk_len, chunks_per_row;
+  double eps_lo, eps_hi, dual_clip, beta_loss;
+  bool whiten, noon, weights_per_row;
+  int combine, agg;
+  void* a_tilde;    // acc [B, T] out
+  void* row_scale;  // acc [B] out
+  void* loss;       // acc [1] out
+  void* metrics;    // acc [loss_metrics_size(n)] out
+  void* partials;   // acc [B * chunks_per_row * kLossPartialSize]
+  int dtype;
+};
+// grad_logp[b,t] = grad_loss * mask * row_scale[b] * (dl/dlogp + beta_loss * dk3/dlogp)
+struct PolicyLossBackwardParams {
+  const void* grad_loss;  // acc [1] (device scalar: no host read)
+  const void* logp;       // dtype [B, T]
+  const void* old_logp;   // dtype [B, T]
+  const void* ref_logp;   // dtype [B, T] or nullptr
+  const bool* mask;       // [B, T]
+  const void* a_tilde;    // acc [B, T]
+  const void* row_scale;  // acc [B]
+  int64_t B, T;
+  double eps_lo, eps_hi, dual_clip, beta_loss;
+  void* grad_logp;  // dtype [B, T] out
+  int dtype;
+};
+
+// §5 multi-head clipped value loss. partials = value_partial_size(n) per chunk; then
+// finalize_value_loss writes row_scale, loss and metrics [clipfrac, head_loss(n)].
+struct ValueLossParams {
+  const void* values;      // dtype [n, B, T]
+  const void* old_values;  // dtype [n, B, T]
+  const void* returns;     // dtype [n, B, T]
+  const bool* mask;        // [B, T]
+  int64_t n, B, T;
+  int64_t chunk_len, chunks_per_row;
+  double clip;
+  int agg;
+  void* row_scale;  // acc [B] out
+  void* loss;       // acc [1] out
+  void* metrics;    // acc [value_metrics_size(n)] out
+  void* partials;   // acc [B * chunks_per_row * value_partial_size(n)]
+  int dtype;
+};
+// grad_values[i,b,t] = grad_loss * 0.5 * mask * row_scale[b] * dl_i/dV
+struct ValueLossBackwardParams {
+  const void* grad_loss;   // acc [1]
+  const void* values;      // dtype [n, B, T]
+  const void* old_values;  // dtype [n, B, T]
+  const void* returns;     // dtype [n, B, T]
+  const bool* mask;        // [B, T]
+  const void* row_scale;   // acc [B]
+  int64_t n, B, T;
+  double clip;
+  void* grad_values;  // dtype [n, B, T] out
+  int dtype;
+};
+
+// One table of launchers per device.
+struct Backend {
+  const char* name;
+  int64_t chunk_len;  // tokens per chunk for the chunked passes
+  void (*token_rewards)(const TokenRewardsParams&, void* stream);
+  void (*multi_gae)(const GaeParams&, void* stream);
+  void (*multi_gae_backward)(const GaeBackwardParams&, void* stream);
+  void (*stats_moments)(const StatsParams&, void* stream);
+  void (*stats_indicators)(const StatsParams&, void* stream);
+  void (*pareto_weights)(const WeightsParams&, void* stream);
+  void (*policy_loss_forward)(const PolicyLossParams&, void* stream);
+  void (*policy_loss_backward)(const PolicyLossBackwardParams&, void* stream);
+  void (*value_loss_forward)(const ValueLossParams&, void* stream);
+  void (*value_loss_backward)(const ValueLossBackwardParams&, void* stream);
+};
+
+namespace cuda {
+constexpr int64_t kChunkLen = 1024;
+void launch_token_rewards(const TokenRewardsParams& p, void* stream);
+void launch_multi_gae(const GaeParams& p, void* stream);
+void launch_multi_gae_backward(const GaeBackwardParams& p, void* stream);
+void launch_stats_moments(const StatsParams& p, void* stream);
+void launch_stats_indicators(const StatsParams& p, void* stream);
+void launch_pareto_weights(const WeightsParams& p, void* stream);
+void launch_policy_loss_forward(const PolicyLossParams& p, void* stream);
+void launch_policy_loss_backward(const PolicyLossBackwardParams& p, void* stream);
+void launch_value_loss_forward(const ValueLossParams& p, void* stream);
+void launch_value_loss_backward(const ValueLossBackwardParams& p, void* stream);
+}  // namespace cuda
+
+}  // namespace pama

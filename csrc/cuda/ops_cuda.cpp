@@ -1,0 +1,31 @@
+// ops_cuda.cpp — registers the CUDA launchers (cuda/*.cu) as the CUDA implementation of every op.
+// The op bodies are the device-independent ones of ops.cpp; this file only supplies the launcher
+// table and the current stream, so tensors → structs → launch happens on the caller's stream.
+#include <ATen/cuda/CUDAContext.h>
+#include <torch/library.h>
+
+#include "../ops.h"
+#include "kernels.cuh"
+
+namespace {
+
+void* current_stream() { return static_cast<void*>(at::cuda::getCurrentCUDAStream().stream()); }
+
+const pama::Backend kCudaTable{"cuda",
+                               pama::cuda::kChunkLen,
+                               &pama::cuda::launch_token_rewards,
+                               &pama::cuda::launch_multi_gae,
+                               &pama::cuda::launch_multi_gae_backward,
+                               &pama::cuda::launch_stats_moments,
+                               &pama::cuda::launch_stats_indicators,
+                               &pama::cuda::launch_pareto_weights,
+                               &pama::cuda::launch_policy_loss_forward,
+                               &pama::cuda::launch_policy_loss_backward,
+                               &pama::cuda::launch_value_loss_forward,
+                               &pama::cuda::launch_value_loss_backward};
+
+const bool kRegistered = (pama::set_cuda_backend(&kCudaTable, &current_stream), true);
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pama_ext, CUDA, m) { pama::register_impls(m); }

@@ -1,0 +1,20 @@
+// ops.h — host-side glue shared by ops.cpp (schemas, checks, CPU kernels) and cuda/ops_cuda.cpp.
+// The op implementations are device independent: they validate arguments, allocate outputs and
+// workspaces, and run the stages of a launcher table (pama::Backend) chosen by the inputs' device.
+#pragma once
+
+#include <torch/library.h>
+
+#include "cuda/kernels.cuh"
+
+namespace pama {
+
+// Called once by cuda/ops_cuda.cpp at load time (when the CUDA kernels are compiled in).
+using StreamGetter = void* (*)();
+void set_cuda_backend(const Backend* table, StreamGetter stream);
+bool has_cuda_backend();
+
+// Registers every op implementation on a dispatch key (CPU in ops.cpp, CUDA in ops_cuda.cpp).
+void register_impls(torch::Library& m);
+
+}  // namespace pama

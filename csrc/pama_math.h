@@ -1,0 +1,469 @@
+// pama_math.h — the scalar math of SPEC.md, shared by the CPU kernels (ops.cpp) and the CUDA
+// kernels (cuda/*.cu). One source of truth per formula: every kernel calls these functions and
+// none re-derives them. Plain C++ with no torch headers; `acc` is the accumulation type
+// (float for fp32/fp16/bf16 inputs, double for float64 inputs).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define PAMA_HD __host__ __device__ __forceinline__
+#else
+#define PAMA_HD inline
+#endif
+
+namespace pama {
+
+constexpr int kMaxObjectives = 64;
+constexpr double kWhitenEps = 1e-8;       // SPEC §3: sqrt(var + 1e-8)
+constexpr double kLogRatioClamp = 20.0;   // SPEC §4: exp(clamp(logp - old_logp, -20, 20))
+constexpr int kMgdaFwIters = 100;         // fixed Frank–Wolfe iterations (no data-dependent exit)
+
+// Combination modes of the policy loss (resolved from method x granularity on the host).
+enum Combine : int {
+  kCombineTokenThm1 = 0,  // pama/token: Ã = projection of 0 onto [min_i N_i, max_i N_i]
+  kCombineWeighted = 1,   // Ã = Σ_i w_i N_i, w global (stride 0) or per row (stride n)
+};
+enum Agg : int { kAggTokenMean = 0, kAggSeqMeanTokenMean = 1, kAggSeqMeanTokenSum = 2 };
+enum Method : int { kMethodPama = 0, kMethodLinear = 1, kMethodMgda = 2 };
+enum Granularity : int { kGranToken = 0, kGranSequence = 1, kGranBatch = 2 };
+
+// Layout of the flat statistics vector (SPEC §3), (n+3)^2 - 7 entries:
+// [count, num_seqs, mean(n), var(n), abar(n), pos(n), ctok(n), cseq(n), gram(n*n)]
+struct StatsLayout {
+  int n;
+  PAMA_HD explicit StatsLayout(int n_) : n(n_) {}
+  PAMA_HD int count() const { return 0; }
+  PAMA_HD int num_seqs() const { return 1; }
+  PAMA_HD int mean() const { return 2; }
+  PAMA_HD int var() const { return 2 + n; }
+  PAMA_HD int abar() const { return 2 + 2 * n; }
+  PAMA_HD int pos() const { return 2 + 3 * n; }
+  PAMA_HD int ctok() const { return 2 + 4 * n; }
+  PAMA_HD int cseq() const { return 2 + 5 * n; }
+  PAMA_HD int gram() const { return 2 + 6 * n; }
+  PAMA_HD int size() const { return 2 + 6 * n + n * n; }
+};
+
+// Per-chunk partial sums. A chunk is a contiguous token range of one row; the CPU uses one chunk
+// per row, the CUDA kernels several. Totals are sums over chunks in a fixed order (deterministic).
+struct MomentsPartial {  // stage 1: [cnt, sum(n), m2(n)]  (m2 around the chunk's own mean)
+  int n;
+  PAMA_HD explicit MomentsPartial(int n_) : n(n_) {}
+  PAMA_HD int cnt() const { return 0; }
+  PAMA_HD int sum() const { return 1; }
+  PAMA_HD int m2() const { return 1 + n; }
+  PAMA_HD int size() const { return 1 + 2 * n; }
+};
+struct IndicatorPartial {  // stage 2: [sumI(n), pos(n), ctok(n), gram(n*n)]
+  int n;
+  PAMA_HD explicit IndicatorPartial(int n_) : n(n_) {}
+  PAMA_HD int sum_i() const { return 0; }
+  PAMA_HD int pos() const { return n; }
+  PAMA_HD int ctok() const { return 2 * n; }
+  PAMA_HD int gram() const { return 3 * n; }
+  PAMA_HD int size(bool with_gram) const { return 3 * n + (with_gram ? n * n : 0); }
+};
+// stage 3 (policy loss): [Σ m·l, Σ m·k3, Σ clipped, Σ (old - logp), Σ active]
+constexpr int kLossPartialSize = 5;
+// policy-loss metrics vector: [pg_loss, kl_loss, clipfrac, approx_kl, active, abar(n), pos(n), weights(n)]
+constexpr int kLossMetricScalars = 5;
+PAMA_HD int loss_metrics_size(int n) { return kLossMetricScalars + 3 * n; }
+// value loss partial: [count, Σ clipped (over heads), Σ_t m·l_i (n)]
+PAMA_HD int value_partial_size(int n) { return 2 + n; }
+// value-loss metrics vector: [clipfrac, head_loss(n)]
+PAMA_HD int value_metrics_size(int n) { return 1 + n; }
+
+template <typename T>
+PAMA_HD T clampv(T x, T lo, T hi) {
+  return x < lo ? lo : (x > hi ? hi : x);
+}
+template <typename T>
+PAMA_HD T maxv(T a, T b) {
+  return a > b ? a : b;
+}
+template <typename T>
+PAMA_HD T minv(T a, T b) {
+  return a < b ? a : b;
+}
+
+// ---- §2 GAE --------------------------------------------------------------------------------
+// One backward-in-time step; carry (next_v, last_a) starts at (0, 0) at t = T-1.
+// Returns A[t] (= last_a after the step).
+template <typename T>
+PAMA_HD T gae_step(T r, T v, bool m, T gamma, T gamma_lam, T& next_v, T& last_a) {
+  T delta = r + gamma * next_v - v;
+  T a = delta + gamma_lam * last_a;
+  if (m) {
+    next_v = v;
+    last_a = a;
+  }
+  return last_a;
+}
+
+// Adjoint of gae_step, walked forward in time (t = 0 … T-1) with carry (c_la, c_nv) = (0, 0).
+// g_adv is dL/dA[t] + dL/dreturns[t]; adds dL/dr[t] and dL/dV[t] (excluding the returns term).
+template <typename T>
+PAMA_HD void gae_adjoint_step(T g_adv, bool m, T gamma, T gamma_lam, T& c_la, T& c_nv, T& g_r, T& g_v) {
+  T g_la = g_adv + c_la;
+  T g_a = m ? g_la : T(0);  // a[t] is stored only on masked-in steps
+  g_r = g_a;                // dδ/dr = 1, dA/dδ = 1
+  g_v = (m ? c_nv : T(0)) - g_a;
+  c_la = (m ? T(0) : g_la) + gamma_lam * g_a;
+  c_nv = (m ? T(0) : c_nv) + gamma * g_a;
+}
+
+// ---- §3 whitening and Noon ------------------------------------------------------------------
+template <typename T>
+PAMA_HD T inv_std(T var) {
+  return T(1) / std::sqrt(var + T(kWhitenEps));
+}
+template <typename T>
+PAMA_HD T whiten_noon(T a, T mean, T istd, bool whiten, bool noon) {
+  T x = whiten ? (a - mean) * istd : a;
+  return noon ? maxv(x, T(0)) : x;
+}
+// Unbiased variance with var = 0 when count <= 1 (SPEC §3).
+template <typename T>
+PAMA_HD T unbiased_var(T m2, T count) {
+  return count > T(1) ? m2 / (count - T(1)) : T(0);
+}
+// Chan's parallel update of a running (count, mean, M2) with one chunk's (cnt, sum, m2).
+template <typename T>
+PAMA_HD void chan_combine(T& count, T& mean, T& m2, T c_cnt, T c_sum, T c_m2) {
+  if (c_cnt <= T(0)) return;
+  T c_mean = c_sum / c_cnt;
+  T total = count + c_cnt;
+  T delta = c_mean - mean;
+  mean += delta * (c_cnt / total);
+  m2 += c_m2 + delta * delta * (count * c_cnt / total);
+  count = total;
+}
+
+// ---- §4 ratio, PPO token loss, KL ------------------------------------------------------------
+template <typename T>
+PAMA_HD T ppo_ratio(T logp, T old_logp) {
+  return std::exp(clampv(logp - old_logp, T(-kLogRatioClamp), T(kLogRatioClamp)));
+}
+
+// Clipped surrogate with dual clip for one token: loss, d loss / d logp, and whether the
+// clipped branch was taken (clipfrac). verl's compute_policy_loss, written per token.
+template <typename T>
+PAMA_HD T ppo_token_loss(T adv, T logp, T old_logp, T eps_lo, T eps_hi, T dual_clip, T& dlogp,
+                         bool& clipped) {
+  T x = logp - old_logp;
+  bool in_range = x >= T(-kLogRatioClamp) && x <= T(kLogRatioClamp);
+  T u = std::exp(clampv(x, T(-kLogRatioClamp), T(kLogRatioClamp)));
+  T lo = T(1) - eps_lo, hi = T(1) + eps_hi;
+  T l1 = -adv * u;
+  T l2 = -adv * clampv(u, lo, hi);
+  clipped = l2 > l1;
+  T l = clipped ? l2 : l1;
+  T dl_du = clipped ? ((u >= lo && u <= hi) ? -adv : T(0)) : -adv;
+  if (adv < T(0)) {
+    T l3 = -adv * dual_clip;
+    if (l3 < l) {
+      l = l3;
+      dl_du = T(0);
+    }
+  }
+  dlogp = in_range ? dl_du * u : T(0);
+  return l;
+}
+
+// k3 estimator of KL(π_θ || π_ref) per token and its derivative w.r.t. logp.
+template <typename T>
+PAMA_HD T k3_kl(T logp, T ref_logp, T& dlogp) {
+  T d = ref_logp - logp;
+  T e = std::exp(d);
+  dlogp = T(1) - e;
+  return e - d - T(1);
+}
+
+// ---- §4 Theorem 1 (closed-form min-norm weights over a scalar per objective) -----------------
+// v[i * stride], i < n. Returns s* (projection of 0 onto [min v, max v]); when c != nullptr,
+// adds scale * c_i to c[i] (ties share uniformly), so callers can accumulate means directly.
+template <typename T>
+PAMA_HD T thm1(const T* v, int64_t stride, int n, T* c, T scale) {
+  T mn = v[0], mx = v[0];
+  for (int i = 1; i < n; ++i) {
+    T x = v[i * stride];
+    mn = minv(mn, x);
+    mx = maxv(mx, x);
+  }
+  if (c != nullptr) {
+    int nmin = 0, nmax = 0;
+    for (int i = 0; i < n; ++i) {
+      nmin += v[i * stride] == mn;
+      nmax += v[i * stride] == mx;
+    }
+    T width = mx - mn;
+    T c_min = mn > T(0) ? T(1) : (mx < T(0) ? T(0) : mx / (width > T(0) ? width : T(1)));
+    T w_min = c_min / T(nmin), w_max = (T(1) - c_min) / T(nmax);
+    for (int i = 0; i < n; ++i) {
+      T x = v[i * stride];
+      c[i] += scale * ((x == mn ? w_min : T(0)) + (x == mx ? w_max : T(0)));
+    }
+  }
+  return mn > T(0) ? mn : (mx < T(0) ? mx : T(0));
+}
+
+// ---- §4 MGDA: argmin_{c in simplex} cᵀGc ------------------------------------------------------
+// n == 1, 2: exact; n > 2: kMgdaFwIters Frank–Wolfe steps with exact line search from uniform.
+// `work` needs 2n entries. Sequential on purpose: n <= 64 and it runs once per step.
+template <typename T>
+PAMA_HD void mgda_weights(const T* G, int n, T* c, T* work) {
+  if (n == 1) {
+    c[0] = T(1);
+    return;
+  }
+  if (n == 2) {
+    T den = G[0] + G[3] - T(2) * G[1];
+    T c0 = den > T(0) ? clampv((G[3] - G[1]) / den, T(0), T(1)) : T(0.5);
+    c[0] = c0;
+    c[1] = T(1) - c0;
+    return;
+  }
+  T* grad = work;
+  T* Gd = work + n;
+  for (int i = 0; i < n; ++i) c[i] = T(1) / T(n);
+  for (int it = 0; it < kMgdaFwIters; ++it) {
+    int best = 0;
+    for (int i = 0; i < n; ++i) {
+      T g = 0;
+      for (int j = 0; j < n; ++j) g += G[i * n + j] * c[j];
+      grad[i] = g;
+      if (g < grad[best]) best = i;
+    }
+    // d = e_best - c ; Gd = G[:, best] - grad
+    T dGd = 0, cGd = 0;
+    for (int i = 0; i < n; ++i) {
+      Gd[i] = G[i * n + best] - grad[i];
+      T d_i = (i == best ? T(1) : T(0)) - c[i];
+      dGd += d_i * Gd[i];
+      cGd += c[i] * Gd[i];
+    }
+    T step = dGd > T(0) ? clampv(-cGd / dGd, T(0), T(1)) : (cGd < T(0) ? T(1) : T(0));
+    for (int i = 0; i < n; ++i) c[i] += step * ((i == best ? T(1) : T(0)) - c[i]);
+  }
+}
+
+// Combination weights used by the loss for a batch-level method (pama/batch, linear, mgda).
+// prefs may be null (uniform). `work` needs 2n entries.
+template <typename T>
+PAMA_HD void batch_weights(const T* stats, int n, int method, const T* prefs, T* w, T* work) {
+  StatsLayout L(n);
+  if (method == kMethodPama) {
+    for (int i = 0; i < n; ++i) w[i] = T(0);
+    thm1(stats + L.abar(), 1, n, w, T(1));
+  } else if (method == kMethodLinear) {
+    for (int i = 0; i < n; ++i) w[i] = prefs != nullptr ? prefs[i] : T(1) / T(n);
+  } else {
+    mgda_weights(stats + L.gram(), n, w, work);
+  }
+}
+
+// ---- §4 aggregation ---------------------------------------------------------------------------
+// Weight of row b's token sum in the aggregated loss (verl agg_loss; empty rows excluded).
+template <typename T>
+PAMA_HD T agg_row_scale(int agg, T row_count, T total_count, T num_seqs) {
+  if (agg == kAggTokenMean) return T(1) / maxv(total_count, T(1));
+  if (row_count <= T(0)) return T(0);
+  T nseq = maxv(num_seqs, T(1));
+  return agg == kAggSeqMeanTokenMean ? T(1) / (row_count * nseq) : T(1) / nseq;
+}
+
+// ---- §5 clipped value loss for one token ------------------------------------------------------
+template <typename T>
+PAMA_HD T value_token_loss(T v, T old_v, T ret, T clip, T& dv, bool& clipped) {
+  T diff = v - old_v;
+  T vc = old_v + clampv(diff, -clip, clip);
+  T e1 = v - ret, e2 = vc - ret;
+  T l1 = e1 * e1, l2 = e2 * e2;
+  clipped = l2 > l1;
+  dv = clipped ? ((diff >= -clip && diff <= clip) ? T(2) * e2 : T(0)) : T(2) * e1;
+  return clipped ? l2 : l1;
+}
+
+// ================================================================================================
+// Finalisation: chunk partials -> totals. Shared by the CPU path (called with tid = 0, nth = 1)
+// and the CUDA finalize kernels (tid = threadIdx.x, nth = blockDim.x, __syncthreads() between
+// phases). Every total is summed over chunks in a fixed order, so results are deterministic.
+// Chunk c of row b is partial index b * chunks_per_row + c.
+// ================================================================================================
+
+// Moments phase 1 (per row): row_count[b] = Σ_c cnt.
+template <typename T>
+PAMA_HD void finalize_moments_rows(const T* part, int n, int64_t B, int64_t cpr, T* row_count, int64_t tid,
+                                   int64_t nth) {
+  MomentsPartial P(n);
+  for (int64_t b = tid; b < B; b += nth) {
+    T c = 0;
+    for (int64_t k = 0; k < cpr; ++k) c += part[(b * cpr + k) * P.size() + P.cnt()];
+    row_count[b] = c;
+  }
+}
+// Moments phase 2 (per objective, after phase 1): mean_i, var_i by Chan's combination; count, num_seqs.
+template <typename T>
+PAMA_HD void finalize_moments_stats(const T* part, int n, int64_t B, int64_t cpr, const T* row_count, T* stats,
+                                    int64_t tid, int64_t nth) {
+  MomentsPartial P(n);
+  StatsLayout L(n);
+  for (int64_t i = tid; i < n; i += nth) {
+    T count = 0, mean = 0, m2 = 0;
+    for (int64_t k = 0; k < B * cpr; ++k) {
+      const T* p = part + k * P.size();
+      chan_combine(count, mean, m2, p[P.cnt()], p[P.sum() + i], p[P.m2() + i]);
+    }
+    stats[L.mean() + i] = mean;
+    stats[L.var() + i] = unbiased_var(m2, count);
+  }
+  if (tid == 0) {
+    T count = 0, nseq = 0;
+    for (int64_t b = 0; b < B; ++b) {
+      count += row_count[b];
+      nseq += row_count[b] > T(0) ? T(1) : T(0);
+    }
+    stats[L.count()] = count;
+    stats[L.num_seqs()] = nseq;
+  }
+}
+
+// Indicators phase 1 (per entry of abar/pos/ctok/gram, and per row): batch means, and the
+// per-sequence Theorem-1 weights seq_weights[b, :] from the per-sequence means of I_i.
+template <typename T>
+PAMA_HD void finalize_indicator_totals(const T* part, int n, int64_t B, int64_t cpr, bool with_gram,
+                                       T* stats, int64_t tid, int64_t nth) {
+  IndicatorPartial P(n);
+  StatsLayout L(n);
+  const int psize = P.size(with_gram);
+  const T inv = T(1) / maxv(stats[L.count()], T(1));
+  const int entries = psize;  // sum_i | pos | ctok | gram
+  for (int64_t e = tid; e < entries; e += nth) {
+    T s = 0;
+    for (int64_t k = 0; k < B * cpr; ++k) s += part[k * psize + e];
+    int dst = e < n ? L.abar() + e : (e < 2 * n ? L.pos() + (e - n) : (e < 3 * n ? L.ctok() + (e - 2 * n) : L.gram() + (e - 3 * n)));
+    stats[dst] = s * inv;
+  }
+  if (!with_gram)
+    for (int64_t e = tid; e < n * n; e += nth) stats[L.gram() + e] = T(0);
+}
+template <typename T>
+PAMA_HD void finalize_indicator_rows(const T* part, int n, int64_t B, int64_t cpr, bool with_gram,
+                                     const T* row_count, T* seq_weights, int64_t tid, int64_t nth) {
+  IndicatorPartial P(n);
+  const int psize = P.size(with_gram);
+  for (int64_t b = tid; b < B; b += nth) {
+    T* c = seq_weights + b * n;
+    T v[kMaxObjectives];
+    T inv = T(1) / maxv(row_count[b], T(1));
+    for (int i = 0; i < n; ++i) {
+      T s = 0;
+      for (int64_t k = 0; k < cpr; ++k) s += part[(b * cpr + k) * psize + P.sum_i() + i];
+      v[i] = s * inv;
+      c[i] = T(0);
+    }
+    thm1(v, 1, n, c, T(1));
+  }
+}
+// Indicators phase 2 (per objective, after phase 1): cseq_i = mean over non-empty rows of c[b, i].
+template <typename T>
+PAMA_HD void finalize_indicator_cseq(int n, int64_t B, const T* row_count, const T* seq_weights, T* stats,
+                                     int64_t tid, int64_t nth) {
+  StatsLayout L(n);
+  T inv = T(1) / maxv(stats[L.num_seqs()], T(1));
+  for (int64_t i = tid; i < n; i += nth) {
+    T s = 0;
+    for (int64_t b = 0; b < B; ++b)
+      if (row_count[b] > T(0)) s += seq_weights[b * n + i];
+    stats[L.cseq() + i] = s * inv;
+  }
+}
+
+// Reported/combination weights of pareto_weights: pama/token -> ctok, pama/sequence -> cseq,
+// otherwise batch_weights. Single thread. `work` needs 2n entries.
+template <typename T>
+PAMA_HD void finalize_weights(const T* stats, int n, int method, int granularity, const T* prefs, T* weights,
+                              T* work) {
+  StatsLayout L(n);
+  if (method == kMethodPama && granularity == kGranToken) {
+    for (int i = 0; i < n; ++i) weights[i] = stats[L.ctok() + i];
+  } else if (method == kMethodPama && granularity == kGranSequence) {
+    for (int i = 0; i < n; ++i) weights[i] = stats[L.cseq() + i];
+  } else {
+    batch_weights(stats, n, method, prefs, weights, work);
+  }
+}
+
+// Policy loss phase 1 (per row): row_scale[b].
+template <typename T>
+PAMA_HD void finalize_row_scale(const T* row_count, int64_t B, int agg, T total, T nseq, T* row_scale,
+                                int64_t tid, int64_t nth) {
+  for (int64_t b = tid; b < B; b += nth) row_scale[b] = agg_row_scale(agg, row_count[b], total, nseq);
+}
+// Policy loss phase 2 (single thread): loss and metrics
+// [pg_loss, kl_loss, clipfrac, approx_kl, active, abar(n), pos(n), weights(n)].
+template <typename T>
+PAMA_HD void finalize_policy_loss(const T* part, int n, int64_t B, int64_t cpr, const T* row_scale,
+                                  const T* stats, const T* weights, T beta_loss, T* loss, T* metrics) {
+  StatsLayout L(n);
+  T pg = 0, kl = 0, clip = 0, akl = 0, active = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    T rpg = 0, rkl = 0;
+    for (int64_t k = 0; k < cpr; ++k) {
+      const T* p = part + (b * cpr + k) * kLossPartialSize;
+      rpg += p[0];
+      rkl += p[1];
+      clip += p[2];
+      akl += p[3];
+      active += p[4];
+    }
+    pg += row_scale[b] * rpg;
+    kl += row_scale[b] * rkl;
+  }
+  T inv = T(1) / maxv(stats[L.count()], T(1));
+  loss[0] = pg + beta_loss * kl;
+  metrics[0] = pg;
+  metrics[1] = kl;
+  metrics[2] = clip * inv;
+  metrics[3] = akl * inv;
+  metrics[4] = active * inv;
+  for (int i = 0; i < n; ++i) {
+    metrics[kLossMetricScalars + i] = stats[L.abar() + i];
+    metrics[kLossMetricScalars + n + i] = stats[L.pos() + i];
+    metrics[kLossMetricScalars + 2 * n + i] = weights[i];
+  }
+}
+
+// Value loss (single thread): row_scale, loss = ½ Σ_i Σ_b scale_b Σ_t m·l_i, metrics [clipfrac, head_loss(n)].
+template <typename T>
+PAMA_HD void finalize_value_loss(const T* part, int n, int64_t B, int64_t cpr, int agg, T* row_scale, T* loss,
+                                 T* metrics) {
+  const int ps = value_partial_size(n);
+  T total = 0, nseq = 0, clip = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    T c = 0;
+    for (int64_t k = 0; k < cpr; ++k) c += part[(b * cpr + k) * ps];
+    row_scale[b] = c;  // row count for now
+    total += c;
+    nseq += c > T(0) ? T(1) : T(0);
+  }
+  for (int64_t b = 0; b < B; ++b) row_scale[b] = agg_row_scale(agg, row_scale[b], total, nseq);
+  T sum = 0;
+  for (int i = 0; i < n; ++i) {
+    T head = 0;
+    for (int64_t b = 0; b < B; ++b) {
+      T r = 0;
+      for (int64_t k = 0; k < cpr; ++k) r += part[(b * cpr + k) * ps + 2 + i];
+      head += row_scale[b] * r;
+    }
+    metrics[1 + i] = T(0.5) * head;
+    sum += T(0.5) * head;
+  }
+  for (int64_t k = 0; k < B * cpr; ++k) clip += part[k * ps + 1];
+  metrics[0] = clip / maxv(total * T(n), T(1));
+  loss[0] = sum;
+}
+
+}  // namespace pama

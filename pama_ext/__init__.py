@@ -1,0 +1,42 @@
+"""pama_ext: fused ops for multi-objective alignment of language models (PAMA, Noon PPO).
+
+Data flow of one PPO step::
+
+    token_rewards -> multi_gae -> objective_stats -> pareto_weights -> pama_policy_loss
+                                                                    -> multi_value_loss
+
+``pama_policy_loss`` computes the statistics and weights itself; the separate ops exist for
+inspection and for trainers that need them. See SPEC.md for the math.
+"""
+from ._native import NATIVE_AVAILABLE, NATIVE_ERROR
+from .losses import MultiValueLoss, PamaPolicyLoss
+from .ops import (
+    has_cuda_kernels,
+    multi_gae,
+    multi_value_loss,
+    objective_stats,
+    pama_policy_loss,
+    pareto_weights,
+    stats_layout,
+    token_rewards,
+)
+
+try:
+    from ._build_info import VERSION as __version__
+except ImportError:  # source tree without a build
+    __version__ = "0.1.0"
+
+__all__ = [
+    "NATIVE_AVAILABLE",
+    "NATIVE_ERROR",
+    "PamaPolicyLoss",
+    "MultiValueLoss",
+    "token_rewards",
+    "multi_gae",
+    "objective_stats",
+    "pareto_weights",
+    "pama_policy_loss",
+    "multi_value_loss",
+    "stats_layout",
+    "has_cuda_kernels",
+]

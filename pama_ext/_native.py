@@ -1,0 +1,31 @@
+"""Loads the compiled library (pama_ext._C), which registers torch.ops.pama_ext.*.
+
+If it cannot be loaded, pama_ext keeps working on the pure-PyTorch reference path and says so once.
+Set PAMA_EXT_REQUIRE_NATIVE=1 to make a missing or broken build an ImportError instead (the test
+suite does this, so a build problem never passes silently).
+"""
+import os
+import warnings
+
+import torch  # noqa: F401  (loads libc10/libtorch, which the compiled library links against)
+
+NATIVE_AVAILABLE = False
+NATIVE_ERROR = None
+
+try:
+    from . import _C  # noqa: F401  (import registers the ops)
+
+    NATIVE_AVAILABLE = True
+except (ImportError, OSError) as exc:  # not built, or built against another torch
+    NATIVE_ERROR = exc
+    if os.environ.get("PAMA_EXT_REQUIRE_NATIVE", "0") == "1":
+        raise ImportError(
+            f"pama_ext: the compiled library could not be loaded ({exc}); PAMA_EXT_REQUIRE_NATIVE=1 "
+            "forbids the reference fallback. Build it with `pip install --no-build-isolation -e .`."
+        ) from exc
+    warnings.warn(
+        f"pama_ext: compiled ops unavailable ({exc}); using the pure-PyTorch reference implementation "
+        "(slower, no fused kernels). Build with `pip install --no-build-isolation -e .`.",
+        RuntimeWarning,
+        stacklevel=2,
+    )

@@ -1,0 +1,327 @@
+"""Python entry points of the fused ops: where the op schemas meet Python.
+
+Each function calls ``torch.ops.pama_ext.<name>`` (C++/CUDA kernels) and has a twin of the same
+name and signature in :mod:`pama_ext.reference`, which is used instead when the compiled library is
+not available. This module also registers the fake (meta) implementations used by torch.compile and
+the autograd formulas (fused backward kernels).
+
+Conventions: per-objective tensors are ``[n, B, T]`` (objective first), per-token tensors ``[B, T]``,
+``mask`` is ``[B, T]`` of any dtype (nonzero = in). All floating inputs of one call share one dtype
+(float32, float64, float16 or bfloat16); reductions accumulate in float32 (float64 for float64
+inputs), and losses, metrics and statistics come back in that accumulation dtype, as device tensors.
+No op reads a value back to the host, except the ``check_finite`` test on CUDA (one flag).
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import reference
+from ._native import NATIVE_AVAILABLE
+from .reference import METRIC_SCALARS, stats_layout, stats_num_objectives
+
+__all__ = [
+    "token_rewards",
+    "multi_gae",
+    "objective_stats",
+    "pareto_weights",
+    "pama_policy_loss",
+    "multi_value_loss",
+    "stats_layout",
+    "has_cuda_kernels",
+]
+
+
+def has_cuda_kernels() -> bool:
+    """True when the compiled library contains the CUDA kernels."""
+    return NATIVE_AVAILABLE and bool(torch.ops.pama_ext.has_cuda_kernels())
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _inf_if_none(x: Optional[float]) -> float:
+    return math.inf if x is None else float(x)
+
+
+def _split_metrics(metrics: Tensor, n: int) -> Dict[str, Tensor]:
+    out = {name: metrics[k] for k, name in enumerate(METRIC_SCALARS)}
+    k = len(METRIC_SCALARS)
+    out["abar"] = metrics[k : k + n]
+    out["pos"] = metrics[k + n : k + 2 * n]
+    out["weights"] = metrics[k + 2 * n : k + 3 * n]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# public functions
+# ------------------------------------------------------------------------------------------------
+def token_rewards(
+    scores: Tensor, old_logp: Tensor, ref_logp: Tensor, mask: Tensor, beta_kl: float = 0.0
+) -> Tensor:
+    """Per-token rewards ``[n, B, T]`` from sequence scores ``[n, B]`` (SPEC §1).
+
+    ``r_i[b,t] = -beta_kl * mask * (old_logp - ref_logp) + [t is the last masked-in t of row b] * scores[i,b]``.
+    Differentiable w.r.t. scores, old_logp and ref_logp.
+    """
+    if not NATIVE_AVAILABLE:
+        return reference.token_rewards(scores, old_logp, ref_logp, mask, beta_kl)
+    return torch.ops.pama_ext.token_rewards(scores, old_logp, ref_logp, mask, float(beta_kl))
+
+
+def multi_gae(
+    rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> Tuple[Tensor, Tensor]:
+    """Generalised advantage estimation for every objective and row in one launch (SPEC §2).
+
+    Returns ``(advantages, returns)``, both ``[n, B, T]``; masked positions do not break the
+    recursion. Differentiable w.r.t. rewards and values (a fused adjoint scan).
+    """
+    if not NATIVE_AVAILABLE:
+        return reference.multi_gae(rewards, values, mask, gamma, lam)
+    return torch.ops.pama_ext.multi_gae(rewards, values, mask, float(gamma), float(lam))
+
+
+def objective_stats(
+    advantages: Tensor,
+    logp: Tensor,
+    old_logp: Tensor,
+    mask: Tensor,
+    eps_hi: float = 0.2,
+    whiten: bool = True,
+    noon: bool = True,
+) -> Tensor:
+    """The flat per-objective statistics vector of SPEC §3.
+
+    Layout (:func:`stats_layout`): ``[count, num_seqs, mean(n), var(n), abar(n), pos(n), ctok(n),
+    cseq(n), gram(n*n)]``. Statistics carry no gradient (inputs are detached).
+    """
+    args = (advantages.detach(), logp.detach(), old_logp.detach(), mask)
+    if not NATIVE_AVAILABLE:
+        return reference.objective_stats(*args, eps_hi, whiten, noon)
+    return torch.ops.pama_ext.objective_stats(*args, float(eps_hi), bool(whiten), bool(noon))
+
+
+def pareto_weights(
+    stats: Tensor, method: str = "pama", granularity: str = "batch", prefs: Optional[Tensor] = None
+) -> Tensor:
+    """Objective weights ``[n]`` from a statistics vector (SPEC §4), computed on device.
+
+    ``pama``: Theorem 1 on ``abar`` (batch), or the mean per-token / per-sequence Theorem-1 weights
+    (token / sequence); ``linear``: ``prefs`` (uniform when None); ``mgda``: min-norm point of the
+    Gram matrix (exact for n <= 2, fixed-iteration Frank-Wolfe otherwise).
+    """
+    if not NATIVE_AVAILABLE:
+        return reference.pareto_weights(stats, method, granularity, prefs)
+    return torch.ops.pama_ext.pareto_weights(stats.detach(), prefs, method, granularity)
+
+
+def pama_policy_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    ref_logp: Optional[Tensor] = None,
+    *,
+    eps_lo: float = 0.2,
+    eps_hi: float = 0.2,
+    dual_clip: Optional[float] = 3.0,
+    noon: bool = True,
+    whiten: bool = True,
+    method: str = "pama",
+    granularity: str = "token",
+    prefs: Optional[Tensor] = None,
+    agg: str = "token-mean",
+    beta_loss: float = 0.0,
+    check_finite: bool = True,
+) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """Fused Noon-PPO / PAMA policy loss (SPEC §3-§4). Returns ``(loss, metrics)``.
+
+    Args:
+        logp: ``[B, T]`` log-probs of the current policy (the only input that gets a gradient).
+        old_logp: ``[B, T]`` rollout log-probs.
+        advantages: ``[n, B, T]`` per-objective advantages (e.g. from :func:`multi_gae`).
+        mask: ``[B, T]`` response mask.
+        ref_logp: ``[B, T]`` reference log-probs for the optional k3 KL loss (``beta_loss``).
+        eps_lo, eps_hi: PPO clip range ``[1 - eps_lo, 1 + eps_hi]``.
+        dual_clip: dual-clip constant for negative advantages (None disables it).
+        noon: clip negative (whitened) advantages to zero.
+        whiten: whiten each objective's advantages over the masked tokens.
+        method: ``"pama"`` (closed form), ``"linear"`` (``prefs``-weighted sum) or ``"mgda"``.
+        granularity: ``"token"``, ``"sequence"`` or ``"batch"`` (method ``"pama"`` only).
+        prefs: ``[n]`` weights of ``method="linear"`` (uniform when None).
+        agg: ``"token-mean"``, ``"seq-mean-token-mean"`` or ``"seq-mean-token-sum"``.
+        beta_loss: weight of the k3 KL loss to ``ref_logp``.
+        check_finite: raise if a masked-in input is NaN/Inf (on CUDA this reads one flag back).
+
+    Metrics (device tensors): ``pg_loss``, ``kl_loss``, ``clipfrac``, ``approx_kl``, ``active``
+    (fraction of tokens with a positive combined advantage), and per objective ``abar``, ``pos``
+    and ``weights``.
+    """
+    if not NATIVE_AVAILABLE:
+        return reference.pama_policy_loss(
+            logp, old_logp, advantages, mask, ref_logp, eps_lo=eps_lo, eps_hi=eps_hi,
+            dual_clip=_inf_if_none(dual_clip), noon=noon, whiten=whiten, method=method,
+            granularity=granularity, prefs=prefs, agg=agg, beta_loss=beta_loss,
+        )
+    loss, metrics, _, _ = torch.ops.pama_ext.pama_policy_loss(
+        logp, old_logp, advantages.detach(), mask, ref_logp, prefs, float(eps_lo), float(eps_hi),
+        _inf_if_none(dual_clip), bool(noon), bool(whiten), method, granularity, agg, float(beta_loss),
+        bool(check_finite),
+    )
+    return loss, _split_metrics(metrics, advantages.shape[0])
+
+
+def multi_value_loss(
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    mask: Tensor,
+    clip: Optional[float] = 0.2,
+    agg: str = "token-mean",
+    check_finite: bool = True,
+) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """Clipped value loss summed over n value heads (SPEC §5). Returns ``(loss, metrics)``.
+
+    ``values``, ``old_values``, ``returns``: ``[n, B, T]``; ``clip=None`` disables clipping.
+    Metrics: ``clipfrac`` (over heads and tokens) and ``head_loss`` ``[n]``. Differentiable w.r.t.
+    ``values``.
+    """
+    if not NATIVE_AVAILABLE:
+        return reference.multi_value_loss(values, old_values, returns, mask, clip, agg)
+    loss, metrics, _ = torch.ops.pama_ext.multi_value_loss(
+        values, old_values.detach(), returns.detach(), mask, _inf_if_none(clip), agg, bool(check_finite)
+    )
+    return loss, {"clipfrac": metrics[0], "head_loss": metrics[1:]}
+
+
+# ------------------------------------------------------------------------------------------------
+# fake (meta) implementations and autograd, registered only when the library is loaded
+# ------------------------------------------------------------------------------------------------
+def _register() -> None:
+    lib = "pama_ext::"
+    fake = torch.library.register_fake
+
+    @fake(lib + "token_rewards")
+    def _(scores, old_logp, ref_logp, mask, beta_kl):
+        return old_logp.new_empty((scores.shape[0], *old_logp.shape))
+
+    @fake(lib + "multi_gae")
+    def _(rewards, values, mask, gamma, lam):
+        return torch.empty_like(values), torch.empty_like(values)
+
+    @fake(lib + "multi_gae_backward")
+    def _(grad_advantages, grad_returns, mask, gamma, lam):
+        return torch.empty_like(grad_advantages), torch.empty_like(grad_advantages)
+
+    @fake(lib + "objective_stats")
+    def _(advantages, logp, old_logp, mask, eps_hi, whiten, noon):
+        n = advantages.shape[0]
+        return logp.new_empty(((n + 3) ** 2 - 7,), dtype=_acc_dtype(logp.dtype))
+
+    @fake(lib + "pareto_weights")
+    def _(stats, prefs, method, granularity):
+        n = stats_num_objectives(int(stats.shape[0]))
+        return stats.new_empty((n,), dtype=_acc_dtype(stats.dtype))
+
+    @fake(lib + "pama_policy_loss")
+    def _(logp, old_logp, advantages, mask, ref_logp, prefs, eps_lo, eps_hi, dual_clip, noon, whiten,
+          method, granularity, agg, beta_loss, check_finite):
+        acc = _acc_dtype(logp.dtype)
+        n = advantages.shape[0]
+        return (
+            logp.new_empty((), dtype=acc),
+            logp.new_empty((len(METRIC_SCALARS) + 3 * n,), dtype=acc),
+            logp.new_empty(logp.shape, dtype=acc),
+            logp.new_empty((logp.shape[0],), dtype=acc),
+        )
+
+    @fake(lib + "pama_policy_loss_backward")
+    def _(grad_loss, logp, old_logp, ref_logp, mask, a_tilde, row_scale, eps_lo, eps_hi, dual_clip, beta_loss):
+        return torch.empty_like(logp)
+
+    @fake(lib + "multi_value_loss")
+    def _(values, old_values, returns, mask, clip, agg, check_finite):
+        acc = _acc_dtype(values.dtype)
+        return (
+            values.new_empty((), dtype=acc),
+            values.new_empty((1 + values.shape[0],), dtype=acc),
+            values.new_empty((values.shape[1],), dtype=acc),
+        )
+
+    @fake(lib + "multi_value_loss_backward")
+    def _(grad_loss, values, old_values, returns, mask, row_scale, clip):
+        return torch.empty_like(values)
+
+    # --- autograd ---------------------------------------------------------------------------
+    def tr_setup(ctx, inputs, output):
+        _, _, _, mask, beta_kl = inputs
+        ctx.save_for_backward(mask)
+        ctx.beta_kl = beta_kl
+
+    def tr_backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        m = (mask != 0).to(grad.dtype)
+        g_kl = grad.sum(0) * m
+        grad_scores = (grad * reference._last_valid_onehot(mask, grad.dtype)).sum(-1)
+        return grad_scores, -ctx.beta_kl * g_kl, ctx.beta_kl * g_kl, None, None
+
+    torch.library.register_autograd(lib + "token_rewards", tr_backward, setup_context=tr_setup)
+
+    def gae_setup(ctx, inputs, output):
+        rewards, values, mask, gamma, lam = inputs
+        ctx.save_for_backward(mask)
+        ctx.gamma, ctx.lam = gamma, lam
+        ctx.like = values
+
+    def gae_backward(ctx, g_adv, g_ret):
+        (mask,) = ctx.saved_tensors
+        like = g_adv if g_adv is not None else g_ret
+        g_adv = torch.zeros_like(like) if g_adv is None else g_adv
+        g_ret = torch.zeros_like(like) if g_ret is None else g_ret
+        g_r, g_v = torch.ops.pama_ext.multi_gae_backward(g_adv, g_ret, mask, ctx.gamma, ctx.lam)
+        return g_r, g_v, None, None, None
+
+    torch.library.register_autograd(lib + "multi_gae", gae_backward, setup_context=gae_setup)
+
+    def pl_setup(ctx, inputs, output):
+        logp, old_logp, _, mask, ref_logp, _, eps_lo, eps_hi, dual_clip, *_rest = inputs
+        beta_loss = inputs[14]
+        _, _, a_tilde, row_scale = output
+        ctx.save_for_backward(logp, old_logp, ref_logp, mask, a_tilde, row_scale)
+        ctx.consts = (eps_lo, eps_hi, dual_clip, beta_loss)
+
+    def pl_backward(ctx, g_loss, g_metrics, g_at, g_rs):
+        logp, old_logp, ref_logp, mask, a_tilde, row_scale = ctx.saved_tensors
+        grad = None
+        if g_loss is not None:
+            grad = torch.ops.pama_ext.pama_policy_loss_backward(
+                g_loss, logp, old_logp, ref_logp, mask, a_tilde, row_scale, *ctx.consts
+            )
+        return (grad,) + (None,) * 15
+
+    torch.library.register_autograd(lib + "pama_policy_loss", pl_backward, setup_context=pl_setup)
+
+    def vl_setup(ctx, inputs, output):
+        values, old_values, returns, mask, clip, _, _ = inputs
+        ctx.save_for_backward(values, old_values, returns, mask, output[2])
+        ctx.clip = clip
+
+    def vl_backward(ctx, g_loss, g_metrics, g_rs):
+        values, old_values, returns, mask, row_scale = ctx.saved_tensors
+        grad = None
+        if g_loss is not None:
+            grad = torch.ops.pama_ext.multi_value_loss_backward(
+                g_loss, values, old_values, returns, mask, row_scale, ctx.clip
+            )
+        return (grad,) + (None,) * 6
+
+    torch.library.register_autograd(lib + "multi_value_loss", vl_backward, setup_context=vl_setup)
+
+
+if NATIVE_AVAILABLE:
+    _register()
