@@ -26,7 +26,8 @@ CU_HEADERS := csrc/pama_math.h $(wildcard csrc/cuda/*.cuh)
 
 .PHONY: test install build nvcc-check bench info clean
 
-test: install nvcc-check
+test: install
+	$(MAKE) -j4 nvcc-check VENV="$(VENV)" PYTHON="$(PYTHON)"
 	PAMA_EXT_REQUIRE_NATIVE=1 $(PY) -m pytest python_tests -q $(PYTEST_ARGS)
 
 $(VENV)/.created:

@@ -1,0 +1,189 @@
+// policy_loss.cu — §4 fused Noon-PPO / PAMA policy loss on CUDA.
+//
+// Forward = two kernels on the stream:
+//   1. partials: one block per chunk (grid-stride over the chunks). Threads stride over the chunk's
+//      tokens; per masked-in token they combine the whitened/Noon advantages into Ã, evaluate the
+//      PPO token loss (and k3 when ref_logp is given), write a_tilde, and keep five running sums
+//      that one deterministic block reduction turns into the chunk's kLossPartialSize entries.
+//   2. finalize (single block): finalize_row_scale, barrier, then finalize_policy_loss on thread 0.
+// Backward: elementwise grad_logp, recomputing dl/dlogp from a_tilde with the same ppo_token_loss.
+#include "common.cuh"
+
+namespace pama {
+namespace cuda {
+namespace {
+
+constexpr int kLossBlock = 256;
+constexpr int kFinalizeBlock = 256;
+constexpr int kElementwiseBlock = 256;
+
+// Combined advantage Ã of one masked-in token at flat [B, T] index bt (objective i at i*plane + bt):
+// N_i = whiten_noon(A_i); Theorem-1 s* of N, or Σ_i w_i N_i.
+template <typename S, typename A>
+__device__ __forceinline__ A combined_advantage(const S* adv, int64_t plane, int64_t bt, int n, const A* mean,
+                                                const A* istd, const A* w, bool whiten, bool noon, int combine) {
+  if (combine == kCombineTokenThm1) {
+    A v[kMaxObjectives];
+    for (int i = 0; i < n; ++i) v[i] = whiten_noon(load(adv, i * plane + bt), mean[i], istd[i], whiten, noon);
+    return thm1<A>(v, 1, n, nullptr, A(0));
+  }
+  A s = A(0);
+  for (int i = 0; i < n; ++i) s += w[i] * whiten_noon(load(adv, i * plane + bt), mean[i], istd[i], whiten, noon);
+  return s;
+}
+
+template <typename S>
+__global__ void __launch_bounds__(kLossBlock) policy_loss_partials_kernel(PolicyLossParams p) {
+  using A = acc_t_of<S>;
+  __shared__ A sMean[kMaxObjectives];
+  __shared__ A sIstd[kMaxObjectives];
+  __shared__ A sW[kMaxObjectives];
+  __shared__ A red[block_reduce_slots<kLossBlock, kLossPartialSize>()];
+
+  const S* logp = static_cast<const S*>(p.logp);
+  const S* old_logp = static_cast<const S*>(p.old_logp);
+  const S* ref_logp = static_cast<const S*>(p.ref_logp);
+  const S* adv = static_cast<const S*>(p.advantages);
+  const A* stats = static_cast<const A*>(p.stats);
+  const A* weights = static_cast<const A*>(p.weights);
+  const A* seq_weights = static_cast<const A*>(p.seq_weights);
+  A* a_tilde = static_cast<A*>(p.a_tilde);
+  A* part = static_cast<A*>(p.partials);
+
+  const int n = static_cast<int>(p.n);
+  const int64_t B = p.B, T = p.T, cpr = p.chunks_per_row, plane = B * T;
+  const StatsLayout L(n);
+  const bool weighted = p.combine != kCombineTokenThm1;
+  const bool row_weights = weighted && p.weights_per_row;
+  const A eps_lo = static_cast<A>(p.eps_lo), eps_hi = static_cast<A>(p.eps_hi);
+  const A dual_clip = static_cast<A>(p.dual_clip);
+
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    sMean[i] = stats[L.mean() + i];
+    sIstd[i] = inv_std(stats[L.var() + i]);
+    if (weighted && !row_weights) sW[i] = weights[i];
+  }
+  __syncthreads();
+
+  const int64_t nchunks = B * cpr;
+  for (int64_t chunk = blockIdx.x; chunk < nchunks; chunk += gridDim.x) {
+    const int64_t b = chunk / cpr, k = chunk % cpr;
+    const int64_t t_begin = k * p.chunk_len;
+    const int64_t t_end = minv(T, t_begin + p.chunk_len);
+    if (row_weights) {  // a chunk lies in one row: stage that row's weight vector
+      __syncthreads();  // (every thread is done with the previous chunk's weights)
+      for (int i = threadIdx.x; i < n; i += blockDim.x) sW[i] = seq_weights[b * n + i];
+      __syncthreads();
+    }
+
+    // [Σ l, Σ k3, Σ clipped, Σ (old_logp - logp), Σ (Ã > 0)] over this thread's masked-in tokens
+    A sums[kLossPartialSize] = {A(0), A(0), A(0), A(0), A(0)};
+    for (int64_t t = t_begin + threadIdx.x; t < t_end; t += blockDim.x) {
+      const int64_t bt = b * T + t;
+      A at = A(0);
+      if (p.mask[bt]) {
+        at = combined_advantage(adv, plane, bt, n, sMean, sIstd, sW, p.whiten, p.noon, p.combine);
+        const A lp = load(logp, bt), olp = load(old_logp, bt);
+        A dl;
+        bool clipped;
+        const A l = ppo_token_loss(at, lp, olp, eps_lo, eps_hi, dual_clip, dl, clipped);
+        A k3 = A(0);
+        if (ref_logp != nullptr) {
+          A dk;
+          k3 = k3_kl(lp, load(ref_logp, bt), dk);
+        }
+        sums[0] += l;
+        sums[1] += k3;
+        sums[2] += clipped ? A(1) : A(0);
+        sums[3] += olp - lp;
+        sums[4] += at > A(0) ? A(1) : A(0);
+      }
+      a_tilde[bt] = at;
+    }
+    block_reduce_sum_vec<kLossBlock>(sums, red);
+    if (threadIdx.x == 0) {
+      A* out = part + chunk * kLossPartialSize;
+#pragma unroll
+      for (int q = 0; q < kLossPartialSize; ++q) out[q] = sums[q];
+    }
+  }
+}
+
+template <typename A>
+__global__ void __launch_bounds__(kFinalizeBlock) policy_loss_finalize_kernel(PolicyLossParams p) {
+  const A* stats = static_cast<const A*>(p.stats);
+  const A* row_count = static_cast<const A*>(p.row_count);
+  A* row_scale = static_cast<A*>(p.row_scale);
+  const StatsLayout L(static_cast<int>(p.n));
+  finalize_row_scale(row_count, p.B, p.agg, stats[L.count()], stats[L.num_seqs()], row_scale, threadIdx.x,
+                     blockDim.x);
+  __syncthreads();  // finalize_policy_loss reads every row_scale
+  if (threadIdx.x == 0)
+    finalize_policy_loss(static_cast<const A*>(p.partials), static_cast<int>(p.n), p.B, p.chunks_per_row,
+                         static_cast<const A*>(row_scale), stats, static_cast<const A*>(p.weights),
+                         static_cast<A>(p.beta_loss), static_cast<A*>(p.loss), static_cast<A*>(p.metrics));
+}
+
+// grad_logp[b, t] = mask ? (grad_loss * row_scale[b]) * (dl/dlogp + beta_loss * dk3/dlogp) : 0
+// (the same association as the CPU kernel, so both round alike).
+template <typename S>
+__global__ void __launch_bounds__(kElementwiseBlock) policy_loss_backward_kernel(PolicyLossBackwardParams p) {
+  using A = acc_t_of<S>;
+  const S* logp = static_cast<const S*>(p.logp);
+  const S* old_logp = static_cast<const S*>(p.old_logp);
+  const S* ref_logp = static_cast<const S*>(p.ref_logp);
+  const A* a_tilde = static_cast<const A*>(p.a_tilde);
+  const A* row_scale = static_cast<const A*>(p.row_scale);
+  S* grad = static_cast<S*>(p.grad_logp);
+  const A g_loss = static_cast<const A*>(p.grad_loss)[0];
+  const A eps_lo = static_cast<A>(p.eps_lo), eps_hi = static_cast<A>(p.eps_hi);
+  const A dual_clip = static_cast<A>(p.dual_clip), beta = static_cast<A>(p.beta_loss);
+  const int64_t total = p.B * p.T;
+
+  for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += int64_t(gridDim.x) * blockDim.x) {
+    A g = A(0);  // masked-out tokens get an exact 0, whatever grad_loss is
+    if (p.mask[idx]) {
+      const A lp = load(logp, idx);
+      A dl;
+      bool clipped;
+      ppo_token_loss(a_tilde[idx], lp, load(old_logp, idx), eps_lo, eps_hi, dual_clip, dl, clipped);
+      A dk = A(0);
+      if (ref_logp != nullptr) k3_kl(lp, load(ref_logp, idx), dk);
+      const A scale = g_loss * row_scale[idx / p.T];
+      g = scale * (dl + beta * dk);
+    }
+    store(grad, idx, g);
+  }
+}
+
+}  // namespace
+
+void launch_policy_loss_forward(const PolicyLossParams& p, void* stream) {
+  check_objectives(p.n, "policy_loss_forward");
+  check_chunking(p.B, p.T, p.chunk_len, p.chunks_per_row, "policy_loss_forward");
+  const cudaStream_t s = as_stream(stream);
+  const int64_t nchunks = p.B * p.chunks_per_row;
+  PAMA_DISPATCH_DTYPE(p.dtype, "policy_loss_forward", [&] {
+    if (nchunks > 0) {
+      policy_loss_partials_kernel<scalar_t><<<grid_blocks(nchunks, 1), kLossBlock, 0, s>>>(p);
+      check_launch("policy_loss_partials_kernel");
+    }
+    // Always runs: row_scale, loss and metrics are defined (zeros) for an empty batch too.
+    policy_loss_finalize_kernel<acc_t><<<1, kFinalizeBlock, 0, s>>>(p);
+    check_launch("policy_loss_finalize_kernel");
+  });
+}
+
+void launch_policy_loss_backward(const PolicyLossBackwardParams& p, void* stream) {
+  const int64_t total = p.B * p.T;
+  if (total <= 0) return;  // empty grad_logp
+  PAMA_DISPATCH_DTYPE(p.dtype, "policy_loss_backward", [&] {
+    policy_loss_backward_kernel<scalar_t>
+        <<<grid_blocks(total, kElementwiseBlock), kElementwiseBlock, 0, as_stream(stream)>>>(p);
+  });
+  check_launch("policy_loss_backward_kernel");
+}
+
+}  // namespace cuda
+}  // namespace pama

@@ -1,0 +1,137 @@
+// value_loss.cu — §5 multi-head clipped value loss on CUDA.
+//
+// Forward = two kernels on the stream:
+//   1. partials: one block per chunk (grid-stride over the chunks). The block counts the chunk's
+//      masked-in tokens, then for each head i sums pama::value_token_loss over them; per-thread
+//      sums go through a deterministic block reduction into value_partial_size(n) entries
+//      [cnt, Σ clipped over heads, Σ l_i (n)].
+//   2. finalize: pama::finalize_value_loss on a single thread (row_scale, loss, metrics).
+// Backward: elementwise grad_values[i, b, t] = grad_loss * 0.5 * mask * row_scale[b] * dl_i/dV.
+#include "common.cuh"
+
+namespace pama {
+namespace cuda {
+namespace {
+
+constexpr int kValueBlock = 256;
+constexpr int kElementwiseBlock = 256;
+
+template <typename S>
+__global__ void __launch_bounds__(kValueBlock) value_loss_partials_kernel(ValueLossParams p) {
+  using A = acc_t_of<S>;
+  __shared__ A red[block_reduce_slots<kValueBlock>()];
+  const S* values = static_cast<const S*>(p.values);
+  const S* old_values = static_cast<const S*>(p.old_values);
+  const S* returns = static_cast<const S*>(p.returns);
+  A* part = static_cast<A*>(p.partials);
+  const int n = static_cast<int>(p.n);
+  const int64_t B = p.B, T = p.T, cpr = p.chunks_per_row;
+  const int psize = value_partial_size(n);
+  const A clip = static_cast<A>(p.clip);
+  const int64_t nchunks = B * cpr;
+
+  for (int64_t chunk = blockIdx.x; chunk < nchunks; chunk += gridDim.x) {
+    const int64_t b = chunk / cpr, k = chunk % cpr;
+    const int64_t t_begin = k * p.chunk_len;
+    const int64_t t_end = minv(T, t_begin + p.chunk_len);
+    const bool* mrow = p.mask + b * T;
+    A* out = part + chunk * psize;
+
+    A c = A(0);
+    for (int64_t t = t_begin + threadIdx.x; t < t_end; t += blockDim.x) c += mrow[t] ? A(1) : A(0);
+    const A cnt = block_reduce_sum<kValueBlock>(c, red);
+
+    A clipped_sum = A(0);  // this thread's clipped tokens, over all heads
+    for (int i = 0; i < n; ++i) {
+      const int64_t row = (int64_t(i) * B + b) * T;
+      A ls = A(0);
+      for (int64_t t = t_begin + threadIdx.x; t < t_end; t += blockDim.x) {
+        if (mrow[t]) {
+          A dv;
+          bool clipped;
+          ls += value_token_loss(load(values, row + t), load(old_values, row + t), load(returns, row + t), clip, dv,
+                                 clipped);
+          clipped_sum += clipped ? A(1) : A(0);
+        }
+      }
+      const A head = block_reduce_sum<kValueBlock>(ls, red);
+      if (threadIdx.x == 0) out[2 + i] = head;
+    }
+    const A clipped_total = block_reduce_sum<kValueBlock>(clipped_sum, red);
+    if (threadIdx.x == 0) {
+      out[0] = cnt;
+      out[1] = clipped_total;
+    }
+  }
+}
+
+// Single thread: finalize_value_loss is sequential (it is a few sums over B * chunks_per_row).
+template <typename A>
+__global__ void __launch_bounds__(1) value_loss_finalize_kernel(ValueLossParams p) {
+  if (blockIdx.x != 0 || threadIdx.x != 0) return;
+  finalize_value_loss(static_cast<const A*>(p.partials), static_cast<int>(p.n), p.B, p.chunks_per_row, p.agg,
+                      static_cast<A*>(p.row_scale), static_cast<A*>(p.loss), static_cast<A*>(p.metrics));
+}
+
+template <typename S>
+__global__ void __launch_bounds__(kElementwiseBlock) value_loss_backward_kernel(ValueLossBackwardParams p) {
+  using A = acc_t_of<S>;
+  const S* values = static_cast<const S*>(p.values);
+  const S* old_values = static_cast<const S*>(p.old_values);
+  const S* returns = static_cast<const S*>(p.returns);
+  const A* row_scale = static_cast<const A*>(p.row_scale);
+  S* grad = static_cast<S*>(p.grad_values);
+  const A g_loss = static_cast<const A*>(p.grad_loss)[0];
+  const A clip = static_cast<A>(p.clip);
+  const int64_t n = p.n, T = p.T, plane = p.B * p.T;
+
+  // One thread per token (b, t), looping over the heads: the mask and row_scale are read once and
+  // for each head consecutive threads touch consecutive addresses.
+  for (int64_t bt = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; bt < plane;
+       bt += int64_t(gridDim.x) * blockDim.x) {
+    const bool m = p.mask[bt];
+    const A scale = m ? A(0.5) * g_loss * row_scale[bt / T] : A(0);  // same association as the CPU kernel
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t idx = i * plane + bt;
+      A g = A(0);  // masked-out tokens get an exact 0, whatever grad_loss is
+      if (m) {
+        A dv;
+        bool clipped;
+        value_token_loss(load(values, idx), load(old_values, idx), load(returns, idx), clip, dv, clipped);
+        g = scale * dv;
+      }
+      store(grad, idx, g);
+    }
+  }
+}
+
+}  // namespace
+
+void launch_value_loss_forward(const ValueLossParams& p, void* stream) {
+  if (p.n < 0) throw std::runtime_error("pama_ext: value_loss_forward: negative number of heads");
+  check_chunking(p.B, p.T, p.chunk_len, p.chunks_per_row, "value_loss_forward");
+  const cudaStream_t s = as_stream(stream);
+  const int64_t nchunks = p.B * p.chunks_per_row;
+  PAMA_DISPATCH_DTYPE(p.dtype, "value_loss_forward", [&] {
+    if (nchunks > 0) {
+      value_loss_partials_kernel<scalar_t><<<grid_blocks(nchunks, 1), kValueBlock, 0, s>>>(p);
+      check_launch("value_loss_partials_kernel");
+    }
+    // Always runs: row_scale, loss and metrics are defined (zeros) for an empty batch too.
+    value_loss_finalize_kernel<acc_t><<<1, 1, 0, s>>>(p);
+    check_launch("value_loss_finalize_kernel");
+  });
+}
+
+void launch_value_loss_backward(const ValueLossBackwardParams& p, void* stream) {
+  const int64_t tokens = p.B * p.T;
+  if (p.n <= 0 || tokens <= 0) return;  // empty grad_values
+  PAMA_DISPATCH_DTYPE(p.dtype, "value_loss_backward", [&] {
+    value_loss_backward_kernel<scalar_t>
+        <<<grid_blocks(tokens, kElementwiseBlock), kElementwiseBlock, 0, as_stream(stream)>>>(p);
+  });
+  check_launch("value_loss_backward_kernel");
+}
+
+}  // namespace cuda
+}  // namespace pama
