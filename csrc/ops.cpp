@@ -208,9 +208,9 @@ at::Tensor token_rewards(const at::Tensor& scores, const at::Tensor& old_logp, c
   check_rank(scores, 2, kTR, "scores", "[n, B]");
   check_num_objectives(scores.size(0), kTR, "scores");
   const int64_t n = scores.size(0);
-  check_shape(scores, {n, B}, kTR, "scores", "[n, B]");
+  check_shape(scores, {n, B}, kTR, "scores", "[n, B] (B from old_logp)");
   check_like(ref_logp, old_logp, kTR, "ref_logp", "old_logp");
-  check_shape(ref_logp, {B, T}, kTR, "ref_logp", "[B, T]");
+  check_shape(ref_logp, {B, T}, kTR, "ref_logp", "[B, T] (the shape of old_logp)");
   c10::OptionalDeviceGuard guard(old_logp.device());
   at::Tensor m = bool_mask(mask, B, T, old_logp, kTR);
   auto s = scores.contiguous(), o = old_logp.contiguous(), r = ref_logp.contiguous();

@@ -278,11 +278,14 @@ PAMA_HD T agg_row_scale(int agg, T row_count, T total_count, T num_seqs) {
 template <typename T>
 PAMA_HD T value_token_loss(T v, T old_v, T ret, T clip, T& dv, bool& clipped) {
   T diff = v - old_v;
-  T vc = old_v + clampv(diff, -clip, clip);
+  const bool in_range = diff >= -clip && diff <= clip;
+  // Inside the clip range Vc = V exactly (old + (V - old) would differ from V by rounding and
+  // count spurious clips, e.g. with clip = inf).
+  T vc = in_range ? v : old_v + clampv(diff, -clip, clip);
   T e1 = v - ret, e2 = vc - ret;
   T l1 = e1 * e1, l2 = e2 * e2;
   clipped = l2 > l1;
-  dv = clipped ? ((diff >= -clip && diff <= clip) ? T(2) * e2 : T(0)) : T(2) * e1;
+  dv = clipped ? (in_range ? T(2) * e2 : T(0)) : T(2) * e1;
   return clipped ? l2 : l1;
 }
 

@@ -291,7 +291,8 @@ def _register() -> None:
     def pl_setup(ctx, inputs, output):
         logp, old_logp, _, mask, ref_logp, _, eps_lo, eps_hi, dual_clip, *_rest = inputs
         beta_loss = inputs[14]
-        _, _, a_tilde, row_scale = output
+        _, metrics, a_tilde, row_scale = output
+        ctx.mark_non_differentiable(metrics, a_tilde, row_scale)
         ctx.save_for_backward(logp, old_logp, ref_logp, mask, a_tilde, row_scale)
         ctx.consts = (eps_lo, eps_hi, dual_clip, beta_loss)
 
@@ -308,6 +309,7 @@ def _register() -> None:
 
     def vl_setup(ctx, inputs, output):
         values, old_values, returns, mask, clip, _, _ = inputs
+        ctx.mark_non_differentiable(output[1], output[2])
         ctx.save_for_backward(values, old_values, returns, mask, output[2])
         ctx.clip = clip
 

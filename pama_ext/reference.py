@@ -390,7 +390,9 @@ def multi_value_loss(
     """L_V = 1/2 * sum_i agg(max((V_i - ret_i)^2, (Vc_i - ret_i)^2)); metrics: clipfrac, per-head loss."""
     del check_finite
     eps = float("inf") if clip is None else clip
-    v_clipped = old_values + torch.clamp(values - old_values, -eps, eps)
+    diff = values - old_values
+    # inside the clip range Vc is V itself (old + (V - old) differs from V by rounding)
+    v_clipped = torch.where(diff.abs() <= eps, values, old_values + torch.clamp(diff, -eps, eps))
     l1 = (values - returns).square()
     l2 = (v_clipped - returns).square()
     per_token = torch.maximum(l1, l2)

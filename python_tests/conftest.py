@@ -1,0 +1,54 @@
+"""pytest configuration of the pama_ext suite.
+
+- ``device`` fixture: "cpu" always, "cuda" when a GPU (and the CUDA kernels) are present. Without a
+  GPU the CUDA cases are skipped, unless ``PAMA_EXT_REQUIRE_CUDA=1``, which turns the skip into a
+  failure (run the whole suite that way on a machine with a GPU).
+- ``native`` fixture: skips a test that needs the compiled library (raw ``torch.ops.pama_ext``)
+  when it is absent, or fails it under ``PAMA_EXT_REQUIRE_NATIVE=1``.
+- ``inputs`` fixture: the seeded input factory of pama_testutils.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+import pytest
+import torch
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_ROOT = os.path.dirname(_HERE)
+for _p in (_HERE, _ROOT):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # the fallback warning when the library is not built
+    import pama_ext  # noqa: E402,F401
+
+from pama_testutils import make_inputs, require_native, resolve_device  # noqa: E402
+
+
+@pytest.fixture(params=["cpu", "cuda"])
+def device(request) -> str:
+    return resolve_device(request.param)
+
+
+@pytest.fixture
+def native():
+    require_native()
+    return True
+
+
+@pytest.fixture
+def inputs():
+    return make_inputs
+
+
+@pytest.fixture(autouse=True)
+def _restore_global_state():
+    """Tests must not leak a changed default dtype or grad mode into each other."""
+    dt = torch.get_default_dtype()
+    yield
+    torch.set_default_dtype(dt)
+    torch.set_grad_enabled(True)

@@ -1,0 +1,237 @@
+"""Shared helpers of the pama_ext test suite: seeded input factory and the tolerance rule.
+
+Kept out of conftest.py so that test modules can import it by name (pytest puts this directory
+on sys.path because python_tests/ is not a package).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from typing import Dict, Optional
+
+import pytest
+import torch
+
+REQUIRE_CUDA = os.environ.get("PAMA_EXT_REQUIRE_CUDA", "") == "1"
+REQUIRE_NATIVE = os.environ.get("PAMA_EXT_REQUIRE_NATIVE", "") == "1"
+
+
+
+def native_available() -> bool:
+    import pama_ext
+
+    return bool(getattr(pama_ext, "NATIVE_AVAILABLE", False))
+
+
+def require_native() -> None:
+    """Skip a test that needs the compiled library when it is absent (fail under
+    PAMA_EXT_REQUIRE_NATIVE=1)."""
+    if not native_available():
+        if REQUIRE_NATIVE:
+            pytest.fail("PAMA_EXT_REQUIRE_NATIVE=1 but the compiled pama_ext library is not loaded")
+        pytest.skip("compiled pama_ext library not built (pure-Python fallback in use)")
+
+
+def cuda_kernels_present() -> bool:
+    """CUDA usable by the ops: a GPU, and (when the library is compiled) CUDA kernels in it."""
+    if not torch.cuda.is_available():
+        return False
+    import pama_ext
+
+    has = getattr(getattr(pama_ext, "ops", None), "has_cuda_kernels", None)
+    if native_available() and callable(has):
+        return bool(has())
+    return True
+
+
+def resolve_device(name: str) -> str:
+    """'cpu', or 'cuda' when usable; otherwise skip (fail under PAMA_EXT_REQUIRE_CUDA=1)."""
+    if name == "cuda":
+        reason = None
+        if not torch.cuda.is_available():
+            reason = "no CUDA device available"
+        elif not cuda_kernels_present():
+            reason = "pama_ext was built without CUDA kernels"
+        if reason is not None:
+            if REQUIRE_CUDA:
+                pytest.fail(f"PAMA_EXT_REQUIRE_CUDA=1 but {reason}")
+            pytest.skip(reason)
+    return name
+
+
+LOWP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: absolute floor of the tolerance rule, per kernel dtype (SPEC: kernels accumulate in float32)
+FLOORS = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}
+#: float64 kernels against the float64 reference: both accumulate in double, only the order of
+#: the additions differs (and Chan vs two-pass variance), so agreement is ~1e-14 relative.
+F64_RTOL = 1e-7
+F64_ATOL = 1e-9
+
+# shapes of the grids: odd sizes, a single token, a long row
+SHAPES = [(3, 47), (1, 1), (5, 130)]
+NS = [1, 2, 3, 8]
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of losses/metrics/statistics for inputs of ``dtype`` (float64 stays float64)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------------------------
+# input factory
+# ----------------------------------------------------------------------------------------------
+def make_mask(B: int, T: int, gen: torch.Generator, kind: str = "random") -> torch.Tensor:
+    """bool [B, T] mask.
+
+    random: prefix masks (response masks) with random lengths, row 0 full and row 1 empty when
+            B >= 3, so every grid point with B >= 3 has an empty row;
+    holes:  Bernoulli(0.7) masks with holes (masked positions inside a row) and an empty row;
+    full / empty: all ones / all zeros.
+    """
+    if kind == "full":
+        return torch.ones(B, T, dtype=torch.bool)
+    if kind == "empty":
+        return torch.zeros(B, T, dtype=torch.bool)
+    if kind == "random":
+        lengths = torch.randint(0, T + 1, (B,), generator=gen)
+        if B >= 3:
+            lengths[0] = T
+            lengths[1] = 0
+        elif B == 1:
+            lengths[0] = max(int(lengths[0]), 1)
+        return torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)
+    if kind == "holes":
+        m = torch.rand(B, T, generator=gen) < 0.7
+        if B >= 2:
+            m[B // 2] = False
+        return m
+    raise ValueError(kind)
+
+
+@dataclass
+class Inputs:
+    scores: torch.Tensor  # [n, B]
+    logp: torch.Tensor  # [B, T]
+    old_logp: torch.Tensor
+    ref_logp: torch.Tensor
+    advantages: torch.Tensor  # [n, B, T]
+    rewards: torch.Tensor
+    values: torch.Tensor
+    old_values: torch.Tensor
+    returns: torch.Tensor
+    mask: torch.Tensor  # bool [B, T]
+
+    def to(self, dtype: Optional[torch.dtype] = None, device=None) -> "Inputs":
+        out = {}
+        for f in fields(self):
+            x = getattr(self, f.name)
+            if f.name == "mask":
+                out[f.name] = x.to(device) if device is not None else x.clone()
+            else:
+                out[f.name] = x.to(dtype=dtype or x.dtype, device=device).clone()
+        return Inputs(**out)
+
+    def as64(self) -> "Inputs":
+        """The same values (after rounding to the working dtype) in float64 on the CPU."""
+        return self.to(torch.float64, "cpu")
+
+    def dict(self) -> Dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def make_inputs(
+    n: int,
+    B: int,
+    T: int,
+    *,
+    dtype: torch.dtype = torch.float64,
+    device="cpu",
+    seed: int = 0,
+    mask: str = "random",
+) -> Inputs:
+    """Seeded random inputs, drawn in float64 on the CPU and then rounded to ``dtype``.
+
+    logp ~ -|N(1, 0.5)|, old_logp = logp + N(0, 0.1), ref_logp = logp + N(0, 0.1),
+    advantages/rewards/values ~ N(0, 1), old_values = values + N(0, 0.3) (so the value clip at 0.2
+    is active on part of the tokens), returns = values + N(0, 1), scores ~ N(0, 1).
+    """
+    g = torch.Generator().manual_seed(seed)
+    f64 = torch.float64
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=f64)
+
+    logp = -(1.0 + 0.5 * randn(B, T)).abs()
+    old_logp = logp + 0.1 * randn(B, T)
+    ref_logp = logp + 0.1 * randn(B, T)
+    values = randn(n, B, T)
+    inp = Inputs(
+        scores=randn(n, B),
+        logp=logp,
+        old_logp=old_logp,
+        ref_logp=ref_logp,
+        advantages=randn(n, B, T),
+        rewards=randn(n, B, T),
+        values=values,
+        old_values=values + 0.3 * randn(n, B, T),
+        returns=values + randn(n, B, T),
+        mask=make_mask(B, T, g, mask),
+    )
+    return inp.to(dtype, device)
+
+
+# ----------------------------------------------------------------------------------------------
+# comparison with the reference (DESIGN.md tolerance rule)
+# ----------------------------------------------------------------------------------------------
+def _f64(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().to("cpu", torch.float64)
+
+
+def assert_close_f64(name: str, out: torch.Tensor, ref: torch.Tensor,
+                     rtol: float = F64_RTOL, atol: float = F64_ATOL) -> None:
+    assert tuple(out.shape) == tuple(ref.shape), f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    torch.testing.assert_close(
+        _f64(out), _f64(ref), rtol=rtol, atol=atol, equal_nan=False,
+        msg=lambda m: f"{name}: kernel vs float64 reference\n{m}",
+    )
+
+
+def assert_tolerance_rule(
+    name: str,
+    out: torch.Tensor,
+    ref64: torch.Tensor,
+    ref_lowp: torch.Tensor,
+    dtype: torch.dtype,
+) -> None:
+    """max|out - ref64| <= 2 * max|ref_lowp - ref64| + floor(dtype)   (flash-attention's rule).
+
+    ``ref64`` is the reference run in float64 on the very same (rounded) inputs, ``ref_lowp`` the
+    reference run in ``dtype``. If the reference itself breaks down in ``dtype`` (non-finite
+    output), its error carries no information and a conservative bound of 8 ulp of the largest
+    reference value is used instead.
+    """
+    assert tuple(out.shape) == tuple(ref64.shape), f"{name}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
+    o, r, rl = _f64(out), _f64(ref64), _f64(ref_lowp)
+    assert torch.isfinite(r).all(), f"{name}: the float64 reference is not finite (test input bug)"
+    assert torch.isfinite(o).all(), f"{name}: kernel output has non-finite entries: {o}"
+    if o.numel() == 0:
+        return
+    err = (o - r).abs().max().item()
+    ref_err = (rl - r).abs().max().item()
+    if not (ref_err == ref_err and ref_err != float("inf")):
+        ref_err = 8 * torch.finfo(dtype).eps * r.abs().max().item()
+    bound = 2 * ref_err + FLOORS[dtype]
+    assert err <= bound, (
+        f"{name} [{dtype}]: max|kernel - ref64| = {err:.3e} > 2 * max|ref_{dtype} - ref64| "
+        f"({ref_err:.3e}) + floor {FLOORS[dtype]:.0e} = {bound:.3e}"
+    )
+
+
+def compare(name, out, ref64, ref_lowp=None, dtype=torch.float64):
+    if dtype == torch.float64:
+        assert_close_f64(name, out, ref64)
+    else:
+        assert_tolerance_rule(name, out, ref64, ref_lowp, dtype)
+
+
+METRIC_KEYS = ("pg_loss", "kl_loss", "clipfrac", "approx_kl", "active", "abar", "pos", "weights")
