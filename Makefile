@@ -3,6 +3,7 @@
 #   make test            fresh machine: venv (.venv), torch==2.13.0 + test deps, build, nvcc check, pytest
 #   make test VENV=      use the current python3 as is (e.g. a GPU machine with torch preinstalled)
 #   make nvcc-check      compile every csrc/cuda/*.cu with bare nvcc for sm_80 and sm_90
+#   make demo            PAMA vs MORLHF vs MGDA-UB on the embedded tiny world (CPU; prints the table, writes runs/demo)
 #   make bench           CPU benchmark of the fused ops (benchmarks/bench_ops.py)
 #   make info            versions, compiled archs, kernels per device
 VENV ?= .venv
@@ -11,6 +12,7 @@ TORCH_SPEC ?= torch==2.13.0
 NVCC ?= nvcc
 NVCC_ARCHS ?= 80 90
 PYTEST_ARGS ?=
+TRAIN_DEPS ?= transformers tokenizers vaderSentiment pyyaml tqdm matplotlib
 
 ifeq ($(strip $(VENV)),)
 PY := $(PYTHON)
@@ -24,7 +26,7 @@ CU_SOURCES := $(wildcard csrc/cuda/*.cu)
 CU_OBJECTS := $(patsubst csrc/cuda/%.cu,build/nvcc/%.o,$(CU_SOURCES))
 CU_HEADERS := csrc/pama_math.h $(wildcard csrc/cuda/*.cuh)
 
-.PHONY: test install build nvcc-check bench info clean
+.PHONY: test install build nvcc-check bench info clean demo
 
 test: install
 	$(MAKE) -j4 nvcc-check VENV="$(VENV)" PYTHON="$(PYTHON)"
@@ -39,6 +41,8 @@ install: $(VENV_STAMP)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	@$(PY) -c "import pytest, hypothesis, expecttest, numpy, ninja, setuptools, wheel" 2>/dev/null || \
 		$(PY) -m pip install -q pytest hypothesis expecttest numpy ninja setuptools wheel
+	@$(PY) -c "import transformers, tokenizers, vaderSentiment, yaml, tqdm, matplotlib" 2>/dev/null || \
+		$(PY) -m pip install -q $(TRAIN_DEPS)
 	$(MAKE) build VENV="$(VENV)" PYTHON="$(PYTHON)"
 
 build:
@@ -51,6 +55,9 @@ nvcc-check: $(CU_OBJECTS)
 build/nvcc/%.o: csrc/cuda/%.cu $(CU_HEADERS)
 	@mkdir -p build/nvcc
 	$(NVCC) -std=c++17 -O3 -Icsrc $(foreach a,$(NVCC_ARCHS),-gencode arch=compute_$(a),code=sm_$(a)) -c $< -o $@
+
+demo: install
+	$(PY) -m pama_ext.trainer.demo
 
 bench: install
 	$(PY) benchmarks/bench_ops.py

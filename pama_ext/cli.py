@@ -1,4 +1,4 @@
-"""`pama-ext` command line: `info` (build and kernel report), `bench` (op benchmarks)."""
+"""`pama-ext` command line: `train` (multi-objective PPO), `info` (build and kernel report), `bench` (op benchmarks)."""
 from __future__ import annotations
 
 import argparse
@@ -82,6 +82,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_bench = sub.add_parser("bench", help="run benchmarks/bench_ops.py (arguments are passed through)")
     p_bench.add_argument("rest", nargs=argparse.REMAINDER)
     p_bench.set_defaults(func=cmd_bench)
+    from .trainer.train import add_train_subcommand  # imports no transformers
+
+    add_train_subcommand(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

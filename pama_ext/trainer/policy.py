@@ -1,0 +1,113 @@
+"""The policy: a Hugging Face causal LM with n scalar value heads on its final hidden state.
+
+One forward pass over ``prompt + response`` gives, for the T response positions, the token
+log-probs (logits shifted by one, computed in float32, divided by the sampling temperature as TRL and
+verl do), the n values and the final hidden states they were computed from (MGDA-UB differentiates
+the per-objective losses with respect to those).
+
+Assumption: ``logits = lm.get_output_embeddings()(lm.base_model(...).last_hidden_state)``, true for
+GPT-2, Llama, Mistral, Qwen and most causal LMs; :class:`PolicyWithValueHeads` checks it once at
+construction and raises a clear error for models that post-process their logits (e.g. soft-capping).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["PolicyWithValueHeads", "PolicyOutput", "frozen_copy", "position_ids_from_mask", "hidden_size"]
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """Positions that skip left padding -- the same rule ``generate`` uses (pads get 0)."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.masked_fill(attention_mask == 0, 0)
+
+
+def hidden_size(lm: nn.Module) -> int:
+    cfg = lm.config
+    for name in ("hidden_size", "n_embd", "d_model"):
+        v = getattr(cfg, name, None)
+        if isinstance(v, int):
+            return v
+    return int(lm.get_output_embeddings().weight.shape[1])
+
+
+@dataclass
+class PolicyOutput:
+    logp: Tensor  # [B, T] float32
+    values: Optional[Tensor]  # [n, B, T] float32
+    hidden: Tensor  # [B, T, H] final hidden states at the positions that predict the response tokens
+
+
+def _response_logp(lm_head: nn.Module, h: Tensor, targets: Tensor, temperature: float) -> Tensor:
+    logits = lm_head(h).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def _trunk(lm: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    out = lm.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                        position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    return out[0]
+
+
+class PolicyWithValueHeads(nn.Module):
+    """``lm`` (trained) plus ``value_heads = nn.Linear(hidden, n_heads)`` (zero-initialised)."""
+
+    def __init__(self, lm: nn.Module, n_heads: int, check: bool = True):
+        super().__init__()
+        self.lm = lm
+        self.value_heads = nn.Linear(hidden_size(lm), n_heads)
+        nn.init.zeros_(self.value_heads.weight)
+        nn.init.zeros_(self.value_heads.bias)
+        self.value_heads.to(next(lm.parameters()).device)
+        if check:
+            self._check_logits()
+
+    @property
+    def n_heads(self) -> int:
+        return self.value_heads.out_features
+
+    @torch.no_grad()
+    def _check_logits(self) -> None:
+        dev = next(self.lm.parameters()).device
+        ids = torch.arange(6, device=dev).remainder(self.lm.get_output_embeddings().weight.shape[0])[None]
+        am = torch.ones_like(ids)
+        ref = self.lm(input_ids=ids, attention_mask=am, position_ids=position_ids_from_mask(am)).logits.float()
+        mine = self.lm.get_output_embeddings()(_trunk(self.lm, ids, am)).float()
+        if ref.shape != mine.shape or not torch.allclose(ref, mine, atol=1e-4, rtol=1e-4):
+            raise ValueError(f"{type(self.lm).__name__}: its logits are not lm_head(base_model(...)) "
+                             "(post-processed logits, e.g. soft-capping); the trainer does not support it")
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, response_len: int, temperature: float = 1.0,
+                with_values: bool = True) -> PolicyOutput:
+        """``input_ids``/``attention_mask``: ``[B, P + T]`` (prompt left-padded, then the response)."""
+        T = response_len
+        L = input_ids.shape[1]
+        h_all = _trunk(self.lm, input_ids, attention_mask)
+        h = h_all[:, L - T - 1:L - 1]  # positions that predict the response tokens
+        logp = _response_logp(self.lm.get_output_embeddings(), h, input_ids[:, L - T:], temperature)
+        values = self.value_heads(h).float().permute(2, 0, 1) if with_values else None
+        return PolicyOutput(logp=logp, values=values, hidden=h)
+
+
+def frozen_copy(lm: nn.Module) -> nn.Module:
+    """The reference policy: a deep copy with no gradients, in eval mode."""
+    ref = copy.deepcopy(lm)
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref.eval()
+
+
+@torch.no_grad()
+def reference_logp(ref_lm: nn.Module, input_ids: Tensor, attention_mask: Tensor, response_len: int,
+                   temperature: float = 1.0) -> Tensor:
+    T = response_len
+    L = input_ids.shape[1]
+    h = _trunk(ref_lm, input_ids, attention_mask)[:, L - T - 1:L - 1]
+    return _response_logp(ref_lm.get_output_embeddings(), h, input_ids[:, L - T:], temperature)

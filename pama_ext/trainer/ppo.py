@@ -1,0 +1,342 @@
+"""The multi-objective PPO step and the five methods (SPEC.md §1-§6).
+
+One step::
+
+    rollout (generate; old_logp, ref_logp, values[n])  ->  scores R[n, B] from the objectives
+    -> token_rewards (KL penalty with the adaptive coefficient)  ->  multi_gae
+    -> whiten per objective over the batch  ->  ppo_epochs x shuffled minibatches:
+         recompute logp and values with grad; policy loss (per method) + vf_coef * value loss;
+         AdamW step after clip_grad_norm  ->  KL controller update (one host scalar per step)
+
+Methods (``--method``):
+
+- ``pama``:    ``pama_policy_loss(noon=True, method="pama", granularity=...)`` (Noon PPO + Theorem 1).
+- ``linear``:  ``pama_policy_loss(method="linear", prefs=w)``, Noon configurable (default off).
+- ``morlhf``:  rewards scalarised to ``sum_i w_i R_i`` (n = 1), one value head, standard PPO
+               (``pama_policy_loss`` with n = 1, ``noon=False``, ``method="linear"``).
+- ``mgda-ub``: per-objective standard PPO losses L_i; their gradients w.r.t. the final hidden states
+               give the Gram matrix, ``c = mgda_weights(G)`` and the update backpropagates
+               ``sum_i c_i L_i`` (c detached).
+- ``mgda``:    the same with full parameter gradients (n backward passes; O(n^2 d); slow by design):
+               ``sum_i c_i g_i`` is written into ``.grad``.
+
+A non-finite loss or gradient norm skips that optimizer update with a warning and is counted in
+the step's metrics (``skipped``); the parameters are never touched by it.
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from .. import reference
+from .config import TrainConfig
+from .policy import PolicyWithValueHeads
+from .rewards import Objective, score_all
+from .rollout import GenSettings, Rollout, collect_rollout
+
+__all__ = ["AdaptiveKLController", "PPOTrainer", "masked_whiten", "derive_seed"]
+
+
+def derive_seed(seed: int, purpose: str, step: int) -> int:
+    """A 63-bit seed that depends only on (run seed, purpose, step)."""
+    h = 1469598103934665603
+    for ch in f"{seed}/{purpose}/{step}":
+        h = ((h ^ ord(ch)) * 1099511628211) & 0xFFFFFFFFFFFFFFFF
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+class AdaptiveKLController:
+    """TRL's adaptive KL controller: ``beta *= 1 + clip(kl / target - 1, -0.2, 0.2) * n / horizon``."""
+
+    def __init__(self, init: float, target: float, horizon: float, adaptive: bool = True):
+        self.value = float(init)
+        self.target, self.horizon, self.adaptive = float(target), float(horizon), bool(adaptive)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        if not self.adaptive or not math.isfinite(current_kl):
+            return
+        err = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + err * n_steps / self.horizon
+
+    def state_dict(self) -> Dict[str, float]:
+        return {"value": self.value, "target": self.target, "horizon": self.horizon, "adaptive": self.adaptive}
+
+    def load_state_dict(self, s: Dict[str, float]) -> None:
+        self.value = float(s["value"])
+
+
+def masked_whiten(adv: Tensor, mask: Tensor, eps: float = reference.WHITEN_EPS) -> Tensor:
+    """Whiten each objective over the masked tokens (SPEC §3: unbiased variance, mean not added back)."""
+    m = mask.to(adv.dtype)
+    cnt = m.sum()
+    mean = (adv * m).sum((1, 2)) / cnt.clamp(min=1)
+    var = ((adv - mean[:, None, None]).square() * m).sum((1, 2)) / (cnt - 1).clamp(min=1)
+    var = torch.where(cnt > 1, var, torch.zeros_like(var))
+    return (adv - mean[:, None, None]) * torch.rsqrt(var[:, None, None] + eps)
+
+
+class PPOTrainer:
+    """Holds the policy, the reference, the optimizer and every piece of state a step needs."""
+
+    def __init__(self, cfg: TrainConfig, policy: PolicyWithValueHeads, ref_lm, tokenizer,
+                 objectives: Sequence[Objective], train_prompts: Sequence[str], device: torch.device):
+        self.cfg, self.policy, self.ref_lm, self.tokenizer = cfg, policy, ref_lm, tokenizer
+        self.objectives = list(objectives)
+        self.train_prompts = list(train_prompts)
+        if not self.train_prompts:
+            raise ValueError("--train-prompts: no training prompts")
+        self.device = device
+        self.prefs = torch.tensor(cfg.normalized_weights(), dtype=torch.float32, device=device)
+        self.params = [p for p in policy.parameters() if p.requires_grad]
+        self.lm_params = [p for p in policy.lm.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+        self.kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon, cfg.adaptive_kl)
+        self.gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "data", 0))
+        self.step_idx = 0
+        self.skipped_total = 0
+        self._order: List[int] = []
+        self._pos = 0
+        self.gen_settings = GenSettings(cfg.max_new_tokens, True, cfg.temperature, cfg.top_k, cfg.top_p)
+
+    # --------------------------------------------------------------------------------------------
+    # state (for --resume)
+    # --------------------------------------------------------------------------------------------
+    def state_dict(self) -> Dict:
+        return {
+            "step": self.step_idx,
+            "skipped_total": self.skipped_total,
+            "optimizer": self.optimizer.state_dict(),
+            "kl_ctl": self.kl_ctl.state_dict(),
+            "data_generator": self.gen.get_state(),
+            "order": list(self._order),
+            "pos": self._pos,
+        }
+
+    def load_state_dict(self, s: Dict) -> None:
+        self.step_idx = int(s["step"])
+        self.skipped_total = int(s["skipped_total"])
+        self.optimizer.load_state_dict(s["optimizer"])
+        self.kl_ctl.load_state_dict(s["kl_ctl"])
+        self.gen.set_state(s["data_generator"])
+        self._order = list(s["order"])
+        self._pos = int(s["pos"])
+
+    # --------------------------------------------------------------------------------------------
+    def _next_prompts(self, k: int) -> List[str]:
+        """Epochs over the training prompts in a seeded random order."""
+        out = []
+        while len(out) < k:
+            if self._pos >= len(self._order):
+                self._order = torch.randperm(len(self.train_prompts), generator=self.gen).tolist()
+                self._pos = 0
+            take = min(k - len(out), len(self._order) - self._pos)
+            out += [self.train_prompts[i] for i in self._order[self._pos:self._pos + take]]
+            self._pos += take
+        return out
+
+    def _loss_kwargs(self) -> Dict:
+        c = self.cfg
+        return dict(eps_lo=c.cliprange, eps_hi=c.eps_hi, dual_clip=c.dual_clip, agg=c.agg, check_finite=False)
+
+    def _k3_loss(self, logp: Tensor, ref_logp: Tensor, mask: Tensor) -> Tensor:
+        d = ref_logp - logp
+        return reference.agg_loss(torch.exp(d) - d - 1, mask, self.cfg.agg)
+
+    def policy_loss(self, logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, ref_logp: Tensor,
+                    hidden: Tensor, whiten_in_op: bool):
+        """(loss, metrics, per-objective losses or None). For mgda the caller does the backward."""
+        c = self.cfg
+        kw = self._loss_kwargs()
+        if c.method in ("pama", "linear", "morlhf"):
+            if c.method == "pama":
+                extra = dict(noon=True, method="pama", granularity=c.granularity)
+            elif c.method == "linear":
+                extra = dict(noon=c.use_noon, method="linear", prefs=self.prefs)
+            else:
+                extra = dict(noon=False, method="linear")
+            loss, m = ops.pama_policy_loss(logp, old_logp, adv, mask, ref_logp, whiten=whiten_in_op,
+                                           beta_loss=c.kl_loss_coef, **extra, **kw)
+            if c.method == "morlhf":
+                m = dict(m, weights=self.prefs)
+            return loss, m, None
+        # mgda-ub / mgda: standard per-objective PPO losses
+        losses, mets = [], []
+        for i in range(adv.shape[0]):
+            li, mi = ops.pama_policy_loss(logp, old_logp, adv[i:i + 1], mask, whiten=whiten_in_op, noon=False,
+                                          method="linear", **kw)
+            losses.append(li)
+            mets.append(mi)
+        if c.method == "mgda-ub":
+            grads = [torch.autograd.grad(li, hidden, retain_graph=True)[0].reshape(-1) for li in losses]
+            g = torch.stack(grads).double()
+            weights = reference.mgda_weights(g @ g.T).to(logp.dtype).detach()
+        else:
+            weights = None  # computed by the caller from full parameter gradients
+        m = {
+            "pg_loss": torch.stack([mi["pg_loss"] for mi in mets]),
+            "kl_loss": torch.zeros((), device=logp.device),
+            "clipfrac": torch.stack([mi["clipfrac"] for mi in mets]).mean(),
+            "approx_kl": mets[0]["approx_kl"],
+            "active": torch.stack([mi["active"] for mi in mets]).mean(),
+            "abar": torch.cat([mi["abar"] for mi in mets]),
+            "pos": torch.cat([mi["pos"] for mi in mets]),
+        }
+        kl_loss = self._k3_loss(logp, ref_logp, mask) if c.kl_loss_coef else None
+        if kl_loss is not None:
+            m["kl_loss"] = kl_loss.detach()
+        if weights is None:
+            return None, m, (losses, kl_loss)
+        loss = (weights * torch.stack(losses)).sum()
+        m["pg_loss"] = loss.detach()
+        m["weights"] = weights
+        if kl_loss is not None:
+            loss = loss + c.kl_loss_coef * kl_loss
+        return loss, m, None
+
+    # --------------------------------------------------------------------------------------------
+    def _mgda_backward(self, losses: List[Tensor], other: Tensor) -> Tensor:
+        """Full MGDA: n parameter-gradient passes, Gram, min-norm weights, write sum c_i g_i into .grad."""
+        params = self.lm_params
+        flat = []
+        for li in losses:
+            gs = torch.autograd.grad(li, params, retain_graph=True, allow_unused=True)
+            flat.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                                   for g, p in zip(gs, params)]))
+        g = torch.stack(flat)
+        weights = reference.mgda_weights((g.double() @ g.double().T)).to(g.dtype)
+        other.backward()
+        combined = weights @ g
+        off = 0
+        for p in params:
+            k = p.numel()
+            gp = combined[off:off + k].view_as(p)
+            p.grad = gp.clone() if p.grad is None else p.grad + gp
+            off += k
+        return weights
+
+    def step(self, bars: Optional[Dict] = None) -> Dict:
+        """One PPO step; returns the step's metrics (plain Python numbers)."""
+        c, dev = self.cfg, self.device
+        t0 = time.perf_counter()
+        self.policy.eval()  # dropout off, as TRL/verl do for PPO
+        prompts = self._next_prompts(c.batch_size)
+        bar = bars.get("rollout") if bars else None
+        if bar is not None:
+            bar.reset(total=c.batch_size)
+        ro: Rollout = collect_rollout(self.policy, self.ref_lm, self.tokenizer, prompts, self.gen_settings,
+                                      derive_seed(c.seed, "rollout", self.step_idx), c.max_prompt_tokens,
+                                      c.minibatch_size, bar=bar)
+        t1 = time.perf_counter()
+        scores = score_all(self.objectives, ro.prompts, ro.responses).to(dev)  # [n, B]
+        t2 = time.perf_counter()
+
+        mask = ro.mask
+        train_scores = (self.prefs[:, None] * scores).sum(0, keepdim=True) if c.method == "morlhf" else scores
+        kl_coef = self.kl_ctl.value
+        rewards = ops.token_rewards(train_scores, ro.old_logp, ro.ref_logp, mask, kl_coef)
+        adv, ret = ops.multi_gae(rewards, ro.values, mask, c.gamma, c.lam)
+        whiten_in_op = c.whiten == "minibatch"
+        if c.whiten == "batch":
+            adv = masked_whiten(adv, mask)
+
+        B, T = mask.shape
+        mets: Dict[str, List[Tensor]] = {}
+        skipped = 0
+        n_updates = 0
+        bar = bars.get("update") if bars else None
+        n_mb = math.ceil(B / c.minibatch_size)
+        if bar is not None:
+            bar.reset(total=c.ppo_epochs * n_mb)
+        for _epoch in range(c.ppo_epochs):
+            perm = torch.randperm(B, generator=self.gen).to(dev)
+            for k in range(n_mb):
+                idx = perm[k * c.minibatch_size:(k + 1) * c.minibatch_size]
+                ok = self._update(ro, idx, adv, ret, T, whiten_in_op, mets)
+                n_updates += 1
+                skipped += 0 if ok else 1
+                if bar is not None:
+                    bar.update(1)
+        t3 = time.perf_counter()
+
+        # one read-back of the step's numbers
+        with torch.no_grad():
+            seq_kl = ((ro.old_logp - ro.ref_logp) * mask).sum(-1)
+            scalars = {k: torch.stack(v).float().mean(0) for k, v in mets.items()}
+        kl_mean = seq_kl.mean().item()
+        self.kl_ctl.update(kl_mean, B)
+        self.step_idx += 1
+        self.skipped_total += skipped
+        names = [o.name for o in self.objectives]
+        sc = scores.cpu()
+        out = {
+            "step": self.step_idx,
+            "rewards": dict(zip(names, sc.mean(1).tolist())),
+            "rewards_std": dict(zip(names, sc.std(1, unbiased=False).tolist())),
+            "kl": kl_mean,
+            "kl_coef": kl_coef,
+            "response_len": mask.sum(-1).float().mean().item(),
+            "response_chars": sum(len(r) for r in ro.responses) / max(1, len(ro.responses)),
+        }
+        for k, v in scalars.items():
+            out[k] = v.tolist()
+        out.update({
+            "updates": n_updates,
+            "skipped": skipped,
+            "skipped_total": self.skipped_total,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "time": {"rollout": t1 - t0, "reward": t2 - t1, "update": t3 - t2, "step": time.perf_counter() - t0},
+        })
+        self.last_rollout = ro
+        return out
+
+    def _update(self, ro: Rollout, idx: Tensor, adv: Tensor, ret: Tensor, T: int, whiten_in_op: bool,
+                mets: Dict[str, List[Tensor]]) -> bool:
+        c = self.cfg
+        ids, am, mask = ro.input_ids[idx], ro.attention_mask[idx], ro.mask[idx]
+        old_logp, ref_logp = ro.old_logp[idx], ro.ref_logp[idx]
+        temp = c.temperature
+        out = self.policy(ids, am, T, temperature=temp, with_values=True)
+        pg, pm, mgda_parts = self.policy_loss(out.logp, old_logp, adv[:, idx], mask, ref_logp, out.hidden,
+                                              whiten_in_op)
+        vl, vm = ops.multi_value_loss(out.values, ro.values[:, idx], ret[:, idx], mask, clip=c.cliprange_value,
+                                      agg=c.agg, check_finite=False)
+        self.optimizer.zero_grad(set_to_none=True)
+        if mgda_parts is not None:
+            losses, kl_loss = mgda_parts
+            other = c.vf_coef * vl + (c.kl_loss_coef * kl_loss if kl_loss is not None else 0.0)
+            weights = self._mgda_backward(losses, other)
+            pg = (weights.detach() * torch.stack(losses).detach()).sum()
+            pm = dict(pm, pg_loss=pg, weights=weights)
+            loss = pg + c.vf_coef * vl.detach()
+        else:
+            loss = pg + c.vf_coef * vl
+            loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm if c.max_grad_norm > 0 else math.inf)
+        # the one read-back per optimizer update: skip it when the loss or the gradient is not finite
+        if not bool(torch.isfinite(loss.detach()) & torch.isfinite(gnorm)):
+            bad_loss = not bool(torch.isfinite(loss.detach()))
+            return self._skip("loss" if bad_loss else "gradient norm", loss if bad_loss else gnorm)
+        self.optimizer.step()
+        rec = {
+            "loss": loss.detach(), "pg_loss": pm["pg_loss"].detach().float().reshape(()),
+            "vf_loss": vl.detach(), "kl_loss": pm["kl_loss"].detach().float(),
+            "clipfrac": pm["clipfrac"], "approx_kl": pm["approx_kl"], "active": pm["active"],
+            "vf_clipfrac": vm["clipfrac"], "grad_norm": gnorm.detach(),
+            "weights": pm["weights"].detach().float(), "abar": pm["abar"], "pos": pm["pos"],
+            "head_loss": vm["head_loss"],
+        }
+        for k, v in rec.items():
+            mets.setdefault(k, []).append(v.detach().float().to(self.device))
+        return True
+
+    def _skip(self, what: str, value: Tensor) -> bool:
+        self.optimizer.zero_grad(set_to_none=True)
+        warnings.warn(f"step {self.step_idx + 1}: non-finite {what} ({value.item()}); the optimizer update is "
+                      f"skipped", RuntimeWarning, stacklevel=3)
+        return False

@@ -1,0 +1,540 @@
+"""``train(config)``: one multi-objective PPO run with its output directory, and ``pama-ext train``.
+
+Output directory (every file is written to a temporary file and renamed into place)::
+
+    config.yaml          the resolved configuration
+    metrics.jsonl        one line per PPO step (rewards per objective, KL, KL coefficient, losses,
+                         weights, clip fractions, timings, skipped updates)
+    eval.jsonl           one line per evaluation (step 0 = the untrained model)
+    samples/step_*.jsonl the evaluation generations
+    final.md, final.json the final table (untrained vs trained, hypervolume)
+    rewards.png          per-objective reward curves;  pareto.png  final per-objective means
+    checkpoint/          save_pretrained of the policy LM and tokenizer, value_heads.pt,
+                         trainer_state.pt (step, optimizer, KL controller, RNG states, data order)
+
+``--resume`` continues from ``checkpoint/`` and gives bitwise the same parameters and metrics as an
+uninterrupted run (the sampling seed of every step is derived from (seed, step); the data order
+generator, optimizer, KL controller and global RNG states are restored).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+from .config import (ConfigError, TrainConfig, dump_yaml, field_kind, field_optional, flag, load_config,
+                     load_yaml)
+
+__all__ = ["train", "add_train_subcommand", "cmd_train", "load_checkpoint", "atomic_write_text"]
+
+CHECKPOINT = "checkpoint"
+STATE_FORMAT = 1
+#: settings that may differ between a run and its --resume
+RESUME_MAY_CHANGE = {"steps", "eval_every", "save_every", "progress", "log_every", "plots", "output_dir", "resume",
+                     "overwrite", "threads", "eval_batch_size", "tiny_world_cache", "tiny_world_seconds"}
+RUN_FILES = ("config.yaml", "metrics.jsonl", "eval.jsonl", "final.md", "final.json", "rewards.png", "pareto.png")
+
+
+# -------------------------------------------------------------------------------------------------
+# atomic writes
+# -------------------------------------------------------------------------------------------------
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _tmp_in(path: Path) -> str:
+    """A temporary file next to ``path`` with ordinary permissions (mkstemp makes them 0600)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=str(path.parent))
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())
+    return tmp
+
+
+def atomic_write_text(path: Union[str, Path], text: str) -> None:
+    path = Path(path)
+    tmp = _tmp_in(path)
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _jsonl(rows: Sequence[Dict]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+def _read_jsonl(path: Path) -> List[Dict]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return out
+
+
+# -------------------------------------------------------------------------------------------------
+# model and data
+# -------------------------------------------------------------------------------------------------
+def load_prompts(path: str) -> List[str]:
+    p = Path(path)
+    text = p.read_text()
+    if p.suffix == ".json":
+        data = json.loads(text)
+        if isinstance(data, dict):
+            data = data.get("prompts", data.get("train", []))
+        return [str(x) for x in data]
+    if p.suffix == ".jsonl":
+        return [str(json.loads(l)["prompt"]) for l in text.splitlines() if l.strip()]
+    return [l.rstrip("\n") for l in text.splitlines() if l.strip()]
+
+
+def _resolve_model(cfg: TrainConfig):
+    """(model path, train prompts, eval prompts)."""
+    train_p = load_prompts(cfg.train_prompts) if cfg.train_prompts else None
+    eval_p = load_prompts(cfg.eval_prompts) if cfg.eval_prompts else None
+    if cfg.model == "tiny":
+        from .tiny_world import build_tiny_world
+
+        world = build_tiny_world(cache_dir=cfg.tiny_world_cache, train_seconds=cfg.tiny_world_seconds,
+                                 seed=0, progress=cfg.progress)
+        path = str(world.path)
+        train_p = train_p if train_p is not None else world.train_prompts
+        eval_p = eval_p if eval_p is not None else world.eval_prompts
+    else:
+        path = cfg.model
+        if train_p is None:
+            raise ConfigError("--train-prompts: required when --model is not 'tiny'")
+        if eval_p is None:
+            raise ConfigError("--eval-prompts: required when --model is not 'tiny'")
+    if cfg.eval_size is not None:
+        eval_p = eval_p[:cfg.eval_size]
+    if not train_p:
+        raise ConfigError("--train-prompts: no prompts found")
+    if not eval_p:
+        raise ConfigError("--eval-prompts: no prompts found")
+    return path, list(train_p), list(eval_p)
+
+
+@contextlib.contextmanager
+def _hf_quiet():
+    """No transformers progress bars ("Loading weights", "Writing model shards") inside the block."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+def _load_lm(path: str, device):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with _hf_quiet():
+        try:
+            lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        except TypeError:  # older transformers
+            lm = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+    return lm.to(device)
+
+
+def _load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.padding_side = "left"
+    tok.truncation_side = "left"
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ConfigError(f"--tokenizer: {path!r} has neither a pad nor an eos token")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+# -------------------------------------------------------------------------------------------------
+# checkpoints
+# -------------------------------------------------------------------------------------------------
+def _rng_states():
+    import numpy as np
+    import torch
+
+    s = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def _set_rng_states(s) -> None:
+    import numpy as np
+    import torch
+
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def _recover_checkpoint(out: Path) -> Optional[Path]:
+    ck, old = out / CHECKPOINT, out / f".{CHECKPOINT}.old"
+    if not (ck / "trainer_state.pt").is_file() and (old / "trainer_state.pt").is_file():
+        if ck.exists():
+            shutil.rmtree(ck)
+        os.rename(old, ck)  # a save was interrupted between the two renames
+    return ck if (ck / "trainer_state.pt").is_file() else None
+
+
+def save_checkpoint(out: Path, policy, tokenizer, trainer, cfg: TrainConfig, extra: Dict) -> bool:
+    """Atomically replace ``out/checkpoint``; refuses (returns False) when a parameter is not finite."""
+    import torch
+
+    for name, p in policy.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            warnings.warn(f"checkpoint NOT saved: parameter {name} is not finite", RuntimeWarning)
+            return False
+    tmp = Path(tempfile.mkdtemp(prefix=f".{CHECKPOINT}.tmp-", dir=str(out)))
+    os.chmod(tmp, 0o777 & ~_umask())
+    try:
+        with _hf_quiet():
+            policy.lm.save_pretrained(str(tmp))
+            tokenizer.save_pretrained(str(tmp))
+        torch.save(policy.value_heads.state_dict(), tmp / "value_heads.pt")
+        torch.save({"format": STATE_FORMAT, "trainer": trainer.state_dict(), "rng": _rng_states(),
+                    "config": cfg.to_dict(), **extra}, tmp / "trainer_state.pt")
+        (tmp / "checkpoint.json").write_text(json.dumps({
+            "step": trainer.step_idx, "method": cfg.method, "objectives": cfg.objectives,
+            "value_heads": policy.n_heads, "value_heads_file": "value_heads.pt",
+            "value_heads_input": "final hidden state of the base model (lm.base_model(...)[0])"}, indent=1))
+        ck, old = out / CHECKPOINT, out / f".{CHECKPOINT}.old"
+        if old.exists():
+            shutil.rmtree(old)
+        if ck.exists():
+            os.rename(ck, old)
+        os.rename(tmp, ck)
+        if old.exists():
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return True
+
+
+def load_checkpoint(path: Union[str, Path], device: str = "cpu"):
+    """``(policy, tokenizer, info)`` from a run directory or its ``checkpoint/``: the trained LM with its
+    value heads (a :class:`PolicyWithValueHeads`) and the tokenizer."""
+    import torch
+
+    from .policy import PolicyWithValueHeads
+
+    p = Path(path)
+    if (p / CHECKPOINT / "checkpoint.json").is_file():
+        p = p / CHECKPOINT
+    info = json.loads((p / "checkpoint.json").read_text())
+    lm = _load_lm(str(p), device)
+    policy = PolicyWithValueHeads(lm, int(info["value_heads"]), check=False)
+    policy.value_heads.load_state_dict(torch.load(p / "value_heads.pt", map_location=device))
+    return policy, _load_tokenizer(str(p)), info
+
+
+# -------------------------------------------------------------------------------------------------
+# the run
+# -------------------------------------------------------------------------------------------------
+def _summary_line(cfg: TrainConfig, m: Dict) -> str:
+    from .rewards import short_name
+
+    parts = [f"[{cfg.method}] step {m['step']}/{cfg.steps}"]
+    parts.append(" ".join(f"{short_name(k)} {v:+.3f}" for k, v in m["rewards"].items()))
+    parts.append(f"kl {m['kl']:.2f} (coef {m['kl_coef']:.3f})")
+    if "pg_loss" in m:
+        parts.append(f"pg {m['pg_loss']:+.4f} vf {m['vf_loss']:.4f} clip {m['clipfrac']:.2f}")
+        parts.append("w " + "/".join(f"{w:.2f}" for w in m["weights"]))
+    parts.append(f"len {m['response_len']:.1f}")
+    if m["skipped"]:
+        parts.append(f"SKIPPED {m['skipped']}")
+    parts.append(f"{m['time']['step']:.2f}s")
+    return " | ".join(parts)
+
+
+def _prepare_output_dir(cfg: TrainConfig) -> Path:
+    out = Path(cfg.output_dir)
+    if cfg.resume:
+        if not out.is_dir() or _recover_checkpoint(out) is None:
+            raise ConfigError(f"--resume: no checkpoint in {str(out)!r} (nothing to resume)")
+        return out
+    has_run = out.is_dir() and (any((out / f).exists() for f in RUN_FILES) or (out / CHECKPOINT).exists())
+    if has_run and not cfg.overwrite:
+        raise ConfigError(f"--output-dir: {str(out)!r} already holds a run; pass --resume to continue it or "
+                          f"--overwrite to start afresh")
+    if has_run:
+        for f in RUN_FILES:
+            if (out / f).exists():
+                (out / f).unlink()
+        for d in (CHECKPOINT, f".{CHECKPOINT}.old", "samples"):
+            if (out / d).exists():
+                shutil.rmtree(out / d)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def train(config: Union[TrainConfig, Dict[str, Any]]) -> Dict[str, Any]:
+    """Run (or resume) one training run; returns a dict with the evaluations, the final table and paths."""
+    cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
+    cfg = dataclasses.replace(cfg).validate()
+    out = _prepare_output_dir(cfg)
+
+    import numpy as np
+    import torch
+    from tqdm.auto import tqdm
+
+    from .evaluate import comparison_table, default_hv_ref, evaluate, format_table, hypervolume, means
+    from .policy import PolicyWithValueHeads, frozen_copy
+    from .ppo import PPOTrainer
+    from .rewards import build_objectives
+
+    t_start = time.perf_counter()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if cfg.device == "auto" else cfg.device))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device: cuda requested but no GPU is available")
+
+    state = None
+    ck = out / CHECKPOINT
+    if cfg.resume:
+        state = torch.load(ck / "trainer_state.pt", map_location="cpu", weights_only=False)
+        saved = state["config"]
+        for k, v in cfg.to_dict().items():
+            if k not in RESUME_MAY_CHANGE and saved.get(k) != v:
+                raise ConfigError(f"{flag(k)}: the run in {str(out)!r} was made with {saved.get(k)!r}; got {v!r} "
+                                  f"(only {', '.join(sorted(flag(x) for x in RESUME_MAY_CHANGE))} may change on "
+                                  f"--resume)")
+        if state["trainer"]["step"] > cfg.steps:
+            raise ConfigError(f"--steps: the checkpoint is at step {state['trainer']['step']}, beyond {cfg.steps}")
+
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed % 2**32)
+    torch.manual_seed(cfg.seed)
+
+    model_path, train_prompts, eval_prompts = _resolve_model(cfg)
+    objectives = build_objectives(cfg, device=str(device))
+    names = [o.name for o in objectives]
+    tokenizer = _load_tokenizer(cfg.tokenizer or model_path)
+    ref_lm = frozen_copy(_load_lm(model_path, device))
+    lm = _load_lm(str(ck), device) if cfg.resume else _load_lm(model_path, device)
+    policy = PolicyWithValueHeads(lm, cfg.n_heads).to(device)
+    trainer = PPOTrainer(cfg, policy, ref_lm, tokenizer, objectives, train_prompts, device)
+    atomic_write_text(out / "config.yaml", dump_yaml(dataclasses.replace(cfg, resume=False, overwrite=False)))
+
+    metrics: List[Dict] = []
+    evals: List[Dict] = []
+    if state is not None:
+        policy.value_heads.load_state_dict(torch.load(ck / "value_heads.pt", map_location=device))
+        trainer.load_state_dict(state["trainer"])
+        _set_rng_states(state["rng"])
+        step0 = trainer.step_idx
+        metrics = [m for m in _read_jsonl(out / "metrics.jsonl") if m.get("step", 0) <= step0]
+        evals = [e for e in _read_jsonl(out / "eval.jsonl") if e.get("step", 0) <= step0]
+        init_eval = state["init_eval"]
+        print(f"[{cfg.method}] resuming {out} at step {step0}/{cfg.steps}", file=sys.stderr)
+    else:
+        init_eval = None
+
+    def run_eval(step: int) -> Dict:
+        summ, samples = evaluate(policy, ref_lm, tokenizer, objectives, eval_prompts, cfg, step)
+        atomic_write_text(out / "samples" / f"step_{step:06d}.jsonl", _jsonl(samples))
+        evals.append(summ)
+        atomic_write_text(out / "eval.jsonl", _jsonl(evals))
+        return summ
+
+    if init_eval is None:
+        init_eval = run_eval(0)
+    hv_ref = list(cfg.hv_ref) if cfg.hv_ref is not None else default_hv_ref(means(init_eval, names), cfg.hv_margin)
+
+    def checkpoint() -> None:
+        save_checkpoint(out, policy, tokenizer, trainer, cfg, {"init_eval": init_eval, "model_path": model_path})
+
+    bars = {}
+    # bars only on a terminal: in a log file nested bars are noise (the summary lines remain)
+    use_bars = cfg.progress and sys.stderr.isatty()
+    outer = tqdm(total=cfg.steps, initial=trainer.step_idx, desc=f"{cfg.method}", unit="step",
+                 disable=not use_bars, dynamic_ncols=True)
+    if use_bars:
+        bars["rollout"] = tqdm(total=cfg.batch_size, desc="  rollout", unit="seq", leave=False, position=1,
+                               dynamic_ncols=True)
+        bars["update"] = tqdm(total=1, desc="  update", unit="mb", leave=False, position=2, dynamic_ncols=True)
+    try:
+        while trainer.step_idx < cfg.steps:
+            m = trainer.step(bars)
+            metrics.append(m)
+            atomic_write_text(out / "metrics.jsonl", _jsonl(metrics))
+            k = trainer.step_idx
+            if cfg.log_every and (k % cfg.log_every == 0 or k == cfg.steps):
+                tqdm.write(_summary_line(cfg, m), file=sys.stderr)
+            outer.update(1)
+            if cfg.eval_every and k % cfg.eval_every == 0 and k != cfg.steps:
+                e = run_eval(k)
+                tqdm.write(f"[{cfg.method}] eval step {k}: " + " ".join(
+                    f"{n} {e['objectives'][n]['mean']:+.3f}" for n in names) + f" kl {e['kl']:.2f}", file=sys.stderr)
+            if cfg.save_every and k % cfg.save_every == 0 and k != cfg.steps:
+                checkpoint()
+    finally:
+        for b in list(bars.values()) + [outer]:
+            b.close()
+
+    final_eval = evals[-1] if evals and evals[-1]["step"] == cfg.steps and cfg.steps > 0 else run_eval(cfg.steps)
+    checkpoint()
+
+    col_init, col_final = "untrained", cfg.method
+    columns = {col_init: init_eval, col_final: final_eval}
+    hv = {c: hypervolume([means(s, names)], hv_ref) for c, s in columns.items()}
+    table = comparison_table(columns, names, hv)
+    table["hv_ref"] = hv_ref
+    table["method"] = cfg.method
+    table["steps"] = cfg.steps
+    table["skipped_updates"] = trainer.skipped_total
+    md = format_table(table)
+    atomic_write_text(out / "final.json", json.dumps(table, indent=1))
+    atomic_write_text(out / "final.md", f"# {cfg.method}: {cfg.steps} steps on {cfg.model}\n\n{md}\n\n"
+                                        f"Hypervolume reference point: {hv_ref}. Evaluation: "
+                                        f"{final_eval['decoding']} on {final_eval['n']} prompts.\n")
+    plots = {}
+    if cfg.plots:
+        from .plots import plot_pareto, plot_reward_curves
+
+        plots["rewards"] = plot_reward_curves({cfg.method: metrics}, {cfg.method: evals}, names,
+                                              str(out / "rewards.png"))
+        plots["pareto"] = plot_pareto({col_init: means(init_eval, names), col_final: means(final_eval, names)},
+                                      names, str(out / "pareto.png"), ref=hv_ref,
+                                      trajectories={col_final: [means(e, names) for e in evals]})
+    return {
+        "output_dir": str(out), "config": cfg, "init_eval": init_eval, "final_eval": final_eval, "evals": evals,
+        "metrics": metrics, "hv_ref": hv_ref, "hypervolume": hv, "table": table, "table_md": md,
+        "skipped_updates": trainer.skipped_total, "wall_s": time.perf_counter() - t_start, "plots": plots,
+        "checkpoint": str(out / CHECKPOINT),
+    }
+
+
+# -------------------------------------------------------------------------------------------------
+# command line
+# -------------------------------------------------------------------------------------------------
+def _opt(conv):
+    def parse(s: str):
+        if s.strip().lower() in ("none", "null"):
+            return None
+        return conv(s)
+    parse.__name__ = getattr(conv, "__name__", "value")
+    return parse
+
+
+def add_train_subcommand(subparsers) -> argparse.ArgumentParser:
+    """Adds ``train`` to a ``pama-ext`` subparsers object (every TrainConfig field is a flag)."""
+    p = subparsers.add_parser(
+        "train", help="multi-objective PPO (pama, morlhf, linear, mgda-ub, mgda) on a Hugging Face causal LM",
+        description="Multi-objective PPO with the pama_ext fused ops. Settings come from the defaults, then "
+                    "--config FILE.yaml (keys as the flags, with - or _), then the flags. With --resume the "
+                    "run's saved config.yaml is the base. See docs/trainer.md.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, metavar="FILE.yaml",
+                   help="YAML file with any of the settings below (flags override it)")
+    groups: Dict[str, Any] = {}
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        g = f.metadata.get("group", "")
+        if g not in groups:
+            groups[g] = p.add_argument_group(g or "other")
+        kind, optional = field_kind(f), field_optional(f)
+        default = getattr(defaults, f.name)
+        shown = "none" if default is None else (",".join(map(str, default)) if isinstance(default, list) else default)
+        help_ = f"{f.metadata['help']} (default: {shown})"
+        kw: Dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=help_)
+        if kind == "bool":
+            kw["action"] = argparse.BooleanOptionalAction
+        elif kind.startswith("list"):
+            kw.update(nargs="+", metavar=f.metadata.get("metavar", "X"))
+            if optional:
+                kw["help"] = help_ + "; 'none' for the default"
+        else:
+            conv = {"int": int, "float": float, "str": str}[kind]
+            kw["type"] = _opt(conv) if optional else conv
+            kw["metavar"] = f.metadata.get("metavar", kind.upper())
+            if "choices" in f.metadata:
+                kw["metavar"] = "{" + ",".join(f.metadata["choices"]) + "}"
+        groups[g].add_argument(flag(f.name), **kw)
+    p.set_defaults(func=cmd_train)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    overrides = {k: v for k, v in vars(args).items() if k in names}
+    for k, v in list(overrides.items()):
+        if isinstance(v, list) and len(v) == 1 and str(v[0]).lower() in ("none", "null"):
+            overrides[k] = None
+    data: Dict[str, Any] = {}
+    if overrides.get("resume"):
+        out = overrides.get("output_dir") or (load_yaml(args.config).get("output_dir") if args.config else None) \
+            or TrainConfig().output_dir
+        saved = Path(out) / "config.yaml"
+        if saved.is_file():
+            data.update(load_yaml(str(saved)))
+            data["resume"] = True
+            data["overwrite"] = False
+    if args.config:
+        data.update(load_yaml(args.config))
+    data.update(overrides)
+    return load_config(None, data)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    try:
+        cfg = config_from_args(args)
+        result = train(cfg)
+    except ConfigError as e:
+        print(f"pama-ext train: error: {e}", file=sys.stderr)
+        return 2
+    print(result["table_md"])
+    print(f"\noutput: {result['output_dir']} ({result['wall_s']:.1f} s)")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pama_ext.trainer.train")
+    sub = ap.add_subparsers(dest="command", required=True)
+    add_train_subcommand(sub)
+    args = ap.parse_args(["train", *(argv if argv is not None else sys.argv[1:])])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
