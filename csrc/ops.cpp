@@ -558,8 +558,8 @@ template <typename F>
 void for_chunks(int64_t B, int64_t T, int64_t chunk_len, int64_t cpr, F&& f) {
   at::parallel_for(0, B * cpr, 1, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
-      const int64_t b = k / cpr, t0 = (k % cpr) * chunk_len;
-      f(k, b, t0, std::min(T, t0 + chunk_len));
+      const ChunkBounds cb = chunk_bounds(k, cpr, chunk_len, T);
+      f(k, cb.b, cb.t_begin, cb.t_end);
     }
   });
 }

@@ -88,6 +88,16 @@ PAMA_HD T minv(T a, T b) {
   return a < b ? a : b;
 }
 
+// Chunk `chunk` of the [B, T] token grid (the convention of kernels.cuh): row b, tokens
+// [t_begin, t_end). Used by the CPU and the CUDA chunk passes alike.
+struct ChunkBounds {
+  int64_t b, t_begin, t_end;
+};
+PAMA_HD ChunkBounds chunk_bounds(int64_t chunk, int64_t chunks_per_row, int64_t chunk_len, int64_t T) {
+  const int64_t t_begin = (chunk % chunks_per_row) * chunk_len;
+  return {chunk / chunks_per_row, t_begin, minv(T, t_begin + chunk_len)};
+}
+
 // ---- §2 GAE --------------------------------------------------------------------------------
 // One backward-in-time step; carry (next_v, last_a) starts at (0, 0) at t = T-1.
 // Returns A[t] (= last_a after the step).

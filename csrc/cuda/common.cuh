@@ -171,6 +171,21 @@ inline void check_launch(const char* kernel) {
                              cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
 }
 
+// The shape of every reducing op: one block per chunk writes that chunk's partials, then a single
+// block runs the shared finalize routines. The finalize always runs, so the outputs it defines
+// (statistics, loss, metrics) are zeros for an empty batch too.
+template <typename P>
+inline void launch_chunked_reduction(const P& p, int64_t nchunks, cudaStream_t s, void (*partials)(P),
+                                     int partials_threads, size_t partials_smem, void (*finalize)(P),
+                                     int finalize_threads, const char* name) {
+  if (nchunks > 0) {
+    partials<<<grid_blocks(nchunks, 1), partials_threads, partials_smem, s>>>(p);
+    check_launch(name);
+  }
+  finalize<<<1, finalize_threads, 0, s>>>(p);
+  check_launch(name);
+}
+
 // The kernels keep per-objective arrays of kMaxObjectives entries.
 inline void check_objectives(int64_t n, const char* launcher) {
   if (n < 1 || n > kMaxObjectives)

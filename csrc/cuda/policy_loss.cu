@@ -67,9 +67,8 @@ __global__ void __launch_bounds__(kLossBlock) policy_loss_partials_kernel(Policy
 
   const int64_t nchunks = B * cpr;
   for (int64_t chunk = blockIdx.x; chunk < nchunks; chunk += gridDim.x) {
-    const int64_t b = chunk / cpr, k = chunk % cpr;
-    const int64_t t_begin = k * p.chunk_len;
-    const int64_t t_end = minv(T, t_begin + p.chunk_len);
+    const ChunkBounds cb = chunk_bounds(chunk, cpr, p.chunk_len, T);
+    const int64_t b = cb.b, t_begin = cb.t_begin, t_end = cb.t_end;
     if (row_weights) {  // a chunk lies in one row: stage that row's weight vector
       __syncthreads();  // (every thread is done with the previous chunk's weights)
       for (int i = threadIdx.x; i < n; i += blockDim.x) sW[i] = seq_weights[b * n + i];
@@ -165,13 +164,8 @@ void launch_policy_loss_forward(const PolicyLossParams& p, void* stream) {
   const cudaStream_t s = as_stream(stream);
   const int64_t nchunks = p.B * p.chunks_per_row;
   PAMA_DISPATCH_DTYPE(p.dtype, "policy_loss_forward", [&] {
-    if (nchunks > 0) {
-      policy_loss_partials_kernel<scalar_t><<<grid_blocks(nchunks, 1), kLossBlock, 0, s>>>(p);
-      check_launch("policy_loss_partials_kernel");
-    }
-    // Always runs: row_scale, loss and metrics are defined (zeros) for an empty batch too.
-    policy_loss_finalize_kernel<acc_t><<<1, kFinalizeBlock, 0, s>>>(p);
-    check_launch("policy_loss_finalize_kernel");
+    launch_chunked_reduction(p, nchunks, s, policy_loss_partials_kernel<scalar_t>, kLossBlock, 0,
+                             policy_loss_finalize_kernel<acc_t>, kFinalizeBlock, "policy_loss_forward");
   });
 }
 

@@ -32,9 +32,8 @@ __global__ void __launch_bounds__(kStatsBlock) moments_partials_kernel(StatsPara
   const int64_t nchunks = B * cpr;
 
   for (int64_t chunk = blockIdx.x; chunk < nchunks; chunk += gridDim.x) {
-    const int64_t b = chunk / cpr, k = chunk % cpr;
-    const int64_t t_begin = k * p.chunk_len;
-    const int64_t t_end = minv(T, t_begin + p.chunk_len);
+    const ChunkBounds cb = chunk_bounds(chunk, cpr, p.chunk_len, T);
+    const int64_t b = cb.b, t_begin = cb.t_begin, t_end = cb.t_end;
     const bool* mrow = p.mask + b * T;
     A* out = part + chunk * P.size();
 
@@ -155,9 +154,8 @@ __global__ void __launch_bounds__(kStatsBlock) indicator_partials_kernel(StatsPa
 
   const int64_t nchunks = B * cpr;
   for (int64_t chunk = blockIdx.x; chunk < nchunks; chunk += gridDim.x) {
-    const int64_t b = chunk / cpr, k = chunk % cpr;
-    const int64_t t_begin = k * p.chunk_len;
-    const int64_t t_end = minv(T, t_begin + p.chunk_len);
+    const ChunkBounds cb = chunk_bounds(chunk, cpr, p.chunk_len, T);
+    const int64_t b = cb.b, t_begin = cb.t_begin, t_end = cb.t_end;
 
     A acc[kIndEntriesPerThread];
 #pragma unroll
@@ -244,13 +242,8 @@ void launch_stats_moments(const StatsParams& p, void* stream) {
   const cudaStream_t s = as_stream(stream);
   const int64_t nchunks = p.B * p.chunks_per_row;
   PAMA_DISPATCH_DTYPE(p.dtype, "stats_moments", [&] {
-    if (nchunks > 0) {
-      moments_partials_kernel<scalar_t><<<grid_blocks(nchunks, 1), kStatsBlock, 0, s>>>(p);
-      check_launch("moments_partials_kernel");
-    }
-    // Always runs: it defines count/num_seqs/mean/var (zeros) even for an empty batch.
-    moments_finalize_kernel<acc_t><<<1, kFinalizeBlock, 0, s>>>(p);
-    check_launch("moments_finalize_kernel");
+    launch_chunked_reduction(p, nchunks, s, moments_partials_kernel<scalar_t>, kStatsBlock, 0,
+                             moments_finalize_kernel<acc_t>, kFinalizeBlock, "stats_moments");
   });
 }
 
@@ -260,13 +253,9 @@ void launch_stats_indicators(const StatsParams& p, void* stream) {
   const cudaStream_t s = as_stream(stream);
   const int64_t nchunks = p.B * p.chunks_per_row;
   PAMA_DISPATCH_DTYPE(p.dtype, "stats_indicators", [&] {
-    if (nchunks > 0) {
-      const size_t smem = indicator_smem_bytes<acc_t>(static_cast<int>(p.n));
-      indicator_partials_kernel<scalar_t><<<grid_blocks(nchunks, 1), kStatsBlock, smem, s>>>(p);
-      check_launch("indicator_partials_kernel");
-    }
-    indicator_finalize_kernel<acc_t><<<1, kFinalizeBlock, 0, s>>>(p);
-    check_launch("indicator_finalize_kernel");
+    launch_chunked_reduction(p, nchunks, s, indicator_partials_kernel<scalar_t>, kStatsBlock,
+                             indicator_smem_bytes<acc_t>(static_cast<int>(p.n)), indicator_finalize_kernel<acc_t>,
+                             kFinalizeBlock, "stats_indicators");
   });
 }
 

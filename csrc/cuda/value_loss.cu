@@ -31,9 +31,8 @@ __global__ void __launch_bounds__(kValueBlock) value_loss_partials_kernel(ValueL
   const int64_t nchunks = B * cpr;
 
   for (int64_t chunk = blockIdx.x; chunk < nchunks; chunk += gridDim.x) {
-    const int64_t b = chunk / cpr, k = chunk % cpr;
-    const int64_t t_begin = k * p.chunk_len;
-    const int64_t t_end = minv(T, t_begin + p.chunk_len);
+    const ChunkBounds cb = chunk_bounds(chunk, cpr, p.chunk_len, T);
+    const int64_t b = cb.b, t_begin = cb.t_begin, t_end = cb.t_end;
     const bool* mrow = p.mask + b * T;
     A* out = part + chunk * psize;
 
@@ -113,13 +112,8 @@ void launch_value_loss_forward(const ValueLossParams& p, void* stream) {
   const cudaStream_t s = as_stream(stream);
   const int64_t nchunks = p.B * p.chunks_per_row;
   PAMA_DISPATCH_DTYPE(p.dtype, "value_loss_forward", [&] {
-    if (nchunks > 0) {
-      value_loss_partials_kernel<scalar_t><<<grid_blocks(nchunks, 1), kValueBlock, 0, s>>>(p);
-      check_launch("value_loss_partials_kernel");
-    }
-    // Always runs: row_scale, loss and metrics are defined (zeros) for an empty batch too.
-    value_loss_finalize_kernel<acc_t><<<1, 1, 0, s>>>(p);
-    check_launch("value_loss_finalize_kernel");
+    launch_chunked_reduction(p, nchunks, s, value_loss_partials_kernel<scalar_t>, kValueBlock, 0,
+                             value_loss_finalize_kernel<acc_t>, 1, "value_loss_forward");
   });
 }
 
