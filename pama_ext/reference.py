@@ -30,6 +30,8 @@ __all__ = [
     "pama_policy_loss",
     "multi_value_loss",
     "agg_loss",
+    "masked_moments",
+    "masked_whiten",
     "METRIC_SCALARS",
 ]
 
@@ -202,19 +204,28 @@ def _ratio(logp: Tensor, old_logp: Tensor) -> Tensor:
     return torch.exp(torch.clamp(logp - old_logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
 
 
+def masked_moments(advantages: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """(count, mean [n], var [n]) of each objective over the masked tokens (SPEC §3: unbiased
+    variance, 0 when count <= 1)."""
+    m = _fmask(mask, advantages.dtype)
+    count = m.sum()
+    mean = (advantages * m).sum((1, 2)) / count.clamp(min=1)
+    var = ((advantages - mean[:, None, None]).square() * m).sum((1, 2)) / (count - 1).clamp(min=1)
+    return count, mean, torch.where(count > 1, var, torch.zeros_like(var))
+
+
+def masked_whiten(advantages: Tensor, mask: Tensor) -> Tensor:
+    """Â = (A - mean) / sqrt(var + 1e-8) per objective over the masked tokens (mean not added back)."""
+    _, mean, var = masked_moments(advantages, mask)
+    return (advantages - mean[:, None, None]) / torch.sqrt(var + WHITEN_EPS)[:, None, None]
+
+
 def _whitened_noon(advantages: Tensor, mask: Tensor, whiten: bool, noon: bool):
     """(count, row counts, mean, var, N) with N = Noon(whiten(A))."""
-    dt = advantages.dtype
-    m = _fmask(mask, dt)
-    row_cnt = m.sum(-1)
-    count = row_cnt.sum()
-    safe = count.clamp(min=1)
-    mean = (advantages * m).sum((1, 2)) / safe
-    centered = advantages - mean[:, None, None]
-    var = (centered.square() * m).sum((1, 2)) / (count - 1).clamp(min=1)
-    var = torch.where(count > 1, var, torch.zeros_like(var))
+    row_cnt = _fmask(mask, advantages.dtype).sum(-1)
+    count, mean, var = masked_moments(advantages, mask)
     if whiten:
-        a_hat = centered / torch.sqrt(var + WHITEN_EPS)[:, None, None]
+        a_hat = (advantages - mean[:, None, None]) / torch.sqrt(var + WHITEN_EPS)[:, None, None]
     else:
         a_hat = advantages
     N = a_hat.clamp(min=0) if noon else a_hat

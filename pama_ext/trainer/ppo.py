@@ -71,14 +71,9 @@ class AdaptiveKLController:
         self.value = float(s["value"])
 
 
-def masked_whiten(adv: Tensor, mask: Tensor, eps: float = reference.WHITEN_EPS) -> Tensor:
-    """Whiten each objective over the masked tokens (SPEC §3: unbiased variance, mean not added back)."""
-    m = mask.to(adv.dtype)
-    cnt = m.sum()
-    mean = (adv * m).sum((1, 2)) / cnt.clamp(min=1)
-    var = ((adv - mean[:, None, None]).square() * m).sum((1, 2)) / (cnt - 1).clamp(min=1)
-    var = torch.where(cnt > 1, var, torch.zeros_like(var))
-    return (adv - mean[:, None, None]) * torch.rsqrt(var[:, None, None] + eps)
+def masked_whiten(adv: Tensor, mask: Tensor) -> Tensor:
+    """Whiten each objective over the masked tokens of the rollout batch (SPEC §3; reference.masked_whiten)."""
+    return reference.masked_whiten(adv, mask)
 
 
 class PPOTrainer:
