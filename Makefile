@@ -6,6 +6,8 @@
 #   make demo            PAMA vs MORLHF vs MGDA-UB on the embedded tiny world (CPU; prints the table, writes runs/demo)
 #   make bench           CPU benchmark of the fused ops (benchmarks/bench_ops.py)
 #   make info            versions, compiled archs, kernels per device
+#   make wheel           a wheel for the installed torch into dist/ (CPU here; CUDA sm_80+sm_90 with a CUDA torch)
+#   make verify-wheel    install the newest wheel into a fresh venv and run the op tests against it
 VENV ?= .venv
 PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
@@ -26,7 +28,7 @@ CU_SOURCES := $(wildcard csrc/cuda/*.cu)
 CU_OBJECTS := $(patsubst csrc/cuda/%.cu,build/nvcc/%.o,$(CU_SOURCES))
 CU_HEADERS := csrc/pama_math.h $(wildcard csrc/cuda/*.cuh)
 
-.PHONY: test install build nvcc-check bench info clean demo
+.PHONY: test install build nvcc-check bench info clean demo wheel verify-wheel gpu-report
 
 test: install
 	$(MAKE) -j4 nvcc-check VENV="$(VENV)" PYTHON="$(PYTHON)"
@@ -61,6 +63,16 @@ demo: install
 
 bench: install
 	$(PY) benchmarks/bench_ops.py
+
+wheel: install
+	PYTHON=$(PY) bash tools/build_wheel.sh
+
+verify-wheel:
+	PYTHON=$(PYTHON) bash tools/verify_wheel.sh $$(ls -1t dist/pama_ext-*.whl | head -1)
+
+# ptxas resources and SASS load widths of every kernel (benchmarks/results/)
+gpu-report:
+	bash tools/gpu_report.sh
 
 info: install
 	$(PY) -m pama_ext.cli info

@@ -4,17 +4,24 @@ Always builds the CPU kernels; adds the CUDA kernels when a CUDA-enabled torch a
 present. Environment:
   PAMA_EXT_CUDA=auto|0|1      CUDA kernels: detect (default), never, or required
   TORCH_CUDA_ARCH_LIST        CUDA targets, default "8.0;9.0"
+  PAMA_EXT_LOCAL_VERSION      override the local version label (set it empty for none)
 Build with `pip install --no-build-isolation -e .` so the torch already installed is the one used.
+
+Version: BASE_VERSION plus a PEP 440 local label naming what the compiled library is tied to, the
+CUDA toolkit of the build (or "cpu" when no CUDA kernels are built) and torch's major.minor:
+0.1.0+cpu.torch2.13 for a CPU build, 0.1.0+cu130.torch2.11 for a CUDA 13.0 build against torch 2.11.
+A wheel only loads with the torch it was built against (the C++ ABI is not stable across releases).
 """
 import glob
 import os
+import re
 
 import torch
 from setuptools import setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-VERSION = "0.1.0"
+BASE_VERSION = "0.1.0"
 
 
 def want_cuda() -> bool:
@@ -32,11 +39,30 @@ def want_cuda() -> bool:
     return available
 
 
+def local_version_label(use_cuda: bool) -> str:
+    """'cpu.torch2.13' / 'cu130.torch2.11': PEP 440 local labels allow only [0-9A-Za-z.]."""
+    override = os.environ.get("PAMA_EXT_LOCAL_VERSION")
+    if override is not None:
+        label = override
+    else:
+        major_minor = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+        accel = "cu" + torch.version.cuda.replace(".", "") if use_cuda else "cpu"
+        label = f"{accel}.torch{major_minor}"
+    label = re.sub(r"[^0-9A-Za-z.]+", ".", label).strip(".")
+    label = re.sub(r"\.{2,}", ".", label)
+    return label
+
+
+def full_version(use_cuda: bool) -> str:
+    label = local_version_label(use_cuda)
+    return f"{BASE_VERSION}+{label}" if label else BASE_VERSION
+
+
 def write_build_info(use_cuda: bool, archs: str) -> None:
     path = os.path.join(HERE, "pama_ext", "_build_info.py")
     text = (
         "# Written by setup.py at build time; do not edit.\n"
-        f"VERSION = {VERSION!r}\n"
+        f"VERSION = {full_version(use_cuda)!r}\n"
         f"BUILT_WITH_TORCH = {torch.__version__!r}\n"
         f"BUILT_WITH_CUDA = {torch.version.cuda if use_cuda else None!r}\n"
         f"CUDA_ARCHS = {archs if use_cuda else ''!r}\n"
@@ -46,8 +72,7 @@ def write_build_info(use_cuda: bool, archs: str) -> None:
     os.replace(path + ".tmp", path)
 
 
-def extensions():
-    use_cuda = want_cuda()
+def extensions(use_cuda: bool):
     cxx = ["-O3", "-std=c++17"]
     sources = ["csrc/ops.cpp"]
     if use_cuda:
@@ -66,8 +91,10 @@ def extensions():
     return [CppExtension("pama_ext._C", sources, include_dirs=[os.path.join(HERE, "csrc")], extra_compile_args=cxx)]
 
 
+USE_CUDA = want_cuda()
+
 setup(
-    version=VERSION,
-    ext_modules=extensions(),
+    version=full_version(USE_CUDA),
+    ext_modules=extensions(USE_CUDA),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

@@ -87,6 +87,16 @@ def reference_policy_loss_flat(logp, old_logp, advantages, mask):
 # ------------------------------------------------------------------------------------------------
 # bytes moved (the traffic of the fused algorithm; the same count is used for every impl)
 # ------------------------------------------------------------------------------------------------
+def policy_runner(loss_fn, sets):
+    """fn(i): forward + backward of ``loss_fn`` on input set i (fresh logp.grad each call)."""
+    def fn(i):
+        x = sets[i]
+        x["logp"].grad = None
+        loss = loss_fn(x["logp"], x["old_logp"], x["advantages"], x["mask"])[0]
+        loss.backward()
+    return fn
+
+
 def policy_loss_bytes(n: int, B: int, T: int, elt: int, mask_elt: int) -> int:
     """Forward: logp, old_logp, mask read once, advantages read 3 times (two statistics passes +
     the loss pass), a_tilde written (fp32). Backward: logp, old_logp, mask, a_tilde read, grad
@@ -130,12 +140,7 @@ def run_policy_loss(n, B, T, args, device, plan, compile_ok: Optional[str], bar)
     sets = [common.make_policy_inputs(n, B, T, args.seed + s, device, dtype, mdt) for s in range(n_sets)]
 
     def runner(loss_fn):
-        def fn(i):
-            x = sets[i]
-            x["logp"].grad = None
-            loss = loss_fn(x["logp"], x["old_logp"], x["advantages"], x["mask"])[0]
-            loss.backward()
-        return fn
+        return policy_runner(loss_fn, sets)
 
     out: Dict[str, Dict] = {}
     # correctness check once per shape: fused vs eager (loss and gradient)
