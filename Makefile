@@ -42,9 +42,11 @@ $(VENV)/.created:
 install: $(VENV_STAMP)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	@$(PY) -c "import pytest, hypothesis, expecttest, numpy, ninja, setuptools, wheel" 2>/dev/null || \
-		$(PY) -m pip install -q pytest hypothesis expecttest numpy ninja setuptools wheel
+		$(PY) -m pip install -q pytest hypothesis expecttest numpy ninja setuptools wheel || \
+		echo "make: WARNING: could not install the test dependencies (no package registry?); using what is installed"
 	@$(PY) -c "import transformers, tokenizers, vaderSentiment, yaml, tqdm, matplotlib" 2>/dev/null || \
-		$(PY) -m pip install -q $(TRAIN_DEPS)
+		$(PY) -m pip install -q $(TRAIN_DEPS) || \
+		echo "make: WARNING: could not install the trainer dependencies; the trainer tests and make demo will not run"
 	$(MAKE) build VENV="$(VENV)" PYTHON="$(PYTHON)"
 
 build:

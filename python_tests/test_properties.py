@@ -12,8 +12,11 @@ from __future__ import annotations
 import math
 import os
 
+import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+
+pytest.importorskip("hypothesis")  # make test installs it; a GPU machine without a registry may lack it
+from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
 from hypothesis import strategies as st
 
 from pama_ext import ops
