@@ -30,6 +30,7 @@ __all__ = [
     "pama_policy_loss",
     "multi_value_loss",
     "agg_loss",
+    "k3_kl",
     "masked_moments",
     "masked_whiten",
     "METRIC_SCALARS",
@@ -200,6 +201,12 @@ def mgda_weights(gram: Tensor, iters: int = MGDA_FW_ITERS) -> Tensor:
     return c
 
 
+def k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """Per-token k3 estimator of KL(pi_theta || pi_ref): exp(ref - logp) - (ref - logp) - 1 (SPEC §4)."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
 def _ratio(logp: Tensor, old_logp: Tensor) -> Tensor:
     return torch.exp(torch.clamp(logp - old_logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
 
@@ -365,8 +372,7 @@ def pama_policy_loss(
     l = torch.where(a_tilde < 0, torch.minimum(l, -a_tilde * dual_clip), l)
     pg_loss = agg_loss(l, mask, agg)
     if ref_logp is not None and beta_loss != 0.0:
-        d = ref_logp - logp
-        kl_loss = agg_loss(torch.exp(d) - d - 1, mask, agg)
+        kl_loss = agg_loss(k3_kl(logp, ref_logp), mask, agg)
     else:
         kl_loss = torch.zeros((), dtype=dt, device=logp.device)
     loss = pg_loss + beta_loss * kl_loss

@@ -71,9 +71,8 @@ class AdaptiveKLController:
         self.value = float(s["value"])
 
 
-def masked_whiten(adv: Tensor, mask: Tensor) -> Tensor:
-    """Whiten each objective over the masked tokens of the rollout batch (SPEC §3; reference.masked_whiten)."""
-    return reference.masked_whiten(adv, mask)
+# Whitening of each objective over the masked tokens of the rollout batch (SPEC §3).
+masked_whiten = reference.masked_whiten
 
 
 class PPOTrainer:
@@ -140,8 +139,7 @@ class PPOTrainer:
         return dict(eps_lo=c.cliprange, eps_hi=c.eps_hi, dual_clip=c.dual_clip, agg=c.agg, check_finite=False)
 
     def _k3_loss(self, logp: Tensor, ref_logp: Tensor, mask: Tensor) -> Tensor:
-        d = ref_logp - logp
-        return reference.agg_loss(torch.exp(d) - d - 1, mask, self.cfg.agg)
+        return reference.agg_loss(reference.k3_kl(logp, ref_logp), mask, self.cfg.agg)
 
     def policy_loss(self, logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, ref_logp: Tensor,
                     hidden: Tensor, whiten_in_op: bool):
