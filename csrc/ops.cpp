@@ -297,9 +297,14 @@ PolicyInputs policy_inputs(const at::Tensor& logp, const at::Tensor& old_logp, c
   return in;
 }
 
-// Runs the two statistics stages; returns (stats, row_count, seq_weights).
+// Runs the two statistics stages; returns (stats, row_count, seq_weights). With `moments` (the global
+// [count, num_seqs, mean(n), var(n)] of a data-parallel group, SPEC §8) the first 2+2n entries are
+// replaced before the indicator stage, so whitening uses the global moments and every indicator
+// entry (abar, pos, ctok, cseq, gram) is this shard's contribution to the global mean: the sum of
+// the shards' vectors is the global statistic.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> run_stats(const Launch& L, const PolicyInputs& in, double eps_hi,
-                                                         bool whiten, bool noon, bool with_gram) {
+                                                         bool whiten, bool noon, bool with_gram,
+                                                         const at::Tensor& moments = at::Tensor()) {
   const auto acc = acc_type(in.logp.scalar_type());
   auto opts = in.logp.options().dtype(acc);
   int64_t chunk_len = 0;
@@ -314,6 +319,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_stats(const Launch& L, const 
                 stats.data_ptr(), row_count.data_ptr(), seq_weights.data_ptr(), partials.data_ptr(),
                 dtype_code(in.logp.scalar_type())};
   L.be.stats_moments(p, L.stream);
+  if (moments.defined()) stats.narrow(0, 0, moments.size(0)).copy_(moments);
   L.be.stats_indicators(p, L.stream);
   return {stats, row_count, seq_weights};
 }
@@ -328,12 +334,57 @@ at::Tensor run_weights(const Launch& L, const at::Tensor& stats, const at::Tenso
   return weights;
 }
 
+// A statistics vector (or its moments prefix) supplied by the caller (data parallelism, SPEC §8):
+// `len` entries of the accumulation dtype of `like`, on its device. Returns a contiguous view.
+at::Tensor supplied_stats(const c10::optional<at::Tensor>& t, int64_t len, const at::Tensor& like, const char* op,
+                          const char* name, const char* meaning) {
+  if (!t.has_value() || !t->defined()) return at::Tensor();
+  const auto acc = acc_type(like.scalar_type());
+  TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == len, op, ": ", name, " must be ", meaning, " of ", len,
+                    " entries, got shape ", shape_str(*t));
+  TORCH_CHECK_TYPE(t->scalar_type() == acc, op, ": ", name, " must be ", acc, " (the accumulation dtype of ",
+                   like.scalar_type(), " inputs), got ", t->scalar_type());
+  TORCH_CHECK_VALUE(t->device() == like.device(), op, ": ", name, " must be on ", like.device(), ", got ",
+                    t->device());
+  return t->contiguous();
+}
+
+at::Tensor objective_moments(const at::Tensor& advantages, const at::Tensor& mask) {
+  const char* op = "objective_moments";
+  check_float(advantages, op, "advantages");
+  check_rank(advantages, 3, op, "advantages", "[n, B, T]");
+  check_num_objectives(advantages.size(0), op, "advantages");
+  c10::OptionalDeviceGuard guard(advantages.device());
+  PolicyInputs in;
+  in.n = advantages.size(0);
+  in.B = advantages.size(1);
+  in.T = advantages.size(2);
+  in.mask = bool_mask(mask, in.B, in.T, advantages, op);
+  in.advantages = advantages.contiguous();
+  Launch L = backend_for(advantages, op);
+  const auto acc = acc_type(in.advantages.scalar_type());
+  auto opts = in.advantages.options().dtype(acc);
+  int64_t chunk_len = 0;
+  const int64_t cpr = chunks_per_row(L.be, in.T, chunk_len);
+  at::Tensor stats = at::empty({StatsLayout(in.n).size()}, opts);
+  at::Tensor row_count = at::empty({in.B}, opts);
+  at::Tensor partials = at::empty({std::max<int64_t>(1, in.B * cpr * MomentsPartial(in.n).size())}, opts);
+  StatsParams p{in.advantages.data_ptr(), nullptr, nullptr, in.mask.data_ptr<bool>(), in.n, in.B, in.T,
+                chunk_len, cpr, 0.0, true, true, false, stats.data_ptr(), row_count.data_ptr(), nullptr,
+                partials.data_ptr(), dtype_code(in.advantages.scalar_type())};
+  L.be.stats_moments(p, L.stream);
+  return stats.narrow(0, 0, StatsLayout(in.n).abar()).clone();
+}
+
 at::Tensor objective_stats(const at::Tensor& advantages, const at::Tensor& logp, const at::Tensor& old_logp,
-                           const at::Tensor& mask, double eps_hi, bool whiten, bool noon) {
+                           const at::Tensor& mask, double eps_hi, bool whiten, bool noon,
+                           const c10::optional<at::Tensor>& moments) {
   c10::OptionalDeviceGuard guard(logp.defined() ? logp.device() : at::Device(at::kCPU));
   PolicyInputs in = policy_inputs(logp, old_logp, advantages, mask, c10::nullopt, kST);
+  at::Tensor mom = supplied_stats(moments, StatsLayout(in.n).abar(), in.logp, kST, "moments",
+                                  "the [count, num_seqs, mean(n), var(n)] moments vector");
   Launch L = backend_for(logp, kST);
-  return std::get<0>(run_stats(L, in, eps_hi, whiten, noon, /*with_gram=*/true));
+  return std::get<0>(run_stats(L, in, eps_hi, whiten, noon, /*with_gram=*/true, mom));
 }
 
 at::Tensor pareto_weights(const at::Tensor& stats, const c10::optional<at::Tensor>& prefs,
@@ -359,9 +410,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pama_policy_loss(
     const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages, const at::Tensor& mask,
     const c10::optional<at::Tensor>& ref_logp, const c10::optional<at::Tensor>& prefs, double eps_lo,
     double eps_hi, double dual_clip, bool noon, bool whiten, const std::string& method,
-    const std::string& granularity, const std::string& agg, double beta_loss, bool check_finite) {
+    const std::string& granularity, const std::string& agg, double beta_loss, bool check_finite,
+    const c10::optional<at::Tensor>& global_stats) {
   c10::OptionalDeviceGuard guard(logp.defined() ? logp.device() : at::Device(at::kCPU));
   PolicyInputs in = policy_inputs(logp, old_logp, advantages, mask, ref_logp, kPL);
+  at::Tensor gstats = supplied_stats(global_stats, StatsLayout(in.n).size(), in.logp, kPL, "global_stats",
+                                     "a statistics vector (objective_stats)");
   const int m = parse_method(method, kPL);
   const int g = parse_granularity(granularity, kPL);
   const int a = parse_agg(agg, kPL);
@@ -379,7 +433,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pama_policy_loss(
   }
   Launch L = backend_for(logp, kPL);
   auto opts = in.logp.options().dtype(acc);
-  auto [stats, row_count, seq_weights] = run_stats(L, in, eps_hi, whiten, noon, /*with_gram=*/m == kMethodMgda);
+  // Without `stats` every statistic is this call's own. With the global statistics of a
+  // data-parallel group, the local stages still give the per-row counts and per-sequence weights
+  // (rows never straddle ranks, whitened with the global moments); weights, denominators and the
+  // reported statistics come from the global vector, so the loss and the per-token metric sums
+  // are this shard's contributions to the global ones.
+  auto [stats, row_count, seq_weights] =
+      gstats.defined() ? run_stats(L, in, eps_hi, whiten, noon, /*with_gram=*/false, gstats)
+                       : run_stats(L, in, eps_hi, whiten, noon, /*with_gram=*/m == kMethodMgda);
+  if (gstats.defined()) stats = gstats;
   at::Tensor weights = run_weights(L, stats, pr, in.n, m, g);
   int64_t chunk_len = 0;
   const int64_t cpr = chunks_per_row(L.be, in.T, chunk_len);
@@ -469,9 +531,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_value_loss(const at::Tensor
                                                                 const at::Tensor& old_values,
                                                                 const at::Tensor& returns, const at::Tensor& mask,
                                                                 double clip, const std::string& agg,
-                                                                bool check_finite) {
+                                                                bool check_finite,
+                                                                const c10::optional<at::Tensor>& denominators) {
   c10::OptionalDeviceGuard guard(values.defined() ? values.device() : at::Device(at::kCPU));
   ValueInputs in = value_inputs(values, old_values, returns, mask, kVL);
+  at::Tensor denoms = supplied_stats(denominators, 2, in.values, kVL, "denominators",
+                                     "the global [token count, sequence count]");
   const int a = parse_agg(agg, kVL);
   TORCH_CHECK_VALUE(clip >= 0, kVL, ": clip must be >= 0 (inf disables it), got ", clip);
   if (check_finite) {
@@ -489,6 +554,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_value_loss(const at::Tensor
   at::Tensor partials =
       at::empty({std::max<int64_t>(1, in.B * cpr * value_partial_size(static_cast<int>(in.n)))}, opts);
   ValueLossParams p{in.values.data_ptr(), in.old_values.data_ptr(), in.returns.data_ptr(), in.mask.data_ptr<bool>(),
+                    denoms.defined() ? denoms.data_ptr() : nullptr,
                     in.n, in.B, in.T, chunk_len, cpr, clip, a, row_scale.data_ptr(), loss.data_ptr(),
                     metrics.data_ptr(), partials.data_ptr(), dtype_code(in.values.scalar_type())};
   L.be.value_loss_forward(p, L.stream);
@@ -523,6 +589,7 @@ void register_impls(torch::Library& m) {
   m.impl("token_rewards", &token_rewards);
   m.impl("multi_gae", &multi_gae);
   m.impl("multi_gae_backward", &multi_gae_backward);
+  m.impl("objective_moments", &objective_moments);
   m.impl("objective_stats", &objective_stats);
   m.impl("pareto_weights", &pareto_weights);
   m.impl("pama_policy_loss", &pama_policy_loss);
@@ -893,7 +960,8 @@ void value_loss_forward(const ValueLossParams& p, void*) {
         out[2 + i] = s;
       }
     });
-    finalize_value_loss(part, n, p.B, p.chunks_per_row, p.agg, static_cast<acc*>(p.row_scale),
+    finalize_value_loss(part, n, p.B, p.chunks_per_row, p.agg, static_cast<const acc*>(p.denominators),
+                        static_cast<acc*>(p.row_scale),
                         static_cast<acc*>(p.loss), static_cast<acc*>(p.metrics));
   });
 }
@@ -959,19 +1027,20 @@ TORCH_LIBRARY(pama_ext, m) {
       "-> (Tensor, Tensor)");
   m.def(
       "objective_stats(Tensor advantages, Tensor logp, Tensor old_logp, Tensor mask, float eps_hi, bool whiten, "
-      "bool noon) -> Tensor");
+      "bool noon, Tensor? moments=None) -> Tensor");
+  m.def("objective_moments(Tensor advantages, Tensor mask) -> Tensor");
   m.def("pareto_weights(Tensor stats, Tensor? prefs, str method, str granularity) -> Tensor");
   m.def(
       "pama_policy_loss(Tensor logp, Tensor old_logp, Tensor advantages, Tensor mask, Tensor? ref_logp, "
       "Tensor? prefs, float eps_lo, float eps_hi, float dual_clip, bool noon, bool whiten, str method, "
-      "str granularity, str agg, float beta_loss, bool check_finite) "
+      "str granularity, str agg, float beta_loss, bool check_finite, Tensor? global_stats=None) "
       "-> (Tensor loss, Tensor metrics, Tensor a_tilde, Tensor row_scale)");
   m.def(
       "pama_policy_loss_backward(Tensor grad_loss, Tensor logp, Tensor old_logp, Tensor? ref_logp, Tensor mask, "
       "Tensor a_tilde, Tensor row_scale, float eps_lo, float eps_hi, float dual_clip, float beta_loss) -> Tensor");
   m.def(
       "multi_value_loss(Tensor values, Tensor old_values, Tensor returns, Tensor mask, float clip, str agg, "
-      "bool check_finite) -> (Tensor loss, Tensor metrics, Tensor row_scale)");
+      "bool check_finite, Tensor? denominators=None) -> (Tensor loss, Tensor metrics, Tensor row_scale)");
   m.def(
       "multi_value_loss_backward(Tensor grad_loss, Tensor values, Tensor old_values, Tensor returns, Tensor mask, "
       "Tensor row_scale, float clip) -> Tensor");

@@ -450,9 +450,10 @@ PAMA_HD void finalize_policy_loss(const T* part, int n, int64_t B, int64_t cpr, 
 }
 
 // Value loss (single thread): row_scale, loss = ½ Σ_i Σ_b scale_b Σ_t m·l_i, metrics [clipfrac, head_loss(n)].
+// `denominators` (nullptr: this batch's own) are the global [token count, sequence count] (SPEC §8).
 template <typename T>
-PAMA_HD void finalize_value_loss(const T* part, int n, int64_t B, int64_t cpr, int agg, T* row_scale, T* loss,
-                                 T* metrics) {
+PAMA_HD void finalize_value_loss(const T* part, int n, int64_t B, int64_t cpr, int agg, const T* denominators,
+                                 T* row_scale, T* loss, T* metrics) {
   const int ps = value_partial_size(n);
   T total = 0, nseq = 0, clip = 0;
   for (int64_t b = 0; b < B; ++b) {
@@ -461,6 +462,10 @@ PAMA_HD void finalize_value_loss(const T* part, int n, int64_t B, int64_t cpr, i
     row_scale[b] = c;  // row count for now
     total += c;
     nseq += c > T(0) ? T(1) : T(0);
+  }
+  if (denominators != nullptr) {
+    total = denominators[0];
+    nseq = denominators[1];
   }
   for (int64_t b = 0; b < B; ++b) row_scale[b] = agg_row_scale(agg, row_scale[b], total, nseq);
   T sum = 0;

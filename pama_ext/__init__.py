@@ -8,12 +8,14 @@ Data flow of one PPO step::
 ``pama_policy_loss`` computes the statistics and weights itself; the separate ops exist for
 inspection and for trainers that need them. See SPEC.md for the math.
 """
+from . import distributed
 from ._native import NATIVE_AVAILABLE, NATIVE_ERROR
 from .losses import MultiValueLoss, PamaPolicyLoss
 from .ops import (
     has_cuda_kernels,
     multi_gae,
     multi_value_loss,
+    objective_moments,
     objective_stats,
     pama_policy_loss,
     pareto_weights,
@@ -33,6 +35,7 @@ __all__ = [
     "MultiValueLoss",
     "token_rewards",
     "multi_gae",
+    "objective_moments",
     "objective_stats",
     "pareto_weights",
     "pama_policy_loss",

@@ -14,11 +14,12 @@ No op reads a value back to the host, except the ``check_finite`` test on CUDA (
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from . import distributed as _dp
 from . import reference
 from ._native import NATIVE_AVAILABLE
 from .reference import METRIC_SCALARS, stats_layout, stats_num_objectives
@@ -26,6 +27,7 @@ from .reference import METRIC_SCALARS, stats_layout, stats_num_objectives
 __all__ = [
     "token_rewards",
     "multi_gae",
+    "objective_moments",
     "objective_stats",
     "pareto_weights",
     "pama_policy_loss",
@@ -46,6 +48,24 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _inf_if_none(x: Optional[float]) -> float:
     return math.inf if x is None else float(x)
+
+
+def _needs_native(group, name: str) -> None:
+    if group is not None and not NATIVE_AVAILABLE:
+        raise RuntimeError(
+            f"pama_ext.{name}: group= (data parallelism) needs the compiled library pama_ext._C, which "
+            "could not be loaded; rebuild with `pip install --no-build-isolation -e .`"
+        )
+
+
+def _global_stats(advantages, logp, old_logp, mask, eps_hi, whiten, noon, group) -> Tensor:
+    """The statistics vector of the global batch of a data-parallel group (pama_ext.distributed)."""
+    moments = objective_moments(advantages, mask, group=group)
+    local = torch.ops.pama_ext.objective_stats(
+        advantages, logp, old_logp, mask, float(eps_hi), bool(whiten), bool(noon), moments
+    )
+    k = moments.numel()
+    return torch.cat([moments, _dp.all_reduce_sum(local[k:], group)])
 
 
 def _split_metrics(metrics: Tensor, n: int) -> Dict[str, Tensor]:
@@ -86,6 +106,19 @@ def multi_gae(
     return torch.ops.pama_ext.multi_gae(rewards, values, mask, float(gamma), float(lam))
 
 
+def objective_moments(advantages: Tensor, mask: Tensor, *, group: Optional[Any] = None) -> Tensor:
+    """``[count, num_seqs, mean(n), var(n)]`` of the masked advantages: the first ``2 + 2n`` entries
+    of :func:`objective_stats` (unbiased variance, 0 for one token or none). With ``group``, those
+    of the global batch (the ranks' moments gathered and combined in rank order)."""
+    if group is not None:
+        _needs_native(group, "objective_moments")
+        local = torch.ops.pama_ext.objective_moments(advantages.detach(), mask)
+        return _dp.combine_moments(_dp.all_gather_rows(local, group))
+    if not NATIVE_AVAILABLE:
+        return reference.objective_moments(advantages.detach(), mask)
+    return torch.ops.pama_ext.objective_moments(advantages.detach(), mask)
+
+
 def objective_stats(
     advantages: Tensor,
     logp: Tensor,
@@ -94,13 +127,20 @@ def objective_stats(
     eps_hi: float = 0.2,
     whiten: bool = True,
     noon: bool = True,
+    *,
+    group: Optional[Any] = None,
 ) -> Tensor:
     """The flat per-objective statistics vector of SPEC §3.
 
     Layout (:func:`stats_layout`): ``[count, num_seqs, mean(n), var(n), abar(n), pos(n), ctok(n),
-    cseq(n), gram(n*n)]``. Statistics carry no gradient (inputs are detached).
+    cseq(n), gram(n*n)]``. Statistics carry no gradient (inputs are detached). With ``group`` (a
+    ``torch.distributed`` process group over which the batch is sharded), the statistics of the
+    global batch, identical on every rank (:mod:`pama_ext.distributed`).
     """
     args = (advantages.detach(), logp.detach(), old_logp.detach(), mask)
+    _needs_native(group, "objective_stats")
+    if group is not None:
+        return _global_stats(*args, eps_hi, whiten, noon, group)
     if not NATIVE_AVAILABLE:
         return reference.objective_stats(*args, eps_hi, whiten, noon)
     return torch.ops.pama_ext.objective_stats(*args, float(eps_hi), bool(whiten), bool(noon))
@@ -138,6 +178,7 @@ def pama_policy_loss(
     agg: str = "token-mean",
     beta_loss: float = 0.0,
     check_finite: bool = True,
+    group: Optional[Any] = None,
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """Fused Noon-PPO / PAMA policy loss (SPEC §3-§4). Returns ``(loss, metrics)``.
 
@@ -157,22 +198,36 @@ def pama_policy_loss(
         agg: ``"token-mean"``, ``"seq-mean-token-mean"`` or ``"seq-mean-token-sum"``.
         beta_loss: weight of the k3 KL loss to ``ref_logp``.
         check_finite: raise if a masked-in input is NaN/Inf (on CUDA this reads one flag back).
+        group: ``torch.distributed`` process group over which the batch is sharded (SPEC §8):
+            statistics, weights and denominators are those of the global batch, the loss and
+            metrics have their global values on every rank, and the gradient is that of the global
+            loss w.r.t. this shard (see :mod:`pama_ext.distributed`; under DDP multiply the loss by
+            :func:`pama_ext.distributed.ddp_loss_scale`).
 
     Metrics (device tensors): ``pg_loss``, ``kl_loss``, ``clipfrac``, ``approx_kl``, ``active``
     (fraction of tokens with a positive combined advantage), and per objective ``abar``, ``pos``
     and ``weights``.
     """
+    _needs_native(group, "pama_policy_loss")
     if not NATIVE_AVAILABLE:
         return reference.pama_policy_loss(
             logp, old_logp, advantages, mask, ref_logp, eps_lo=eps_lo, eps_hi=eps_hi,
             dual_clip=_inf_if_none(dual_clip), noon=noon, whiten=whiten, method=method,
             granularity=granularity, prefs=prefs, agg=agg, beta_loss=beta_loss,
         )
+    stats = None
+    if group is not None:
+        stats = _global_stats(advantages.detach(), logp.detach(), old_logp.detach(), mask, eps_hi, whiten, noon, group)
     loss, metrics, _, _ = torch.ops.pama_ext.pama_policy_loss(
         logp, old_logp, advantages.detach(), mask, ref_logp, prefs, float(eps_lo), float(eps_hi),
         _inf_if_none(dual_clip), bool(noon), bool(whiten), method, granularity, agg, float(beta_loss),
-        bool(check_finite),
+        bool(check_finite), stats,
     )
+    if group is not None:  # the loss and per-token metric sums are this shard's shares
+        k = len(METRIC_SCALARS)
+        total = _dp.all_reduce_sum(torch.cat([loss.reshape(1), metrics[:k]]), group)
+        loss = _dp.with_global_value(loss, total[0])
+        metrics = torch.cat([total[1:], metrics[k:]])
     return loss, _split_metrics(metrics, advantages.shape[0])
 
 
@@ -184,18 +239,30 @@ def multi_value_loss(
     clip: Optional[float] = 0.2,
     agg: str = "token-mean",
     check_finite: bool = True,
+    *,
+    group: Optional[Any] = None,
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """Clipped value loss summed over n value heads (SPEC §5). Returns ``(loss, metrics)``.
 
     ``values``, ``old_values``, ``returns``: ``[n, B, T]``; ``clip=None`` disables clipping.
     Metrics: ``clipfrac`` (over heads and tokens) and ``head_loss`` ``[n]``. Differentiable w.r.t.
-    ``values``.
+    ``values``. With ``group`` the denominators are the global token/sequence counts and the loss
+    and metrics have their global values on every rank (as in :func:`pama_policy_loss`).
     """
+    _needs_native(group, "multi_value_loss")
     if not NATIVE_AVAILABLE:
         return reference.multi_value_loss(values, old_values, returns, mask, clip, agg)
+    denominators = None
+    if group is not None:
+        denominators = _dp.global_denominators(mask, _acc_dtype(values.dtype), group)
     loss, metrics, _ = torch.ops.pama_ext.multi_value_loss(
-        values, old_values.detach(), returns.detach(), mask, _inf_if_none(clip), agg, bool(check_finite)
+        values, old_values.detach(), returns.detach(), mask, _inf_if_none(clip), agg, bool(check_finite),
+        denominators,
     )
+    if group is not None:
+        total = _dp.all_reduce_sum(torch.cat([loss.reshape(1), metrics]), group)
+        loss = _dp.with_global_value(loss, total[0])
+        metrics = total[1:]
     return loss, {"clipfrac": metrics[0], "head_loss": metrics[1:]}
 
 
@@ -218,8 +285,13 @@ def _register() -> None:
     def _(grad_advantages, grad_returns, mask, gamma, lam):
         return torch.empty_like(grad_advantages), torch.empty_like(grad_advantages)
 
+    @fake(lib + "objective_moments")
+    def _(advantages, mask):
+        n = advantages.shape[0]
+        return advantages.new_empty((2 + 2 * n,), dtype=_acc_dtype(advantages.dtype))
+
     @fake(lib + "objective_stats")
-    def _(advantages, logp, old_logp, mask, eps_hi, whiten, noon):
+    def _(advantages, logp, old_logp, mask, eps_hi, whiten, noon, moments=None):
         n = advantages.shape[0]
         return logp.new_empty(((n + 3) ** 2 - 7,), dtype=_acc_dtype(logp.dtype))
 
@@ -230,7 +302,7 @@ def _register() -> None:
 
     @fake(lib + "pama_policy_loss")
     def _(logp, old_logp, advantages, mask, ref_logp, prefs, eps_lo, eps_hi, dual_clip, noon, whiten,
-          method, granularity, agg, beta_loss, check_finite):
+          method, granularity, agg, beta_loss, check_finite, global_stats=None):
         acc = _acc_dtype(logp.dtype)
         n = advantages.shape[0]
         return (
@@ -245,7 +317,7 @@ def _register() -> None:
         return torch.empty_like(logp)
 
     @fake(lib + "multi_value_loss")
-    def _(values, old_values, returns, mask, clip, agg, check_finite):
+    def _(values, old_values, returns, mask, clip, agg, check_finite, denominators=None):
         acc = _acc_dtype(values.dtype)
         return (
             values.new_empty((), dtype=acc),
@@ -303,12 +375,12 @@ def _register() -> None:
             grad = torch.ops.pama_ext.pama_policy_loss_backward(
                 g_loss, logp, old_logp, ref_logp, mask, a_tilde, row_scale, *ctx.consts
             )
-        return (grad,) + (None,) * 15
+        return (grad,) + (None,) * 16
 
     torch.library.register_autograd(lib + "pama_policy_loss", pl_backward, setup_context=pl_setup)
 
     def vl_setup(ctx, inputs, output):
-        values, old_values, returns, mask, clip, _, _ = inputs
+        values, old_values, returns, mask, clip = inputs[:5]
         ctx.mark_non_differentiable(output[1], output[2])
         ctx.save_for_backward(values, old_values, returns, mask, output[2])
         ctx.clip = clip
@@ -320,7 +392,7 @@ def _register() -> None:
             grad = torch.ops.pama_ext.multi_value_loss_backward(
                 g_loss, values, old_values, returns, mask, row_scale, ctx.clip
             )
-        return (grad,) + (None,) * 6
+        return (grad,) + (None,) * 7
 
     torch.library.register_autograd(lib + "multi_value_loss", vl_backward, setup_context=vl_setup)
 

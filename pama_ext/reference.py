@@ -221,10 +221,23 @@ def masked_moments(advantages: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor, Te
     return count, mean, torch.where(count > 1, var, torch.zeros_like(var))
 
 
+def objective_moments(advantages: Tensor, mask: Tensor) -> Tensor:
+    """``[count, num_seqs, mean(n), var(n)]``: the first 2 + 2n entries of the statistics vector."""
+    count, mean, var = masked_moments(advantages, mask)
+    nseq = (mask != 0).any(-1).sum().to(advantages.dtype)
+    return torch.cat([count.reshape(1), nseq.reshape(1), mean, var])
+
+
+def whiten_with(advantages: Tensor, mean: Tensor, var: Tensor) -> Tensor:
+    """Â = (A - mean) / sqrt(var + 1e-8) per objective, with given moments ``[n]`` (mean not added back)."""
+    mean, var = mean.to(advantages.dtype), var.to(advantages.dtype)
+    return (advantages - mean[:, None, None]) / torch.sqrt(var + WHITEN_EPS)[:, None, None]
+
+
 def masked_whiten(advantages: Tensor, mask: Tensor) -> Tensor:
     """Â = (A - mean) / sqrt(var + 1e-8) per objective over the masked tokens (mean not added back)."""
     _, mean, var = masked_moments(advantages, mask)
-    return (advantages - mean[:, None, None]) / torch.sqrt(var + WHITEN_EPS)[:, None, None]
+    return whiten_with(advantages, mean, var)
 
 
 def _whitened_noon(advantages: Tensor, mask: Tensor, whiten: bool, noon: bool):
@@ -232,7 +245,7 @@ def _whitened_noon(advantages: Tensor, mask: Tensor, whiten: bool, noon: bool):
     row_cnt = _fmask(mask, advantages.dtype).sum(-1)
     count, mean, var = masked_moments(advantages, mask)
     if whiten:
-        a_hat = (advantages - mean[:, None, None]) / torch.sqrt(var + WHITEN_EPS)[:, None, None]
+        a_hat = whiten_with(advantages, mean, var)
     else:
         a_hat = advantages
     N = a_hat.clamp(min=0) if noon else a_hat

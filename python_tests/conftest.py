@@ -52,3 +52,20 @@ def _restore_global_state():
     yield
     torch.set_default_dtype(dt)
     torch.set_grad_enabled(True)
+
+
+# A small tiny world (2-layer model, briefly trained) shared by the trainer tests of this session.
+@pytest.fixture(scope="session")
+def world_cache(tmp_path_factory):
+    """A small tiny world (500 reviews, a few pretraining steps, a smaller GPT-2) in a session cache."""
+    from pama_ext.trainer import tiny_world as tw
+
+    cache = tmp_path_factory.mktemp("pama_cache")
+    try:
+        cfg = tw.TinyWorldConfig(n_layer=2, n_embd=64, n_head=2)
+    except TypeError:  # pragma: no cover - the config grew or lost fields
+        cfg = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tw.build_tiny_world(cache_dir=cache, n_reviews=500, train_steps=5, progress=False, config=cfg)
+    return str(cache)

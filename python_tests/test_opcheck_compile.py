@@ -13,8 +13,8 @@ from torch.library import opcheck
 from pama_ext import ops
 from pama_testutils import make_inputs, require_native
 
-PUBLIC_OPS = ["token_rewards", "multi_gae", "objective_stats", "pareto_weights", "pama_policy_loss",
-              "multi_value_loss"]
+PUBLIC_OPS = ["token_rewards", "multi_gae", "objective_moments", "objective_stats", "pareto_weights",
+              "pama_policy_loss", "multi_value_loss"]
 BACKWARD_OPS = ["multi_gae_backward", "pama_policy_loss_backward", "multi_value_loss_backward"]
 #: inputs that carry a gradient, per differentiable op
 DIFFERENTIABLE = {
@@ -39,6 +39,9 @@ def _pool(dtype, device, seed=0):
     pool.update(OPTIONS)
     st = ops.objective_stats(x.advantages, x.logp, x.old_logp, x.mask)
     pool["stats"] = st
+    pool["global_stats"] = None  # the data-parallel inputs (SPEC §8) are None here; see test_opcheck_global_inputs
+    pool["moments"] = None
+    pool["denominators"] = None
     pool["prefs"] = None
     g = torch.Generator().manual_seed(seed + 1)
     pool["grad_advantages"] = torch.randn(x.values.shape, generator=g, dtype=torch.float64).to(dtype).to(device)
@@ -99,6 +102,24 @@ def test_opcheck_policy_loss_variants(device, method, granularity):
     opcheck(op, _args(op._schema, pool))
     op = torch.ops.pama_ext.pareto_weights.default
     opcheck(op, _args(op._schema, pool))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_opcheck_global_inputs(device, dtype):
+    """The ops with supplied global statistics / moments / denominators (data parallelism)."""
+    device = _opcheck_device(device)
+    pool = _pool(dtype, device)
+    st = torch.ops.pama_ext.objective_stats.default(*_args(torch.ops.pama_ext.objective_stats.default._schema, pool))
+    n = pool["advantages"].shape[0]
+    pool["global_stats"] = st
+    pool["moments"] = st[: 2 + 2 * n].clone()
+    pool["denominators"] = st[:2].clone()
+    for name in ("objective_stats", "pama_policy_loss", "multi_value_loss"):
+        op = getattr(torch.ops.pama_ext, name).default
+        if name != "objective_stats":
+            pool["logp"] = pool["logp"].detach().requires_grad_(True)
+            pool["values"] = pool["values"].detach().requires_grad_(True)
+        opcheck(op, _args(op._schema, pool))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)

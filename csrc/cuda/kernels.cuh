@@ -133,12 +133,15 @@ struct PolicyLossBackwardParams {
 };
 
 // §5 multi-head clipped value loss. partials = value_partial_size(n) per chunk; then
-// finalize_value_loss writes row_scale, loss and metrics [clipfrac, head_loss(n)].
+// finalize_value_loss writes row_scale, loss and metrics [clipfrac, head_loss(n)]. With
+// `denominators` (global token and sequence counts of a data-parallel group, SPEC §8) the
+// aggregation and clipfrac use them, so loss and metrics are this shard's contributions.
 struct ValueLossParams {
-  const void* values;      // dtype [n, B, T]
-  const void* old_values;  // dtype [n, B, T]
-  const void* returns;     // dtype [n, B, T]
-  const bool* mask;        // [B, T]
+  const void* values;        // dtype [n, B, T]
+  const void* old_values;    // dtype [n, B, T]
+  const void* returns;       // dtype [n, B, T]
+  const bool* mask;          // [B, T]
+  const void* denominators;  // acc [2] (token count, sequence count) or nullptr (this batch's own)
   int64_t n, B, T;
   int64_t chunk_len, chunks_per_row;
   double clip;

@@ -69,7 +69,7 @@ template <typename A>
 __global__ void __launch_bounds__(1) value_loss_finalize_kernel(ValueLossParams p) {
   if (blockIdx.x != 0 || threadIdx.x != 0) return;
   finalize_value_loss(static_cast<const A*>(p.partials), static_cast<int>(p.n), p.B, p.chunks_per_row, p.agg,
-                      static_cast<A*>(p.row_scale), static_cast<A*>(p.loss), static_cast<A*>(p.metrics));
+                      static_cast<const A*>(p.denominators), static_cast<A*>(p.row_scale), static_cast<A*>(p.loss), static_cast<A*>(p.metrics));
 }
 
 template <typename S>

@@ -41,7 +41,8 @@ def evaluate(policy: PolicyWithValueHeads, ref_lm, tokenizer, objectives: Sequen
         for i in range(0, len(prompts), cfg.eval_batch_size):
             chunk = list(prompts[i:i + cfg.eval_batch_size])
             ro = collect_rollout(policy, ref_lm, tokenizer, chunk, s, derive_seed(cfg.eval_seed, "eval", i),
-                                 cfg.max_prompt_tokens, cfg.eval_batch_size, with_values=False)
+                                 cfg.max_prompt_tokens, cfg.eval_batch_size, with_values=False,
+                                 gen_chunk=max(cfg.eval_batch_size, 64))
             sc = score_all(objectives, ro.prompts, ro.responses)
             kl = ((ro.old_logp - ro.ref_logp) * ro.mask).sum(-1).cpu()
             ln = ro.mask.sum(-1).cpu()

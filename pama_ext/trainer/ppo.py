@@ -22,6 +22,15 @@ Methods (``--method``):
 
 A non-finite loss or gradient norm skips that optimizer update with a warning and is counted in
 the step's metrics (``skipped``); the parameters are never touched by it.
+
+Data parallelism (``torchrun``, ``group`` set): rank r holds rows ``[r*B/k, (r+1)*B/k)`` of every
+global batch (its prompts, generations in seeded chunks, scores), whitening and every statistic of
+the fused ops are global (``group=``), the model is wrapped in DistributedDataParallel and the
+backward loss is multiplied by the world size (DDP averages gradients; the ops' loss is the global
+one). The minibatches of an epoch are drawn from one global permutation: each rank takes, in
+permutation order, the rows of its shard, ``minibatch_size / k`` per minibatch. With one minibatch per
+epoch this is exactly the single-process minibatch; with several, each global minibatch is a
+stratified sample over the shards rather than one process's consecutive permutation slice.
 """
 from __future__ import annotations
 
@@ -33,6 +42,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import Tensor
 
+from .. import distributed as dp
 from .. import ops
 from .. import reference
 from .config import TrainConfig
@@ -79,7 +89,8 @@ class PPOTrainer:
     """Holds the policy, the reference, the optimizer and every piece of state a step needs."""
 
     def __init__(self, cfg: TrainConfig, policy: PolicyWithValueHeads, ref_lm, tokenizer,
-                 objectives: Sequence[Objective], train_prompts: Sequence[str], device: torch.device):
+                 objectives: Sequence[Objective], train_prompts: Sequence[str], device: torch.device,
+                 group=None):
         self.cfg, self.policy, self.ref_lm, self.tokenizer = cfg, policy, ref_lm, tokenizer
         self.objectives = list(objectives)
         self.train_prompts = list(train_prompts)
@@ -97,6 +108,15 @@ class PPOTrainer:
         self._order: List[int] = []
         self._pos = 0
         self.gen_settings = GenSettings(cfg.max_new_tokens, True, cfg.temperature, cfg.top_k, cfg.top_p)
+        self.group = group
+        self.world = dp.world_size(group)
+        self.rank = 0 if group is None else torch.distributed.get_rank(group)
+        self.model = policy  # what the update's forward runs through (DDP under torchrun)
+        if group is not None:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.model = DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None,
+                                                 process_group=group)
 
     # --------------------------------------------------------------------------------------------
     # state (for --resume)
@@ -136,7 +156,8 @@ class PPOTrainer:
 
     def _loss_kwargs(self) -> Dict:
         c = self.cfg
-        return dict(eps_lo=c.cliprange, eps_hi=c.eps_hi, dual_clip=c.dual_clip, agg=c.agg, check_finite=False)
+        return dict(eps_lo=c.cliprange, eps_hi=c.eps_hi, dual_clip=c.dual_clip, agg=c.agg, check_finite=False,
+                    group=self.group)
 
     def _k3_loss(self, logp: Tensor, ref_logp: Tensor, mask: Tensor) -> Tensor:
         return reference.agg_loss(reference.k3_kl(logp, ref_logp), mask, self.cfg.agg)
@@ -162,7 +183,7 @@ class PPOTrainer:
         losses, mets = [], []
         for i in range(adv.shape[0]):
             li, mi = ops.pama_policy_loss(logp, old_logp, adv[i:i + 1], mask, whiten=whiten_in_op, noon=False,
-                                          method="linear", **kw)
+                                          method="linear", **dict(kw, group=None))
             losses.append(li)
             mets.append(mi)
         if c.method == "mgda-ub":
@@ -218,13 +239,16 @@ class PPOTrainer:
         c, dev = self.cfg, self.device
         t0 = time.perf_counter()
         self.policy.eval()  # dropout off, as TRL/verl do for PPO
-        prompts = self._next_prompts(c.batch_size)
+        per = c.batch_size // self.world  # this rank's rows: [lo, lo + per) of the global batch
+        lo = self.rank * per
+        prompts = self._next_prompts(c.batch_size)[lo:lo + per]
         bar = bars.get("rollout") if bars else None
         if bar is not None:
-            bar.reset(total=c.batch_size)
+            bar.reset(total=per)
+        gen_chunk = min(c.rollout_chunk, per)
         ro: Rollout = collect_rollout(self.policy, self.ref_lm, self.tokenizer, prompts, self.gen_settings,
                                       derive_seed(c.seed, "rollout", self.step_idx), c.max_prompt_tokens,
-                                      c.minibatch_size, bar=bar)
+                                      c.minibatch_size, bar=bar, gen_chunk=gen_chunk, first_chunk=lo // gen_chunk)
         t1 = time.perf_counter()
         scores = score_all(self.objectives, ro.prompts, ro.responses).to(dev)  # [n, B]
         t2 = time.perf_counter()
@@ -235,21 +259,27 @@ class PPOTrainer:
         rewards = ops.token_rewards(train_scores, ro.old_logp, ro.ref_logp, mask, kl_coef)
         adv, ret = ops.multi_gae(rewards, ro.values, mask, c.gamma, c.lam)
         whiten_in_op = c.whiten == "minibatch"
-        if c.whiten == "batch":
-            adv = masked_whiten(adv, mask)
+        if c.whiten == "batch":  # over the global batch
+            n = adv.shape[0]
+            mom = ops.objective_moments(adv, mask, group=self.group)
+            adv = reference.whiten_with(adv, mom[2:2 + n], mom[2 + n:2 + 2 * n])
 
         B, T = mask.shape
         mets: Dict[str, List[Tensor]] = {}
         skipped = 0
         n_updates = 0
         bar = bars.get("update") if bars else None
-        n_mb = math.ceil(B / c.minibatch_size)
+        mb = c.minibatch_size // self.world
+        n_mb = math.ceil(B / mb)
         if bar is not None:
             bar.reset(total=c.ppo_epochs * n_mb)
         for _epoch in range(c.ppo_epochs):
-            perm = torch.randperm(B, generator=self.gen).to(dev)
+            perm = torch.randperm(c.batch_size, generator=self.gen)
+            if self.world > 1:  # this shard's rows, in global permutation order
+                perm = perm[(perm >= lo) & (perm < lo + B)] - lo
+            perm = perm.to(dev)
             for k in range(n_mb):
-                idx = perm[k * c.minibatch_size:(k + 1) * c.minibatch_size]
+                idx = perm[k * mb:(k + 1) * mb]
                 ok = self._update(ro, idx, adv, ret, T, whiten_in_op, mets)
                 n_updates += 1
                 skipped += 0 if ok else 1
@@ -259,10 +289,15 @@ class PPOTrainer:
 
         # one read-back of the step's numbers
         with torch.no_grad():
-            seq_kl = ((ro.old_logp - ro.ref_logp) * mask).sum(-1)
+            seq_kl = self._gather_rows(((ro.old_logp - ro.ref_logp) * mask).sum(-1))
             scalars = {k: torch.stack(v).float().mean(0) for k, v in mets.items()}
+            scores = self._gather_rows(scores)
+            resp_len = self._gather_rows(mask.sum(-1).float())
+            chars = torch.tensor([float(sum(len(r) for r in ro.responses)), float(len(ro.responses))], device=dev)
+            if self.group is not None:
+                chars = dp.all_reduce_sum(chars, self.group)
         kl_mean = seq_kl.mean().item()
-        self.kl_ctl.update(kl_mean, B)
+        self.kl_ctl.update(kl_mean, c.batch_size)
         self.step_idx += 1
         self.skipped_total += skipped
         names = [o.name for o in self.objectives]
@@ -273,8 +308,8 @@ class PPOTrainer:
             "rewards_std": dict(zip(names, sc.std(1, unbiased=False).tolist())),
             "kl": kl_mean,
             "kl_coef": kl_coef,
-            "response_len": mask.sum(-1).float().mean().item(),
-            "response_chars": sum(len(r) for r in ro.responses) / max(1, len(ro.responses)),
+            "response_len": resp_len.mean().item(),
+            "response_chars": (chars[0] / chars[1].clamp(min=1)).item(),
         }
         for k, v in scalars.items():
             out[k] = v.tolist()
@@ -288,17 +323,24 @@ class PPOTrainer:
         self.last_rollout = ro
         return out
 
+    def _gather_rows(self, x: Tensor) -> Tensor:
+        """The global batch of a per-row tensor (rows last), concatenated in rank order."""
+        if self.group is None:
+            return x
+        rows = dp.all_gather_rows(x.reshape(-1), self.group)  # [k, numel]
+        return rows.view(self.world, *x.shape).movedim(0, -2).reshape(*x.shape[:-1], -1)
+
     def _update(self, ro: Rollout, idx: Tensor, adv: Tensor, ret: Tensor, T: int, whiten_in_op: bool,
                 mets: Dict[str, List[Tensor]]) -> bool:
         c = self.cfg
         ids, am, mask = ro.input_ids[idx], ro.attention_mask[idx], ro.mask[idx]
         old_logp, ref_logp = ro.old_logp[idx], ro.ref_logp[idx]
         temp = c.temperature
-        out = self.policy(ids, am, T, temperature=temp, with_values=True)
+        out = self.model(ids, am, T, temperature=temp, with_values=True)
         pg, pm, mgda_parts = self.policy_loss(out.logp, old_logp, adv[:, idx], mask, ref_logp, out.hidden,
                                               whiten_in_op)
         vl, vm = ops.multi_value_loss(out.values, ro.values[:, idx], ret[:, idx], mask, clip=c.cliprange_value,
-                                      agg=c.agg, check_finite=False)
+                                      agg=c.agg, check_finite=False, group=self.group)
         self.optimizer.zero_grad(set_to_none=True)
         if mgda_parts is not None:
             losses, kl_loss = mgda_parts
@@ -309,7 +351,7 @@ class PPOTrainer:
             loss = pg + c.vf_coef * vl.detach()
         else:
             loss = pg + c.vf_coef * vl
-            loss.backward()
+            (loss * self.world).backward() if self.world > 1 else loss.backward()  # DDP averages over ranks
         gnorm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm if c.max_grad_norm > 0 else math.inf)
         # the one read-back per optimizer update: skip it when the loss or the gradient is not finite
         if not bool(torch.isfinite(loss.detach()) & torch.isfinite(gnorm)):

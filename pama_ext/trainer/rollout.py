@@ -109,8 +109,13 @@ def _generation_config(lm, tokenizer, s: GenSettings):
 
 @torch.no_grad()
 def generate_responses(lm, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, s: GenSettings, seed: int,
-                       chunk_size: int = 64, bar=None) -> Tuple[Tensor, Tensor]:
-    """``(response_ids [B, T], response_mask [B, T] bool)``; tokens after the first EOS are padding."""
+                       chunk_size: int = 64, bar=None, first_chunk: int = 0) -> Tuple[Tensor, Tensor]:
+    """``(response_ids [B, T], response_mask [B, T] bool)``; tokens after the first EOS are padding.
+
+    Rows are generated ``chunk_size`` at a time; chunk k (counting from ``first_chunk``, its index in
+    the global batch of a sharded run) is sampled with seed ``seed + k`` from its own prompts with
+    their common left padding removed, so what a chunk generates does not depend on the other rows.
+    """
     gc = _generation_config(lm, tokenizer, s)
     pid = pad_id(tokenizer)
     eos = eos_ids(tokenizer, lm)
@@ -119,13 +124,14 @@ def generate_responses(lm, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, s
     was_training = lm.training
     lm.eval()
     try:
-        with seeded(seed, prompt_ids.device):
-            for i in range(0, prompt_ids.shape[0], chunk_size):
-                out = lm.generate(input_ids=prompt_ids[i:i + chunk_size], attention_mask=prompt_mask[i:i + chunk_size],
-                                  generation_config=gc)
-                chunks.append(out[:, P:])
-                if bar is not None:
-                    bar.update(min(chunk_size, prompt_ids.shape[0] - i))
+        for k, i in enumerate(range(0, prompt_ids.shape[0], chunk_size)):
+            ids, am = prompt_ids[i:i + chunk_size], prompt_mask[i:i + chunk_size]
+            keep = int(P - am.any(0).long().argmax().item()) if am.any() else P  # drop all-padding columns
+            with seeded((seed + first_chunk + k) & 0x7FFFFFFFFFFFFFFF, prompt_ids.device):
+                out = lm.generate(input_ids=ids[:, P - keep:], attention_mask=am[:, P - keep:], generation_config=gc)
+            chunks.append(out[:, keep:])
+            if bar is not None:
+                bar.update(min(chunk_size, prompt_ids.shape[0] - i))
     finally:
         lm.train(was_training)
     T = max(1, max(c.shape[1] for c in chunks))
@@ -163,11 +169,13 @@ def score_sequences(policy: PolicyWithValueHeads, ref_lm, input_ids: Tensor, att
 
 def collect_rollout(policy: PolicyWithValueHeads, ref_lm, tokenizer, prompts: Sequence[str], s: GenSettings,
                     seed: int, max_prompt_tokens: int, chunk_size: int, bar=None,
-                    with_values: bool = True) -> Rollout:
+                    with_values: bool = True, gen_chunk: int = 64, first_chunk: int = 0) -> Rollout:
+    """Generate, decode and score one batch. ``chunk_size``: rows per scoring forward;
+    ``gen_chunk``/``first_chunk``: see :func:`generate_responses`."""
     device = next(policy.parameters()).device
     p_ids, p_mask = tokenize_prompts(tokenizer, prompts, max_prompt_tokens, device)
-    resp, mask = generate_responses(policy.lm, tokenizer, p_ids, p_mask, s, seed, chunk_size=max(chunk_size, 64),
-                                    bar=bar)
+    resp, mask = generate_responses(policy.lm, tokenizer, p_ids, p_mask, s, seed, chunk_size=gen_chunk, bar=bar,
+                                    first_chunk=first_chunk)
     input_ids = torch.cat([p_ids, resp], dim=1)
     attention_mask = torch.cat([p_mask, mask.to(p_mask.dtype)], dim=1)
     T = resp.shape[1]

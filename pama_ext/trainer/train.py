@@ -15,6 +15,10 @@ Output directory (every file is written to a temporary file and renamed into pla
 ``--resume`` continues from ``checkpoint/`` and gives bitwise the same parameters and metrics as an
 uninterrupted run (the sampling seed of every step is derived from (seed, step); the data order
 generator, optimizer, KL controller and global RNG states are restored).
+
+Under ``torchrun`` (WORLD_SIZE > 1) every rank trains on its shard of each global batch
+(:mod:`pama_ext.trainer.ppo`); the process group is gloo on CPU and nccl on GPU (one GPU per local
+rank); rank 0 alone evaluates and writes the output directory.
 """
 from __future__ import annotations
 
@@ -309,8 +313,37 @@ def train(config: Union[TrainConfig, Dict[str, Any]]) -> Dict[str, Any]:
     """Run (or resume) one training run; returns a dict with the evaluations, the final table and paths."""
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
     cfg = dataclasses.replace(cfg).validate()
-    out = _prepare_output_dir(cfg)
+    # under torchrun only rank 0 touches the run directory
+    out = _prepare_output_dir(cfg) if os.environ.get("RANK", "0") == "0" else None
 
+    import torch
+
+    t_start = time.perf_counter()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if cfg.device == "auto" else cfg.device))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device: cuda requested but no GPU is available")
+    group, own_group = None, False
+    if cfg.world_size > 1:
+        import torch.distributed as dist
+
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            own_group = True
+        group = dist.group.WORLD
+    try:
+        return _train(cfg, out, device, group, t_start)
+    finally:
+        if own_group:
+            torch.distributed.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, out: Optional[Path], device, group, t_start: float) -> Dict[str, Any]:
     import numpy as np
     import torch
     from tqdm.auto import tqdm
@@ -320,13 +353,8 @@ def train(config: Union[TrainConfig, Dict[str, Any]]) -> Dict[str, Any]:
     from .ppo import PPOTrainer
     from .rewards import build_objectives
 
-    t_start = time.perf_counter()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device: cuda requested but no GPU is available")
+    main = group is None or torch.distributed.get_rank(group) == 0  # evaluates and writes the run directory
+    out = out if out is not None else Path(cfg.output_dir)
 
     state = None
     ck = out / CHECKPOINT
@@ -352,8 +380,9 @@ def train(config: Union[TrainConfig, Dict[str, Any]]) -> Dict[str, Any]:
     ref_lm = frozen_copy(_load_lm(model_path, device))
     lm = _load_lm(str(ck), device) if cfg.resume else _load_lm(model_path, device)
     policy = PolicyWithValueHeads(lm, cfg.n_heads).to(device)
-    trainer = PPOTrainer(cfg, policy, ref_lm, tokenizer, objectives, train_prompts, device)
-    atomic_write_text(out / "config.yaml", dump_yaml(dataclasses.replace(cfg, resume=False, overwrite=False)))
+    trainer = PPOTrainer(cfg, policy, ref_lm, tokenizer, objectives, train_prompts, device, group=group)
+    if main:
+        atomic_write_text(out / "config.yaml", dump_yaml(dataclasses.replace(cfg, resume=False, overwrite=False)))
 
     metrics: List[Dict] = []
     evals: List[Dict] = []
@@ -376,6 +405,11 @@ def train(config: Union[TrainConfig, Dict[str, Any]]) -> Dict[str, Any]:
         atomic_write_text(out / "eval.jsonl", _jsonl(evals))
         return summ
 
+    if not main:  # the other ranks train in step with rank 0 and leave the rest to it
+        while trainer.step_idx < cfg.steps:
+            metrics.append(trainer.step(None))
+        return {"output_dir": str(out), "config": cfg, "metrics": metrics, "rank": torch.distributed.get_rank(group),
+                "wall_s": time.perf_counter() - t_start}
     if init_eval is None:
         init_eval = run_eval(0)
     hv_ref = list(cfg.hv_ref) if cfg.hv_ref is not None else default_hv_ref(means(init_eval, names), cfg.hv_margin)
@@ -522,8 +556,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"pama-ext train: error: {e}", file=sys.stderr)
         return 2
-    print(result["table_md"])
-    print(f"\noutput: {result['output_dir']} ({result['wall_s']:.1f} s)")
+    if "table_md" in result:  # rank 0 (or the only process)
+        print(result["table_md"])
+        print(f"\noutput: {result['output_dir']} ({result['wall_s']:.1f} s)")
     return 0
 
 
