@@ -1,7 +1,7 @@
 """nn.Module front ends of the fused losses."""
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -36,8 +36,10 @@ class PamaPolicyLoss(nn.Module):
         agg: str = "token-mean",
         beta_loss: float = 0.0,
         check_finite: bool = True,
+        group: Optional[Any] = None,
     ) -> None:
         super().__init__()
+        self.group = group  # torch.distributed process group of a sharded batch (docs/distributed.md)
         self.options = dict(
             eps_lo=eps_lo, eps_hi=eps_hi, dual_clip=dual_clip, noon=noon, whiten=whiten, method=method,
             granularity=granularity, agg=agg, beta_loss=beta_loss, check_finite=check_finite,
@@ -58,15 +60,17 @@ class PamaPolicyLoss(nn.Module):
         prefs = self.prefs
         if prefs is not None:
             prefs = prefs.to(device=logp.device, dtype=logp.dtype)
-        return ops.pama_policy_loss(logp, old_logp, advantages, mask, ref_logp, prefs=prefs, **self.options)
+        return ops.pama_policy_loss(logp, old_logp, advantages, mask, ref_logp, prefs=prefs, group=self.group,
+                                    **self.options)
 
 
 class MultiValueLoss(nn.Module):
     """Clipped value loss summed over n value heads, as a module (see :func:`pama_ext.ops.multi_value_loss`)."""
 
-    def __init__(self, clip: Optional[float] = 0.2, agg: str = "token-mean", check_finite: bool = True) -> None:
+    def __init__(self, clip: Optional[float] = 0.2, agg: str = "token-mean", check_finite: bool = True,
+                 group: Optional[Any] = None) -> None:
         super().__init__()
-        self.clip, self.agg, self.check_finite = clip, agg, check_finite
+        self.clip, self.agg, self.check_finite, self.group = clip, agg, check_finite, group
 
     def extra_repr(self) -> str:
         return f"clip={self.clip!r}, agg={self.agg!r}"
@@ -74,4 +78,5 @@ class MultiValueLoss(nn.Module):
     def forward(
         self, values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor
     ) -> Tuple[Tensor, Dict[str, Tensor]]:
-        return ops.multi_value_loss(values, old_values, returns, mask, self.clip, self.agg, self.check_finite)
+        return ops.multi_value_loss(values, old_values, returns, mask, self.clip, self.agg, self.check_finite,
+                                    group=self.group)

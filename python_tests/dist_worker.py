@@ -115,6 +115,17 @@ def run_stats(case: dict, b: Dict[str, torch.Tensor], group=None):
     )
 
 
+def run_modules(b: Dict[str, torch.Tensor], group):
+    """The nn.Module front ends with group= (compared with POLICY_CASES[0] and VALUE_CASES[0])."""
+    import pama_ext
+
+    pl, _ = pama_ext.PamaPolicyLoss(method="pama", granularity="token", group=group)(
+        b["logp"], b["old_logp"], b["advantages"], b["mask"]
+    )
+    vl, _ = pama_ext.MultiValueLoss(clip=0.2, group=group)(b["values"], b["old_values"], b["returns"], b["mask"])
+    return pl.detach(), vl.detach()
+
+
 def main() -> None:
     rank, world, init_file, out_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
     torch.set_num_threads(1)
@@ -128,6 +139,7 @@ def main() -> None:
         "policy": [run_policy(c, batches[c["dtype"]], group) for c in POLICY_CASES],
         "value": [run_value(c, batches[c["dtype"]], group) for c in VALUE_CASES],
         "stats": [run_stats(c, batches[c["dtype"]], group) for c in STATS_CASES],
+        "modules": run_modules(batches["float64"], group),
     }
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()

@@ -104,6 +104,15 @@ def test_stats_sharded_equal_whole_batch(ranks, idx):
         assert torch.equal(results[r]["stats"][idx], results[0]["stats"][idx])
 
 
+def test_modules_take_the_group(ranks):
+    world, results = ranks
+    assert W.POLICY_CASES[0]["method"] == "pama" and W.VALUE_CASES[0]["agg"] == "token-mean"
+    for r in range(world):
+        policy, value = results[r]["modules"]
+        assert torch.equal(policy, results[r]["policy"][0][0])
+        assert torch.equal(value, results[r]["value"][0][0])
+
+
 def test_shards_include_a_fully_masked_rank():
     # the 3-rank layout really exercises a rank without a valid token (guards the fixture's intent)
     lo, hi = W.SHARDS[3][1]
