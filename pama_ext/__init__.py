@@ -9,6 +9,7 @@ Data flow of one PPO step::
 inspection and for trainers that need them. See SPEC.md for the math.
 """
 from ._native import NATIVE_AVAILABLE, NATIVE_ERROR
+from . import pareto
 from .losses import MultiValueLoss, PamaPolicyLoss
 from .ops import (
     has_cuda_kernels,
@@ -20,6 +21,7 @@ from .ops import (
     stats_layout,
     token_rewards,
 )
+from .preference import combine_gradients, gradient_gram, multi_dpo_loss
 
 try:
     from ._build_info import VERSION as __version__
@@ -39,4 +41,8 @@ __all__ = [
     "multi_value_loss",
     "stats_layout",
     "has_cuda_kernels",
+    "multi_dpo_loss",
+    "gradient_gram",
+    "combine_gradients",
+    "pareto",
 ]

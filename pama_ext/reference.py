@@ -1,4 +1,4 @@
-"""Plain-PyTorch implementation of SPEC.md §1-§5.
+"""Plain-PyTorch implementation of SPEC.md §1-§7.
 
 This module is the executable form of the specification: the ground truth of every test, the
 baseline of every benchmark and the fallback used when the compiled library is absent. It favours
@@ -34,6 +34,16 @@ __all__ = [
     "masked_moments",
     "masked_whiten",
     "METRIC_SCALARS",
+    "CAGRAD_ITERS",
+    "dpo_margins",
+    "label_signs",
+    "multi_dpo_loss",
+    "gradient_gram",
+    "combine_gradients",
+    "linear_weights",
+    "cagrad_weights",
+    "pcgrad_weights",
+    "segment_min",
 ]
 
 METHODS = ("pama", "linear", "mgda")
@@ -41,6 +51,8 @@ GRANULARITIES = ("token", "sequence", "batch")
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 #: Frank-Wolfe iterations of the n > 2 MGDA solver. Fixed, so the solver never branches on data.
 MGDA_FW_ITERS = 100
+#: Pair-descent iterations of the n > 2 CAGrad solver (fixed: no data-dependent exit).
+CAGRAD_ITERS = 256
 #: Scalar metrics of pama_policy_loss, in the order of the flat metrics vector.
 METRIC_SCALARS = ("pg_loss", "kl_loss", "clipfrac", "approx_kl", "active")
 WHITEN_EPS = 1e-8
@@ -417,3 +429,230 @@ def multi_value_loss(
     m = _fmask(mask, values.dtype)
     clipfrac = ((l2 > l1).to(values.dtype) * m).sum() / (m.sum() * values.shape[0]).clamp(min=1)
     return per_head.sum(), {"clipfrac": clipfrac.detach(), "head_loss": per_head.detach()}
+
+
+# --------------------------------------------------------------------------------------------
+# §7 preference data: per-objective DPO losses
+# --------------------------------------------------------------------------------------------
+def label_signs(labels: Tensor, dtype: torch.dtype) -> Tensor:
+    """s = sign(labels) in ``dtype``: +1 (chosen preferred), -1 (rejected preferred), 0 (tie).
+
+    CHOICE: labels are read through their sign (a value check would need a host read on CUDA);
+    NaN counts as a tie.
+    """
+    return (labels > 0).to(dtype) - (labels < 0).to(dtype)
+
+
+def dpo_margins(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    chosen_lengths: Optional[Tensor] = None,
+    rejected_lengths: Optional[Tensor] = None,
+) -> Tensor:
+    """h_b = (pc_b - rc_b)/Lc_b - (pr_b - rr_b)/Lr_b  [B] (lengths clamped to >= 1; 1 when None)."""
+    dc = policy_chosen_logps - ref_chosen_logps
+    dr = policy_rejected_logps - ref_rejected_logps
+    if chosen_lengths is not None:
+        dc = dc / chosen_lengths.to(dc.dtype).clamp(min=1)
+    if rejected_lengths is not None:
+        dr = dr / rejected_lengths.to(dr.dtype).clamp(min=1)
+    return dc - dr
+
+
+def multi_dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    labels: Tensor,
+    beta: float = 0.1,
+    *,
+    chosen_lengths: Optional[Tensor] = None,
+    rejected_lengths: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
+    """Per-objective DPO losses (SPEC §7): ``(losses [n], coef [n, B])``.
+
+    losses[i] = mean_b -log sigmoid(beta * s_ib * h_b) (a tie s = 0 gives log 2 and no gradient);
+    coef[i, b] = dL_i/dh_b = -(beta/B) * s_ib * sigmoid(-beta * s_ib * h_b) (detached). An empty
+    batch (B = 0) gives zero losses.
+    """
+    h = dpo_margins(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                    chosen_lengths, rejected_lengths)
+    s = label_signs(labels, h.dtype)
+    z = beta * s * h  # [n, B]
+    denom = max(int(h.shape[0]), 1)
+    nll = torch.clamp(-z, min=0) + torch.log1p(torch.exp(-z.abs()))  # -log sigmoid(z), stable
+    losses = nll.sum(-1) / denom
+    coef = (-(beta / denom) * s * torch.sigmoid(-z)).detach()
+    return losses, coef
+
+
+# --------------------------------------------------------------------------------------------
+# §6 full-gradient statistics: Gram of per-objective parameter gradients, combination
+# --------------------------------------------------------------------------------------------
+def _grad_table(grads) -> Tuple[int, int]:
+    n = len(grads)
+    if n < 1:
+        raise ValueError("grads: expected n >= 1 sequences of per-parameter gradients, got 0")
+    K = len(grads[0])
+    for i, g in enumerate(grads):
+        if len(g) != K:
+            raise ValueError(f"grads[{i}] has {len(g)} entries but grads[0] has {K}: one gradient per parameter")
+    return n, K
+
+
+def gradient_gram(grads) -> Tensor:
+    """G[i, j] = sum_k <grads[i][k], grads[j][k]> ([n, n]; None entries are zero).
+
+    float64 when the gradients are float64, float32 otherwise (float32 accumulation).
+    """
+    n, K = _grad_table(grads)
+    present = [g for row in grads for g in row if g is not None]
+    like = present[0] if present else None
+    acc = torch.float64 if like is not None and like.dtype == torch.float64 else torch.float32
+    device = like.device if like is not None else torch.device("cpu")
+    G = torch.zeros(n, n, dtype=acc, device=device)
+    for k in range(K):
+        col = [grads[i][k] for i in range(n)]
+        first = next((g for g in col if g is not None), None)
+        if first is None:
+            continue
+        M = torch.stack([(g if g is not None else torch.zeros_like(first)).detach().reshape(-1).to(acc)
+                         for g in col])
+        G = G + M @ M.T
+    return G
+
+
+@torch.no_grad()
+def combine_gradients(grads, coeffs: Tensor, params, *, accumulate: bool = False) -> None:
+    """p.grad = sum_i coeffs[i] * grads[i][k] for params[k] (+= the existing .grad when accumulate).
+
+    The sum runs over i in order in the accumulation dtype (float64 for float64 gradients or
+    parameters, float32 otherwise); a new .grad has the parameter's dtype.
+    """
+    n, K = _grad_table(grads)
+    if len(params) != K:
+        raise ValueError(f"params has {len(params)} entries but grads[0] has {K}")
+    for k, p in enumerate(params):
+        col = [grads[i][k] for i in range(n)]
+        f64 = p.dtype == torch.float64 or any(g is not None and g.dtype == torch.float64 for g in col)
+        acc = torch.float64 if f64 else torch.float32
+        total = torch.zeros(p.shape, dtype=acc, device=p.device)
+        for i, g in enumerate(col):
+            if g is not None:
+                total = total + coeffs[i].to(acc) * g.detach().reshape(p.shape).to(acc)
+        if p.grad is None:
+            p.grad = total.to(p.dtype)
+        elif accumulate:
+            p.grad.copy_(p.grad.to(acc) + total)
+        else:
+            p.grad.copy_(total)
+
+
+# --------------------------------------------------------------------------------------------
+# §6 weighting methods on a Gram matrix (MGDA above; linear, CAGrad/RACO, PCGrad)
+# --------------------------------------------------------------------------------------------
+def linear_weights(gram: Tensor, w: Optional[Tensor] = None) -> Tensor:
+    """The user weights ``w`` (uniform when None) in the Gram's dtype."""
+    n = gram.shape[0]
+    if w is None:
+        return torch.full((n,), 1.0 / n, dtype=gram.dtype, device=gram.device)
+    return w.to(dtype=gram.dtype, device=gram.device)
+
+
+def segment_min(delta: Tensor, q2: Tensor, q1: Tensor, q0: Tensor, s: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    """argmin over t in [lo, hi] of f(t) = delta*t + s*sqrt(q2 t^2 + q1 t + q0) (SPEC §6, n = 2).
+
+    Candidates, in this order: lo, hi, and the real roots in [lo, hi] of
+    (delta^2 q2 - s^2 q2^2) t^2 + (delta^2 q1 - s^2 q1 q2) t + delta^2 q0 - s^2 q1^2 / 4 = 0
+    (the stationarity condition, squared); the first candidate with the smallest f wins.
+    """
+    A = delta * delta * q2 - s * s * q2 * q2
+    Bc = delta * delta * q1 - s * s * q1 * q2
+    C = delta * delta * q0 - s * s * q1 * q1 / 4
+    disc = Bc * Bc - 4 * A * C
+    quad = A != 0
+    sq = torch.sqrt(torch.clamp(disc, min=0))
+    qq = -(Bc + torch.where(Bc >= 0, sq, -sq)) / 2  # stable: roots qq/A and C/qq
+    r1 = torch.where(quad, qq / torch.where(quad, A, torch.ones_like(A)), -C / torch.where(Bc != 0, Bc, torch.ones_like(Bc)))
+    r2 = torch.where(qq != 0, C / torch.where(qq != 0, qq, torch.ones_like(qq)), r1)
+    ok1 = torch.where(quad, disc >= 0, Bc != 0) & (r1 >= lo) & (r1 <= hi)
+    ok2 = quad & (disc >= 0) & (r2 >= lo) & (r2 <= hi)
+    r1 = torch.where(ok1, r1, lo)
+    r2 = torch.where(ok2, r2, lo)
+
+    def f(t):
+        return delta * t + s * torch.sqrt(torch.clamp(q2 * t * t + q1 * t + q0, min=0))
+
+    best_t, best_f = lo, f(lo)
+    for t in (hi, r1, r2):
+        ft = f(t)
+        better = ft < best_f
+        best_t = torch.where(better, t, best_t)
+        best_f = torch.where(better, ft, best_f)
+    return best_t
+
+
+def cagrad_weights(
+    gram: Tensor, w: Optional[Tensor] = None, c: float = 0.4, clip: bool = True, iters: int = CAGRAD_ITERS
+) -> Tensor:
+    """CAGrad (clip=False) / CAGrad-clip as in RACO (clip=True) final coefficients a [n] (SPEC §6).
+
+    b = G w, s = c * sqrt(w^T G w), p* = argmin_{p in simplex} p^T b + s * sqrt(p^T G p);
+    p~ = min(p*, w) (clip) or p*; a = w + s / sqrt(p~^T G p~) * p~ (a = w when that norm is 0).
+    Computed in float64. n = 2: the exact closed form of SPEC §6 (segment_min from e_2 to e_1).
+    n > 2: ``iters`` steps of pair descent from the uniform point: move mass from the support
+    coordinate with the largest partial derivative to the one with the smallest, with an exact line
+    search on that segment (segment_min again). No data-dependent exit.
+    """
+    out_dtype = gram.dtype
+    G = gram.to(torch.float64)
+    n = G.shape[0]
+    wv = linear_weights(G, w)
+    b = G @ wv
+    s = c * torch.sqrt(torch.clamp(wv @ b, min=0))
+    eye = torch.eye(n, dtype=G.dtype, device=G.device)
+    if n == 1:
+        p = torch.ones(1, dtype=G.dtype, device=G.device)
+    elif n == 2:
+        lam = segment_min(b[0] - b[1], G[0, 0] + G[1, 1] - 2 * G[0, 1], 2 * (G[0, 1] - G[1, 1]), G[1, 1], s,
+                          torch.zeros_like(s), torch.ones_like(s))
+        p = torch.stack([lam, 1 - lam])
+    else:
+        p = torch.full((n,), 1.0 / n, dtype=G.dtype, device=G.device)
+        for _ in range(iters):
+            Gp = G @ p
+            Q = p @ Gp
+            pos = Q > 0
+            grad = b + torch.where(pos, s / torch.sqrt(torch.where(pos, Q, torch.ones_like(Q))), torch.zeros_like(Q)) * Gp
+            k = torch.argmin(grad)
+            j = torch.argmax(torch.where(p > 0, grad, torch.full_like(grad, -torch.inf)))
+            e = eye[k] - eye[j]
+            t = segment_min(e @ b, e @ G @ e, 2 * (e @ Gp), Q, s, -p[k], p[j])
+            p = torch.clamp(p + t * e, min=0)
+    pt = torch.minimum(p, wv) if clip else p
+    nrm = torch.sqrt(torch.clamp(pt @ G @ pt, min=0))
+    a = wv + torch.where(nrm > 0, s / torch.where(nrm > 0, nrm, torch.ones_like(nrm)), torch.zeros_like(nrm)) * pt
+    return a.to(out_dtype)
+
+
+def pcgrad_weights(gram: Tensor) -> Tensor:
+    """PCGrad in Gram form (SPEC §6): v_i = e_i; for j != i in order, if (G v_i)_j < 0 (and G_jj > 0),
+    v_i[j] -= (G v_i)_j / G_jj; returns sum_i v_i."""
+    G = gram
+    n = G.shape[0]
+    rows = []
+    for i in range(n):
+        v = torch.zeros(n, dtype=G.dtype, device=G.device)
+        v[i] = 1
+        for j in range(n):
+            if j == i:
+                continue
+            gv = G[j] @ v
+            hit = (gv < 0) & (G[j, j] > 0)
+            step = torch.where(hit, gv / torch.where(G[j, j] > 0, G[j, j], torch.ones_like(gv)), torch.zeros_like(gv))
+            v = v - step * torch.eye(n, dtype=G.dtype, device=G.device)[j]
+        rows.append(v)
+    return torch.stack(rows).sum(0)

@@ -1,0 +1,91 @@
+"""Weighting methods on statistics, on device (SPEC §4, §6): PAMA's closed form on per-objective
+scalars, and linear / MGDA / CAGrad (RACO's CAGrad-clip) / PCGrad on a Gram matrix ``G [n, n]``
+(e.g. from :func:`pama_ext.gradient_gram` or the ``gram`` block of the statistics vector).
+
+Device tensors in, device tensors out; fixed iteration counts, no data-dependent exit and no host
+read, so a step using them can be captured in a CUDA graph. The solvers are one small kernel each
+(``torch.ops.pama_ext.gram_weights``; scalar math in csrc/pama_math.h, shared by CPU and CUDA) with
+pure-PyTorch twins in :mod:`pama_ext.reference` used when the compiled library is absent.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import reference
+from ._native import NATIVE_AVAILABLE
+from .reference import CAGRAD_ITERS, MGDA_FW_ITERS
+
+__all__ = ["pama_weights", "linear_weights", "mgda_weights", "cagrad_weights", "pcgrad_weights",
+           "CAGRAD_ITERS", "MGDA_FW_ITERS"]
+
+
+def _native() -> bool:
+    return NATIVE_AVAILABLE and hasattr(torch.ops.pama_ext, "gram_weights")
+
+
+def _check_gram(G: Tensor) -> None:
+    if not isinstance(G, Tensor) or G.dim() != 2 or G.shape[0] != G.shape[1] or not G.is_floating_point():
+        shape = tuple(G.shape) if isinstance(G, Tensor) else type(G).__name__
+        raise ValueError(f"G must be a floating [n, n] Gram matrix, got {shape}")
+    if not 1 <= G.shape[0] <= 64:
+        raise ValueError(f"G has n = {G.shape[0]} objectives; n must be in [1, 64]")
+
+
+def _acc(G: Tensor) -> Tensor:
+    return G.to(torch.float64 if G.dtype == torch.float64 else torch.float32)
+
+
+def _solve(G: Tensor, w: Optional[Tensor], method: str, c: float, clip: bool, iters: int) -> Tensor:
+    return torch.ops.pama_ext.gram_weights(G.detach(), None if w is None else w.detach(), method, float(c),
+                                           bool(clip), int(iters))
+
+
+def pama_weights(v: Tensor) -> Tensor:
+    """PAMA's Theorem 1 on per-objective scalars ``v [n]`` (e.g. ``abar``): closed-form min-norm
+    weights, ties shared uniformly."""
+    return reference.thm1_weights(v)[0]
+
+
+def linear_weights(G: Tensor, w: Optional[Tensor] = None) -> Tensor:
+    """The user weights ``w`` (uniform when None), ``[n]`` in G's accumulation dtype."""
+    _check_gram(G)
+    return reference.linear_weights(_acc(G), w)
+
+
+def mgda_weights(G: Tensor, iters: int = MGDA_FW_ITERS) -> Tensor:
+    """Min-norm point ``argmin_{c in simplex} c^T G c``: exact for n <= 2, ``iters`` Frank-Wolfe
+    steps with exact line search otherwise. The same solver as ``pareto_weights(method="mgda")``."""
+    _check_gram(G)
+    if not _native():
+        return reference.mgda_weights(_acc(G), iters)
+    return _solve(G, None, "mgda", 0.0, False, iters)
+
+
+def cagrad_weights(G: Tensor, w: Optional[Tensor] = None, c: float = 0.4, clip: bool = True,
+                   iters: int = CAGRAD_ITERS) -> Tensor:
+    """Final coefficients ``a [n]`` of CAGrad-clip / RACO (``clip=True``) or CAGrad (``clip=False``).
+
+    With user weights ``w`` (on the simplex; uniform when None; not checked, that would need a host
+    read), ``b = G w`` and ``s = c * sqrt(w^T G w)``: ``p* = argmin_{p in simplex} p^T b +
+    s * sqrt(p^T G p)``, ``p~ = min(p*, w)`` (clip) or ``p*``, ``a = w + s / sqrt(p~^T G p~) * p~``
+    (``a = w`` when that norm is 0). The update is ``sum_i a_i g_i``. Solved in float64: exact
+    closed form for n = 2; ``iters`` steps of pair descent with exact line search for n > 2.
+    """
+    _check_gram(G)
+    if c < 0:
+        raise ValueError(f"c must be >= 0, got {c}")
+    if not _native():
+        return reference.cagrad_weights(_acc(G), w, c, clip, iters).to(_acc(G).dtype)
+    return _solve(G, w, "cagrad", c, clip, iters)
+
+
+def pcgrad_weights(G: Tensor) -> Tensor:
+    """PCGrad in Gram form (SPEC §6): coefficients ``sum_i v_i`` of the projected gradients, with
+    objectives projected in the fixed order j = 0..n-1."""
+    _check_gram(G)
+    if not _native():
+        return reference.pcgrad_weights(_acc(G))
+    return _solve(G, None, "pcgrad", 0.0, False, 0)
