@@ -74,7 +74,7 @@ def write_build_info(use_cuda: bool, archs: str) -> None:
 
 def extensions(use_cuda: bool):
     cxx = ["-O3", "-std=c++17"]
-    sources = ["csrc/ops.cpp"]
+    sources = ["csrc/ops.cpp", "csrc/preference_ops.cpp"]
     if use_cuda:
         archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         write_build_info(True, archs)

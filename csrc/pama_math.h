@@ -220,10 +220,10 @@ PAMA_HD T thm1(const T* v, int64_t stride, int n, T* c, T scale) {
 }
 
 // ---- §4 MGDA: argmin_{c in simplex} cᵀGc ------------------------------------------------------
-// n == 1, 2: exact; n > 2: kMgdaFwIters Frank–Wolfe steps with exact line search from uniform.
-// `work` needs 2n entries. Sequential on purpose: n <= 64 and it runs once per step.
+// n == 1, 2: exact; n > 2: `iters` (default kMgdaFwIters) Frank–Wolfe steps with exact line search
+// from uniform. `work` needs 2n entries. Sequential on purpose: n <= 64 and it runs once per step.
 template <typename T>
-PAMA_HD void mgda_weights(const T* G, int n, T* c, T* work) {
+PAMA_HD void mgda_weights(const T* G, int n, T* c, T* work, int iters = kMgdaFwIters) {
   if (n == 1) {
     c[0] = T(1);
     return;
@@ -238,7 +238,7 @@ PAMA_HD void mgda_weights(const T* G, int n, T* c, T* work) {
   T* grad = work;
   T* Gd = work + n;
   for (int i = 0; i < n; ++i) c[i] = T(1) / T(n);
-  for (int it = 0; it < kMgdaFwIters; ++it) {
+  for (int it = 0; it < iters; ++it) {
     int best = 0;
     for (int i = 0; i < n; ++i) {
       T g = 0;
@@ -477,6 +477,212 @@ PAMA_HD void finalize_value_loss(const T* part, int n, int64_t B, int64_t cpr, i
   for (int64_t k = 0; k < B * cpr; ++k) clip += part[k * ps + 1];
   metrics[0] = clip / maxv(total * T(n), T(1));
   loss[0] = sum;
+}
+
+// ================================================================================================
+// §6-§7 preference data: per-objective DPO losses, Gram of parameter gradients, Gram solvers.
+// ================================================================================================
+
+// ---- §7 per-objective DPO -------------------------------------------------------------------
+// Objective sign of a preference label: +1 chosen wins, -1 rejected wins, 0 tie (NaN is a tie).
+template <typename T>
+PAMA_HD T label_sign(T label) {
+  return label > T(0) ? T(1) : (label < T(0) ? T(-1) : T(0));
+}
+// Length used by the length normalisation (1 when absent; clamped to >= 1).
+template <typename T>
+PAMA_HD T dpo_length(const T* lengths, int64_t b) {
+  return lengths != nullptr ? maxv(lengths[b], T(1)) : T(1);
+}
+// h = (pc - rc)/Lc - (pr - rr)/Lr
+template <typename T>
+PAMA_HD T dpo_margin(T pc, T pr, T rc, T rr, T len_c, T len_r) {
+  return (pc - rc) / len_c - (pr - rr) / len_r;
+}
+// One (objective, pair) term: returns -log sigmoid(z), z = beta*s*h (stable form), and writes
+// coef = dL_i/dh_b = -(beta/B) * s * sigmoid(-z) (inv_b = 1/max(B, 1)).
+template <typename T>
+PAMA_HD T dpo_pair_loss(T beta, T s, T h, T inv_b, T& coef) {
+  const T z = beta * s * h;
+  const T e = std::exp(-(z < T(0) ? -z : z));  // exp(-|z|) in (0, 1]
+  const T sig_neg = z >= T(0) ? e / (T(1) + e) : T(1) / (T(1) + e);
+  coef = -(beta * inv_b) * s * sig_neg;
+  return maxv(-z, T(0)) + std::log1p(e);
+}
+
+// ---- §6 Gram of per-objective gradients --------------------------------------------------------
+// Partials hold the upper triangle (i <= j) row by row: n(n+1)/2 entries.
+PAMA_HD int gram_pairs(int n) { return n * (n + 1) / 2; }
+PAMA_HD void gram_pair(int q, int n, int& i, int& j) {
+  i = 0;
+  while (q >= n - i) {
+    q -= n - i;
+    ++i;
+  }
+  j = i + q;
+}
+// G[i, j] = G[j, i] = Σ_parts part[k][pair(i, j)], summed over k in order (deterministic).
+template <typename T>
+PAMA_HD void finalize_gram(const T* part, int64_t nparts, int n, T* G, int64_t tid, int64_t nth) {
+  const int P = gram_pairs(n);
+  for (int64_t q = tid; q < P; q += nth) {
+    T s = 0;
+    for (int64_t k = 0; k < nparts; ++k) s += part[k * P + q];
+    int i, j;
+    gram_pair(static_cast<int>(q), n, i, j);
+    G[i * n + j] = s;
+    G[j * n + i] = s;
+  }
+}
+
+// ---- §6 solvers on a Gram matrix ---------------------------------------------------------------
+enum GramMethod : int { kGramLinear = 0, kGramMgda = 1, kGramCagrad = 2, kGramPcgrad = 3 };
+constexpr int kCagradIters = 256;  // fixed pair-descent iterations for n > 2 (no data-dependent exit)
+
+// argmin over t in [lo, hi] of f(t) = delta*t + s*sqrt(q2 t² + q1 t + q0) (SPEC §6, n = 2 form).
+// Candidates in order lo, hi, then the real roots in [lo, hi] of the squared stationarity
+// condition (δ²q2 − s²q2²)t² + (δ²q1 − s²q1q2)t + δ²q0 − s²q1²/4 = 0; the first smallest f wins.
+template <typename T>
+PAMA_HD T segment_min(T delta, T q2, T q1, T q0, T s, T lo, T hi) {
+  const T A = delta * delta * q2 - s * s * q2 * q2;
+  const T Bc = delta * delta * q1 - s * s * q1 * q2;
+  const T C = delta * delta * q0 - s * s * q1 * q1 / T(4);
+  T cand[4] = {lo, hi, lo, lo};
+  if (A != T(0)) {
+    const T disc = Bc * Bc - T(4) * A * C;
+    if (disc >= T(0)) {
+      const T sq = std::sqrt(disc);
+      const T qq = -(Bc + (Bc >= T(0) ? sq : -sq)) / T(2);  // roots qq/A and C/qq (stable)
+      const T r1 = qq / A;
+      const T r2 = qq != T(0) ? C / qq : r1;
+      if (r1 >= lo && r1 <= hi) cand[2] = r1;
+      if (r2 >= lo && r2 <= hi) cand[3] = r2;
+    }
+  } else if (Bc != T(0)) {
+    const T r = -C / Bc;
+    if (r >= lo && r <= hi) cand[2] = r;
+  }
+  T best_t = lo, best_f = T(0);
+  for (int k = 0; k < 4; ++k) {
+    const T t = cand[k];
+    const T quad = q2 * t * t + q1 * t + q0;
+    const T f = delta * t + s * std::sqrt(quad > T(0) ? quad : T(0));
+    if (k == 0 || f < best_f) {
+      best_t = t;
+      best_f = f;
+    }
+  }
+  return best_t;
+}
+
+// Σ_j G[i, j] x[j] for every i.
+template <typename T>
+PAMA_HD void gram_matvec(const T* G, int n, const T* x, T* y) {
+  for (int i = 0; i < n; ++i) {
+    T s = 0;
+    for (int j = 0; j < n; ++j) s += G[i * n + j] * x[j];
+    y[i] = s;
+  }
+}
+template <typename T>
+PAMA_HD T dot_n(const T* x, const T* y, int n) {
+  T s = 0;
+  for (int i = 0; i < n; ++i) s += x[i] * y[i];
+  return s;
+}
+
+// CAGrad (clip = false) / CAGrad-clip as in RACO (clip = true), SPEC §6: final coefficients a [n].
+// w: user weights [n] or nullptr (uniform). b = Gw, s = c·sqrt(wᵀGw),
+// p* = argmin_{p∈Δ} pᵀb + s·sqrt(pᵀGp): n = 2 exactly (segment_min from e_2 to e_1); n > 2 `iters`
+// pair-descent steps from uniform: mass moves from the support coordinate with the largest partial
+// derivative to the one with the smallest, with an exact line search (segment_min) on that edge.
+// p̃ = min(p*, w) (clip) or p*; a = w + s/sqrt(p̃ᵀGp̃)·p̃ (a = w when that norm is 0).
+// Meant for T = double (SPEC: float64). `work` needs 4n entries.
+template <typename T>
+PAMA_HD void cagrad_weights(const T* G, const T* w, int n, T c, bool clip, int iters, T* a, T* work) {
+  T* wv = work;
+  T* b = work + n;
+  T* p = work + 2 * n;
+  T* Gp = work + 3 * n;
+  for (int i = 0; i < n; ++i) wv[i] = w != nullptr ? w[i] : T(1) / T(n);
+  gram_matvec(G, n, wv, b);
+  const T wGw = dot_n(wv, b, n);
+  const T s = c * std::sqrt(wGw > T(0) ? wGw : T(0));
+  if (n == 1) {
+    p[0] = T(1);
+  } else if (n == 2) {
+    const T lam = segment_min(b[0] - b[1], G[0] + G[3] - T(2) * G[1], T(2) * (G[1] - G[3]), G[3], s, T(0), T(1));
+    p[0] = lam;
+    p[1] = T(1) - lam;
+  } else {
+    for (int i = 0; i < n; ++i) p[i] = T(1) / T(n);
+    for (int it = 0; it < iters; ++it) {
+      gram_matvec(G, n, p, Gp);
+      const T Q = dot_n(p, Gp, n);
+      const T scale = Q > T(0) ? s / std::sqrt(Q) : T(0);
+      int k = 0, j = -1;
+      T gk = T(0), gj = T(0);
+      for (int i = 0; i < n; ++i) {
+        const T g = b[i] + scale * Gp[i];
+        if (i == 0 || g < gk) {
+          gk = g;
+          k = i;
+        }
+        if (p[i] > T(0) && (j < 0 || g > gj)) {
+          gj = g;
+          j = i;
+        }
+      }
+      if (j < 0) j = k;  // unreachable on the simplex; keeps the step a no-op
+      // edge p + t (e_k - e_j), t in [-p_k, p_j]
+      const T delta = b[k] - b[j];
+      const T q2 = (G[k * n + k] - G[k * n + j]) - (G[j * n + k] - G[j * n + j]);
+      const T q1 = T(2) * (Gp[k] - Gp[j]);
+      const T t = k == j ? T(0) : segment_min(delta, q2, q1, Q, s, -p[k], p[j]);
+      p[k] = maxv(p[k] + t, T(0));
+      p[j] = maxv(p[j] - t, T(0));
+    }
+  }
+  for (int i = 0; i < n; ++i) p[i] = clip ? minv(p[i], wv[i]) : p[i];  // p̃
+  gram_matvec(G, n, p, Gp);
+  const T nrm2 = dot_n(p, Gp, n);
+  const T nrm = std::sqrt(nrm2 > T(0) ? nrm2 : T(0));
+  const T scale = nrm > T(0) ? s / nrm : T(0);
+  for (int i = 0; i < n; ++i) a[i] = wv[i] + scale * p[i];
+}
+
+// PCGrad in Gram form (SPEC §6): v_i = e_i; for j != i in order, if (G v_i)_j < 0 (and G_jj > 0),
+// v_i[j] -= (G v_i)_j / G_jj; out = Σ_i v_i. `work` needs n entries.
+template <typename T>
+PAMA_HD void pcgrad_weights(const T* G, int n, T* out, T* work) {
+  T* v = work;
+  for (int i = 0; i < n; ++i) out[i] = T(0);
+  for (int i = 0; i < n; ++i) {
+    for (int r = 0; r < n; ++r) v[r] = r == i ? T(1) : T(0);
+    for (int j = 0; j < n; ++j) {
+      if (j == i) continue;
+      T gv = 0;
+      for (int r = 0; r < n; ++r) gv += G[j * n + r] * v[r];
+      const T gjj = G[j * n + j];
+      if (gv < T(0) && gjj > T(0)) v[j] -= gv / gjj;
+    }
+    for (int r = 0; r < n; ++r) out[r] += v[r];
+  }
+}
+
+// Weights of `method` (GramMethod) from G [n, n]; w (prefs) may be null (uniform).
+// `work` needs 4n entries. Single thread.
+template <typename T>
+PAMA_HD void gram_weights(const T* G, const T* w, int n, int method, T c, bool clip, int iters, T* out, T* work) {
+  if (method == kGramMgda) {
+    mgda_weights(G, n, out, work, iters);
+  } else if (method == kGramCagrad) {
+    cagrad_weights(G, w, n, c, clip, iters, out, work);
+  } else if (method == kGramPcgrad) {
+    pcgrad_weights(G, n, out, work);
+  } else {
+    for (int i = 0; i < n; ++i) out[i] = w != nullptr ? w[i] : T(1) / T(n);
+  }
 }
 
 }  // namespace pama

@@ -148,8 +148,8 @@ def _register() -> None:
         return None
 
     @fake(lib + "gram_weights")
-    def _(gram, prefs, method, c, clip, iters):
-        return gram.new_empty((gram.shape[0],), dtype=_acc_dtype(gram.dtype))
+    def _(G, w, method, c, clip, iters):
+        return G.new_empty((G.shape[0],), dtype=_acc_dtype(G.dtype))
 
     def dpo_setup(ctx, inputs, output):
         pc, _, _, _, _, _, lc, lr = inputs

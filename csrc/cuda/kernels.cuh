@@ -194,3 +194,98 @@ void launch_value_loss_backward(const ValueLossBackwardParams& p, void* stream);
 }  // namespace cuda
 
 }  // namespace pama
+
+// =================================================================================================
+// §6-§7 preference-data ops (csrc/preference_ops.cpp, cuda/preference.cu). Their own launcher
+// table, so the PPO table above stays as it is.
+// =================================================================================================
+namespace pama {
+
+// §7 per-objective DPO losses. h_b = dpo_margin(...) with lengths (acc, clamped >= 1) or 1;
+// losses[i] = Σ_b dpo_pair_loss / max(B, 1) (fixed order), coef[i, b] from dpo_pair_loss.
+struct DpoLossParams {
+  const void* policy_chosen;    // dtype [B]
+  const void* policy_rejected;  // dtype [B]
+  const void* ref_chosen;       // dtype [B]
+  const void* ref_rejected;     // dtype [B]
+  const void* labels;           // acc [n, B] (any real values; read through their sign)
+  const void* chosen_lengths;   // acc [B] or nullptr
+  const void* rejected_lengths; // acc [B] or nullptr
+  int64_t n, B;
+  double beta;
+  void* losses;  // acc [n] out
+  void* coef;    // acc [n, B] out
+  int dtype;
+};
+// grad_h[b] = Σ_i grad_losses[i] * coef[i, b];  grad_chosen = grad_h / Lc, grad_rejected = grad_h / Lr
+// (d/d policy_chosen; the other three log-probs get ±these).
+struct DpoLossBackwardParams {
+  const void* grad_losses;       // acc [n]
+  const void* coef;              // acc [n, B]
+  const void* chosen_lengths;    // acc [B] or nullptr
+  const void* rejected_lengths;  // acc [B] or nullptr
+  int64_t n, B;
+  void* grad_chosen;    // dtype [B] out
+  void* grad_rejected;  // dtype [B] out
+  int dtype;
+};
+
+// §6 Gram of per-objective gradients over a table of K parameters: ptrs[i * K + k] is objective
+// i's gradient of parameter k (numel[k] elements, contiguous, `dtype`; nullptr = zero). Host
+// arrays; the launcher copies what each launch needs into its kernel arguments. Parameter k is
+// split into ceil(numel[k] / block) blocks of `block` elements (Backend gram_block); block c of
+// parameter k owns partial index part_offset[k] + c (gram_pairs(n) acc entries, upper triangle),
+// and G = finalize_gram over all partials in index order (deterministic).
+struct GradGramParams {
+  const void* const* ptrs;    // host [n * K]
+  const int64_t* numel;       // host [K]
+  const int64_t* part_offset; // host [K + 1] (part_offset[K] = number of partials)
+  int64_t n, K, block;
+  void* partials;  // acc [part_offset[K] * gram_pairs(n)]
+  void* gram;      // acc [n, n] out
+  int dtype;
+};
+// §6 combination: out_k = (accumulate ? out_k : 0) + Σ_i coeffs[i] * ptrs[i * K + k] (i in order,
+// in acc = double if either dtype is float64, else float; nullptr gradients are skipped).
+struct CombineGradsParams {
+  const void* const* ptrs;  // host [n * K], `dtype`
+  void* const* outs;        // host [K], `out_dtype`, contiguous
+  const int64_t* numel;     // host [K]
+  const void* coeffs;       // acc [n] (device)
+  int64_t n, K;
+  bool accumulate;
+  int dtype, out_dtype;
+};
+// §6 weights on a Gram matrix (pama::gram_weights), one thread.
+struct GramWeightsParams {
+  const void* gram;   // acc [n, n]
+  const void* prefs;  // acc [n] or nullptr
+  int n, method;      // pama::GramMethod
+  double c;
+  bool clip;
+  int iters;
+  void* weights;  // acc [n] out
+  void* work;     // acc [4n] scratch
+  int acc_is_double;
+};
+
+struct PreferenceBackend {
+  const char* name;
+  int64_t gram_block;  // elements per Gram partial
+  void (*dpo_loss_forward)(const DpoLossParams&, void* stream);
+  void (*dpo_loss_backward)(const DpoLossBackwardParams&, void* stream);
+  void (*gradient_gram)(const GradGramParams&, void* stream);
+  void (*combine_gradients)(const CombineGradsParams&, void* stream);
+  void (*gram_weights)(const GramWeightsParams&, void* stream);
+};
+
+namespace cuda {
+constexpr int64_t kGramBlock = 65536;
+void launch_dpo_loss_forward(const DpoLossParams& p, void* stream);
+void launch_dpo_loss_backward(const DpoLossBackwardParams& p, void* stream);
+void launch_gradient_gram(const GradGramParams& p, void* stream);
+void launch_combine_gradients(const CombineGradsParams& p, void* stream);
+void launch_gram_weights(const GramWeightsParams& p, void* stream);
+}  // namespace cuda
+
+}  // namespace pama

@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "../ops.h"
+#include "../preference_ops.h"
 #include "kernels.cuh"
 
 namespace {
@@ -26,6 +27,18 @@ const pama::Backend kCudaTable{"cuda",
 
 const bool kRegistered = (pama::set_cuda_backend(&kCudaTable, &current_stream), true);
 
+const pama::PreferenceBackend kCudaPreferenceTable{"cuda",
+                                                   pama::cuda::kGramBlock,
+                                                   &pama::cuda::launch_dpo_loss_forward,
+                                                   &pama::cuda::launch_dpo_loss_backward,
+                                                   &pama::cuda::launch_gradient_gram,
+                                                   &pama::cuda::launch_combine_gradients,
+                                                   &pama::cuda::launch_gram_weights};
+
+const bool kPreferenceRegistered =
+    (pama::set_cuda_preference_backend(&kCudaPreferenceTable, &current_stream), true);
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pama_ext, CUDA, m) { pama::register_impls(m); }
+TORCH_LIBRARY_IMPL(pama_ext, CUDA, m) { pama::register_preference_impls(m); }

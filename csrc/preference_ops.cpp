@@ -1,0 +1,551 @@
+// preference_ops.cpp — §6-§7 preference-data ops: schemas (a fragment of the pama_ext library),
+// argument checks, the device-independent op bodies (run on a PreferenceBackend launcher table) and
+// the CPU launchers.
+//
+//   multi_dpo_loss (+ backward)  per-objective DPO losses on shared pairs, and dL_i/dh (SPEC §7)
+//   gradient_gram                G = [<g_i, g_j>] over lists of per-parameter gradients, one pass
+//   combine_gradients            p.grad = Σ_i a_i g_i over the same lists, one pass, in place
+//   gram_weights                 linear / MGDA / CAGrad(-clip) / PCGrad weights from G (SPEC §6)
+#include "preference_ops.h"
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <c10/core/DeviceGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "pama_math.h"
+
+namespace pama {
+
+namespace {
+const PreferenceBackend* g_cuda_pref = nullptr;
+void* (*g_cuda_pref_stream)() = nullptr;
+}  // namespace
+
+void set_cuda_preference_backend(const PreferenceBackend* table, void* (*stream)()) {
+  g_cuda_pref = table;
+  g_cuda_pref_stream = stream;
+}
+
+namespace cpu {
+const PreferenceBackend& preference_table();
+}
+
+namespace {
+
+struct PrefLaunch {
+  const PreferenceBackend& be;
+  void* stream;
+};
+
+PrefLaunch pref_backend(const at::Device& d, const char* op) {
+  if (d.is_cpu()) return {cpu::preference_table(), nullptr};
+  TORCH_CHECK(d.is_cuda(), op, ": tensors on device ", d, " are not supported (cpu or cuda)");
+  TORCH_CHECK(g_cuda_pref != nullptr, op,
+              ": pama_ext was built without CUDA kernels; rebuild with a CUDA-enabled torch "
+              "(PAMA_EXT_CUDA=1) or move the inputs to the CPU");
+  return {*g_cuda_pref, g_cuda_pref_stream()};
+}
+
+// ---- argument checks (messages name the op and the argument) -----------------------------------
+int dtype_of(at::ScalarType s) {
+  switch (s) {
+    case at::kFloat: return kFloat32;
+    case at::kDouble: return kFloat64;
+    case at::kHalf: return kFloat16;
+    case at::kBFloat16: return kBFloat16;
+    default: return -1;
+  }
+}
+at::ScalarType acc_of_type(at::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }
+
+std::string shape_of(const at::Tensor& t) {
+  std::string s = "[";
+  for (int64_t d = 0; d < t.dim(); ++d) s += (d ? ", " : "") + std::to_string(t.size(d));
+  return s + "]";
+}
+
+void need_float(const at::Tensor& t, const char* op, const std::string& name) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " must be a tensor, got None");
+  TORCH_CHECK(dtype_of(t.scalar_type()) >= 0, op, ": ", name,
+              " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
+}
+void need_real(const at::Tensor& t, const char* op, const std::string& name, const char* what) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " must be a tensor, got None");
+  TORCH_CHECK(t.scalar_type() != at::kBool && !t.is_complex(), op, ": ", name, " must have an integer or floating ",
+              "dtype (", what, "), got ", t.scalar_type());
+}
+void need_device(const at::Tensor& t, const at::Device& d, const char* op, const std::string& name,
+                 const char* like) {
+  TORCH_CHECK(t.device() == d, op, ": ", name, " is on ", t.device(), " but ", like, " is on ", d);
+}
+void need_shape(const at::Tensor& t, at::IntArrayRef expect, const char* op, const std::string& name,
+                const char* meaning) {
+  TORCH_CHECK(t.sizes() == expect, op, ": ", name, " must have shape ", meaning, " = ", expect, ", got ",
+              shape_of(t));
+}
+void need_objectives(int64_t n, const char* op, const char* name) {
+  TORCH_CHECK(n >= 1 && n <= kMaxObjectives, op, ": ", name, " has n = ", n, " objectives; n must be in [1, ",
+              kMaxObjectives, "]");
+}
+
+// optional [B] lengths -> contiguous acc copy (or undefined)
+at::Tensor lengths_acc(const c10::optional<at::Tensor>& len, int64_t B, at::ScalarType acc, const at::Device& d,
+                       const char* op, const char* name) {
+  if (!len.has_value() || !len->defined()) return at::Tensor();
+  need_real(*len, op, name, "response lengths");
+  need_shape(*len, {B}, op, name, "[B]");
+  need_device(*len, d, op, name, "policy_chosen_logps");
+  return len->to(acc).contiguous();
+}
+
+constexpr const char* kDPO = "multi_dpo_loss";
+constexpr const char* kDPOB = "multi_dpo_loss_backward";
+constexpr const char* kGG = "gradient_gram";
+constexpr const char* kCG = "combine_gradients";
+constexpr const char* kGW = "gram_weights";
+
+std::tuple<at::Tensor, at::Tensor> multi_dpo_loss(const at::Tensor& pc, const at::Tensor& pr, const at::Tensor& rc,
+                                                  const at::Tensor& rr, const at::Tensor& labels, double beta,
+                                                  const c10::optional<at::Tensor>& chosen_lengths,
+                                                  const c10::optional<at::Tensor>& rejected_lengths) {
+  need_float(pc, kDPO, "policy_chosen_logps");
+  TORCH_CHECK(pc.dim() == 1, kDPO, ": policy_chosen_logps must be 1-D [B] (summed log-probs per pair), got shape ",
+              shape_of(pc));
+  const int64_t B = pc.size(0);
+  const at::Device dev = pc.device();
+  const std::pair<const at::Tensor*, const char*> others[] = {
+      {&pr, "policy_rejected_logps"}, {&rc, "ref_chosen_logps"}, {&rr, "ref_rejected_logps"}};
+  for (const auto& [t, name] : others) {
+    need_float(*t, kDPO, name);
+    TORCH_CHECK(t->scalar_type() == pc.scalar_type(), kDPO, ": ", name, " must have the dtype of policy_chosen_logps (",
+                pc.scalar_type(), "), got ", t->scalar_type());
+    need_shape(*t, {B}, kDPO, name, "[B] (the shape of policy_chosen_logps)");
+    need_device(*t, dev, kDPO, name, "policy_chosen_logps");
+  }
+  need_real(labels, kDPO, "labels", "+1 chosen wins, -1 rejected wins, 0 tie");
+  TORCH_CHECK(labels.dim() == 2, kDPO, ": labels must be 2-D [n, B], got shape ", shape_of(labels));
+  need_objectives(labels.size(0), kDPO, "labels");
+  const int64_t n = labels.size(0);
+  need_shape(labels, {n, B}, kDPO, "labels", "[n, B] (B from policy_chosen_logps)");
+  need_device(labels, dev, kDPO, "labels", "policy_chosen_logps");
+  TORCH_CHECK_VALUE(std::isfinite(beta) && beta > 0, kDPO, ": beta must be finite and > 0, got ", beta);
+  c10::OptionalDeviceGuard guard(dev);
+  const auto acc = acc_of_type(pc.scalar_type());
+  at::Tensor lc = lengths_acc(chosen_lengths, B, acc, dev, kDPO, "chosen_lengths");
+  at::Tensor lr = lengths_acc(rejected_lengths, B, acc, dev, kDPO, "rejected_lengths");
+  auto c_pc = pc.contiguous(), c_pr = pr.contiguous(), c_rc = rc.contiguous(), c_rr = rr.contiguous();
+  at::Tensor lab = labels.to(acc).contiguous();
+  auto opts = pc.options().dtype(acc);
+  at::Tensor losses = at::empty({n}, opts), coef = at::empty({n, B}, opts);
+  PrefLaunch L = pref_backend(dev, kDPO);
+  DpoLossParams p{c_pc.data_ptr(), c_pr.data_ptr(), c_rc.data_ptr(), c_rr.data_ptr(), lab.data_ptr(),
+                  lc.defined() ? lc.data_ptr() : nullptr, lr.defined() ? lr.data_ptr() : nullptr,
+                  n, B, beta, losses.data_ptr(), coef.data_ptr(), dtype_of(pc.scalar_type())};
+  L.be.dpo_loss_forward(p, L.stream);
+  return {losses, coef};
+}
+
+std::tuple<at::Tensor, at::Tensor> multi_dpo_loss_backward(const at::Tensor& grad_losses, const at::Tensor& coef,
+                                                           const at::Tensor& pc,
+                                                           const c10::optional<at::Tensor>& chosen_lengths,
+                                                           const c10::optional<at::Tensor>& rejected_lengths) {
+  need_float(pc, kDPOB, "policy_chosen_logps");
+  TORCH_CHECK(pc.dim() == 1, kDPOB, ": policy_chosen_logps must be 1-D [B], got shape ", shape_of(pc));
+  const int64_t B = pc.size(0);
+  const at::Device dev = pc.device();
+  const auto acc = acc_of_type(pc.scalar_type());
+  TORCH_CHECK(coef.defined() && coef.dim() == 2 && coef.size(1) == B && coef.scalar_type() == acc, kDPOB,
+              ": coef must be ", acc, " [n, B] (from multi_dpo_loss)");
+  const int64_t n = coef.size(0);
+  need_float(grad_losses, kDPOB, "grad_losses");
+  need_shape(grad_losses, {n}, kDPOB, "grad_losses", "[n]");
+  need_device(grad_losses, dev, kDPOB, "grad_losses", "policy_chosen_logps");
+  need_device(coef, dev, kDPOB, "coef", "policy_chosen_logps");
+  c10::OptionalDeviceGuard guard(dev);
+  at::Tensor lc = lengths_acc(chosen_lengths, B, acc, dev, kDPOB, "chosen_lengths");
+  at::Tensor lr = lengths_acc(rejected_lengths, B, acc, dev, kDPOB, "rejected_lengths");
+  at::Tensor g = grad_losses.to(acc).contiguous(), cf = coef.contiguous();
+  at::Tensor gc = at::empty({B}, pc.options()), gr = at::empty({B}, pc.options());
+  if (B == 0) return {gc, gr};
+  PrefLaunch L = pref_backend(dev, kDPOB);
+  DpoLossBackwardParams p{g.data_ptr(), cf.data_ptr(), lc.defined() ? lc.data_ptr() : nullptr,
+                          lr.defined() ? lr.data_ptr() : nullptr, n, B, gc.data_ptr(), gr.data_ptr(),
+                          dtype_of(pc.scalar_type())};
+  L.be.dpo_loss_backward(p, L.stream);
+  return {gc, gr};
+}
+
+// ---- gradient tables -----------------------------------------------------------------------
+// A flat i-major list grads[i * K + k] of optional tensors, checked and made contiguous.
+struct GradTable {
+  int64_t n = 0, K = 0;
+  std::vector<at::Tensor> held;  // contiguous tensors (undefined = zero)
+  std::vector<const void*> ptrs;
+  std::vector<int64_t> numel;  // [K]
+  at::Tensor first;            // the first defined gradient (dtype/device), or undefined
+};
+
+std::string grad_name(int64_t idx, int64_t K) {
+  return "grads[" + std::to_string(idx / K) + "][" + std::to_string(idx % K) + "]";
+}
+
+GradTable grad_table(const c10::List<c10::optional<at::Tensor>>& grads, int64_t n, const char* op) {
+  need_objectives(n, op, "grads");
+  const int64_t len = static_cast<int64_t>(grads.size());
+  TORCH_CHECK(len % n == 0, op, ": grads holds ", len, " entries, not a multiple of num_objectives = ", n,
+              " (one gradient per objective and parameter)");
+  GradTable t;
+  t.n = n;
+  t.K = len / n;
+  t.held.resize(len);
+  t.ptrs.assign(len, nullptr);
+  t.numel.assign(t.K, 0);
+  std::vector<at::Tensor> col_first(t.K);
+  for (int64_t idx = 0; idx < len; ++idx) {
+    const c10::optional<at::Tensor> g = grads.get(idx);
+    if (!g.has_value() || !g->defined()) continue;
+    const std::string name = grad_name(idx, t.K);
+    need_float(*g, op, name);
+    if (!t.first.defined()) t.first = *g;
+    TORCH_CHECK(g->scalar_type() == t.first.scalar_type(), op, ": ", name, " has dtype ", g->scalar_type(),
+                " but the other gradients are ", t.first.scalar_type(), "; all gradients must share one dtype");
+    need_device(*g, t.first.device(), op, name, "the first gradient");
+    at::Tensor& cf = col_first[idx % t.K];
+    if (!cf.defined()) {
+      cf = *g;
+      t.numel[idx % t.K] = g->numel();
+    } else {
+      TORCH_CHECK(g->sizes() == cf.sizes(), op, ": ", name, " has shape ", shape_of(*g), " but another objective's ",
+                  "gradient of parameter ", idx % t.K, " has shape ", shape_of(cf),
+                  "; every objective's gradient of a parameter has the parameter's shape");
+    }
+    t.held[idx] = g->contiguous();
+    t.ptrs[idx] = t.held[idx].data_ptr();
+  }
+  return t;
+}
+
+at::Tensor gradient_gram(const c10::List<c10::optional<at::Tensor>>& grads, int64_t num_objectives) {
+  GradTable t = grad_table(grads, num_objectives, kGG);
+  const int64_t n = t.n;
+  if (!t.first.defined()) return at::zeros({n, n}, at::TensorOptions().dtype(at::kFloat));
+  const at::Device dev = t.first.device();
+  c10::OptionalDeviceGuard guard(dev);
+  PrefLaunch L = pref_backend(dev, kGG);
+  const int64_t block = L.be.gram_block;
+  std::vector<int64_t> offset(t.K + 1, 0);
+  for (int64_t k = 0; k < t.K; ++k) offset[k + 1] = offset[k] + (t.numel[k] + block - 1) / block;
+  auto opts = t.first.options().dtype(acc_of_type(t.first.scalar_type()));
+  at::Tensor partials = at::empty({std::max<int64_t>(1, offset[t.K] * gram_pairs(static_cast<int>(n)))}, opts);
+  at::Tensor G = at::empty({n, n}, opts);
+  GradGramParams p{t.ptrs.data(), t.numel.data(), offset.data(), n, t.K, block, partials.data_ptr(), G.data_ptr(),
+                   dtype_of(t.first.scalar_type())};
+  L.be.gradient_gram(p, L.stream);
+  return G;
+}
+
+void combine_gradients(const c10::List<c10::optional<at::Tensor>>& grads, int64_t num_objectives,
+                       const at::Tensor& coeffs, at::TensorList out, bool accumulate) {
+  GradTable t = grad_table(grads, num_objectives, kCG);
+  const int64_t n = t.n, K = t.K;
+  TORCH_CHECK(static_cast<int64_t>(out.size()) == K, kCG, ": out (the parameters' .grad) has ", out.size(),
+              " tensors but grads has ", K, " per objective");
+  if (K == 0) return;
+  for (int64_t k = 0; k < K; ++k) {
+    const std::string name = "out[" + std::to_string(k) + "]";
+    need_float(out[k], kCG, name);
+    TORCH_CHECK(out[k].scalar_type() == out[0].scalar_type(), kCG, ": ", name, " has dtype ", out[k].scalar_type(),
+                " but out[0] has ", out[0].scalar_type());
+    need_device(out[k], out[0].device(), kCG, name, "out[0]");
+    for (int64_t i = 0; i < n; ++i) {
+      const at::Tensor& g = t.held[i * K + k];
+      if (!g.defined()) continue;
+      TORCH_CHECK(g.sizes() == out[k].sizes(), kCG, ": ", grad_name(i * K + k, K), " has shape ", shape_of(g),
+                  " but params[", k, "] has shape ", shape_of(out[k]));
+    }
+  }
+  const at::Device dev = out[0].device();
+  if (t.first.defined()) need_device(t.first, dev, kCG, "grads", "params (out)");
+  need_float(coeffs, kCG, "coeffs");
+  need_shape(coeffs, {n}, kCG, "coeffs", "[n]");
+  need_device(coeffs, dev, kCG, "coeffs", "params (out)");
+  c10::OptionalDeviceGuard guard(dev);
+  const at::ScalarType gdt = t.first.defined() ? t.first.scalar_type() : out[0].scalar_type();
+  const at::ScalarType odt = out[0].scalar_type();
+  const auto acc = (gdt == at::kDouble || odt == at::kDouble) ? at::kDouble : at::kFloat;
+  at::Tensor c = coeffs.to(acc).contiguous();
+  std::vector<at::Tensor> dst(K);  // contiguous targets (a copy for a non-contiguous .grad)
+  std::vector<void*> outs(K);
+  for (int64_t k = 0; k < K; ++k) {
+    dst[k] = out[k].is_contiguous() ? out[k] : out[k].contiguous();
+    outs[k] = dst[k].data_ptr();
+    t.numel[k] = out[k].numel();
+  }
+  PrefLaunch L = pref_backend(dev, kCG);
+  CombineGradsParams p{t.ptrs.data(), outs.data(), t.numel.data(), c.data_ptr(), n, K, accumulate,
+                       dtype_of(gdt), dtype_of(odt)};
+  L.be.combine_gradients(p, L.stream);
+  for (int64_t k = 0; k < K; ++k)
+    if (!out[k].is_contiguous()) out[k].copy_(dst[k]);
+}
+
+int parse_gram_method(const std::string& s) {
+  if (s == "linear") return kGramLinear;
+  if (s == "mgda") return kGramMgda;
+  if (s == "cagrad") return kGramCagrad;
+  if (s == "pcgrad") return kGramPcgrad;
+  TORCH_CHECK_VALUE(false, kGW, ": method must be one of 'linear', 'mgda', 'cagrad', 'pcgrad', got '", s, "'");
+  return -1;
+}
+
+at::Tensor gram_weights_op(const at::Tensor& gram, const c10::optional<at::Tensor>& prefs, const std::string& method,
+                        double c, bool clip, int64_t iters) {
+  need_float(gram, kGW, "G");
+  TORCH_CHECK(gram.dim() == 2 && gram.size(0) == gram.size(1), kGW, ": G must be a square [n, n] Gram matrix, got ",
+              "shape ", shape_of(gram));
+  const int64_t n = gram.size(0);
+  need_objectives(n, kGW, "G");
+  const int m = parse_gram_method(method);
+  TORCH_CHECK_VALUE(std::isfinite(c) && c >= 0, kGW, ": c must be finite and >= 0, got ", c);
+  TORCH_CHECK_VALUE(iters >= 0 && iters <= (1 << 20), kGW, ": iters must be in [0, 2^20], got ", iters);
+  const at::Device dev = gram.device();
+  c10::OptionalDeviceGuard guard(dev);
+  const auto acc = acc_of_type(gram.scalar_type());
+  const auto work_t = m == kGramCagrad ? at::kDouble : acc;  // SPEC §6: CAGrad in float64
+  at::Tensor G = gram.to(work_t).contiguous();
+  at::Tensor w;
+  if (prefs.has_value() && prefs->defined()) {
+    need_float(*prefs, kGW, "w");
+    need_shape(*prefs, {n}, kGW, "w", "[n]");
+    need_device(*prefs, dev, kGW, "w", "G");
+    w = prefs->to(work_t).contiguous();
+  }
+  auto opts = gram.options().dtype(work_t);
+  at::Tensor out = at::empty({n}, opts), work = at::empty({4 * n}, opts);
+  PrefLaunch L = pref_backend(dev, kGW);
+  GramWeightsParams p{G.data_ptr(), w.defined() ? w.data_ptr() : nullptr, static_cast<int>(n), m, c, clip,
+                      static_cast<int>(iters), out.data_ptr(), work.data_ptr(), work_t == at::kDouble};
+  L.be.gram_weights(p, L.stream);
+  return work_t == acc ? out : out.to(acc);
+}
+
+}  // namespace
+
+void register_preference_impls(torch::Library& m) {
+  m.impl("multi_dpo_loss", &multi_dpo_loss);
+  m.impl("multi_dpo_loss_backward", &multi_dpo_loss_backward);
+  m.impl("gradient_gram", &gradient_gram);
+  m.impl("combine_gradients", &combine_gradients);
+  m.impl("gram_weights", &gram_weights_op);
+}
+
+// =================================================================================================
+// CPU launchers. Gram and combine run one task per fixed block of elements (at::parallel_for), so
+// partials and results do not depend on the thread count; small reductions run sequentially.
+// =================================================================================================
+namespace cpu {
+namespace {
+
+constexpr int64_t kGramBlockCpu = 32768;  // elements per Gram partial / combine task
+constexpr int kTile = 256;                // elements converted to acc at a time (L1-resident)
+constexpr int kLanes = 16;                // independent partial sums per dot product (vectorisable)
+
+template <typename F>
+void dispatch(int dtype, F&& f) {
+  switch (dtype) {
+    case kFloat32: f(float{}); break;
+    case kFloat64: f(double{}); break;
+    case kFloat16: f(c10::Half{}); break;
+    case kBFloat16: f(c10::BFloat16{}); break;
+    default: TORCH_CHECK(false, "pama_ext: unsupported dtype code ", dtype);
+  }
+}
+template <typename scalar_t>
+using acc_of = at::opmath_type<scalar_t>;
+
+void dpo_loss_forward(const DpoLossParams& p, void*) {
+  dispatch(p.dtype, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc = acc_of<scalar_t>;
+    auto* pc = static_cast<const scalar_t*>(p.policy_chosen);
+    auto* pr = static_cast<const scalar_t*>(p.policy_rejected);
+    auto* rc = static_cast<const scalar_t*>(p.ref_chosen);
+    auto* rr = static_cast<const scalar_t*>(p.ref_rejected);
+    auto* lab = static_cast<const acc*>(p.labels);
+    auto* lc = static_cast<const acc*>(p.chosen_lengths);
+    auto* lr = static_cast<const acc*>(p.rejected_lengths);
+    auto* losses = static_cast<acc*>(p.losses);
+    auto* coef = static_cast<acc*>(p.coef);
+    const acc beta = static_cast<acc>(p.beta);
+    const acc inv_b = acc(1) / static_cast<acc>(std::max<int64_t>(p.B, 1));
+    for (int64_t i = 0; i < p.n; ++i) {
+      acc sum = 0;
+      for (int64_t b = 0; b < p.B; ++b) {
+        const acc h = dpo_margin(static_cast<acc>(pc[b]), static_cast<acc>(pr[b]), static_cast<acc>(rc[b]),
+                                 static_cast<acc>(rr[b]), dpo_length(lc, b), dpo_length(lr, b));
+        sum += dpo_pair_loss(beta, label_sign(lab[i * p.B + b]), h, inv_b, coef[i * p.B + b]);
+      }
+      losses[i] = sum * inv_b;
+    }
+  });
+}
+
+void dpo_loss_backward(const DpoLossBackwardParams& p, void*) {
+  dispatch(p.dtype, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc = acc_of<scalar_t>;
+    auto* g = static_cast<const acc*>(p.grad_losses);
+    auto* coef = static_cast<const acc*>(p.coef);
+    auto* lc = static_cast<const acc*>(p.chosen_lengths);
+    auto* lr = static_cast<const acc*>(p.rejected_lengths);
+    auto* gc = static_cast<scalar_t*>(p.grad_chosen);
+    auto* gr = static_cast<scalar_t*>(p.grad_rejected);
+    for (int64_t b = 0; b < p.B; ++b) {
+      acc gh = 0;
+      for (int64_t i = 0; i < p.n; ++i) gh += g[i] * coef[i * p.B + b];
+      gc[b] = static_cast<scalar_t>(gh / dpo_length(lc, b));
+      gr[b] = static_cast<scalar_t>(gh / dpo_length(lr, b));
+    }
+  });
+}
+
+// Parameter k and block c of task `task` (part_offset is non-decreasing, [K + 1]).
+inline void task_block(const int64_t* part_offset, int64_t K, int64_t task, int64_t& k, int64_t& c) {
+  k = std::upper_bound(part_offset, part_offset + K + 1, task) - part_offset - 1;
+  c = task - part_offset[k];
+}
+
+void gradient_gram(const GradGramParams& p, void*) {
+  dispatch(p.dtype, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc = acc_of<scalar_t>;
+    const int n = static_cast<int>(p.n);
+    const int P = gram_pairs(n);
+    const int64_t ntasks = p.part_offset[p.K];
+    auto* part = static_cast<acc*>(p.partials);
+    at::parallel_for(0, ntasks, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<acc> buf(static_cast<size_t>(n) * kTile), sums(P);
+      std::vector<char> live(n);
+      for (int64_t task = t0; task < t1; ++task) {
+        int64_t k, c;
+        task_block(p.part_offset, p.K, task, k, c);
+        const int64_t e0 = c * p.block, e1 = std::min(p.numel[k], e0 + p.block);
+        std::fill(sums.begin(), sums.end(), acc(0));
+        for (int64_t base = e0; base < e1; base += kTile) {
+          const int len = static_cast<int>(std::min<int64_t>(kTile, e1 - base));
+          const int padded = (len + kLanes - 1) / kLanes * kLanes;
+          for (int i = 0; i < n; ++i) {
+            auto* g = static_cast<const scalar_t*>(p.ptrs[i * p.K + k]);
+            live[i] = g != nullptr;
+            if (!live[i]) continue;
+            acc* row = buf.data() + static_cast<size_t>(i) * kTile;
+            for (int e = 0; e < len; ++e) row[e] = static_cast<acc>(g[base + e]);
+            for (int e = len; e < padded; ++e) row[e] = acc(0);
+          }
+          int q = 0;
+          for (int i = 0; i < n; ++i) {
+            for (int j = i; j < n; ++j, ++q) {
+              if (!live[i] || !live[j]) continue;
+              const acc* x = buf.data() + static_cast<size_t>(i) * kTile;
+              const acc* y = buf.data() + static_cast<size_t>(j) * kTile;
+              acc lanes[kLanes] = {};
+              for (int e = 0; e < padded; e += kLanes)
+                for (int l = 0; l < kLanes; ++l) lanes[l] += x[e + l] * y[e + l];
+              acc s = 0;
+              for (int l = 0; l < kLanes; ++l) s += lanes[l];
+              sums[q] += s;
+            }
+          }
+        }
+        std::copy(sums.begin(), sums.end(), part + task * P);
+      }
+    });
+    finalize_gram(part, ntasks, n, static_cast<acc*>(p.gram), 0, 1);
+  });
+}
+
+template <typename G, typename O>
+void combine_typed(const CombineGradsParams& p) {
+  using acc = std::conditional_t<std::is_same_v<G, double> || std::is_same_v<O, double>, double, float>;
+  const auto* coeffs = static_cast<const acc*>(p.coeffs);
+  std::vector<int64_t> offset(p.K + 1, 0);
+  for (int64_t k = 0; k < p.K; ++k) offset[k + 1] = offset[k] + (p.numel[k] + kGramBlockCpu - 1) / kGramBlockCpu;
+  at::parallel_for(0, offset[p.K], 1, [&](int64_t t0, int64_t t1) {
+    acc tmp[kTile];
+    for (int64_t task = t0; task < t1; ++task) {
+      int64_t k, c;
+      task_block(offset.data(), p.K, task, k, c);
+      O* out = static_cast<O*>(p.outs[k]);
+      const int64_t e0 = c * kGramBlockCpu, e1 = std::min(p.numel[k], e0 + kGramBlockCpu);
+      for (int64_t base = e0; base < e1; base += kTile) {
+        const int len = static_cast<int>(std::min<int64_t>(kTile, e1 - base));
+        for (int e = 0; e < len; ++e) tmp[e] = acc(0);
+        for (int64_t i = 0; i < p.n; ++i) {
+          auto* g = static_cast<const G*>(p.ptrs[i * p.K + k]);
+          if (g == nullptr) continue;
+          const acc ci = coeffs[i];
+          for (int e = 0; e < len; ++e) tmp[e] += ci * static_cast<acc>(g[base + e]);
+        }
+        if (p.accumulate) {
+          for (int e = 0; e < len; ++e) out[base + e] = static_cast<O>(static_cast<acc>(out[base + e]) + tmp[e]);
+        } else {
+          for (int e = 0; e < len; ++e) out[base + e] = static_cast<O>(tmp[e]);
+        }
+      }
+    }
+  });
+}
+
+void combine_gradients(const CombineGradsParams& p, void*) {
+  dispatch(p.dtype, [&](auto gtag) {
+    dispatch(p.out_dtype, [&](auto otag) { combine_typed<decltype(gtag), decltype(otag)>(p); });
+  });
+}
+
+void gram_weights(const GramWeightsParams& p, void*) {
+  auto run = [&](auto tag) {
+    using acc = decltype(tag);
+    pama::gram_weights(static_cast<const acc*>(p.gram), static_cast<const acc*>(p.prefs), p.n, p.method,
+                       static_cast<acc>(p.c), p.clip, p.iters, static_cast<acc*>(p.weights),
+                       static_cast<acc*>(p.work));
+  };
+  if (p.acc_is_double)
+    run(double{});
+  else
+    run(float{});
+}
+
+}  // namespace
+
+const PreferenceBackend& preference_table() {
+  static const PreferenceBackend t{"cpu", kGramBlockCpu, &dpo_loss_forward, &dpo_loss_backward, &gradient_gram,
+                                   &combine_gradients, &gram_weights};
+  return t;
+}
+
+}  // namespace cpu
+}  // namespace pama
+
+TORCH_LIBRARY_FRAGMENT(pama_ext, m) {
+  m.def(
+      "multi_dpo_loss(Tensor policy_chosen_logps, Tensor policy_rejected_logps, Tensor ref_chosen_logps, "
+      "Tensor ref_rejected_logps, Tensor labels, float beta, Tensor? chosen_lengths, Tensor? rejected_lengths) "
+      "-> (Tensor losses, Tensor coef)");
+  m.def(
+      "multi_dpo_loss_backward(Tensor grad_losses, Tensor coef, Tensor policy_chosen_logps, "
+      "Tensor? chosen_lengths, Tensor? rejected_lengths) -> (Tensor grad_chosen, Tensor grad_rejected)");
+  m.def("gradient_gram(Tensor?[] grads, int num_objectives) -> Tensor");
+  m.def(
+      "combine_gradients(Tensor?[] grads, int num_objectives, Tensor coeffs, Tensor(a!)[] out, bool accumulate) "
+      "-> ()");
+  m.def("gram_weights(Tensor G, Tensor? w, str method, float c, bool clip, int iters) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(pama_ext, CPU, m) { pama::register_preference_impls(m); }
