@@ -23,11 +23,11 @@ from ..trainer.config import split_list
 
 #: the demo's budget: all runs in about five minutes on a free 2-core CPU (one thread)
 DEMO_DEFAULTS = dict(
-    steps=24,
-    batch_size=32,
-    micro_batch_size=32,
-    lr=3e-4,
-    pool_prompts=96,
+    steps=20,
+    batch_size=24,
+    micro_batch_size=24,
+    lr=4e-4,
+    pool_prompts=80,
     responses_per_prompt=4,
     max_new_tokens=40,
     eval_size=64,

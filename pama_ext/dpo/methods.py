@@ -178,7 +178,7 @@ class PairTrainer(_Base):
         c = self.cfg
         idx = self._next(self.n_pairs, c.batch_size)
         B = len(idx)
-        self.policy.train()
+        self.policy.eval()  # dropout off, as the PPO trainer does (deterministic updates)
         loss_sum, acc = None, None
         full = c.method in ("raco", "cagrad")
         if full:
@@ -284,7 +284,7 @@ class MopoTrainer(_Base):
         log_rho, dm = M.dual_step(self.duals, self.primary[idx], self.secondary[:, idx], lb, grp, Mb, c.mopo_tau,
                                   c.mopo_epsilon, c.mopo_dual_lr)
         W = M.bc_weights(log_rho, lb, Mb)
-        self.policy.train()
+        self.policy.eval()  # dropout off, as the PPO trainer does (deterministic updates)
         loss_sum = None
         texts = [self.pool.responses[r] for r in idx_l]
         ptexts = [self.pool_prompt_of[r] for r in idx_l]
