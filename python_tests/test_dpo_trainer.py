@@ -159,21 +159,33 @@ def test_gradient_buffers_hold_the_full_batch_gradients(method, setup, world_cac
         torch.testing.assert_close(captured["grad"][k], want, rtol=1e-4, atol=1e-7)
 
 
-def test_modpo_is_dpo_on_the_target_with_judge_margins(setup, world_cache, tmp_path):
-    """MODPO's loss equals −log σ((1/w_k)(β h − Σ_{j≠k} w_j Δr_j)) oriented by the target label (SPEC §7)."""
+@pytest.mark.parametrize("length_normalize", [False, True])
+def test_modpo_is_dpo_on_the_target_with_judge_margins(setup, world_cache, tmp_path, length_normalize):
+    """MODPO's loss equals −log σ((1/w_k)(β h − Σ_{j≠k} w_j Δr_j)) oriented by the target label (SPEC §7),
+    with h length-normalised under --length-normalize."""
     from pama_ext.dpo import methods as Mth
+    from pama_ext.dpo.data import encode_responses
     from pama_ext.trainer.rewards import score_all
 
     world, judges, tok, ref, data = setup
-    cfg = _cfg(world_cache, tmp_path, method="modpo", weights=[0.6, 0.4], beta=0.3)
-    tr = Mth.make_trainer(cfg, _policy(world), ref, tok, data, judges, torch.device("cpu"))
+    cfg = _cfg(world_cache, tmp_path, method="modpo", weights=[0.6, 0.4], beta=0.3, length_normalize=length_normalize)
+    policy = _policy(world)
+    tr = Mth.make_trainer(cfg, policy, ref, tok, data, judges, torch.device("cpu"))
     idx = list(range(min(4, tr.n_pairs)))
-    losses, _, h = tr._losses(idx)
+    losses, _, _ = tr._losses(idx)
     d = tr.data
-    sc = score_all(judges, [d.prompts[i] for i in idx], [d.chosen[i] for i in idx])
-    sr = score_all(judges, [d.prompts[i] for i in idx], [d.rejected[i] for i in idx])
+    P = [d.prompts[i] for i in idx]
+    with torch.no_grad():
+        lp = []
+        for texts in ([d.chosen[i] for i in idx], [d.rejected[i] for i in idx]):
+            ids, am, rm = encode_responses(tok, P, texts, cfg.max_prompt_tokens, cfg.max_response_tokens, "cpu")
+            lp.append((Mth.sequence_logps(policy, ids, am, rm), rm.sum(-1).float()))
+    (pc, lc), (pr, lr) = lp
+    rc, rr = tr.ref_c[idx], tr.ref_r[idx]
+    h = (pc - rc) / lc - (pr - rr) / lr if length_normalize else (pc - rc) - (pr - rr)
+    sc, sr = score_all(judges, P, [d.chosen[i] for i in idx]), score_all(judges, P, [d.rejected[i] for i in idx])
     s = d.labels[0, idx]
-    z = s * (0.3 * h.detach() - 0.4 * (sc[1] - sr[1])) / 0.6
+    z = s * (0.3 * h - 0.4 * (sc[1] - sr[1])) / 0.6
     want = -torch.nn.functional.logsigmoid(z).mean()
     torch.testing.assert_close(losses.detach().reshape(()), want, rtol=1e-5, atol=1e-6)
 

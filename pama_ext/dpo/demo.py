@@ -126,7 +126,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     atomic_write_text(out / "table.json", json.dumps({"rows": rows, "data": data.info, "wall_s": wall,
                                                       "settings": {k: getattr(a, k) for k in DEMO_DEFAULTS},
                                                       "reference_means": ref}, indent=1))
-    plot_fronts(results, names, str(out / "fronts.png"), title=head.split(" — ")[1][:110])
+    plot_fronts(results, names, str(out / "fronts.png"),
+                title=f"tiny world: {len(data)} pairs, conflict rate {data.info['conflict_rate']:.2f}, {a.steps} steps per run")
     print(f"\n{head}\n")
     print(md)
     print(f"\n{foot}\nwrote {out}/table.md, table.json, fronts.png, pairs.jsonl and one directory per run")

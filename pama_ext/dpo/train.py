@@ -83,10 +83,15 @@ def load_data(cfg: DPOConfig, world: Mapping, ref_lm=None, tokenizer=None, judge
             from ..trainer.ppo import derive_seed
             from ..trainer.rollout import GenSettings
 
+            from tqdm.auto import tqdm
+
             prompts = world["train_prompts"][:cfg.pool_prompts]
             gen = GenSettings(max_new_tokens=cfg.max_new_tokens, do_sample=True, temperature=cfg.temperature)
-            return build_tiny_pairs(ref_lm, tokenizer, prompts, judges, cfg.responses_per_prompt, gen,
-                                    derive_seed(cfg.seed, "pairs", 0), cfg.tie_margin, cfg.max_prompt_tokens)
+            with tqdm(total=len(prompts) * cfg.responses_per_prompt, desc="sampling pairs", unit="resp", leave=False,
+                      disable=not (cfg.progress and sys.stderr.isatty()), dynamic_ncols=True) as bar:
+                return build_tiny_pairs(ref_lm, tokenizer, prompts, judges, cfg.responses_per_prompt, gen,
+                                        derive_seed(cfg.seed, "pairs", 0), cfg.tie_margin, cfg.max_prompt_tokens,
+                                        bar=bar)
         if cfg.data.startswith("hf:"):
             name, _, split = cfg.data[3:].partition(":")
             return load_hf_dataset(name, split or "train", cfg.objectives)
