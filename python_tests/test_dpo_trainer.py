@@ -145,7 +145,7 @@ def test_gradient_buffers_hold_the_full_batch_gradients(method, setup, world_cac
                                    [tr.data.rejected[i] for i in idx], cfg.max_prompt_tokens,
                                    cfg.max_response_tokens, "cpu")
     lp = Mth.sequence_logps(policy, ids, am, rm)
-    losses, _ = multi_dpo_loss(lp[:5], lp[5:], tr.ref_c[t], tr.ref_r[t], tr.labels[:, t], cfg.beta)
+    losses, _ = multi_dpo_loss(lp[:5], lp[5:], tr.ref_c[t], tr.ref_r[t], tr.labels[:, t], 0.2)  # RACO's β
     full = [torch.autograd.grad(losses[i], tr.params, retain_graph=True, allow_unused=True) for i in range(2)]
     for i in range(2):
         for buf, g in zip(tr.bufs[i], full[i]):

@@ -66,7 +66,8 @@ class DPOConfig:
                              "dpo-lw (sum of w_i L_i), modpo (DPO on one objective with margins from the others' "
                              "judges), mopo (constrained importance-weighted behaviour cloning)",
                      choices=METHODS, group="method")
-    beta: float = _f(0.1, "DPO temperature beta (raco, cagrad, dpo-lw, modpo)", group="method")
+    beta: Optional[float] = _f(None, "DPO temperature beta of raco, cagrad, dpo-lw and modpo (default: 0.2 for raco "
+                                     "and cagrad, RACO's setting in SPEC §7; 0.1 otherwise)", group="method")
     cagrad_c: float = _f(0.4, "raco / cagrad: conflict-averse radius c", group="method")
     length_normalize: bool = _f(False, "divide each response log-prob by its token count in the DPO margin",
                                 group="method")
@@ -125,6 +126,13 @@ class DPOConfig:
         return [x / s for x in w]
 
     @property
+    def dpo_beta(self) -> float:
+        """``--beta``, or its method default (0.2 for raco / cagrad, 0.1 otherwise)."""
+        if self.beta is not None:
+            return float(self.beta)
+        return 0.2 if self.method in ("raco", "cagrad") else 0.1
+
+    @property
     def modpo_index(self) -> int:
         return self.objectives.index(self.modpo_target) if self.modpo_target else 0
 
@@ -154,7 +162,9 @@ class DPOConfig:
                 raise ConfigError(f"{flag(name)}: expected a {'positive' if strict else 'non-negative'} finite "
                                   f"number; got {v!r}")
 
-        for name in ("steps", "batch_size", "micro_batch_size", "lr", "beta", "max_prompt_tokens",
+        if self.beta is not None:
+            positive("beta")
+        for name in ("steps", "batch_size", "micro_batch_size", "lr", "max_prompt_tokens",
                      "max_response_tokens", "pool_prompts", "max_new_tokens", "temperature", "eval_samples",
                      "eval_batch_size", "length_l0", "mopo_tau", "mopo_dual_lr", "tiny_world_seconds"):
             positive(name)

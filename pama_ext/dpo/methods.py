@@ -165,13 +165,13 @@ class PairTrainer(_Base):
         lens = dict(chosen_lengths=self.len_c[t], rejected_lengths=self.len_r[t]) if c.length_normalize else {}
         if c.method == "modpo":
             k = c.modpo_index
-            shift = self.margin[t] / c.beta
+            shift = self.margin[t] / c.dpo_beta
             if c.length_normalize:
                 shift = shift * self.len_c[t]
             losses, coef = multi_dpo_loss(pc - shift, pr, self.ref_c[t], self.ref_r[t], self.labels[k:k + 1, t],
-                                          c.beta / float(self.cfg.normalized_weights()[k]), **lens)
+                                          c.dpo_beta / float(self.cfg.normalized_weights()[k]), **lens)
             return losses, coef, (pc - self.ref_c[t]) - (pr - self.ref_r[t])
-        losses, coef = multi_dpo_loss(pc, pr, self.ref_c[t], self.ref_r[t], self.labels[:, t], c.beta, **lens)
+        losses, coef = multi_dpo_loss(pc, pr, self.ref_c[t], self.ref_r[t], self.labels[:, t], c.dpo_beta, **lens)
         return losses, coef, (pc - self.ref_c[t]) - (pr - self.ref_r[t])
 
     def step(self) -> None:
