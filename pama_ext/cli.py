@@ -16,6 +16,10 @@ OPS = (
     "pareto_weights",
     "pama_policy_loss",
     "multi_value_loss",
+    "multi_dpo_loss",
+    "gradient_gram",
+    "combine_gradients",
+    "gram_weights",
 )
 
 

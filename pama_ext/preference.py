@@ -89,6 +89,8 @@ def gradient_gram(grads: GradTable) -> Tensor:
     if not _native("gradient_gram"):
         return reference.gradient_gram(grads)
     flat, n, _ = _flatten(grads)
+    if all(g is None for g in flat):  # nothing to dispatch on: no gradient at all
+        return reference.gradient_gram(grads)
     return torch.ops.pama_ext.gradient_gram(flat, n)
 
 

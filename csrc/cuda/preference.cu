@@ -95,7 +95,7 @@ inline size_t gram_smem_entries(int n) {
 template <typename S>
 __global__ void __launch_bounds__(kGramThreads) gram_partials_kernel(GramLaunch L) {
   using A = acc_t_of<S>;
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   A* tile = reinterpret_cast<A*>(smem_raw);
   const int n = L.n, P = gram_pairs(n), E = gram_tile(n), SL = gram_slices(P), items = P * SL;
   int pi[kGramMaxItems], pj[kGramMaxItems], slice[kGramMaxItems];
