@@ -4,6 +4,7 @@
 #   make test VENV=      use the current python3 as is (e.g. a GPU machine with torch preinstalled)
 #   make nvcc-check      compile every csrc/cuda/*.cu with bare nvcc for sm_80 and sm_90
 #   make demo            PAMA vs MORLHF vs MGDA-UB on the embedded tiny world (CPU; prints the table, writes runs/demo)
+#   make demo-dpo        preference data: raco, cagrad, dpo-lw, modpo, mopo on the tiny world (table + fronts in runs/demo-dpo)
 #   make bench           CPU benchmark of the fused ops (benchmarks/bench_ops.py)
 #   make info            versions, compiled archs, kernels per device
 #   make wheel           a wheel for the installed torch into dist/ (CPU here; CUDA sm_80+sm_90 with a CUDA torch)
@@ -28,7 +29,7 @@ CU_SOURCES := $(wildcard csrc/cuda/*.cu)
 CU_OBJECTS := $(patsubst csrc/cuda/%.cu,build/nvcc/%.o,$(CU_SOURCES))
 CU_HEADERS := csrc/pama_math.h $(wildcard csrc/cuda/*.cuh)
 
-.PHONY: test install build nvcc-check bench info clean demo wheel verify-wheel gpu-report
+.PHONY: test install build nvcc-check bench info clean demo demo-dpo wheel verify-wheel gpu-report
 
 test: install
 	$(MAKE) -j4 nvcc-check VENV="$(VENV)" PYTHON="$(PYTHON)"
@@ -62,6 +63,9 @@ build/nvcc/%.o: csrc/cuda/%.cu $(CU_HEADERS)
 
 demo: install
 	$(PY) -m pama_ext.trainer.demo
+
+demo-dpo: install
+	$(PY) -m pama_ext.dpo.demo
 
 bench: install
 	$(PY) benchmarks/bench_ops.py

@@ -1,4 +1,5 @@
-"""`pama-ext` command line: `train` (multi-objective PPO), `info` (build and kernel report), `bench` (op benchmarks)."""
+"""`pama-ext` command line: `train` (multi-objective PPO), `dpo` (preference-data alignment), `info` (build and
+kernel report), `bench` (op benchmarks)."""
 from __future__ import annotations
 
 import argparse
@@ -89,6 +90,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .trainer.train import add_train_subcommand  # imports no transformers
 
     add_train_subcommand(sub)
+    from .dpo.train import add_dpo_subcommand  # imports no transformers
+
+    add_dpo_subcommand(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

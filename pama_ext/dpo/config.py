@@ -1,0 +1,260 @@
+"""Configuration of ``pama-ext dpo``: one dataclass, every field a documented flag and YAML key.
+
+Precedence: dataclass default < ``--config FILE.yaml`` < explicit flag. :meth:`DPOConfig.validate`
+checks every value up front and raises :class:`~pama_ext.trainer.config.ConfigError` whose message
+starts with the flag, e.g. ``--method: expected one of raco, cagrad, dpo-lw, modpo, mopo; got 'x'``.
+The field helpers, the type coercion and the objective syntax are the PPO trainer's
+(:mod:`pama_ext.trainer.config`). Imports nothing heavy.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional
+
+from ..trainer.config import (DEVICES, OBJECTIVE_FORMS, TINY, ConfigError, _coerce, _f, _plain,
+                              check_objective_spec, flag)
+
+METHODS = ("raco", "cagrad", "dpo-lw", "modpo", "mopo")
+
+__all__ = ["DPOConfig", "METHODS", "load_dpo_config", "normalize_dpo_keys"]
+
+
+@dataclass
+class DPOConfig:
+    """Every setting of a preference-data run (see docs/dpo.md)."""
+
+    # --- model and data --------------------------------------------------------------------------
+    model: str = _f(TINY, "Hugging Face causal LM (local path or hub id), or 'tiny' for the embedded tiny world",
+                    group="model and data")
+    tokenizer: Optional[str] = _f(None, "tokenizer path or id (default: the model's)", group="model and data")
+    tiny_world_cache: Optional[str] = _f(None, "parent directory of the tiny-world cache (default: $PAMA_EXT_CACHE "
+                                               "or ~/.cache/pama_ext)", group="model and data")
+    tiny_world_seconds: float = _f(120.0, "pretraining wall time of the tiny world when it has to be built",
+                                   group="model and data")
+    data: str = _f(TINY, "preference pairs: a JSONL file (see docs/dpo.md), hf:<dataset>[:<split>] for a local "
+                         "Hugging Face dataset, or 'tiny' to sample and judge pairs from the model on the tiny "
+                         "world's prompts", group="model and data")
+    eval_prompts: Optional[str] = _f(None, "evaluation prompts: .txt (one per line), .json list or .jsonl with a "
+                                           "'prompt' field (default: the tiny world's held-out prompts)",
+                                     group="model and data")
+    max_prompt_tokens: int = _f(64, "prompts longer than this many tokens are cut on the left", group="model and data")
+    max_response_tokens: int = _f(64, "responses longer than this many tokens (with EOS) are cut",
+                                  group="model and data")
+    pool_prompts: int = _f(128, "--data tiny: number of training prompts to sample responses for",
+                           group="model and data")
+    responses_per_prompt: int = _f(4, "--data tiny: responses sampled per prompt (every distinct pair is labelled)",
+                                   group="model and data")
+    tie_margin: float = _f(0.02, "two judge scores closer than this are a tie (label 0; also the tie rule of the "
+                                 "win rates)", group="model and data")
+
+    # --- objectives ------------------------------------------------------------------------------
+    objectives: List[str] = _f(["sentiment", "length"], f"objectives = label keys and judges: {OBJECTIVE_FORMS}",
+                               group="objectives", metavar="OBJ")
+    weights: Optional[List[float]] = _f(None, "preference weights w (normalised to sum 1; default uniform): the "
+                                              "user weights of raco / cagrad, the scalarisation of dpo-lw, the "
+                                              "margin weights of modpo", group="objectives", metavar="W")
+    length_l0: float = _f(160.0, "length judge: clip(len_chars / L0, lo, hi); this is L0 (characters)",
+                          group="objectives")
+    length_lo: float = _f(0.0, "length judge: lower clip bound lo", group="objectives")
+    length_hi: float = _f(1.0, "length judge: upper clip bound hi", group="objectives")
+
+    # --- method ----------------------------------------------------------------------------------
+    method: str = _f("raco", "raco (CAGrad-clip on per-objective DPO gradients), cagrad (the same, unclipped), "
+                             "dpo-lw (sum of w_i L_i), modpo (DPO on one objective with margins from the others' "
+                             "judges), mopo (constrained importance-weighted behaviour cloning)",
+                     choices=METHODS, group="method")
+    beta: Optional[float] = _f(None, "DPO temperature beta of raco, cagrad, dpo-lw and modpo (default: 0.2 for raco "
+                                     "and cagrad, RACO's setting in SPEC §7; 0.1 otherwise)", group="method")
+    cagrad_c: float = _f(0.4, "raco / cagrad: conflict-averse radius c", group="method")
+    length_normalize: bool = _f(False, "divide each response log-prob by its token count in the DPO margin",
+                                group="method")
+    modpo_target: Optional[str] = _f(None, "modpo: the objective whose labels are trained on (default: the first)",
+                                     group="method")
+    mopo_primary: Optional[str] = _f(None, "mopo: the primary (maximised) objective; the others are constrained "
+                                           "(default: the first)", group="method")
+    mopo_tau: float = _f(0.08, "mopo: KL temperature tau of the closed-form tilt", group="method")
+    mopo_epsilon: float = _f(0.0, "mopo: radius of the robust lower bound (0 = plain mean; the paper's 0.15 can "
+                                  "make lambda diverge on small pools)", group="method")
+    mopo_threshold_beta: float = _f(0.9995, "mopo: threshold factor beta, b = beta * (secondary values of the "
+                                            "lagged policy)", group="method")
+    mopo_t0: int = _f(500, "mopo: every t0 steps update the thresholds and the reference to the policy of t0 "
+                           "steps before (0 = never)", group="method")
+    mopo_dual_lr: float = _f(0.5, "mopo: step size eta of the lambda / chi updates", group="method")
+
+    # --- optimisation ----------------------------------------------------------------------------
+    steps: int = _f(60, "optimizer steps", group="optimisation")
+    batch_size: int = _f(32, "pairs per optimizer step (mopo: prompts per step, each with its stored responses)",
+                         group="optimisation")
+    micro_batch_size: int = _f(16, "pairs (mopo: responses) per forward/backward; gradients accumulate over the "
+                                   "micro-batches of a step", group="optimisation")
+    lr: float = _f(2e-4, "AdamW learning rate (constant)", group="optimisation")
+    weight_decay: float = _f(0.0, "AdamW weight decay", group="optimisation")
+    adam_eps: float = _f(1e-8, "AdamW epsilon", group="optimisation")
+    max_grad_norm: float = _f(1.0, "gradient clipping by global norm (0 disables)", group="optimisation")
+
+    # --- generation and evaluation ---------------------------------------------------------------
+    max_new_tokens: int = _f(40, "response length limit when sampling (tiny pairs and evaluation)",
+                             group="evaluation")
+    temperature: float = _f(1.0, "sampling temperature (tiny pairs and evaluation)", group="evaluation")
+    eval_size: Optional[int] = _f(64, "number of evaluation prompts (default: all)", group="evaluation")
+    eval_samples: int = _f(2, "responses per evaluation prompt, for the policy and for the reference",
+                           group="evaluation")
+    eval_batch_size: int = _f(128, "responses per generate call during evaluation", group="evaluation")
+    eval_seed: int = _f(1234, "seed of the evaluation sampling (the same for every method and for the reference)",
+                        group="evaluation")
+
+    # --- run -------------------------------------------------------------------------------------
+    output_dir: str = _f("runs/dpo", "output directory (config, data, metrics, evaluation, plot, model)", group="run")
+    overwrite: bool = _f(False, "replace a run already in --output-dir", group="run")
+    save_model: bool = _f(True, "save the trained model and tokenizer under <output-dir>/model", group="run")
+    seed: int = _f(0, "seed of everything (data sampling, batch order)", group="run")
+    device: str = _f("cpu", "cpu, cuda or auto", choices=DEVICES, group="run")
+    threads: Optional[int] = _f(None, "torch CPU threads (default: torch's choice)", group="run")
+    progress: bool = _f(True, "tqdm progress bars (shown when stderr is a terminal)", group="run")
+    log_every: int = _f(10, "read the step metrics back and print a summary every k steps (0: only at the end)",
+                        group="run")
+    plots: bool = _f(True, "write a PNG plot at the end (needs matplotlib)", group="run")
+
+    # ---------------------------------------------------------------------------------------------
+    def normalized_weights(self) -> List[float]:
+        n = len(self.objectives)
+        w = [1.0] * n if self.weights is None else [float(x) for x in self.weights]
+        s = sum(w)
+        return [x / s for x in w]
+
+    @property
+    def dpo_beta(self) -> float:
+        """``--beta``, or its method default (0.2 for raco / cagrad, 0.1 otherwise)."""
+        if self.beta is not None:
+            return float(self.beta)
+        return 0.2 if self.method in ("raco", "cagrad") else 0.1
+
+    @property
+    def modpo_index(self) -> int:
+        return self.objectives.index(self.modpo_target) if self.modpo_target else 0
+
+    @property
+    def mopo_index(self) -> int:
+        return self.objectives.index(self.mopo_primary) if self.mopo_primary else 0
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def replace(self, **changes) -> "DPOConfig":
+        return dataclasses.replace(self, **changes)
+
+    def validate(self) -> "DPOConfig":
+        """Coerce types and check every value; raises ConfigError naming the flag."""
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(f, getattr(self, f.name)))
+            choices = f.metadata.get("choices")
+            v = getattr(self, f.name)
+            if choices is not None and v not in choices:
+                raise ConfigError(f"{flag(f.name)}: expected one of {', '.join(choices)}; got {v!r}")
+
+        def positive(name, strict=True):
+            v = getattr(self, name)
+            ok = (v > 0) if strict else (v >= 0)
+            if not (ok and math.isfinite(v)):
+                raise ConfigError(f"{flag(name)}: expected a {'positive' if strict else 'non-negative'} finite "
+                                  f"number; got {v!r}")
+
+        if self.beta is not None:
+            positive("beta")
+        for name in ("steps", "batch_size", "micro_batch_size", "lr", "max_prompt_tokens",
+                     "max_response_tokens", "pool_prompts", "max_new_tokens", "temperature", "eval_samples",
+                     "eval_batch_size", "length_l0", "mopo_tau", "mopo_dual_lr", "tiny_world_seconds"):
+            positive(name)
+        for name in ("weight_decay", "adam_eps", "max_grad_norm", "tie_margin", "cagrad_c", "mopo_epsilon",
+                     "mopo_t0", "log_every"):
+            positive(name, strict=False)
+        if self.responses_per_prompt < 2:
+            raise ConfigError(f"--responses-per-prompt: expected at least 2 (pairs need two); got "
+                              f"{self.responses_per_prompt}")
+        if not (0.0 < self.mopo_threshold_beta <= 1.0):
+            raise ConfigError(f"--mopo-threshold-beta: expected a number in (0, 1]; got {self.mopo_threshold_beta!r}")
+        if self.micro_batch_size > self.batch_size and self.method != "mopo":
+            raise ConfigError(f"--micro-batch-size: must be at most --batch-size ({self.batch_size}); "
+                              f"got {self.micro_batch_size}")
+        if not (self.length_lo <= self.length_hi):
+            raise ConfigError(f"--length-lo: must be <= --length-hi ({self.length_hi}); got {self.length_lo}")
+        if self.eval_size is not None and self.eval_size < 1:
+            raise ConfigError(f"--eval-size: expected a positive integer; got {self.eval_size!r}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"--threads: expected a positive integer; got {self.threads!r}")
+        if not self.model:
+            raise ConfigError("--model: expected a path, a hub id or 'tiny'; got ''")
+        if not self.output_dir:
+            raise ConfigError("--output-dir: expected a directory; got ''")
+        if not self.data:
+            raise ConfigError("--data: expected a JSONL file, hf:<dataset>[:<split>] or 'tiny'; got ''")
+        if self.data != TINY and not self.data.startswith("hf:") and not os.path.isfile(self.data):
+            raise ConfigError(f"--data: no such file: {self.data!r}")
+        if self.data == TINY and self.model != TINY:
+            raise ConfigError("--data: 'tiny' samples pairs on the tiny world's prompts and needs --model tiny; give "
+                              "a JSONL file or hf:<dataset> for another model")
+        if self.eval_prompts is not None and not os.path.isfile(self.eval_prompts):
+            raise ConfigError(f"--eval-prompts: no such file: {self.eval_prompts!r}")
+        if self.eval_prompts is None and self.model != TINY:
+            raise ConfigError("--eval-prompts: required when --model is not 'tiny'")
+
+        if not self.objectives:
+            raise ConfigError("--objectives: expected at least one objective")
+        if len(self.objectives) > 64:
+            raise ConfigError(f"--objectives: at most 64 objectives are supported; got {len(self.objectives)}")
+        for spec in self.objectives:
+            check_objective_spec(spec)
+        if len(set(self.objectives)) != len(self.objectives):
+            raise ConfigError(f"--objectives: duplicate objective in {self.objectives}")
+        n = len(self.objectives)
+        if self.weights is not None:
+            if len(self.weights) != n:
+                raise ConfigError(f"--weights: expected {n} weights (one per objective {self.objectives}); "
+                                  f"got {len(self.weights)}")
+            if any(not (math.isfinite(w) and w >= 0) for w in self.weights) or sum(self.weights) <= 0:
+                raise ConfigError(f"--weights: expected non-negative finite weights with a positive sum; "
+                                  f"got {self.weights}")
+        for name in ("modpo_target", "mopo_primary"):
+            v = getattr(self, name)
+            if v is not None and v not in self.objectives:
+                raise ConfigError(f"{flag(name)}: expected one of the objectives {self.objectives}; got {v!r}")
+        if self.method == "modpo" and self.normalized_weights()[self.modpo_index] <= 0:
+            raise ConfigError(f"--weights: modpo divides by the weight of its target objective "
+                              f"{self.objectives[self.modpo_index]!r}, which must be positive; got {self.weights}")
+        return self
+
+
+def normalize_dpo_keys(data: Mapping[str, Any], source: str) -> Dict[str, Any]:
+    """Accepts ``batch-size`` or ``batch_size``; an unknown key is an error naming it."""
+    names = {f.name for f in dataclasses.fields(DPOConfig)}
+    out = {}
+    for k, v in data.items():
+        key = str(k).replace("-", "_")
+        if key not in names:
+            raise ConfigError(f"{source}: unknown key {k!r}")
+        out[key] = v
+    return out
+
+
+def load_dpo_config(path: Optional[str] = None, overrides: Optional[Mapping[str, Any]] = None) -> DPOConfig:
+    """Defaults < YAML file < ``overrides``; validated."""
+    import yaml
+
+    data: Dict[str, Any] = {}
+    if path:
+        try:
+            with open(path) as fh:
+                raw = yaml.safe_load(fh)
+        except OSError as e:
+            raise ConfigError(f"--config: cannot read {path!r}: {e}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config: {path!r} is not valid YAML: {e}") from None
+        if raw is not None and not isinstance(raw, dict):
+            raise ConfigError(f"--config: {path!r} must hold a mapping of settings; got {type(raw).__name__}")
+        data.update(normalize_dpo_keys(raw or {}, f"--config {path}"))
+    if overrides:
+        data.update(normalize_dpo_keys(overrides, "overrides"))
+    return DPOConfig(**data).validate()

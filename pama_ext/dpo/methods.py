@@ -1,0 +1,311 @@
+"""The update of each preference method: :class:`PairTrainer` (raco, cagrad, dpo-lw, modpo) and
+:class:`MopoTrainer` (mopo).
+
+Every loss goes through the pama_ext ops: ``multi_dpo_loss`` (per-objective DPO losses on shared
+pairs), ``gradient_gram`` / ``combine_gradients`` (the n x n Gram of the per-objective gradients and
+the combined update) and ``pama_ext.pareto.cagrad_weights`` (SPEC §6 CAGrad-clip / RACO coefficients).
+
+raco / cagrad, per optimizer step (SPEC §7, "solve per optimizer step"):
+
+1. for each micro-batch: the n per-objective losses (one forward over chosen + rejected), then n
+   backward passes (``autograd.grad``) added into n gradient buffers, each scaled by the micro-batch's
+   share of the step's pairs, so the buffers hold the gradients of the step's full-batch losses;
+2. ``G = gradient_gram(buffers)``; ``a = cagrad_weights(G, w, c, clip)`` (clip on for raco, off for cagrad);
+3. ``combine_gradients(buffers, a, params)`` writes Σ_i a_i g_i into ``.grad``; clip; optimizer step.
+
+MODPO (SPEC §7): L = −log σ((1/w_k)·[β h − Σ_{j≠k} w_j (r_j(x, y_w) − r_j(x, y_l))]) on objective k's
+labels, with r_j the judges' scores. It is ``multi_dpo_loss`` with temperature β/w_k on a margin
+shifted by m/β (m = Σ_{j≠k} w_j Δr_j, oriented as the pair is stored; the label's sign then orients
+the whole argument) -- the shift enters through the chosen log-probs, so no DPO formula is repeated.
+
+Nothing in a step reads a value back to the host: the metrics stay on the device and are read at the
+logging interval (``flush_metrics``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .. import combine_gradients, gradient_gram, multi_dpo_loss
+from ..pareto import cagrad_weights
+from . import mopo as M
+from .config import DPOConfig
+from .data import PrefData, ResponsePool, encode_responses, response_pool
+
+__all__ = ["PairTrainer", "MopoTrainer", "sequence_logps", "make_trainer"]
+
+
+def sequence_logps(policy, input_ids: Tensor, attention_mask: Tensor, resp_mask: Tensor) -> Tensor:
+    """``[B]`` summed token log-probs of the responses (``policy``: a PolicyWithValueHeads)."""
+    out = policy(input_ids, attention_mask, resp_mask.shape[1], with_values=False)
+    return (out.logp * resp_mask).sum(-1)
+
+
+@torch.no_grad()
+def reference_sequence_logps(ref_lm, tokenizer, prompts: Sequence[str], responses: Sequence[str], cfg: DPOConfig,
+                             device, chunk: int = 128, cache: Optional[Dict] = None):
+    """(summed log-probs [N], token counts [N]) of ``responses`` under the frozen reference. ``cache`` (a dict
+    keyed by (prompt, response), shared by runs with the same reference and token limits) skips known ones."""
+    from ..trainer.policy import reference_logp
+
+    cache = {} if cache is None else cache
+    todo = sorted({(p, r) for p, r in zip(prompts, responses) if (p, r) not in cache})
+    for i in range(0, len(todo), chunk):
+        part = todo[i:i + chunk]
+        ids, am, rm = encode_responses(tokenizer, [p for p, _ in part], [r for _, r in part], cfg.max_prompt_tokens,
+                                       cfg.max_response_tokens, device)
+        lp = (reference_logp(ref_lm, ids, am, rm.shape[1]) * rm).sum(-1).tolist()
+        for key, v, n in zip(part, lp, rm.sum(-1).tolist()):
+            cache[key] = (v, float(n))
+    vals = [cache[(p, r)] for p, r in zip(prompts, responses)]
+    return (torch.tensor([v for v, _ in vals], dtype=torch.float32, device=device),
+            torch.tensor([n for _, n in vals], dtype=torch.float32, device=device))
+
+
+class _Base:
+    def __init__(self, cfg: DPOConfig, policy, ref_lm, tokenizer, device):
+        self.cfg, self.policy, self.ref_lm, self.tokenizer, self.device = cfg, policy, ref_lm, tokenizer, device
+        self.params = [p for p in policy.lm.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+        from ..trainer.ppo import derive_seed
+
+        self.gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "dpo-data", 0))
+        self.step_idx = 0
+        self._order: List[int] = []
+        self._pos = 0
+        self._pending: List[Dict[str, Tensor]] = []
+        self.w = torch.tensor(cfg.normalized_weights(), dtype=torch.float32, device=device)
+
+    def _next(self, n_items: int, k: int) -> List[int]:
+        """Epochs over ``n_items`` in a seeded random order (host-side indices)."""
+        out: List[int] = []
+        while len(out) < k:
+            if self._pos >= len(self._order):
+                self._order = torch.randperm(n_items, generator=self.gen).tolist()
+                self._pos = 0
+            take = min(k - len(out), len(self._order) - self._pos)
+            out += self._order[self._pos:self._pos + take]
+            self._pos += take
+        return out
+
+    def _finish_step(self, metrics: Dict[str, Tensor]) -> None:
+        gnorm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0
+                                               else math.inf)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics["grad_norm"] = gnorm.detach()
+        self.step_idx += 1
+        self._pending.append({k: v.detach().float() for k, v in metrics.items()})
+
+    def flush_metrics(self) -> List[Dict]:
+        """Read the pending steps' metrics back to the host (the only read-back of the loop)."""
+        rows = []
+        first = self.step_idx - len(self._pending) + 1
+        for i, m in enumerate(self._pending):
+            row = {"step": first + i}
+            for k, v in m.items():
+                row[k] = v.tolist()
+            rows.append(row)
+        self._pending = []
+        return rows
+
+
+class PairTrainer(_Base):
+    """raco, cagrad, dpo-lw and modpo on preference pairs."""
+
+    def __init__(self, cfg: DPOConfig, policy, ref_lm, tokenizer, data: PrefData, judges, device,
+                 ref_cache: Optional[Dict] = None):
+        super().__init__(cfg, policy, ref_lm, tokenizer, device)
+        labels = data.labels
+        if cfg.method == "modpo":
+            keep = (labels[cfg.modpo_index] != 0)
+        else:
+            keep = (labels != 0).any(0)  # all-tie rows carry no DPO gradient
+        idx = keep.nonzero().flatten().tolist()
+        if not idx:
+            what = (f"objective {cfg.objectives[cfg.modpo_index]!r}" if cfg.method == "modpo" else "any objective")
+            raise ValueError(f"--data: no pair has a non-tie label for {what}; nothing to train on")
+        self.data = data.subset(idx)
+        self.labels = self.data.labels.to(device)
+        n = len(self.data)
+        rc, lc = reference_sequence_logps(ref_lm, tokenizer, self.data.prompts, self.data.chosen, cfg, device,
+                                          cache=ref_cache)
+        rr, lr = reference_sequence_logps(ref_lm, tokenizer, self.data.prompts, self.data.rejected, cfg, device,
+                                          cache=ref_cache)
+        self.ref_c, self.ref_r, self.len_c, self.len_r = rc, rr, lc, lr
+        self.margin = None
+        if cfg.method == "modpo":
+            from ..trainer.rewards import score_all
+
+            k = cfg.modpo_index
+            sc = score_all(judges, self.data.prompts, self.data.chosen).to(device)
+            sr = score_all(judges, self.data.prompts, self.data.rejected).to(device)
+            wj = self.w.clone()
+            wj[k] = 0.0
+            self.margin = (wj[:, None] * (sc - sr)).sum(0)  # [N]: Σ_{j≠k} w_j (r_j(chosen) − r_j(rejected))
+        self.n_pairs = n
+        n_obj = len(cfg.objectives)
+        if cfg.method in ("raco", "cagrad"):
+            self.bufs = [[torch.zeros_like(p) for p in self.params] for _ in range(n_obj)]
+
+    def _losses(self, idx: List[int]):
+        c = self.cfg
+        dev = self.device
+        t = torch.tensor(idx, dtype=torch.long, device=dev)
+        prompts = [self.data.prompts[i] for i in idx]
+        texts = [self.data.chosen[i] for i in idx] + [self.data.rejected[i] for i in idx]
+        ids, am, rm = encode_responses(self.tokenizer, prompts + prompts, texts, c.max_prompt_tokens,
+                                       c.max_response_tokens, dev)
+        lp = sequence_logps(self.policy, ids, am, rm)
+        B = len(idx)
+        pc, pr = lp[:B], lp[B:]
+        lens = dict(chosen_lengths=self.len_c[t], rejected_lengths=self.len_r[t]) if c.length_normalize else {}
+        if c.method == "modpo":
+            k = c.modpo_index
+            shift = self.margin[t] / c.dpo_beta
+            if c.length_normalize:
+                shift = shift * self.len_c[t]
+            losses, coef = multi_dpo_loss(pc - shift, pr, self.ref_c[t], self.ref_r[t], self.labels[k:k + 1, t],
+                                          c.dpo_beta / float(self.cfg.normalized_weights()[k]), **lens)
+            return losses, coef, (pc - self.ref_c[t]) - (pr - self.ref_r[t])
+        losses, coef = multi_dpo_loss(pc, pr, self.ref_c[t], self.ref_r[t], self.labels[:, t], c.dpo_beta, **lens)
+        return losses, coef, (pc - self.ref_c[t]) - (pr - self.ref_r[t])
+
+    def step(self) -> None:
+        c = self.cfg
+        idx = self._next(self.n_pairs, c.batch_size)
+        B = len(idx)
+        self.policy.eval()  # dropout off, as the PPO trainer does (deterministic updates)
+        loss_sum, acc = None, None
+        full = c.method in ("raco", "cagrad")
+        if full:
+            for row in self.bufs:
+                for g in row:
+                    g.zero_()
+        for s in range(0, B, c.micro_batch_size):
+            mb = idx[s:s + c.micro_batch_size]
+            share = len(mb) / B
+            losses, _coef, h = self._losses(mb)
+            if full:
+                n = losses.shape[0]
+                for i in range(n):
+                    gs = torch.autograd.grad(losses[i] * share, self.params, retain_graph=i < n - 1, allow_unused=True)
+                    for buf, g in zip(self.bufs[i], gs):
+                        if g is not None:
+                            buf.add_(g)
+            elif c.method == "dpo-lw":
+                ((self.w * losses).sum() * share).backward()
+            else:  # modpo
+                (losses.sum() * share).backward()
+            ls = losses.detach() * share
+            loss_sum = ls if loss_sum is None else loss_sum + ls
+            a = (h.detach() > 0).float().mean() * share
+            acc = a if acc is None else acc + a
+        metrics = {"losses": loss_sum, "margin_positive": acc}
+        if full:
+            G = gradient_gram(self.bufs)
+            a = cagrad_weights(G, self.w, c=c.cagrad_c, clip=(c.method == "raco"))
+            combine_gradients(self.bufs, a.to(self.bufs[0][0].dtype), self.params)
+            metrics["coeffs"] = a
+            metrics["gram"] = G.reshape(-1)
+            gn = torch.sqrt(torch.diagonal(G).clamp_min(0))
+            metrics["cos"] = (G[0, -1] / (gn[0] * gn[-1]).clamp_min(1e-30)) if G.shape[0] > 1 else torch.ones(())
+        self._finish_step(metrics)
+
+
+class MopoTrainer(_Base):
+    """MOPO (SPEC_MOPO.md) on the stored responses of a :class:`ResponsePool`."""
+
+    def __init__(self, cfg: DPOConfig, policy, ref_lm, tokenizer, data: PrefData, device,
+                 ref_cache: Optional[Dict] = None):
+        super().__init__(cfg, policy, ref_lm, tokenizer, device)
+        pool: ResponsePool = response_pool(data)
+        self.pool = pool
+        k = cfg.mopo_index
+        others = [j for j in range(len(cfg.objectives)) if j != k]
+        self.primary = pool.winrate[k].to(device)
+        self.secondary = pool.winrate[others].to(device)  # [K−1, R]
+        self.secondary_names = [cfg.objectives[j] for j in others]
+        self.group = pool.group.to(device)
+        P = pool.n_prompts
+        members: List[List[int]] = [[] for _ in range(P)]
+        for r, g in enumerate(pool.group.tolist()):
+            members[g].append(r)
+        self.members = members
+        self.log_base0 = M.uniform_log_base(self.group, P)
+        self.log_base = self.log_base0.clone()
+        self.pool_prompt_of = [pool.prompts[g] for g in pool.group.tolist()]
+        self.logp_ref0, _ = reference_sequence_logps(ref_lm, tokenizer, self.pool_prompt_of, pool.responses, cfg,
+                                                     device, cache=ref_cache)
+        self.lag_logp = self.logp_ref0.clone()  # π_ψ at step 0 is π_ref⁰
+        b0 = cfg.mopo_threshold_beta * M.secondary_values(self.secondary, self.log_base0, P)
+        self.duals = M.MopoDuals.init(b0)
+        self.pool_info = {"prompts": P, "responses": len(pool), "mean_responses_per_prompt": len(pool) / max(P, 1),
+                          "secondary_of_reference": M.secondary_values(self.secondary, self.log_base0, P).tolist(),
+                          "b0": b0.tolist()}
+
+    @torch.no_grad()
+    def _pool_logps(self) -> Tensor:
+        was = self.policy.training
+        self.policy.eval()
+        out = []
+        c = self.cfg
+        prompts = self.pool_prompt_of
+        for i in range(0, len(prompts), 128):
+            ids, am, rm = encode_responses(self.tokenizer, prompts[i:i + 128], self.pool.responses[i:i + 128],
+                                           c.max_prompt_tokens, c.max_response_tokens, self.device)
+            out.append(sequence_logps(self.policy, ids, am, rm))
+        self.policy.train(was)
+        return torch.cat(out)
+
+    def _ratchet(self) -> None:
+        """Every t0 steps: π_ref ← π_ψ^(t−t0) (lag ratio on the stored responses), b ← β ⊙ G(π_ψ^(t−t0))."""
+        c, P = self.cfg, self.pool.n_prompts
+        self.log_base = M.lag_log_base(self.lag_logp, self.logp_ref0, self.log_base0, self.group, P)
+        self.duals.b = c.mopo_threshold_beta * M.secondary_values(self.secondary, self.log_base, P)
+        self.lag_logp = self._pool_logps()
+
+    def step(self) -> None:
+        c = self.cfg
+        if c.mopo_t0 and self.step_idx > 0 and self.step_idx % c.mopo_t0 == 0:
+            self._ratchet()
+        prompts = self._next(self.pool.n_prompts, min(c.batch_size, self.pool.n_prompts))
+        idx_l, grp_l = [], []
+        for j, g in enumerate(prompts):
+            idx_l += self.members[g]
+            grp_l += [j] * len(self.members[g])
+        Mb = len(prompts)
+        idx = torch.tensor(idx_l, dtype=torch.long, device=self.device)
+        grp = torch.tensor(grp_l, dtype=torch.long, device=self.device)
+        lb = self.log_base[idx]
+        log_rho, dm = M.dual_step(self.duals, self.primary[idx], self.secondary[:, idx], lb, grp, Mb, c.mopo_tau,
+                                  c.mopo_epsilon, c.mopo_dual_lr)
+        W = M.bc_weights(log_rho, lb, Mb)
+        self.policy.eval()  # dropout off, as the PPO trainer does (deterministic updates)
+        loss_sum = None
+        texts = [self.pool.responses[r] for r in idx_l]
+        ptexts = [self.pool_prompt_of[r] for r in idx_l]
+        for s in range(0, len(idx_l), c.micro_batch_size):
+            ids, am, rm = encode_responses(self.tokenizer, ptexts[s:s + c.micro_batch_size],
+                                           texts[s:s + c.micro_batch_size], c.max_prompt_tokens,
+                                           c.max_response_tokens, self.device)
+            lp = sequence_logps(self.policy, ids, am, rm)
+            loss = -(W[s:s + c.micro_batch_size] * lp).sum()
+            loss.backward()
+            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+        tilted = (torch.exp(log_rho) * self.secondary[:, idx] * torch.exp(lb)).sum(-1) / Mb
+        tilted_p = (torch.exp(log_rho) * self.primary[idx] * torch.exp(lb)).sum() / Mb
+        self._finish_step({"loss": loss_sum, "ess": M.effective_sample_size(W), "ess_frac":
+                           M.effective_sample_size(W) / len(idx_l), "lam": self.duals.lam.clone(),
+                           "chi": self.duals.chi.clone(), "b": self.duals.b.clone(), "lower_bound": dm["lower_bound"],
+                           "tilted_secondary": tilted, "tilted_primary": tilted_p})
+
+
+def make_trainer(cfg: DPOConfig, policy, ref_lm, tokenizer, data: PrefData, judges, device,
+                 ref_cache: Optional[Dict] = None):
+    if cfg.method == "mopo":
+        return MopoTrainer(cfg, policy, ref_lm, tokenizer, data, device, ref_cache=ref_cache)
+    return PairTrainer(cfg, policy, ref_lm, tokenizer, data, judges, device, ref_cache=ref_cache)

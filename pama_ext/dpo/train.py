@@ -1,0 +1,313 @@
+"""``train_dpo(config)``: one preference-data run with its output directory, and ``pama-ext dpo``.
+
+Output directory (files are written atomically)::
+
+    config.yaml      the resolved configuration
+    pairs.jsonl      the training pairs (with --data tiny: the sampled and judged pairs)
+    data.json        facts about the data (size, conflict rate, tie rates; mopo: the response pool)
+    metrics.jsonl    one line per optimizer step (losses, coefficients, Gram, ...; mopo: λ, χ, b, ESS)
+    eval.json        win rates against the reference, judge means, KL; samples.jsonl the generations
+    final.md         the one-row result table
+    model/           the trained model and tokenizer (save_pretrained), unless --no-save-model
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+
+from ..trainer.config import ConfigError, field_kind, field_optional, flag
+from .config import DPOConfig, load_dpo_config, normalize_dpo_keys
+
+__all__ = ["train_dpo", "prepare_world", "load_data", "add_dpo_subcommand", "cmd_dpo"]
+
+RUN_FILES = ("config.yaml", "pairs.jsonl", "data.json", "metrics.jsonl", "eval.json", "samples.jsonl", "final.md",
+             "front.png")
+
+
+def _jsonl(rows: Sequence[Mapping]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+def _prepare_output_dir(cfg: DPOConfig) -> Path:
+    import shutil
+
+    out = Path(cfg.output_dir)
+    has_run = out.is_dir() and (any((out / f).exists() for f in RUN_FILES) or (out / "model").exists())
+    if has_run and not cfg.overwrite:
+        raise ConfigError(f"--output-dir: {str(out)!r} already holds a run; pass --overwrite to replace it")
+    if has_run:
+        for f in RUN_FILES:
+            if (out / f).exists():
+                (out / f).unlink()
+        if (out / "model").exists():
+            shutil.rmtree(out / "model")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def prepare_world(cfg: DPOConfig) -> Dict[str, Any]:
+    """Model path, training prompts (for --data tiny) and evaluation prompts."""
+    from ..trainer.train import load_prompts
+
+    eval_p = load_prompts(cfg.eval_prompts) if cfg.eval_prompts else None
+    train_p: List[str] = []
+    if cfg.model == "tiny":
+        from ..trainer.tiny_world import build_tiny_world
+
+        world = build_tiny_world(cache_dir=cfg.tiny_world_cache, train_seconds=cfg.tiny_world_seconds, seed=0,
+                                 progress=cfg.progress)
+        path = str(world.path)
+        train_p = world.train_prompts
+        eval_p = eval_p if eval_p is not None else world.eval_prompts
+    else:
+        path = cfg.model
+    if cfg.eval_size is not None:
+        eval_p = eval_p[:cfg.eval_size]
+    if not eval_p:
+        raise ConfigError("--eval-prompts: no prompts found")
+    return {"model_path": path, "train_prompts": list(train_p), "eval_prompts": list(eval_p)}
+
+
+def load_data(cfg: DPOConfig, world: Mapping, ref_lm=None, tokenizer=None, judges=None):
+    """The preference pairs of ``--data`` (sampled and judged from the reference for 'tiny')."""
+    from .data import DataError, build_tiny_pairs, load_hf_dataset, load_jsonl
+
+    try:
+        if cfg.data == "tiny":
+            from ..trainer.ppo import derive_seed
+            from ..trainer.rollout import GenSettings
+
+            from tqdm.auto import tqdm
+
+            prompts = world["train_prompts"][:cfg.pool_prompts]
+            gen = GenSettings(max_new_tokens=cfg.max_new_tokens, do_sample=True, temperature=cfg.temperature)
+            with tqdm(total=len(prompts) * cfg.responses_per_prompt, desc="sampling pairs", unit="resp", leave=False,
+                      disable=not (cfg.progress and sys.stderr.isatty()), dynamic_ncols=True) as bar:
+                return build_tiny_pairs(ref_lm, tokenizer, prompts, judges, cfg.responses_per_prompt, gen,
+                                        derive_seed(cfg.seed, "pairs", 0), cfg.tie_margin, cfg.max_prompt_tokens,
+                                        bar=bar)
+        if cfg.data.startswith("hf:"):
+            name, _, split = cfg.data[3:].partition(":")
+            return load_hf_dataset(name, split or "train", cfg.objectives)
+        return load_jsonl(cfg.data, cfg.objectives)
+    except DataError as e:
+        raise ConfigError(f"--data: {e}") from None
+
+
+def train_dpo(config: Union[DPOConfig, Dict[str, Any]], shared: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Run one preference-data training run; returns the evaluation, metrics and paths.
+
+    ``shared``: a dict that runs of one sweep pass along (same model, data, objectives and evaluation
+    settings; only the method and its settings differ): it keeps the reference model, the tokenizer, the
+    judges, the data, the reference's log-probs and its evaluation samples after the first run, so later
+    runs skip loading and sampling them again. The caller owns it; it is filled on first use."""
+    cfg = config if isinstance(config, DPOConfig) else DPOConfig(**normalize_dpo_keys(config, "config"))
+    cfg = dataclasses.replace(cfg).validate()
+    out = _prepare_output_dir(cfg)
+
+    import numpy as np
+    import torch
+    from tqdm.auto import tqdm
+
+    from ..trainer.policy import PolicyWithValueHeads, frozen_copy
+    from ..trainer.rewards import build_objectives
+    from ..trainer.train import _load_lm, _load_tokenizer, atomic_write_text
+    from .evaluate import evaluate_policy, reference_samples
+    from .methods import make_trainer
+
+    t_start = time.perf_counter()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if cfg.device == "auto" else cfg.device))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device: cuda requested but no GPU is available")
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed % 2**32)
+    torch.manual_seed(cfg.seed)
+
+    import yaml
+
+    atomic_write_text(out / "config.yaml", yaml.safe_dump(dataclasses.replace(cfg, overwrite=False).to_dict(),
+                                                          sort_keys=False))
+    sh = shared if shared is not None else {}
+    if "world" not in sh:
+        sh["world"] = prepare_world(cfg)
+        sh["judges"] = build_objectives(cfg, device=str(device))
+        sh["tokenizer"] = _load_tokenizer(cfg.tokenizer or sh["world"]["model_path"])
+        sh["ref_lm"] = frozen_copy(_load_lm(sh["world"]["model_path"], device))
+        sh["ref_logp"] = {}
+    world, judges, tokenizer, ref_lm = sh["world"], sh["judges"], sh["tokenizer"], sh["ref_lm"]
+    lm = _load_lm(world["model_path"], device)
+    policy = PolicyWithValueHeads(lm, 1).to(device)
+    for p in policy.value_heads.parameters():
+        p.requires_grad_(False)
+
+    if "data" not in sh:
+        sh["data"] = load_data(cfg, world, ref_lm, tokenizer, judges)
+    data = sh["data"]
+    if list(data.objectives) != list(cfg.objectives):
+        raise ConfigError(f"--objectives: the data labels {data.objectives}; got {cfg.objectives}")
+    atomic_write_text(out / "pairs.jsonl", _jsonl(data.rows()))
+    t_data = time.perf_counter()
+    trainer = make_trainer(cfg, policy, ref_lm, tokenizer, data, judges, device, ref_cache=sh["ref_logp"])
+    info = dict(data.info, pairs=len(data), trained_pairs=getattr(trainer, "n_pairs", None))
+    if cfg.method == "mopo":
+        info["pool"] = trainer.pool_info
+    atomic_write_text(out / "data.json", json.dumps(info, indent=1))
+
+    metrics: List[Dict] = []
+    use_bars = cfg.progress and sys.stderr.isatty()
+    label = f"{cfg.method}" + (f" w={','.join(f'{x:.2f}' for x in cfg.normalized_weights())}"
+                               if cfg.method != "mopo" else f" primary={cfg.objectives[cfg.mopo_index]}")
+    bar = tqdm(total=cfg.steps, desc=label, unit="step", disable=not use_bars, dynamic_ncols=True, leave=False)
+    try:
+        while trainer.step_idx < cfg.steps:
+            trainer.step()
+            bar.update(1)
+            k = trainer.step_idx
+            if (cfg.log_every and k % cfg.log_every == 0) or k == cfg.steps:
+                rows = trainer.flush_metrics()
+                metrics += rows
+                atomic_write_text(out / "metrics.jsonl", _jsonl(metrics))
+                if cfg.log_every:
+                    tqdm.write(_summary(cfg, rows[-1]), file=sys.stderr)
+    finally:
+        bar.close()
+    t_train = time.perf_counter()
+
+    if "reference_eval" not in sh:
+        sh["reference_eval"] = reference_samples(ref_lm, tokenizer, judges, world["eval_prompts"], cfg, device)
+    ev = evaluate_policy(policy, ref_lm, tokenizer, judges, world["eval_prompts"], cfg, sh["reference_eval"])
+    atomic_write_text(out / "samples.jsonl", _jsonl(ev.pop("samples")))
+    ess = None
+    if cfg.method == "mopo":
+        ess = sum(m["ess"] for m in metrics) / max(1, len(metrics))
+        ev["mean_ess"] = ess
+        ev["mean_ess_frac"] = sum(m["ess_frac"] for m in metrics) / max(1, len(metrics))
+        ev["final_lambda"] = metrics[-1]["lam"] if metrics else None
+    atomic_write_text(out / "eval.json", json.dumps(ev, indent=1))
+    if cfg.save_model:
+        from ..trainer.train import _hf_quiet
+
+        with _hf_quiet():
+            policy.lm.save_pretrained(str(out / "model"))
+            tokenizer.save_pretrained(str(out / "model"))
+    result = {"method": cfg.method, "setting": setting_label(cfg), "eval": ev, "ess": ess, "metrics": metrics,
+              "data_info": info, "output_dir": str(out), "config": cfg,
+              "wall_s": time.perf_counter() - t_start,
+              "time": {"data": t_data - t_start, "train": t_train - t_data, "eval": time.perf_counter() - t_train}}
+    from .evaluate import format_results, results_table
+
+    md = format_results(results_table([result], cfg.objectives))
+    atomic_write_text(out / "final.md", f"# {cfg.method} on {cfg.data} ({cfg.steps} steps)\n\n{md}\n\n"
+                                        f"Win rates against the reference on {ev['n']} sampled responses; data: "
+                                        f"{len(data)} pairs, conflict rate {data.info.get('conflict_rate', 0):.3f}.\n")
+    result["table_md"] = md
+    if cfg.plots:
+        from .plots import plot_fronts
+
+        result["plot"] = plot_fronts([result], cfg.objectives, str(out / "front.png"), title=setting_label(cfg))
+    return result
+
+
+def setting_label(cfg: DPOConfig) -> str:
+    if cfg.method == "mopo":
+        return (f"primary={cfg.objectives[cfg.mopo_index]} β={cfg.mopo_threshold_beta:g} t0={cfg.mopo_t0} "
+                f"τ={cfg.mopo_tau:g}")
+    w = "w=" + "/".join(f"{x:.2f}" for x in cfg.normalized_weights())
+    if cfg.method == "modpo":
+        return f"{w} target={cfg.objectives[cfg.modpo_index]}"
+    return w
+
+
+def _summary(cfg: DPOConfig, m: Mapping) -> str:
+    parts = [f"[{cfg.method}] step {m['step']}/{cfg.steps}"]
+    if "losses" in m:
+        ls = m["losses"] if isinstance(m["losses"], list) else [m["losses"]]
+        parts.append("loss " + "/".join(f"{x:.4f}" for x in ls))
+        parts.append(f"margin>0 {m['margin_positive']:.2f}")
+    if "coeffs" in m:
+        parts.append("a " + "/".join(f"{x:.3f}" for x in m["coeffs"]) + f" cos {m['cos']:+.3f}")
+    if "lam" in m:
+        parts.append(f"loss {m['loss']:.3f} ESS {m['ess']:.1f} ({m['ess_frac']:.2f}) λ " +
+                     "/".join(f"{x:.3f}" for x in m["lam"]) + " b " + "/".join(f"{x:.3f}" for x in m["b"]) +
+                     " LB " + "/".join(f"{x:.3f}" for x in m["lower_bound"]))
+    parts.append(f"|g| {m['grad_norm']:.3f}")
+    return " | ".join(parts)
+
+
+# -------------------------------------------------------------------------------------------------
+# command line
+# -------------------------------------------------------------------------------------------------
+def _opt(conv):
+    def parse(s: str):
+        if s.strip().lower() in ("none", "null"):
+            return None
+        return conv(s)
+    parse.__name__ = getattr(conv, "__name__", "value")
+    return parse
+
+
+def add_dpo_subcommand(subparsers) -> argparse.ArgumentParser:
+    """Adds ``dpo`` to a ``pama-ext`` subparsers object (every DPOConfig field is a flag)."""
+    p = subparsers.add_parser(
+        "dpo", help="multi-objective preference-data alignment (raco, cagrad, dpo-lw, modpo, mopo)",
+        description="Preference-data alignment with the pama_ext ops: per-objective DPO losses combined by "
+                    "RACO / CAGrad / a weighted sum / MODPO margins, or MOPO's constrained behaviour cloning. "
+                    "Settings: defaults < --config FILE.yaml < flags. See docs/dpo.md.")
+    p.add_argument("--config", default=None, metavar="FILE.yaml",
+                   help="YAML file with any of the settings below (flags override it)")
+    groups: Dict[str, Any] = {}
+    defaults = DPOConfig()
+    for f in dataclasses.fields(DPOConfig):
+        g = f.metadata.get("group", "")
+        if g not in groups:
+            groups[g] = p.add_argument_group(g or "other")
+        kind, optional = field_kind(f), field_optional(f)
+        default = getattr(defaults, f.name)
+        shown = "none" if default is None else (",".join(map(str, default)) if isinstance(default, list) else default)
+        help_ = f"{f.metadata['help']} (default: {shown})".replace("%", "%%")
+        kw: Dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=help_)
+        if kind == "bool":
+            kw["action"] = argparse.BooleanOptionalAction
+        elif kind.startswith("list"):
+            kw.update(nargs="+", metavar=f.metadata.get("metavar", "X"))
+        else:
+            conv = {"int": int, "float": float, "str": str}[kind]
+            kw["type"] = _opt(conv) if optional else conv
+            kw["metavar"] = f.metadata.get("metavar", kind.upper())
+            if "choices" in f.metadata:
+                kw["metavar"] = "{" + ",".join(f.metadata["choices"]) + "}"
+        groups[g].add_argument(flag(f.name), **kw)
+    p.set_defaults(func=cmd_dpo)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> DPOConfig:
+    names = {f.name for f in dataclasses.fields(DPOConfig)}
+    overrides = {k: v for k, v in vars(args).items() if k in names}
+    for k, v in list(overrides.items()):
+        if isinstance(v, list) and len(v) == 1 and str(v[0]).lower() in ("none", "null"):
+            overrides[k] = None
+    return load_dpo_config(args.config, overrides)
+
+
+def cmd_dpo(args: argparse.Namespace) -> int:
+    try:
+        cfg = config_from_args(args)
+        result = train_dpo(cfg)
+    except ConfigError as e:
+        print(f"pama-ext dpo: error: {e}", file=sys.stderr)
+        return 2
+    print(result["table_md"])
+    t = result["time"]
+    print(f"\noutput: {result['output_dir']} ({result['wall_s']:.1f} s: data {t['data']:.1f}, train {t['train']:.1f}, "
+          f"evaluation {t['eval']:.1f})")
+    return 0
