@@ -491,3 +491,57 @@ def test_real_verl_grpo_per_objective():
     for i in range(n):
         want, _ = ca.compute_grpo_outcome_advantage(rewards[..., i], mask, index)
         torch.testing.assert_close(adv[..., i], want, rtol=1e-5, atol=1e-6)
+
+
+def test_verl_options_from_environment(monkeypatch):
+    saved = pverl.options()
+    try:
+        monkeypatch.setenv("PAMA_EXT_VERL_OPTIONS", '{"method": "mgda", "noon": false}')
+        opts = pverl.configure_from_env()
+        assert (opts.method, opts.noon, opts.granularity) == ("mgda", False, saved.granularity)
+        assert pverl.options() is opts
+        monkeypatch.setenv("PAMA_EXT_VERL_OPTIONS", "method=pama")
+        with pytest.raises(ValueError, match="PAMA_EXT_VERL_OPTIONS"):
+            pverl.configure_from_env()
+        monkeypatch.setenv("PAMA_EXT_VERL_OPTIONS", '{"granularity": "episode"}')
+        with pytest.raises(ValueError, match="granularity"):
+            pverl.configure_from_env()
+        monkeypatch.delenv("PAMA_EXT_VERL_OPTIONS")
+        assert pverl.configure_from_env() is None
+    finally:
+        pverl._OPTIONS = saved  # noqa: SLF001
+
+
+# ------------------------------------------------------------------------------------------------
+# docs/integrations.md: the snippets run as written
+# ------------------------------------------------------------------------------------------------
+def doc_snippet(name):
+    """The ```python block that follows ``<!-- snippet: name -->`` in docs/integrations.md."""
+    import pathlib
+    import re
+
+    doc = pathlib.Path(__file__).resolve().parent.parent / "docs" / "integrations.md"
+    found = re.findall(r"<!-- snippet: " + re.escape(name) + r" -->\s*```python\n(.*?)```", doc.read_text(), re.S)
+    assert len(found) == 1, f"docs/integrations.md has {len(found)} '{name}' snippets"
+    return found[0]
+
+
+def test_doc_snippet_verl():
+    saved = pverl.options()
+    try:
+        scope = {}
+        exec(compile(doc_snippet("verl"), "docs/integrations.md (verl)", "exec"), scope)
+    finally:
+        pverl._OPTIONS = saved  # noqa: SLF001
+    assert scope["advantages"].shape == (4, 6, 2)
+    assert scope["pg_loss"].dim() == 0 and bool(scope["pg_loss"].isfinite())
+    assert scope["log_prob"].grad is not None and bool(scope["log_prob"].grad.isfinite().all())
+    assert all(isinstance(v, torch.Tensor) for v in scope["pg_metrics"].values())
+
+
+def test_doc_snippet_openrlhf():
+    scope = {}
+    exec(compile(doc_snippet("openrlhf"), "docs/integrations.md (openrlhf)", "exec"), scope)
+    assert scope["experience_advantages"].shape == (4, 8, 2)
+    assert bool(scope["loss"].isfinite()) and scope["vllm_kl"] is None
+    assert scope["log_probs"].grad is not None and bool(scope["log_probs"].grad.isfinite().all())

@@ -185,3 +185,17 @@ def test_unsupported_settings(world, tmp_path):
         make_trainer(world, tmp_path, [chars_reward], granularity="episode")
     with pytest.raises(ValueError, match="prefs"):
         make_trainer(world, tmp_path, [chars_reward, vowel_reward], method="linear", prefs=[1.0, 0.0, 0.0])
+
+
+def test_doc_snippet_trl(world, tmp_path, monkeypatch):
+    """docs/integrations.md's TRL snippet runs as written (on the module's tiny world, in a temp dir)."""
+    from test_integrations import doc_snippet
+
+    monkeypatch.setenv("PAMA_EXT_CACHE", str(world.path.parent))
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exec(compile(doc_snippet("trl"), "docs/integrations.md (trl)", "exec"), scope)
+    assert scope["trainer"].state.global_step == 2
+    assert math.isfinite(scope["trainer"].state.log_history[-2]["pama/weights/length_reward"])

@@ -23,12 +23,17 @@ two ways:
   runs :func:`pama_ext.multi_gae` on ``[B, T, n]`` rewards and values and whitens each objective.
 
 Options of the combination (method, granularity, Noon, whitening, preferences, process group) are
-set with :func:`configure` (verl's actor config has no free-form keys for them); the clip range,
-dual clip and loss aggregation come from verl's actor config as for its ``"vanilla"`` loss.
+set with :func:`configure` (verl's actor config has no free-form keys for them), or, for every
+process that imports this module (verl's Ray workers included), from the environment variable
+``PAMA_EXT_VERL_OPTIONS`` holding a JSON object of the same options, e.g.
+``{"method": "pama", "granularity": "sequence"}``. The clip range, dual clip and loss aggregation
+come from verl's actor config as for its ``"vanilla"`` loss.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
@@ -49,6 +54,7 @@ __all__ = [
     "ESTIMATOR_NAME",
     "PamaVerlOptions",
     "configure",
+    "configure_from_env",
     "options",
     "compute_policy_loss_pama",
     "compute_pama_grpo_advantage",
@@ -111,6 +117,22 @@ def configure(**kwargs: Any) -> PamaVerlOptions:
     merged.update(kwargs)
     _OPTIONS = PamaVerlOptions(**merged)
     return _OPTIONS
+
+
+def configure_from_env(var: str = "PAMA_EXT_VERL_OPTIONS") -> Optional[PamaVerlOptions]:
+    """Apply the JSON options in environment variable ``var`` (if set); called on import."""
+    text = os.environ.get(var, "").strip()
+    if not text:
+        return None
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{var}: expected a JSON object of pama options, got {text!r} ({e})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{var}: expected a JSON object of pama options, got {text!r}")
+    if "group" in values:
+        raise ValueError(f"{var}: a process group cannot come from the environment; use configure(group=...)")
+    return configure(**values)
 
 
 def options() -> PamaVerlOptions:
@@ -296,6 +318,8 @@ def register(registry: Optional[Any] = None, loss_name: str = LOSS_NAME,
     registry.register_adv_est(estimator_name)(compute_pama_grpo_advantage)
     return registry
 
+
+configure_from_env()
 
 VERL_IMPORT_ERROR: Optional[BaseException] = None
 try:  # register on import where verl is installed (its workers import this module as an external lib)
