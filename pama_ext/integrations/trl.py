@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from trl import GRPOTrainer
 
-from ._common import call_policy_loss, check_pama_options
+from ._common import call_policy_loss, check_pama_options, rescale_to_global
 
 __all__ = ["PamaGRPOTrainer", "group_normalized_advantages"]
 
@@ -187,17 +187,18 @@ class PamaGRPOTrainer(GRPOTrainer):
         )
         mode = "train" if self.model.training else "eval"
         accum = self.current_gradient_accumulation_steps if mode == "train" else 1.0
-        if self.loss_type == "dr_grpo":
-            loss = loss / float(self.max_completion_length) / accum
-        elif self.loss_type == "dapo":
-            # TRL normalises by the active tokens of the whole generation batch, not of this micro-batch
+        if self.loss_type == "dapo":
+            # TRL normalises by the active tokens of the whole generation batch, not of this micro-batch:
+            # token sum (over the group's shards when a group is set) / that normaliser
             normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
             if mode == "train":
                 normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
-            local = (mask != 0).sum().to(loss.dtype)
-            loss = loss * local / normalizer.to(loss.dtype)
+            loss = rescale_to_global(loss, mask, "token-mean", batch_num_tokens=normalizer, group=self.pama_group)
         else:
-            loss = loss / accum
+            # per-process means, averaged over the processes by DDP: a group mean is scaled by the group size
+            loss = rescale_to_global(loss, mask, self._pama_agg, group=self.pama_group) / accum
+            if self.loss_type == "dr_grpo":
+                loss = loss / float(self.max_completion_length)
 
         m = mask.to(entropies.dtype)
         pending = self._pama_pending[mode]

@@ -206,8 +206,9 @@ def compute_policy_loss_pama(
     global_count = info.get("batch_num_tokens") if agg == "token-mean" else info.get("global_batch_size")
     if loss_agg_mode == "token-sum":
         global_count = 1  # sum = mean * count
+    dp_size = info.get("dp_size")
     loss = rescale_to_global(
-        loss, response_mask, agg, dp_size=info.get("dp_size", 1) or 1,
+        loss, response_mask, agg, dp_size=1 if dp_size is None else dp_size,
         batch_num_tokens=global_count if agg == "token-mean" else None,
         global_batch_size=global_count if agg != "token-mean" else None, group=opts.group,
     )
