@@ -335,6 +335,9 @@ def test_pama_grpo_estimator(norm):
     for i in range(n):
         want = grpo_loop(scores[:, i], list(index), 1e-6, norm)
         torch.testing.assert_close(adv[..., i], want[:, None] * mask, rtol=1e-5, atol=1e-6)
+    via_config, _ = pverl.compute_pama_grpo_advantage(rewards, mask, index=index,
+                                                      config={"norm_adv_by_std_in_grpo": norm})
+    torch.testing.assert_close(via_config, adv)  # verl passes its algorithm config, not the flag
     one, _ = pverl.compute_pama_grpo_advantage(rewards[..., 0], mask, index=index, norm_adv_by_std_in_grpo=norm)
     assert one.shape == (B, T)
     torch.testing.assert_close(one, adv[..., 0])

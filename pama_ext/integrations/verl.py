@@ -236,7 +236,7 @@ def compute_pama_grpo_advantage(
     response_mask: Tensor,
     index: Optional[Any] = None,
     epsilon: float = 1e-6,
-    norm_adv_by_std_in_grpo: bool = True,
+    norm_adv_by_std_in_grpo: Optional[bool] = None,
     config: Optional[Any] = None,
     **kwargs: Any,
 ) -> Tuple[Tensor, Tensor]:
@@ -246,10 +246,14 @@ def compute_pama_grpo_advantage(
     the sequence score ``s_i[b] = sum_t r_i[b, t]`` is normalised within its prompt group (``index``,
     verl's ``uid``): ``(s - mean_group) / (std_group + epsilon)`` (``std`` unbiased; a group of one
     gets mean 0 and std 1, as verl's GRPO), or ``s - mean_group`` when ``norm_adv_by_std_in_grpo`` is
-    False; then broadcast over the response tokens. Returns ``(advantages, returns)``, both
+    False (default: ``config.norm_adv_by_std_in_grpo`` of verl's algorithm config, else True -- verl
+    passes only ``token_level_rewards``, ``response_mask``, ``index`` and ``config`` to a registered
+    estimator); then broadcast over the response tokens. Returns ``(advantages, returns)``, both
     ``[B, T, n]`` (equal, as for verl's outcome estimators).
     """
-    del config, kwargs
+    del kwargs
+    if norm_adv_by_std_in_grpo is None:
+        norm_adv_by_std_in_grpo = bool(_cfg(config, "norm_adv_by_std_in_grpo", True))
     if index is None:
         raise ValueError("index: pama_grpo needs the prompt-group ids (verl's non_tensor_batch['uid'])")
     adv = objectives_first(token_level_rewards, response_mask, "one reward per objective, objectives last")
