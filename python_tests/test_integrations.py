@@ -548,3 +548,57 @@ def test_doc_snippet_openrlhf():
     assert scope["experience_advantages"].shape == (4, 8, 2)
     assert bool(scope["loss"].isfinite()) and scope["vllm_kl"] is None
     assert scope["log_probs"].grad is not None and bool(scope["log_probs"].grad.isfinite().all())
+
+
+# ------------------------------------------------------------------------------------------------
+# the group path of the global rescaling, on two processes
+# ------------------------------------------------------------------------------------------------
+def _two_rank_rescale(rank, init_file, result_file):
+    import torch.distributed as dist
+
+    from pama_ext.integrations._common import rescale_to_global
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        g = torch.Generator().manual_seed(0)
+        masks = [torch.rand(3, 6, generator=g) > 0.4 for _ in range(2)]
+        masks[1][2] = False  # an empty row on rank 1
+        per_token = [torch.randn(3, 6, generator=g, dtype=torch.float64) for _ in range(2)]
+        m = masks[rank]
+        out = {}
+        for agg, total in (("token-mean", 50.0), ("seq-mean-token-mean", 9.0)):
+            # what the op returns with a group: the group's mean, whose gradient reaches this shard's terms
+            if agg == "token-mean":
+                counts = [mk.sum() for mk in masks]
+                sums = [(p * mk).sum() for p, mk in zip(per_token, masks)]
+            else:
+                rows = lambda p, mk: ((p * mk).sum(-1) / mk.sum(-1).clamp(min=1))  # noqa: E731
+                counts = [mk.any(-1).sum() for mk in masks]
+                sums = [rows(p, mk).sum() for p, mk in zip(per_token, masks)]
+            group_mean = sum(sums) / sum(counts)
+            kw = {"batch_num_tokens": total} if agg == "token-mean" else {"global_batch_size": total}
+            got = rescale_to_global(group_mean, m, agg, dp_size=2, group=dist.group.WORLD, **kw)
+            # verl / OpenRLHF: this shard's sum over the global denominator, times dp_size
+            out[agg] = (float(got), float(sum(sums) / total * 2))
+            out[agg + "/nocount"] = float(rescale_to_global(group_mean, m, agg, group=dist.group.WORLD))
+            out[agg + "/mean"] = float(group_mean)
+        torch.save(out, f"{result_file}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_group_rescale_two_ranks(tmp_path):
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    init_file, result = tmp_path / "init", tmp_path / "result"
+    mp.spawn(_two_rank_rescale, args=(str(init_file), str(result)), nprocs=2, join=True)
+    for rank in range(2):
+        out = torch.load(f"{result}.{rank}")
+        for agg in ("token-mean", "seq-mean-token-mean"):
+            got, global_value = out[agg]
+            # the value is the global loss (every rank the same); the shard's gradient share is unchanged
+            assert math.isclose(got, global_value, rel_tol=1e-12)
+            assert math.isclose(out[agg + "/nocount"], 2 * out[agg + "/mean"], rel_tol=1e-12)
