@@ -578,7 +578,7 @@ def _two_rank_rescale(rank, init_file, result_file):
             group_mean = sum(sums) / sum(counts)
             kw = {"batch_num_tokens": total} if agg == "token-mean" else {"global_batch_size": total}
             got = rescale_to_global(group_mean, m, agg, dp_size=2, group=dist.group.WORLD, **kw)
-            # verl / OpenRLHF: this shard's sum over the global denominator, times dp_size
+            # verl / OpenRLHF semantics: the group's sum over the global denominator, times dp_size
             out[agg] = (float(got), float(sum(sums) / total * 2))
             out[agg + "/nocount"] = float(rescale_to_global(group_mean, m, agg, group=dist.group.WORLD))
             out[agg + "/mean"] = float(group_mean)

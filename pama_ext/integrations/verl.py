@@ -333,3 +333,10 @@ try:  # register on import where verl is installed (its workers import this modu
 except ImportError as _e:  # verl, or one of its import-time dependencies (ray, tensordict, ...), is absent
     VERL_AVAILABLE = False
     VERL_IMPORT_ERROR = _e
+except Exception as _e:  # noqa: BLE001 - an installed but incompatible verl: say so, keep this module usable
+    import warnings
+
+    VERL_AVAILABLE = False
+    VERL_IMPORT_ERROR = _e
+    warnings.warn(f"pama_ext.integrations.verl: could not register with verl ({_e!r}); "
+                  f"call register() once verl imports", RuntimeWarning, stacklevel=2)
