@@ -120,6 +120,25 @@ def test_one_objective_matches_trl_advantages(world, tmp_path):
     torch.testing.assert_close(out["objective_advantages"][:, 0], out["advantages"], rtol=1e-5, atol=1e-6)
 
 
+def test_objective_advantages_follow_the_batch_split(world, tmp_path):
+    """TRL shuffles and splits a generation batch over accumulation steps; the objective advantages
+    must stay with their completions (one objective: they equal TRL's own advantages row by row)."""
+    trainer = make_trainer(world, tmp_path, [chars_reward], grad_accum=2, max_steps=1)
+    seen = []
+    inner = trainer._compute_loss
+
+    def checked(model, inputs):
+        seen.append((inputs["objective_advantages"][:, 0].clone(), inputs["advantages"].clone()))
+        return inner(model, inputs)
+
+    trainer._compute_loss = checked
+    trainer.train()
+    assert len(seen) == 2
+    assert any(bool((theirs != 0).any()) for _, theirs in seen)
+    for ours, theirs in seen:
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("loss_type,beta,grad_accum", [
     ("grpo", 0.0, 1), ("bnpo", 0.0, 2), ("dr_grpo", 0.0, 1), ("dapo", 0.0, 2), ("grpo", 0.1, 1),
 ])
@@ -155,10 +174,13 @@ def test_default_path_is_trl_grpo_loss(world, tmp_path, loss_type, beta, grad_ac
     assert scale > 0 and num <= 1e-4 * scale + 1e-7
 
 
-@pytest.mark.parametrize("method,granularity", [("pama", "token"), ("linear", "token"),
-                                                ("pama", "sequence")])
-def test_training_runs_and_logs(world, tmp_path, method, granularity):
-    trainer = make_trainer(world, tmp_path, [chars_reward, vowel_reward], method=method, granularity=granularity)
+@pytest.mark.parametrize("method,granularity,grad_accum", [("pama", "token", 1), ("linear", "token", 1),
+                                                           ("pama", "sequence", 2)])
+def test_training_runs_and_logs(world, tmp_path, method, granularity, grad_accum):
+    """Two optimizer steps; with gradient accumulation TRL splits and shuffles the generation batch,
+    objective advantages included."""
+    trainer = make_trainer(world, tmp_path, [chars_reward, vowel_reward], method=method, granularity=granularity,
+                           grad_accum=grad_accum)
     before = [p.detach().clone() for p in trainer.model.parameters()]
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
