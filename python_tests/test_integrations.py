@@ -602,3 +602,69 @@ def test_group_rescale_two_ranks(tmp_path):
             # the value is the global loss (every rank the same); the shard's gradient share is unchanged
             assert math.isclose(got, global_value, rel_tol=1e-12)
             assert math.isclose(out[agg + "/nocount"], 2 * out[agg + "/mean"], rel_tol=1e-12)
+
+
+def _op_takes_group() -> bool:
+    import inspect
+
+    from pama_ext import ops
+
+    return "group" in inspect.signature(ops.pama_policy_loss).parameters
+
+
+def _dp_batch():
+    g = torch.Generator().manual_seed(21)
+    B, T, n = 6, 7, 2
+    mask = torch.rand(B, T, generator=g) > 0.3
+    mask[4] = False
+    old = -torch.rand(B, T, generator=g, dtype=torch.float64)
+    logp = old + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    adv = torch.randn(B, T, n, generator=g, dtype=torch.float64)
+    return logp, old, adv, mask
+
+
+DP_OPTIONS = dict(method="pama", granularity="batch", whiten=True, noon=True)
+
+
+def _two_rank_verl(rank, init_file, result_file):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        pverl.configure(group=dist.group.WORLD, **DP_OPTIONS)
+        logp, old, adv, mask = _dp_batch()
+        rows = slice(3 * rank, 3 * rank + 3)
+        info = {"dp_size": 2, "batch_num_tokens": int(mask.sum())}
+        lp = logp[rows].clone().requires_grad_()
+        loss, _ = pverl.compute_policy_loss_pama(old[rows], lp, adv[rows], mask[rows], "token-mean",
+                                                 ActorCfg(global_batch_info=info))
+        loss.backward()
+        torch.save({"loss": loss.detach(), "grad": lp.grad}, f"{result_file}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_verl_loss_data_parallel_two_ranks(tmp_path):
+    """With a group, two ranks holding halves of a batch train like one process holding all of it
+    (verl's convention: each rank's loss is dp_size times the global mean; DDP averages gradients)."""
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    if not _op_takes_group():
+        pytest.skip("pama_ext.pama_policy_loss has no group= argument in this build")
+    saved = pverl.options()
+    try:
+        pverl.configure(group=None, **DP_OPTIONS)
+        logp, old, adv, mask = _dp_batch()
+        lp = logp.clone().requires_grad_()
+        full, _ = pverl.compute_policy_loss_pama(old, lp, adv, mask, "token-mean", ActorCfg())
+        full.backward()
+    finally:
+        pverl._OPTIONS = saved  # noqa: SLF001
+    mp.spawn(_two_rank_verl, args=(str(tmp_path / "init"), str(tmp_path / "result")), nprocs=2, join=True)
+    for rank in range(2):
+        out = torch.load(f"{tmp_path / 'result'}.{rank}")
+        torch.testing.assert_close(out["loss"] / 2, full.detach())
+        torch.testing.assert_close(out["grad"] / 2, lp.grad[3 * rank : 3 * rank + 3])
