@@ -3,6 +3,7 @@
 #   make test            fresh machine: venv (.venv), torch==2.13.0 + test deps, build, nvcc check, pytest
 #   make test VENV=      use the current python3 as is (e.g. a GPU machine with torch preinstalled)
 #   make nvcc-check      compile every csrc/cuda/*.cu with bare nvcc for sm_80 and sm_90
+#   make verl-deps       opt-in: verl's registry module (no GPU stack) so the verl adapter tests also use real verl
 #   make demo            PAMA vs MORLHF vs MGDA-UB on the embedded tiny world (CPU; prints the table, writes runs/demo)
 #   make demo-dpo        preference data: raco, cagrad, dpo-lw, modpo, mopo on the tiny world (table + fronts in runs/demo-dpo)
 #   make bench           CPU benchmark of the fused ops (benchmarks/bench_ops.py)
@@ -16,6 +17,11 @@ NVCC ?= nvcc
 NVCC_ARCHS ?= 80 90
 PYTEST_ARGS ?=
 TRAIN_DEPS ?= transformers tokenizers vaderSentiment pyyaml tqdm matplotlib
+# the TRL adapter's tests run trl itself (its own deps: accelerate, datasets; torch and transformers are kept)
+INTEGRATION_DEPS ?= trl==1.16.0
+# opt-in (make verl-deps): verl's registry module on CPU without its GPU stack; ray is most of the ~300 MB
+VERL_DEPS ?= verl==0.9.1 ray tensordict omegaconf antlr4-python3-runtime==4.9.3 hydra-core codetiming msgpack \
+	protobuf pyyaml jsonschema jsonschema-specifications referencing rpds-py attrs filelock click pyvers cloudpickle orjson
 
 ifeq ($(strip $(VENV)),)
 PY := $(PYTHON)
@@ -29,7 +35,7 @@ CU_SOURCES := $(wildcard csrc/cuda/*.cu)
 CU_OBJECTS := $(patsubst csrc/cuda/%.cu,build/nvcc/%.o,$(CU_SOURCES))
 CU_HEADERS := csrc/pama_math.h $(wildcard csrc/cuda/*.cuh)
 
-.PHONY: test install build nvcc-check bench info clean demo demo-dpo wheel verify-wheel gpu-report
+.PHONY: test install build nvcc-check bench info clean demo demo-dpo wheel verify-wheel gpu-report verl-deps
 
 test: install
 	$(MAKE) -j4 nvcc-check VENV="$(VENV)" PYTHON="$(PYTHON)"
@@ -48,10 +54,19 @@ install: $(VENV_STAMP)
 	@$(PY) -c "import transformers, tokenizers, vaderSentiment, yaml, tqdm, matplotlib" 2>/dev/null || \
 		$(PY) -m pip install -q $(TRAIN_DEPS) || \
 		echo "make: WARNING: could not install the trainer dependencies; the trainer tests and make demo will not run"
+	@$(PY) -c "import trl, datasets, accelerate" 2>/dev/null || \
+		$(PY) -m pip install -q $(INTEGRATION_DEPS) || \
+		echo "make: WARNING: could not install trl; the TRL integration tests will be skipped"
 	$(MAKE) build VENV="$(VENV)" PYTHON="$(PYTHON)"
 
 build:
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+
+# verl's full install pins transformers<5.11 and pulls its GPU stack; --no-deps keeps torch/transformers
+verl-deps: install
+	@$(PY) -c "import verl.trainer.ppo.core_algos" 2>/dev/null || \
+		$(PY) -m pip install -q --no-deps $(VERL_DEPS) || \
+		echo "make: WARNING: could not install verl; the real-verl tests will be skipped"
 
 # The CUDA sources must compile even where no GPU is present (kernels.cuh has no torch headers).
 nvcc-check: $(CU_OBJECTS)

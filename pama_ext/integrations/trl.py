@@ -1,0 +1,225 @@
+"""TRL adapter: ``PamaGRPOTrainer``, a ``trl.GRPOTrainer`` that combines its reward functions with PAMA.
+
+TRL's GRPOTrainer sums the (weighted) rewards of its ``reward_funcs`` into one reward per completion
+and normalises it within each prompt's group. ``PamaGRPOTrainer`` keeps ``reward_funcs=[...]`` as the
+objectives: each objective's rewards are group-normalised on their own (the same mean/std rule as
+TRL's, per objective), and the per-objective advantages are combined token by token by
+:func:`pama_ext.pama_policy_loss` (``method`` / ``granularity`` configurable) instead of being summed.
+
+Everything else (generation, reference model, KL term ``beta``, clipping ``epsilon`` /
+``epsilon_high``, loss normalisation of ``loss_type`` ``grpo`` / ``bnpo`` / ``dr_grpo`` / ``dapo``)
+follows the GRPOConfig. With one reward function, ``method="linear", noon=False, whiten=False`` the
+loss is TRL's own GRPO loss.
+
+The loss path never reads a value back to the host: the loss metrics are kept as device tensors
+and turned into numbers only when the trainer logs.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import Tensor
+from trl import GRPOTrainer
+
+from ._common import call_policy_loss, check_pama_options, rescale_to_global
+
+__all__ = ["PamaGRPOTrainer", "group_normalized_advantages"]
+
+#: TRL loss types and the aggregation of the fused loss that reproduces each one.
+_LOSS_TYPE_AGG = {
+    "grpo": "seq-mean-token-mean",
+    "bnpo": "token-mean",
+    "dr_grpo": "seq-mean-token-sum",
+    "dapo": "token-mean",
+}
+
+
+def group_normalized_advantages(rewards: Tensor, num_generations: int, scale_rewards: str = "group",
+                                eps: float = 1e-4) -> Tensor:
+    """Per-objective GRPO advantages ``[N, n]`` from rewards ``[N, n]`` (``N`` = groups x ``num_generations``).
+
+    For each objective separately: ``r - mean_group(r)``, divided by ``std_group(r) + eps``
+    (``scale_rewards="group"``), by the objective's std over the whole batch (``"batch"``) or not at
+    all (``"none"``); std unbiased, NaN rewards (a reward function returned None) are ignored in the
+    statistics and get advantage 0.
+    """
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards: expected [N, n], got shape {tuple(rewards.shape)}")
+    N, n = rewards.shape
+    if num_generations < 1 or N % num_generations != 0:
+        raise ValueError(f"num_generations: {num_generations} does not divide the {N} completions")
+    grouped = rewards.view(-1, num_generations, n)
+    mean = torch.nanmean(grouped, dim=1, keepdim=True)
+    adv = (grouped - mean).view(N, n)
+    if scale_rewards == "group":
+        std = _nanstd(grouped, dim=1).expand_as(grouped).reshape(N, n) if num_generations > 1 else torch.zeros_like(adv)
+        adv = adv / (std + eps)
+    elif scale_rewards == "batch":
+        std = _nanstd(rewards, dim=0) if N > 1 else torch.zeros(1, n, device=rewards.device, dtype=rewards.dtype)
+        adv = adv / (std + eps)
+    elif scale_rewards != "none":
+        raise ValueError(f"scale_rewards: expected 'group', 'batch' or 'none', got {scale_rewards!r}")
+    return torch.nan_to_num(adv, nan=0.0)
+
+
+def _nanstd(x: Tensor, dim: int) -> Tensor:
+    """Unbiased standard deviation over ``dim`` ignoring NaNs (keepdim)."""
+    mean = torch.nanmean(x, dim=dim, keepdim=True)
+    count = (~torch.isnan(x)).sum(dim=dim, keepdim=True).to(x.dtype)
+    ss = torch.nansum((x - mean) ** 2, dim=dim, keepdim=True)
+    return torch.sqrt(ss / (count - 1))
+
+
+class PamaGRPOTrainer(GRPOTrainer):
+    """GRPO with per-objective advantages combined by the PAMA policy loss.
+
+    Takes every argument of ``trl.GRPOTrainer`` (``reward_funcs=[...]``: one objective each) plus,
+    keyword-only:
+
+    - ``method``: ``"pama"`` (closed-form Pareto weights), ``"linear"`` (weighted sum with ``prefs``,
+      which default to GRPOConfig's ``reward_weights``) or ``"mgda"``;
+    - ``granularity``: ``"token"``, ``"sequence"`` or ``"batch"`` (for ``pama``);
+    - ``noon`` (default True): drop negative advantages (Noon PPO); ``whiten`` (default False: the
+      advantages are already group-normalised);
+    - ``prefs``: objective weights of ``linear``;
+    - ``process_group``: a ``torch.distributed`` process group over which the loss statistics are
+      all-reduced (passed to the op only when set);
+    - ``check_finite``: raise on NaN/Inf inputs.
+
+    Unsupported GRPOConfig settings (sequence-level importance sampling, entropy masks or bonus,
+    off-policy masks, vLLM importance-sampling correction, two-sided ``delta``, MoE aux loss, loss types
+    other than grpo/bnpo/dr_grpo/dapo) raise at construction, naming the setting.
+    """
+
+    def __init__(self, *args: Any, method: str = "pama", granularity: str = "token", noon: bool = True,
+                 whiten: bool = False, prefs: Optional[Any] = None, process_group: Optional[Any] = None,
+                 check_finite: bool = True, **kwargs: Any) -> None:
+        prefs_t = check_pama_options(method, granularity, prefs)
+        super().__init__(*args, **kwargs)
+        self.pama_method, self.pama_granularity = method, granularity
+        self.pama_noon, self.pama_whiten = bool(noon), bool(whiten)
+        self.pama_group, self.pama_check_finite = process_group, bool(check_finite)
+        n = len(self.reward_funcs)
+        if prefs_t is None and method == "linear":
+            prefs_t = self.reward_weights.detach().to(torch.float32).clone()
+        if prefs_t is not None and prefs_t.numel() != n:
+            raise ValueError(f"prefs: {prefs_t.numel()} weights for {n} reward functions")
+        self.pama_prefs = prefs_t
+        self._check_supported()
+        self._pama_agg = _LOSS_TYPE_AGG[self.loss_type]
+        self._pama_rewards: Optional[Tensor] = None
+        self._pama_pending: Dict[str, Dict[str, List[Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    # -- configuration ---------------------------------------------------------------------------
+    def _check_supported(self) -> None:
+        a = self.args
+        bad = []
+        if self.loss_type not in _LOSS_TYPE_AGG:
+            bad.append(f"loss_type={self.loss_type!r} (supported: {sorted(_LOSS_TYPE_AGG)})")
+        if getattr(self, "importance_sampling_level", "token") != "token":
+            bad.append(f"importance_sampling_level={self.importance_sampling_level!r} (only 'token')")
+        if getattr(self, "top_entropy_quantile", 1.0) < 1.0:
+            bad.append(f"top_entropy_quantile={self.top_entropy_quantile} (only 1.0)")
+        if getattr(self, "off_policy_mask_threshold", None) is not None:
+            bad.append("off_policy_mask_threshold (only None)")
+        if getattr(self, "use_vllm", False) and getattr(self, "vllm_importance_sampling_correction", False):
+            bad.append("vllm_importance_sampling_correction=True with use_vllm (only False)")
+        if getattr(a, "delta", None) is not None:
+            bad.append(f"delta={a.delta} (only None)")
+        if self.beta != 0.0 and getattr(a, "use_bias_correction_kl", False):
+            bad.append("use_bias_correction_kl=True with beta != 0 (the KL term is not importance-weighted here; "
+                       "set it to False)")
+        if getattr(self, "_entropy_bonus_enabled", False):
+            bad.append("entropy_coef / adaptive entropy (only off)")
+        if getattr(self, "aux_loss_enabled", False):
+            bad.append("router aux loss (only off)")
+        if bad:
+            raise ValueError("PamaGRPOTrainer does not support these GRPOConfig settings: " + "; ".join(bad))
+
+    # -- rewards and advantages ------------------------------------------------------------------
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._pama_rewards = rewards  # [N_all, n], gathered over the processes
+        return rewards
+
+    def _generate_and_score_completions(self, inputs):
+        mode = "train" if self.model.training else "eval"
+        self._pama_rewards = None
+        output = super()._generate_and_score_completions(inputs)
+        rewards = self._pama_rewards
+        if rewards is None:
+            raise RuntimeError("PamaGRPOTrainer: GRPOTrainer did not compute per-function rewards")
+        num_generations = self.num_generations if mode == "train" else self.num_generations_eval
+        adv = group_normalized_advantages(rewards, num_generations, self.scale_rewards)
+        local = output["completion_ids"].shape[0]
+        start = self.accelerator.process_index * local
+        output["objective_advantages"] = adv[start : start + local].contiguous()  # [B_local, n]
+        return output
+
+    # -- loss ------------------------------------------------------------------------------------
+    def _compute_loss(self, model, inputs):
+        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        T = completion_ids.size(1)
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        extra = {k: inputs[k] for k in ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask",
+                                        "spatial_shapes", "num_tiles", "image_sizes", "token_type_ids",
+                                        "mm_token_type_ids", "image_position_ids") if k in inputs}
+        logp, entropies, _ = self._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, T, compute_entropy=True, **extra
+        )
+        old_logp = inputs.get("old_per_token_logps")
+        old_logp = logp.detach() if old_logp is None else old_logp
+        ref_logp = inputs.get("ref_per_token_logps") if self.beta != 0.0 else None
+
+        obj = inputs["objective_advantages"]  # [B, n]
+        adv = obj.to(logp.dtype).t()[:, :, None].expand(-1, -1, T).contiguous()  # [n, B, T]
+        prefs = None if self.pama_prefs is None else self.pama_prefs.to(device=logp.device, dtype=logp.dtype)
+        loss, metrics = call_policy_loss(
+            logp, old_logp, adv, mask, ref_logp, self.pama_group,
+            eps_lo=self.epsilon_low, eps_hi=self.epsilon_high, dual_clip=None, noon=self.pama_noon,
+            whiten=self.pama_whiten, method=self.pama_method, granularity=self.pama_granularity, prefs=prefs,
+            agg=self._pama_agg, beta_loss=float(self.beta), check_finite=self.pama_check_finite,
+        )
+        mode = "train" if self.model.training else "eval"
+        accum = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        if self.loss_type == "dapo":
+            # TRL normalises by the active tokens of the whole generation batch, not of this micro-batch:
+            # token sum (over the group's shards when a group is set) / that normaliser
+            normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            if mode == "train":
+                normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+            loss = rescale_to_global(loss, mask, "token-mean", batch_num_tokens=normalizer, group=self.pama_group)
+        else:
+            # per-process means, averaged over the processes by DDP: a group mean is scaled by the group size
+            loss = rescale_to_global(loss, mask, self._pama_agg, group=self.pama_group) / accum
+            if self.loss_type == "dr_grpo":
+                loss = loss / float(self.max_completion_length)
+
+        m = mask.to(entropies.dtype)
+        pending = self._pama_pending[mode]
+        pending["entropy"].append((entropies.detach() * m).sum() / m.sum().clamp(min=1.0))
+        pending["clip_ratio/region_mean"].append(metrics["clipfrac"].detach())
+        pending["pama/approx_kl"].append(metrics["approx_kl"].detach())
+        pending["pama/active"].append(metrics["active"].detach())
+        if self.beta != 0.0:
+            pending["kl"].append(metrics["kl_loss"].detach())
+        for i, name in enumerate(self.reward_func_names):
+            pending[f"pama/weights/{name}"].append(metrics["weights"][i].detach())
+            pending[f"pama/pos/{name}"].append(metrics["pos"][i].detach())
+        return loss
+
+    # -- logging ---------------------------------------------------------------------------------
+    def log(self, logs: Dict[str, float], start_time: Optional[float] = None) -> None:
+        """Turn the pending device-tensor metrics into numbers (one host read per logging step)."""
+        for mode, pending in self._pama_pending.items():
+            for key, values in pending.items():
+                if values:
+                    value = self.accelerator.gather(torch.stack(values).mean().reshape(1)).mean()
+                    self._metrics[mode][key].append(float(value))
+            pending.clear()
+        super().log(logs, start_time)
