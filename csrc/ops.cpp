@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "checks.h"
 #include "pama_math.h"
 
 namespace pama {
@@ -56,36 +57,9 @@ Launch backend_for(const at::Tensor& t, const char* op) {
 }
 
 // =================================================================================================
-// Argument checks (shared by every device). Messages name the op and the argument.
+// Argument checks (shared by every device; the generic ones are in checks.h). Messages name the op
+// and the argument.
 // =================================================================================================
-int dtype_code(at::ScalarType s) {
-  switch (s) {
-    case at::kFloat: return kFloat32;
-    case at::kDouble: return kFloat64;
-    case at::kHalf: return kFloat16;
-    case at::kBFloat16: return kBFloat16;
-    default: return -1;
-  }
-}
-
-at::ScalarType acc_type(at::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }
-
-std::string shape_str(const at::Tensor& t) {
-  std::string s = "[";
-  for (int64_t d = 0; d < t.dim(); ++d) s += (d ? ", " : "") + std::to_string(t.size(d));
-  return s + "]";
-}
-
-void check_defined(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.defined(), op, ": ", name, " must be a tensor, got None");
-}
-
-void check_float(const at::Tensor& t, const char* op, const char* name) {
-  check_defined(t, op, name);
-  TORCH_CHECK(dtype_code(t.scalar_type()) >= 0, op, ": ", name,
-              " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
-}
-
 void check_like(const at::Tensor& t, const at::Tensor& like, const char* op, const char* name,
                 const char* like_name) {
   check_float(t, op, name);
@@ -94,21 +68,6 @@ void check_like(const at::Tensor& t, const at::Tensor& like, const char* op, con
               "; all floating inputs of one call share a dtype");
   TORCH_CHECK(t.device() == like.device(), op, ": ", name, " is on ", t.device(), " but ", like_name,
               " is on ", like.device());
-}
-
-void check_shape(const at::Tensor& t, at::IntArrayRef expect, const char* op, const char* name,
-                 const char* meaning) {
-  TORCH_CHECK(t.sizes() == expect, op, ": ", name, " must have shape ", meaning, " = ", expect, ", got ",
-              shape_str(t));
-}
-
-void check_rank(const at::Tensor& t, int64_t rank, const char* op, const char* name, const char* meaning) {
-  TORCH_CHECK(t.dim() == rank, op, ": ", name, " must be ", rank, "-D ", meaning, ", got shape ", shape_str(t));
-}
-
-void check_num_objectives(int64_t n, const char* op, const char* name) {
-  TORCH_CHECK(n >= 1 && n <= kMaxObjectives, op, ": ", name, " has n = ", n,
-              " objectives in dim 0; n must be in [1, ", kMaxObjectives, "]");
 }
 
 // mask: [B, T], any dtype (nonzero = in), same device. Returns a contiguous bool copy or view.

@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "checks.h"
 #include "pama_math.h"
 
 namespace pama {
@@ -54,28 +55,6 @@ PrefLaunch pref_backend(const at::Device& d, const char* op) {
 }
 
 // ---- argument checks (messages name the op and the argument) -----------------------------------
-int dtype_of(at::ScalarType s) {
-  switch (s) {
-    case at::kFloat: return kFloat32;
-    case at::kDouble: return kFloat64;
-    case at::kHalf: return kFloat16;
-    case at::kBFloat16: return kBFloat16;
-    default: return -1;
-  }
-}
-at::ScalarType acc_of_type(at::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }
-
-std::string shape_of(const at::Tensor& t) {
-  std::string s = "[";
-  for (int64_t d = 0; d < t.dim(); ++d) s += (d ? ", " : "") + std::to_string(t.size(d));
-  return s + "]";
-}
-
-void need_float(const at::Tensor& t, const char* op, const std::string& name) {
-  TORCH_CHECK(t.defined(), op, ": ", name, " must be a tensor, got None");
-  TORCH_CHECK(dtype_of(t.scalar_type()) >= 0, op, ": ", name,
-              " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
-}
 void need_real(const at::Tensor& t, const char* op, const std::string& name, const char* what) {
   TORCH_CHECK(t.defined(), op, ": ", name, " must be a tensor, got None");
   TORCH_CHECK(t.scalar_type() != at::kBool && !t.is_complex(), op, ": ", name, " must have an integer or floating ",
@@ -85,22 +64,12 @@ void need_device(const at::Tensor& t, const at::Device& d, const char* op, const
                  const char* like) {
   TORCH_CHECK(t.device() == d, op, ": ", name, " is on ", t.device(), " but ", like, " is on ", d);
 }
-void need_shape(const at::Tensor& t, at::IntArrayRef expect, const char* op, const std::string& name,
-                const char* meaning) {
-  TORCH_CHECK(t.sizes() == expect, op, ": ", name, " must have shape ", meaning, " = ", expect, ", got ",
-              shape_of(t));
-}
-void need_objectives(int64_t n, const char* op, const char* name) {
-  TORCH_CHECK(n >= 1 && n <= kMaxObjectives, op, ": ", name, " has n = ", n, " objectives; n must be in [1, ",
-              kMaxObjectives, "]");
-}
-
 // optional [B] lengths -> contiguous acc copy (or undefined)
 at::Tensor lengths_acc(const c10::optional<at::Tensor>& len, int64_t B, at::ScalarType acc, const at::Device& d,
                        const char* op, const char* name) {
   if (!len.has_value() || !len->defined()) return at::Tensor();
   need_real(*len, op, name, "response lengths");
-  need_shape(*len, {B}, op, name, "[B]");
+  check_shape(*len, {B}, op, name, "[B]");
   need_device(*len, d, op, name, "policy_chosen_logps");
   return len->to(acc).contiguous();
 }
@@ -115,29 +84,29 @@ std::tuple<at::Tensor, at::Tensor> multi_dpo_loss(const at::Tensor& pc, const at
                                                   const at::Tensor& rr, const at::Tensor& labels, double beta,
                                                   const c10::optional<at::Tensor>& chosen_lengths,
                                                   const c10::optional<at::Tensor>& rejected_lengths) {
-  need_float(pc, kDPO, "policy_chosen_logps");
+  check_float(pc, kDPO, "policy_chosen_logps");
   TORCH_CHECK(pc.dim() == 1, kDPO, ": policy_chosen_logps must be 1-D [B] (summed log-probs per pair), got shape ",
-              shape_of(pc));
+              shape_str(pc));
   const int64_t B = pc.size(0);
   const at::Device dev = pc.device();
   const std::pair<const at::Tensor*, const char*> others[] = {
       {&pr, "policy_rejected_logps"}, {&rc, "ref_chosen_logps"}, {&rr, "ref_rejected_logps"}};
   for (const auto& [t, name] : others) {
-    need_float(*t, kDPO, name);
+    check_float(*t, kDPO, name);
     TORCH_CHECK(t->scalar_type() == pc.scalar_type(), kDPO, ": ", name, " must have the dtype of policy_chosen_logps (",
                 pc.scalar_type(), "), got ", t->scalar_type());
-    need_shape(*t, {B}, kDPO, name, "[B] (the shape of policy_chosen_logps)");
+    check_shape(*t, {B}, kDPO, name, "[B] (the shape of policy_chosen_logps)");
     need_device(*t, dev, kDPO, name, "policy_chosen_logps");
   }
   need_real(labels, kDPO, "labels", "+1 chosen wins, -1 rejected wins, 0 tie");
-  TORCH_CHECK(labels.dim() == 2, kDPO, ": labels must be 2-D [n, B], got shape ", shape_of(labels));
-  need_objectives(labels.size(0), kDPO, "labels");
+  TORCH_CHECK(labels.dim() == 2, kDPO, ": labels must be 2-D [n, B], got shape ", shape_str(labels));
+  check_num_objectives(labels.size(0), kDPO, "labels");
   const int64_t n = labels.size(0);
-  need_shape(labels, {n, B}, kDPO, "labels", "[n, B] (B from policy_chosen_logps)");
+  check_shape(labels, {n, B}, kDPO, "labels", "[n, B] (B from policy_chosen_logps)");
   need_device(labels, dev, kDPO, "labels", "policy_chosen_logps");
   TORCH_CHECK_VALUE(std::isfinite(beta) && beta > 0, kDPO, ": beta must be finite and > 0, got ", beta);
   c10::OptionalDeviceGuard guard(dev);
-  const auto acc = acc_of_type(pc.scalar_type());
+  const auto acc = acc_type(pc.scalar_type());
   at::Tensor lc = lengths_acc(chosen_lengths, B, acc, dev, kDPO, "chosen_lengths");
   at::Tensor lr = lengths_acc(rejected_lengths, B, acc, dev, kDPO, "rejected_lengths");
   auto c_pc = pc.contiguous(), c_pr = pr.contiguous(), c_rc = rc.contiguous(), c_rr = rr.contiguous();
@@ -147,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor> multi_dpo_loss(const at::Tensor& pc, const at
   PrefLaunch L = pref_backend(dev, kDPO);
   DpoLossParams p{c_pc.data_ptr(), c_pr.data_ptr(), c_rc.data_ptr(), c_rr.data_ptr(), lab.data_ptr(),
                   lc.defined() ? lc.data_ptr() : nullptr, lr.defined() ? lr.data_ptr() : nullptr,
-                  n, B, beta, losses.data_ptr(), coef.data_ptr(), dtype_of(pc.scalar_type())};
+                  n, B, beta, losses.data_ptr(), coef.data_ptr(), dtype_code(pc.scalar_type())};
   L.be.dpo_loss_forward(p, L.stream);
   return {losses, coef};
 }
@@ -156,16 +125,16 @@ std::tuple<at::Tensor, at::Tensor> multi_dpo_loss_backward(const at::Tensor& gra
                                                            const at::Tensor& pc,
                                                            const c10::optional<at::Tensor>& chosen_lengths,
                                                            const c10::optional<at::Tensor>& rejected_lengths) {
-  need_float(pc, kDPOB, "policy_chosen_logps");
-  TORCH_CHECK(pc.dim() == 1, kDPOB, ": policy_chosen_logps must be 1-D [B], got shape ", shape_of(pc));
+  check_float(pc, kDPOB, "policy_chosen_logps");
+  TORCH_CHECK(pc.dim() == 1, kDPOB, ": policy_chosen_logps must be 1-D [B], got shape ", shape_str(pc));
   const int64_t B = pc.size(0);
   const at::Device dev = pc.device();
-  const auto acc = acc_of_type(pc.scalar_type());
+  const auto acc = acc_type(pc.scalar_type());
   TORCH_CHECK(coef.defined() && coef.dim() == 2 && coef.size(1) == B && coef.scalar_type() == acc, kDPOB,
               ": coef must be ", acc, " [n, B] (from multi_dpo_loss)");
   const int64_t n = coef.size(0);
-  need_float(grad_losses, kDPOB, "grad_losses");
-  need_shape(grad_losses, {n}, kDPOB, "grad_losses", "[n]");
+  check_float(grad_losses, kDPOB, "grad_losses");
+  check_shape(grad_losses, {n}, kDPOB, "grad_losses", "[n]");
   need_device(grad_losses, dev, kDPOB, "grad_losses", "policy_chosen_logps");
   need_device(coef, dev, kDPOB, "coef", "policy_chosen_logps");
   c10::OptionalDeviceGuard guard(dev);
@@ -177,7 +146,7 @@ std::tuple<at::Tensor, at::Tensor> multi_dpo_loss_backward(const at::Tensor& gra
   PrefLaunch L = pref_backend(dev, kDPOB);
   DpoLossBackwardParams p{g.data_ptr(), cf.data_ptr(), lc.defined() ? lc.data_ptr() : nullptr,
                           lr.defined() ? lr.data_ptr() : nullptr, n, B, gc.data_ptr(), gr.data_ptr(),
-                          dtype_of(pc.scalar_type())};
+                          dtype_code(pc.scalar_type())};
   L.be.dpo_loss_backward(p, L.stream);
   return {gc, gr};
 }
@@ -197,7 +166,7 @@ std::string grad_name(int64_t idx, int64_t K) {
 }
 
 GradTable grad_table(const c10::List<c10::optional<at::Tensor>>& grads, int64_t n, const char* op) {
-  need_objectives(n, op, "grads");
+  check_num_objectives(n, op, "grads");
   const int64_t len = static_cast<int64_t>(grads.size());
   TORCH_CHECK(len % n == 0, op, ": grads holds ", len, " entries, not a multiple of num_objectives = ", n,
               " (one gradient per objective and parameter)");
@@ -212,7 +181,7 @@ GradTable grad_table(const c10::List<c10::optional<at::Tensor>>& grads, int64_t 
     const c10::optional<at::Tensor> g = grads.get(idx);
     if (!g.has_value() || !g->defined()) continue;
     const std::string name = grad_name(idx, t.K);
-    need_float(*g, op, name);
+    check_float(*g, op, name);
     if (!t.first.defined()) t.first = *g;
     TORCH_CHECK(g->scalar_type() == t.first.scalar_type(), op, ": ", name, " has dtype ", g->scalar_type(),
                 " but the other gradients are ", t.first.scalar_type(), "; all gradients must share one dtype");
@@ -222,8 +191,8 @@ GradTable grad_table(const c10::List<c10::optional<at::Tensor>>& grads, int64_t 
       cf = *g;
       t.numel[idx % t.K] = g->numel();
     } else {
-      TORCH_CHECK(g->sizes() == cf.sizes(), op, ": ", name, " has shape ", shape_of(*g), " but another objective's ",
-                  "gradient of parameter ", idx % t.K, " has shape ", shape_of(cf),
+      TORCH_CHECK(g->sizes() == cf.sizes(), op, ": ", name, " has shape ", shape_str(*g), " but another objective's ",
+                  "gradient of parameter ", idx % t.K, " has shape ", shape_str(cf),
                   "; every objective's gradient of a parameter has the parameter's shape");
     }
     t.held[idx] = g->contiguous();
@@ -242,11 +211,11 @@ at::Tensor gradient_gram(const c10::List<c10::optional<at::Tensor>>& grads, int6
   const int64_t block = L.be.gram_block;
   std::vector<int64_t> offset(t.K + 1, 0);
   for (int64_t k = 0; k < t.K; ++k) offset[k + 1] = offset[k] + (t.numel[k] + block - 1) / block;
-  auto opts = t.first.options().dtype(acc_of_type(t.first.scalar_type()));
+  auto opts = t.first.options().dtype(acc_type(t.first.scalar_type()));
   at::Tensor partials = at::empty({std::max<int64_t>(1, offset[t.K] * gram_pairs(static_cast<int>(n)))}, opts);
   at::Tensor G = at::empty({n, n}, opts);
   GradGramParams p{t.ptrs.data(), t.numel.data(), offset.data(), n, t.K, block, partials.data_ptr(), G.data_ptr(),
-                   dtype_of(t.first.scalar_type())};
+                   dtype_code(t.first.scalar_type())};
   L.be.gradient_gram(p, L.stream);
   return G;
 }
@@ -260,21 +229,21 @@ void combine_gradients(const c10::List<c10::optional<at::Tensor>>& grads, int64_
   if (K == 0) return;
   for (int64_t k = 0; k < K; ++k) {
     const std::string name = "out[" + std::to_string(k) + "]";
-    need_float(out[k], kCG, name);
+    check_float(out[k], kCG, name);
     TORCH_CHECK(out[k].scalar_type() == out[0].scalar_type(), kCG, ": ", name, " has dtype ", out[k].scalar_type(),
                 " but out[0] has ", out[0].scalar_type());
     need_device(out[k], out[0].device(), kCG, name, "out[0]");
     for (int64_t i = 0; i < n; ++i) {
       const at::Tensor& g = t.held[i * K + k];
       if (!g.defined()) continue;
-      TORCH_CHECK(g.sizes() == out[k].sizes(), kCG, ": ", grad_name(i * K + k, K), " has shape ", shape_of(g),
-                  " but params[", k, "] has shape ", shape_of(out[k]));
+      TORCH_CHECK(g.sizes() == out[k].sizes(), kCG, ": ", grad_name(i * K + k, K), " has shape ", shape_str(g),
+                  " but params[", k, "] has shape ", shape_str(out[k]));
     }
   }
   const at::Device dev = out[0].device();
   if (t.first.defined()) need_device(t.first, dev, kCG, "grads", "params (out)");
-  need_float(coeffs, kCG, "coeffs");
-  need_shape(coeffs, {n}, kCG, "coeffs", "[n]");
+  check_float(coeffs, kCG, "coeffs");
+  check_shape(coeffs, {n}, kCG, "coeffs", "[n]");
   need_device(coeffs, dev, kCG, "coeffs", "params (out)");
   c10::OptionalDeviceGuard guard(dev);
   const at::ScalarType gdt = t.first.defined() ? t.first.scalar_type() : out[0].scalar_type();
@@ -290,7 +259,7 @@ void combine_gradients(const c10::List<c10::optional<at::Tensor>>& grads, int64_
   }
   PrefLaunch L = pref_backend(dev, kCG);
   CombineGradsParams p{t.ptrs.data(), outs.data(), t.numel.data(), c.data_ptr(), n, K, accumulate,
-                       dtype_of(gdt), dtype_of(odt)};
+                       dtype_code(gdt), dtype_code(odt)};
   L.be.combine_gradients(p, L.stream);
   for (int64_t k = 0; k < K; ++k)
     if (!out[k].is_contiguous()) out[k].copy_(dst[k]);
@@ -307,23 +276,23 @@ int parse_gram_method(const std::string& s) {
 
 at::Tensor gram_weights_op(const at::Tensor& gram, const c10::optional<at::Tensor>& prefs, const std::string& method,
                         double c, bool clip, int64_t iters) {
-  need_float(gram, kGW, "G");
+  check_float(gram, kGW, "G");
   TORCH_CHECK(gram.dim() == 2 && gram.size(0) == gram.size(1), kGW, ": G must be a square [n, n] Gram matrix, got ",
-              "shape ", shape_of(gram));
+              "shape ", shape_str(gram));
   const int64_t n = gram.size(0);
-  need_objectives(n, kGW, "G");
+  check_num_objectives(n, kGW, "G");
   const int m = parse_gram_method(method);
   TORCH_CHECK_VALUE(std::isfinite(c) && c >= 0, kGW, ": c must be finite and >= 0, got ", c);
   TORCH_CHECK_VALUE(iters >= 0 && iters <= (1 << 20), kGW, ": iters must be in [0, 2^20], got ", iters);
   const at::Device dev = gram.device();
   c10::OptionalDeviceGuard guard(dev);
-  const auto acc = acc_of_type(gram.scalar_type());
+  const auto acc = acc_type(gram.scalar_type());
   const auto work_t = m == kGramCagrad ? at::kDouble : acc;  // SPEC §6: CAGrad in float64
   at::Tensor G = gram.to(work_t).contiguous();
   at::Tensor w;
   if (prefs.has_value() && prefs->defined()) {
-    need_float(*prefs, kGW, "w");
-    need_shape(*prefs, {n}, kGW, "w", "[n]");
+    check_float(*prefs, kGW, "w");
+    check_shape(*prefs, {n}, kGW, "w", "[n]");
     need_device(*prefs, dev, kGW, "w", "G");
     w = prefs->to(work_t).contiguous();
   }

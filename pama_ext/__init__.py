@@ -31,6 +31,7 @@ except ImportError:  # source tree without a build
     __version__ = "0.1.0"
 
 __all__ = [
+    "distributed",
     "NATIVE_AVAILABLE",
     "NATIVE_ERROR",
     "PamaPolicyLoss",

@@ -2,7 +2,6 @@
 update reaches the constrained optimum of small tabular problems, solved independently here."""
 from __future__ import annotations
 
-import itertools
 import math
 
 import pytest

@@ -15,7 +15,6 @@ import math
 import random
 import sys
 import textwrap
-import warnings
 from pathlib import Path
 
 import pytest

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional
 
 from ..trainer.config import (DEVICES, OBJECTIVE_FORMS, TINY, ConfigError, _coerce, _f, _plain,
-                              check_objective_spec, flag)
+                              check_objectives_and_weights, flag)
 
 METHODS = ("raco", "cagrad", "dpo-lw", "modpo", "mopo")
 
@@ -201,22 +201,7 @@ class DPOConfig:
         if self.eval_prompts is None and self.model != TINY:
             raise ConfigError("--eval-prompts: required when --model is not 'tiny'")
 
-        if not self.objectives:
-            raise ConfigError("--objectives: expected at least one objective")
-        if len(self.objectives) > 64:
-            raise ConfigError(f"--objectives: at most 64 objectives are supported; got {len(self.objectives)}")
-        for spec in self.objectives:
-            check_objective_spec(spec)
-        if len(set(self.objectives)) != len(self.objectives):
-            raise ConfigError(f"--objectives: duplicate objective in {self.objectives}")
-        n = len(self.objectives)
-        if self.weights is not None:
-            if len(self.weights) != n:
-                raise ConfigError(f"--weights: expected {n} weights (one per objective {self.objectives}); "
-                                  f"got {len(self.weights)}")
-            if any(not (math.isfinite(w) and w >= 0) for w in self.weights) or sum(self.weights) <= 0:
-                raise ConfigError(f"--weights: expected non-negative finite weights with a positive sum; "
-                                  f"got {self.weights}")
+        check_objectives_and_weights(self.objectives, self.weights)
         for name in ("modpo_target", "mopo_primary"):
             v = getattr(self, name)
             if v is not None and v not in self.objectives:

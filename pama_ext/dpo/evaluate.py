@@ -16,7 +16,7 @@ a Monte-Carlo estimate of KL(π ‖ π_ref)) and the mean response length.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Sequence
 
 import torch
 

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
-from ..trainer.config import ConfigError, field_kind, field_optional, flag
+from ..trainer.config import ConfigError, add_config_flags, flag_overrides
 from .config import DPOConfig, load_dpo_config, normalize_dpo_keys
 
 __all__ = ["train_dpo", "prepare_world", "load_data", "add_dpo_subcommand", "cmd_dpo"]
@@ -246,15 +246,6 @@ def _summary(cfg: DPOConfig, m: Mapping) -> str:
 # -------------------------------------------------------------------------------------------------
 # command line
 # -------------------------------------------------------------------------------------------------
-def _opt(conv):
-    def parse(s: str):
-        if s.strip().lower() in ("none", "null"):
-            return None
-        return conv(s)
-    parse.__name__ = getattr(conv, "__name__", "value")
-    return parse
-
-
 def add_dpo_subcommand(subparsers) -> argparse.ArgumentParser:
     """Adds ``dpo`` to a ``pama-ext`` subparsers object (every DPOConfig field is a flag)."""
     p = subparsers.add_parser(
@@ -264,39 +255,13 @@ def add_dpo_subcommand(subparsers) -> argparse.ArgumentParser:
                     "Settings: defaults < --config FILE.yaml < flags. See docs/dpo.md.")
     p.add_argument("--config", default=None, metavar="FILE.yaml",
                    help="YAML file with any of the settings below (flags override it)")
-    groups: Dict[str, Any] = {}
-    defaults = DPOConfig()
-    for f in dataclasses.fields(DPOConfig):
-        g = f.metadata.get("group", "")
-        if g not in groups:
-            groups[g] = p.add_argument_group(g or "other")
-        kind, optional = field_kind(f), field_optional(f)
-        default = getattr(defaults, f.name)
-        shown = "none" if default is None else (",".join(map(str, default)) if isinstance(default, list) else default)
-        help_ = f"{f.metadata['help']} (default: {shown})".replace("%", "%%")
-        kw: Dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=help_)
-        if kind == "bool":
-            kw["action"] = argparse.BooleanOptionalAction
-        elif kind.startswith("list"):
-            kw.update(nargs="+", metavar=f.metadata.get("metavar", "X"))
-        else:
-            conv = {"int": int, "float": float, "str": str}[kind]
-            kw["type"] = _opt(conv) if optional else conv
-            kw["metavar"] = f.metadata.get("metavar", kind.upper())
-            if "choices" in f.metadata:
-                kw["metavar"] = "{" + ",".join(f.metadata["choices"]) + "}"
-        groups[g].add_argument(flag(f.name), **kw)
+    add_config_flags(p, DPOConfig)
     p.set_defaults(func=cmd_dpo)
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> DPOConfig:
-    names = {f.name for f in dataclasses.fields(DPOConfig)}
-    overrides = {k: v for k, v in vars(args).items() if k in names}
-    for k, v in list(overrides.items()):
-        if isinstance(v, list) and len(v) == 1 and str(v[0]).lower() in ("none", "null"):
-            overrides[k] = None
-    return load_dpo_config(args.config, overrides)
+    return load_dpo_config(args.config, flag_overrides(args, DPOConfig))
 
 
 def cmd_dpo(args: argparse.Namespace) -> int:

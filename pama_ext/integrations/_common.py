@@ -44,8 +44,8 @@ def objectives_first(advantages: Tensor, mask: Tensor, layout_hint: str) -> Tens
         return advantages.movedim(-1, 0).contiguous()
     hint = ""
     if advantages.dim() == 3 and tuple(advantages.shape[1:]) == bt:
-        hint = (f"; this looks objective-first [n, B, T] (as pama_ext.multi_gae returns it): "
-                f"store advantages.permute(1, 2, 0) instead")
+        hint = ("; this looks objective-first [n, B, T] (as pama_ext.multi_gae returns it): "
+                "store advantages.permute(1, 2, 0) instead")
     raise ValueError(
         f"advantages: expected [B, T] (one objective) or [B, T, n] ({layout_hint}) with [B, T] = {list(bt)} "
         f"matching the mask, got shape {tuple(advantages.shape)}{hint}"

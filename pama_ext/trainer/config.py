@@ -10,6 +10,7 @@ This module imports nothing heavy (no torch, no transformers), so ``pama-ext --h
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import os
@@ -270,22 +271,8 @@ class TrainConfig:
             raise ConfigError("--resume: cannot be combined with --overwrite")
 
         # objectives
-        if not self.objectives:
-            raise ConfigError("--objectives: expected at least one objective")
-        if len(self.objectives) > 64:
-            raise ConfigError(f"--objectives: at most 64 objectives are supported; got {len(self.objectives)}")
-        for spec in self.objectives:
-            check_objective_spec(spec)
-        if len(set(self.objectives)) != len(self.objectives):
-            raise ConfigError(f"--objectives: duplicate objective in {self.objectives}")
+        check_objectives_and_weights(self.objectives, self.weights)
         n = len(self.objectives)
-        if self.weights is not None:
-            if len(self.weights) != n:
-                raise ConfigError(f"--weights: expected {n} weights (one per objective {self.objectives}); "
-                                  f"got {len(self.weights)}")
-            if any(not (math.isfinite(w) and w >= 0) for w in self.weights) or sum(self.weights) <= 0:
-                raise ConfigError(f"--weights: expected non-negative finite weights with a positive sum; "
-                                  f"got {self.weights}")
         if self.hv_ref is not None:
             if len(self.hv_ref) != n:
                 raise ConfigError(f"--hv-ref: expected {n} values (one per objective); got {len(self.hv_ref)}")
@@ -298,6 +285,25 @@ class TrainConfig:
             if path is not None and not os.path.isfile(path):
                 raise ConfigError(f"{flag(name)}: no such file: {path!r}")
         return self
+
+
+def check_objectives_and_weights(objectives: List[str], weights: Optional[List[float]]) -> None:
+    """``--objectives`` (1..64 valid, distinct specs) and ``--weights`` (one non-negative finite
+    weight per objective, positive sum); raises :class:`ConfigError` naming the flag."""
+    if not objectives:
+        raise ConfigError("--objectives: expected at least one objective")
+    if len(objectives) > 64:
+        raise ConfigError(f"--objectives: at most 64 objectives are supported; got {len(objectives)}")
+    for spec in objectives:
+        check_objective_spec(spec)
+    if len(set(objectives)) != len(objectives):
+        raise ConfigError(f"--objectives: duplicate objective in {objectives}")
+    if weights is not None:
+        if len(weights) != len(objectives):
+            raise ConfigError(f"--weights: expected {len(objectives)} weights (one per objective {objectives}); "
+                              f"got {len(weights)}")
+        if any(not (math.isfinite(w) and w >= 0) for w in weights) or sum(weights) <= 0:
+            raise ConfigError(f"--weights: expected non-negative finite weights with a positive sum; got {weights}")
 
 
 def check_objective_spec(spec: str) -> None:
@@ -444,3 +450,55 @@ def load_config(path: Optional[str] = None, overrides: Optional[Mapping[str, Any
     if overrides:
         data.update(normalize_keys(overrides, "overrides"))
     return TrainConfig(**data).validate()
+
+
+# -------------------------------------------------------------------------------------------------
+# command-line flags from a config dataclass (pama-ext train, pama-ext dpo)
+# -------------------------------------------------------------------------------------------------
+def none_or(conv):
+    """An argparse type: ``none``/``null`` -> None, anything else through ``conv``."""
+    def parse(s: str):
+        if s.strip().lower() in ("none", "null"):
+            return None
+        return conv(s)
+    parse.__name__ = getattr(conv, "__name__", "value")
+    return parse
+
+
+def add_config_flags(parser, config_cls) -> None:
+    """One flag per field of ``config_cls`` (``batch_size`` -> ``--batch-size``), in argument groups by
+    the field's ``group``, with the default shown; unset flags stay absent (argparse.SUPPRESS)."""
+    groups: Dict[str, Any] = {}
+    defaults = config_cls()
+    for f in dataclasses.fields(config_cls):
+        g = f.metadata.get("group", "")
+        if g not in groups:
+            groups[g] = parser.add_argument_group(g or "other")
+        kind, optional = field_kind(f), field_optional(f)
+        default = getattr(defaults, f.name)
+        shown = "none" if default is None else (",".join(map(str, default)) if isinstance(default, list) else default)
+        help_ = f"{f.metadata['help']} (default: {shown})".replace("%", "%%")
+        kw: Dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=help_)
+        if kind == "bool":
+            kw["action"] = argparse.BooleanOptionalAction
+        elif kind.startswith("list"):
+            kw.update(nargs="+", metavar=f.metadata.get("metavar", "X"))
+            if optional:
+                kw["help"] = help_ + "; 'none' for the default"
+        else:
+            conv = {"int": int, "float": float, "str": str}[kind]
+            kw["type"] = none_or(conv) if optional else conv
+            kw["metavar"] = f.metadata.get("metavar", kind.upper())
+            if "choices" in f.metadata:
+                kw["metavar"] = "{" + ",".join(f.metadata["choices"]) + "}"
+        groups[g].add_argument(flag(f.name), **kw)
+
+
+def flag_overrides(args, config_cls) -> Dict[str, Any]:
+    """The fields of ``config_cls`` given on the command line (a lone ``none`` list value -> None)."""
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    overrides = {k: v for k, v in vars(args).items() if k in names}
+    for k, v in list(overrides.items()):
+        if isinstance(v, list) and len(v) == 1 and str(v[0]).lower() in ("none", "null"):
+            overrides[k] = None
+    return overrides

@@ -36,7 +36,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
-from .config import (ConfigError, TrainConfig, dump_yaml, field_kind, field_optional, flag, load_config,
+from .config import (ConfigError, TrainConfig, add_config_flags, dump_yaml, flag, flag_overrides, load_config,
                      load_yaml)
 
 __all__ = ["train", "add_train_subcommand", "cmd_train", "load_checkpoint", "atomic_write_text"]
@@ -481,15 +481,6 @@ def _train(cfg: TrainConfig, out: Optional[Path], device, group, t_start: float)
 # -------------------------------------------------------------------------------------------------
 # command line
 # -------------------------------------------------------------------------------------------------
-def _opt(conv):
-    def parse(s: str):
-        if s.strip().lower() in ("none", "null"):
-            return None
-        return conv(s)
-    parse.__name__ = getattr(conv, "__name__", "value")
-    return parse
-
-
 def add_train_subcommand(subparsers) -> argparse.ArgumentParser:
     """Adds ``train`` to a ``pama-ext`` subparsers object (every TrainConfig field is a flag)."""
     p = subparsers.add_parser(
@@ -500,40 +491,13 @@ def add_train_subcommand(subparsers) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, metavar="FILE.yaml",
                    help="YAML file with any of the settings below (flags override it)")
-    groups: Dict[str, Any] = {}
-    defaults = TrainConfig()
-    for f in dataclasses.fields(TrainConfig):
-        g = f.metadata.get("group", "")
-        if g not in groups:
-            groups[g] = p.add_argument_group(g or "other")
-        kind, optional = field_kind(f), field_optional(f)
-        default = getattr(defaults, f.name)
-        shown = "none" if default is None else (",".join(map(str, default)) if isinstance(default, list) else default)
-        help_ = f"{f.metadata['help']} (default: {shown})"
-        kw: Dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=help_)
-        if kind == "bool":
-            kw["action"] = argparse.BooleanOptionalAction
-        elif kind.startswith("list"):
-            kw.update(nargs="+", metavar=f.metadata.get("metavar", "X"))
-            if optional:
-                kw["help"] = help_ + "; 'none' for the default"
-        else:
-            conv = {"int": int, "float": float, "str": str}[kind]
-            kw["type"] = _opt(conv) if optional else conv
-            kw["metavar"] = f.metadata.get("metavar", kind.upper())
-            if "choices" in f.metadata:
-                kw["metavar"] = "{" + ",".join(f.metadata["choices"]) + "}"
-        groups[g].add_argument(flag(f.name), **kw)
+    add_config_flags(p, TrainConfig)
     p.set_defaults(func=cmd_train)
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    overrides = {k: v for k, v in vars(args).items() if k in names}
-    for k, v in list(overrides.items()):
-        if isinstance(v, list) and len(v) == 1 and str(v[0]).lower() in ("none", "null"):
-            overrides[k] = None
+    overrides = flag_overrides(args, TrainConfig)
     data: Dict[str, Any] = {}
     if overrides.get("resume"):
         out = overrides.get("output_dir") or (load_yaml(args.config).get("output_dir") if args.config else None) \

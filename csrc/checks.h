@@ -1,0 +1,60 @@
+// checks.h — argument checks shared by every op file (ops.cpp, preference_ops.cpp). Messages name
+// the op and the argument and say what was expected.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string>
+
+#include "cuda/kernels.cuh"
+#include "pama_math.h"
+
+namespace pama {
+
+// DType code of a floating scalar type, -1 for anything else.
+inline int dtype_code(at::ScalarType s) {
+  switch (s) {
+    case at::kFloat: return kFloat32;
+    case at::kDouble: return kFloat64;
+    case at::kHalf: return kFloat16;
+    case at::kBFloat16: return kBFloat16;
+    default: return -1;
+  }
+}
+
+// Accumulation dtype: float64 for float64 inputs, float32 otherwise.
+inline at::ScalarType acc_type(at::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }
+
+inline std::string shape_str(const at::Tensor& t) {
+  std::string s = "[";
+  for (int64_t d = 0; d < t.dim(); ++d) s += (d ? ", " : "") + std::to_string(t.size(d));
+  return s + "]";
+}
+
+inline void check_defined(const at::Tensor& t, const char* op, const std::string& name) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " must be a tensor, got None");
+}
+
+inline void check_float(const at::Tensor& t, const char* op, const std::string& name) {
+  check_defined(t, op, name);
+  TORCH_CHECK(dtype_code(t.scalar_type()) >= 0, op, ": ", name,
+              " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
+}
+
+inline void check_shape(const at::Tensor& t, at::IntArrayRef expect, const char* op, const std::string& name,
+                        const char* meaning) {
+  TORCH_CHECK(t.sizes() == expect, op, ": ", name, " must have shape ", meaning, " = ", expect, ", got ",
+              shape_str(t));
+}
+
+inline void check_rank(const at::Tensor& t, int64_t rank, const char* op, const std::string& name,
+                       const char* meaning) {
+  TORCH_CHECK(t.dim() == rank, op, ": ", name, " must be ", rank, "-D ", meaning, ", got shape ", shape_str(t));
+}
+
+inline void check_num_objectives(int64_t n, const char* op, const std::string& name) {
+  TORCH_CHECK(n >= 1 && n <= kMaxObjectives, op, ": ", name, " has n = ", n, " objectives; n must be in [1, ",
+              kMaxObjectives, "]");
+}
+
+}  // namespace pama
