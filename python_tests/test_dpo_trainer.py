@@ -8,7 +8,6 @@ import json
 import math
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -31,17 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore:the cached tiny world:UserWarning")
 
 
-@pytest.fixture(scope="module")
-def world_cache(tmp_path_factory):
-    """A small tiny world (500 reviews, a few pretraining steps, a smaller GPT-2)."""
-    from pama_ext.trainer import tiny_world as tw
-
-    cache = tmp_path_factory.mktemp("dpo_cache")
-    cfg = tw.TinyWorldConfig(n_layer=2, n_embd=64, n_head=2)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        tw.build_tiny_world(cache_dir=cache, n_reviews=500, train_steps=5, progress=False, config=cfg)
-    return str(cache)
+# world_cache: the session fixture of conftest.py (a small tiny world shared with the PPO trainer tests)
 
 
 def _cfg(world_cache, tmp_path, **kw):
