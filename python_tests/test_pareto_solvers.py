@@ -165,11 +165,10 @@ def test_mgda_is_the_policy_loss_solver(device, n, dtype):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("n", [2, 3, 5, 8])
 def test_mgda_brute_force(device, n, kind):
-    """c^T G c at the solver is within the Frank-Wolfe bound of the best point a search finds.
-
-    Frank-Wolfe with exact line search on f(c) = c^T G c gives f(c_k) - f* <= 2 C_f / (k + 2) with
-    curvature C_f = 2 max_{i,j} (e_i - e_j)^T G (e_i - e_j); n = 2 is exact.
-    """
+    """c^T G c at the solver is at the best point a brute-force search finds: n = 2 is exact, and
+    for n > 2 the pairwise Frank-Wolfe steps converge linearly, so after MGDA_FW_ITERS steps the
+    solver is within 1e-9 of max G_ii of the search's minimum (plain Frank-Wolfe with 100 steps
+    stayed up to 4e-3 above it on these matrices, inside its O(1/k) bound 2 C_f / (k + 2))."""
     require_native()
     g = make_g(kind, n, seed=21 + n)
     G = g @ g.T
@@ -177,11 +176,8 @@ def test_mgda_brute_force(device, n, kind):
     assert (c >= 0).all() and abs(c.sum().item() - 1) < 1e-12
     val = (c @ G @ c).item()
     best = brute_min(lambda P: ((P @ G) * P).sum(1), n)
-    diag = torch.diagonal(G)
-    curv = 2 * (diag[:, None] + diag[None, :] - 2 * G).max().item()
-    bound = 0.0 if n == 2 else 2 * curv / (reference.MGDA_FW_ITERS + 2)
-    scale = diag.max().item()
-    assert val <= best + bound + 1e-12 * scale, (val, best, bound)
+    scale = torch.diagonal(G).max().item()
+    assert val <= best + 1e-9 * scale, (val, best)
 
 
 # ----------------------------------------------------------------------------------------------
