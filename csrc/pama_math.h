@@ -224,13 +224,13 @@ PAMA_HD T thm1(const T* v, int64_t stride, int n, T* c, T scale) {
 // weight moves from j = argmax of the gradient Gc over the support (c_j > 0) to k = argmin, with
 // the exact line search γ = clamp(−cᵀG(e_k − e_j) / (e_k − e_j)ᵀG(e_k − e_j), 0, c_j). Plain
 // Frank–Wolfe only reaches O(1/iters) (1e-3 of max G_ii above the minimum after 100 steps on random
-// n = 3, 4 Grams); the pairwise steps converge linearly on the simplex. First minimum / maximum on
-// ties: deterministic, and k / j are the first indices within tol = 64 ulp of max_i G_ii of the
-// minimum / maximum. A step is taken only while the gradient gap exceeds tol: at the optimum every
-// support entry is equal up to rounding, and moving on
-// rounding noise would let c drift along flat directions of a singular G (the min-norm point Σ c_i g_i
-// is unique, c is not), so that two summation orders (CPU/CUDA, kernel/reference) would part ways.
-// `work` needs 2n entries. Sequential on purpose: n <= 64, once per step.
+// n = 3, 4 Grams); the pairwise steps converge linearly on the simplex. k / j are the first indices
+// within tol = 64 ulp of max_i G_ii of the minimum / maximum, and a step is taken only while the
+// gap grad_j − grad_k exceeds tol: at the optimum every support entry is equal up to rounding, and
+// choosing or moving on rounding noise would let two summation orders (CPU/CUDA, kernel/reference)
+// part ways and c drift along flat directions of a singular G (Σ c_i g_i is unique, c is not).
+// Deterministic. A NaN/Inf G stops the steps (c stays uniform). `work` needs n entries.
+// Sequential on purpose: n <= 64, once per step.
 template <typename T>
 PAMA_HD void mgda_weights(const T* G, int n, T* c, T* work, int iters = kMgdaFwIters) {
   if (n == 1) {

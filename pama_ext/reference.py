@@ -221,7 +221,7 @@ def mgda_weights(gram: Tensor, iters: int = MGDA_FW_ITERS) -> Tensor:
             torch.where(cGd < 0, cj, torch.zeros_like(cj)),
         )
         step = torch.where(mx - mn > tol, step, torch.zeros_like(step))
-        cj_new = torch.where(step == cj, cj - cj, cj - step)
+        cj_new = torch.where(step == cj, torch.zeros_like(cj), cj - step)  # a drop step empties j exactly
         c = c + step * eye[k]
         c = c + (cj_new - c[j]) * eye[j]
     return c
