@@ -56,8 +56,10 @@ def linear_weights(G: Tensor, w: Optional[Tensor] = None) -> Tensor:
 
 
 def mgda_weights(G: Tensor, iters: int = MGDA_FW_ITERS) -> Tensor:
-    """Min-norm point ``argmin_{c in simplex} c^T G c``: exact for n <= 2, ``iters`` Frank-Wolfe
-    steps with exact line search otherwise. The same solver as ``pareto_weights(method="mgda")``."""
+    """Min-norm point ``argmin_{c in simplex} c^T G c``: exact for n <= 2, ``iters`` pairwise
+    Frank-Wolfe steps with exact line search otherwise (linear convergence: at the brute-force
+    optimum to ~1e-9 of max G_ii after the default 256). The same solver as
+    ``pareto_weights(method="mgda")``."""
     _check_gram(G)
     if not _native():
         return reference.mgda_weights(_acc(G), iters)

@@ -165,11 +165,10 @@ def test_mgda_is_the_policy_loss_solver(device, n, dtype):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("n", [2, 3, 5, 8])
 def test_mgda_brute_force(device, n, kind):
-    """c^T G c at the solver is within the Frank-Wolfe bound of the best point a search finds.
-
-    Frank-Wolfe with exact line search on f(c) = c^T G c gives f(c_k) - f* <= 2 C_f / (k + 2) with
-    curvature C_f = 2 max_{i,j} (e_i - e_j)^T G (e_i - e_j); n = 2 is exact.
-    """
+    """c^T G c at the solver is at the best point a brute-force search finds: n = 2 is exact, and
+    for n > 2 the pairwise Frank-Wolfe steps converge linearly, so after MGDA_FW_ITERS steps the
+    solver is within 1e-9 of max G_ii of the search's minimum (plain Frank-Wolfe with 100 steps
+    stayed up to 4e-3 above it on these matrices, inside its O(1/k) bound 2 C_f / (k + 2))."""
     require_native()
     g = make_g(kind, n, seed=21 + n)
     G = g @ g.T
@@ -177,11 +176,8 @@ def test_mgda_brute_force(device, n, kind):
     assert (c >= 0).all() and abs(c.sum().item() - 1) < 1e-12
     val = (c @ G @ c).item()
     best = brute_min(lambda P: ((P @ G) * P).sum(1), n)
-    diag = torch.diagonal(G)
-    curv = 2 * (diag[:, None] + diag[None, :] - 2 * G).max().item()
-    bound = 0.0 if n == 2 else 2 * curv / (reference.MGDA_FW_ITERS + 2)
-    scale = diag.max().item()
-    assert val <= best + bound + 1e-12 * scale, (val, best, bound)
+    scale = torch.diagonal(G).max().item()
+    assert val <= best + 1e-9 * scale, (val, best)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -349,6 +345,42 @@ def test_raco_clip_does_not_keep_the_guarantee(device):
     clipped = pareto.cagrad_weights(G, w.to(device), c=c, clip=True).cpu()
     assert (g @ (plain @ g)).min().item() >= 0
     assert (g @ (clipped @ g)).min().item() < -0.1
+
+
+def test_raco_keeps_the_guarantee_for_two_objectives(device):
+    """n = 2: RACO's direction does keep CAGrad's guarantee (the counterexample above needs n = 3).
+
+    With p* != w one coordinate is clipped, say p~ = (w_1, p*_2) with p*_2 < w_2; then g~ = sum_i
+    p~_i g_i points between g0 and g_p* inside the cone of g_1, g_2 (its weight ratio w_1 : p*_2
+    lies between w_1 : w_2 and p*_1 : p*_2), and a linear function <g_i, .> on such an arc of unit
+    vectors is smallest at an endpoint (the arc, inside the cone, cannot contain -g_i/|g_i|). So
+
+        <g_i, d_raco> = <g_i, g0> + s <g_i, u~>  >=  min(<g_i, g0> (1 + s/|g0|), <g_i, d_cagrad>):
+
+    d_raco conflicts with no objective whenever g0 and CAGrad's direction conflict with none, in
+    particular whenever g0 does (CAGrad's guarantee: min_i <g_i, d_cagrad> >= min_i <g_i, g0>)."""
+    require_native()
+    gen = torch.Generator().manual_seed(5)
+    covered = 0
+    for t in range(400):
+        kind = KINDS[t % len(KINDS)]
+        g = make_g(kind, 2, seed=300 + t) * (1 + 9 * torch.rand(2, 1, generator=gen, dtype=F64))
+        if t % 2:  # a strong conflict
+            g[1] = -g[0] * 3 * torch.rand(1, generator=gen, dtype=F64) + 0.3 * g[1]
+        w = simplex_w(2, t)
+        c = 0.99 * torch.rand(1, generator=gen, dtype=F64).item()
+        G = g @ g.T
+        g0 = w @ g
+        s = c * g0.norm()
+        d_raco = pareto.cagrad_weights(G.to(device), w.to(device), c=c, clip=True).cpu() @ g
+        d_cagrad = pareto.cagrad_weights(G.to(device), w.to(device), c=c, clip=False).cpu() @ g
+        scale = (g.norm(dim=1).max() * g0.norm()).item() + 1e-300
+        lower = torch.minimum((g @ g0) * (1 + s / g0.norm().clamp(min=1e-300)), g @ d_cagrad)
+        assert ((g @ d_raco) >= lower - 1e-9 * scale).all(), (t, kind, c)
+        if (g @ g0).min() >= 0:
+            covered += 1
+            assert (g @ d_raco).min() >= -1e-9 * scale, (t, kind, c)
+    assert covered >= 50
 
 
 def test_cagrad_stationary_fallback_can_conflict(device):

@@ -201,7 +201,8 @@ def test_mgda_weights_n1_and_larger_n():
     f, fstar = (c @ torch.diag(d**2) @ c).item(), (want @ torch.diag(d**2) @ want).item()
     assert_on_simplex(c, 1e-10)
     lam_max = (d**2).max().item()
-    assert fstar <= f <= fstar + 8 * lam_max / (ref.MGDA_FW_ITERS + 2)
+    # the optimum up to rounding (pairwise Frank-Wolfe converges linearly; it can land an ulp below fstar)
+    assert fstar - 1e-12 * lam_max <= f <= fstar + 1e-9 * lam_max
 
 
 # ----------------------------------------------------------------------------------------------
