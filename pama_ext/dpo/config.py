@@ -9,13 +9,12 @@ The field helpers, the type coercion and the objective syntax are the PPO traine
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional
 
-from ..trainer.config import (DEVICES, OBJECTIVE_FORMS, TINY, ConfigError, _coerce, _f, _plain,
-                              check_objectives_and_weights, flag)
+from ..trainer.config import (DEVICES, OBJECTIVE_FORMS, TINY, ConfigError, _f, _plain, check_number,
+                              check_objectives_and_weights, coerce_fields, flag)
 
 METHODS = ("raco", "cagrad", "dpo-lw", "modpo", "mopo")
 
@@ -148,19 +147,10 @@ class DPOConfig:
 
     def validate(self) -> "DPOConfig":
         """Coerce types and check every value; raises ConfigError naming the flag."""
-        for f in dataclasses.fields(self):
-            setattr(self, f.name, _coerce(f, getattr(self, f.name)))
-            choices = f.metadata.get("choices")
-            v = getattr(self, f.name)
-            if choices is not None and v not in choices:
-                raise ConfigError(f"{flag(f.name)}: expected one of {', '.join(choices)}; got {v!r}")
+        coerce_fields(self)
 
         def positive(name, strict=True):
-            v = getattr(self, name)
-            ok = (v > 0) if strict else (v >= 0)
-            if not (ok and math.isfinite(v)):
-                raise ConfigError(f"{flag(name)}: expected a {'positive' if strict else 'non-negative'} finite "
-                                  f"number; got {v!r}")
+            check_number(self, name, strict)
 
         if self.beta is not None:
             positive("beta")

@@ -218,19 +218,10 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Coerce types and check every value; raises :class:`ConfigError` naming the flag."""
-        for f in dataclasses.fields(self):
-            setattr(self, f.name, _coerce(f, getattr(self, f.name)))
-            choices = f.metadata.get("choices")
-            v = getattr(self, f.name)
-            if choices is not None and v not in choices:
-                raise ConfigError(f"{flag(f.name)}: expected one of {', '.join(choices)}; got {v!r}")
+        coerce_fields(self)
 
         def positive(name, strict=True):
-            v = getattr(self, name)
-            ok = (v > 0) if strict else (v >= 0)
-            if not (ok and math.isfinite(v)):
-                raise ConfigError(f"{flag(name)}: expected a {'positive' if strict else 'non-negative'} "
-                                  f"finite number; got {v!r}")
+            check_number(self, name, strict)
 
         for name in ("steps", "batch_size", "minibatch_size", "ppo_epochs", "rollout_chunk", "max_new_tokens",
                      "eval_batch_size", "max_prompt_tokens", "lr", "temperature", "length_l0", "kl_horizon",
@@ -285,6 +276,26 @@ class TrainConfig:
             if path is not None and not os.path.isfile(path):
                 raise ConfigError(f"{flag(name)}: no such file: {path!r}")
         return self
+
+
+def coerce_fields(cfg) -> None:
+    """Coerce every field of a config dataclass to its declared type and check ``choices``;
+    raises :class:`ConfigError` naming the flag."""
+    for f in dataclasses.fields(cfg):
+        setattr(cfg, f.name, _coerce(f, getattr(cfg, f.name)))
+        choices = f.metadata.get("choices")
+        v = getattr(cfg, f.name)
+        if choices is not None and v not in choices:
+            raise ConfigError(f"{flag(f.name)}: expected one of {', '.join(choices)}; got {v!r}")
+
+
+def check_number(cfg, name: str, strict: bool = True) -> None:
+    """``cfg.<name>`` must be a finite number, > 0 (``strict``) or >= 0."""
+    v = getattr(cfg, name)
+    ok = (v > 0) if strict else (v >= 0)
+    if not (ok and math.isfinite(v)):
+        raise ConfigError(f"{flag(name)}: expected a {'positive' if strict else 'non-negative'} "
+                          f"finite number; got {v!r}")
 
 
 def check_objectives_and_weights(objectives: List[str], weights: Optional[List[float]]) -> None:
