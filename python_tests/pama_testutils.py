@@ -5,6 +5,7 @@ on sys.path because python_tests/ is not a package).
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, fields
 from typing import Dict, Optional
@@ -15,6 +16,17 @@ import torch
 REQUIRE_CUDA = os.environ.get("PAMA_EXT_REQUIRE_CUDA", "") == "1"
 REQUIRE_NATIVE = os.environ.get("PAMA_EXT_REQUIRE_NATIVE", "") == "1"
 
+
+
+def all_finite(x) -> bool:
+    """True when every float in a nest of dicts, lists and tuples (e.g. metrics rows) is finite."""
+    if isinstance(x, dict):
+        return all(all_finite(v) for v in x.values())
+    if isinstance(x, (list, tuple)):
+        return all(all_finite(v) for v in x)
+    if isinstance(x, float):
+        return math.isfinite(x)
+    return True
 
 
 def native_available() -> bool:

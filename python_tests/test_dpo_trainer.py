@@ -5,7 +5,6 @@ check the machinery, not learning quality (that is make demo-dpo's job)."""
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ pytest.importorskip("yaml")
 pytest.importorskip("tqdm")
 
 from pama_ext import gradient_gram, multi_dpo_loss  # noqa: E402
+from pama_testutils import all_finite  # noqa: E402
 from pama_ext.dpo.config import DPOConfig  # noqa: E402
 from pama_ext.pareto import cagrad_weights  # noqa: E402
 from pama_ext.trainer.config import ConfigError  # noqa: E402
@@ -66,16 +66,6 @@ def _policy(world):
     return PolicyWithValueHeads(_load_lm(world["model_path"], "cpu"), 1)
 
 
-def _finite(x) -> bool:
-    if isinstance(x, dict):
-        return all(_finite(v) for v in x.values())
-    if isinstance(x, (list, tuple)):
-        return all(_finite(v) for v in x)
-    if isinstance(x, float):
-        return math.isfinite(x)
-    return True
-
-
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_steps_with_finite_loss_and_changes_the_parameters(method, setup, world_cache, tmp_path):
     from pama_ext.dpo.methods import make_trainer
@@ -90,7 +80,7 @@ def test_every_method_steps_with_finite_loss_and_changes_the_parameters(method, 
         tr.step()
     rows = tr.flush_metrics()
     assert [r["step"] for r in rows] == [1, 2, 3]
-    assert all(_finite(r) for r in rows), rows
+    assert all(all_finite(r) for r in rows), rows
     key = "loss" if method == "mopo" else "losses"
     assert all(r[key] is not None for r in rows)
     changed = sum(not torch.equal(b, p.detach()) for b, p in zip(before, policy.lm.parameters()))

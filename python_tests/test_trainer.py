@@ -27,6 +27,7 @@ pytest.importorskip("yaml")
 pytest.importorskip("tqdm")
 
 from pama_ext import ops  # noqa: E402
+from pama_testutils import all_finite  # noqa: E402
 from pama_ext.trainer import config as tconfig  # noqa: E402
 from pama_ext.trainer.config import ConfigError, TrainConfig  # noqa: E402
 from pama_ext.trainer.evaluate import hypervolume  # noqa: E402
@@ -51,16 +52,6 @@ def base_cfg(world_cache, tmp_path):
         d.update(kw)
         return TrainConfig(**d)
     return make
-
-
-def _finite(x) -> bool:
-    if isinstance(x, dict):
-        return all(_finite(v) for v in x.values())
-    if isinstance(x, (list, tuple)):
-        return all(_finite(v) for v in x)
-    if isinstance(x, float):
-        return math.isfinite(x)
-    return True
 
 
 def _strip_time(rows):
@@ -331,12 +322,12 @@ def test_every_method_runs_with_finite_metrics(base_cfg, method, extra):
     assert len(r["metrics"]) == 2
     n_w = 2
     for m in r["metrics"]:
-        assert _finite(m), m
+        assert all_finite(m), m
         assert m["skipped"] == 0 and m["updates"] == 2
         assert len(m["weights"]) == n_w and abs(sum(m["weights"]) - 1) < 1e-4, m["weights"]
         assert len(m["head_loss"]) == (1 if method == "morlhf" else 2)
         assert set(m["rewards"]) == {"sentiment", "length"}
-    assert _finite(r["final_eval"]) and _finite(r["hypervolume"])
+    assert all_finite(r["final_eval"]) and all_finite(r["hypervolume"])
     out = Path(r["output_dir"])
     for f in ("config.yaml", "metrics.jsonl", "eval.jsonl", "final.md", "final.json", "samples/step_000000.jsonl",
               "samples/step_000002.jsonl", "checkpoint/config.json", "checkpoint/value_heads.pt",

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional
 
 from ..trainer.config import (DEVICES, OBJECTIVE_FORMS, TINY, ConfigError, _f, _plain, check_number,
-                              check_objectives_and_weights, coerce_fields, flag)
+                              check_objectives_and_weights, check_run_fields, coerce_fields, flag)
 
 METHODS = ("raco", "cagrad", "dpo-lw", "modpo", "mopo")
 
@@ -169,16 +169,7 @@ class DPOConfig:
         if self.micro_batch_size > self.batch_size and self.method != "mopo":
             raise ConfigError(f"--micro-batch-size: must be at most --batch-size ({self.batch_size}); "
                               f"got {self.micro_batch_size}")
-        if not (self.length_lo <= self.length_hi):
-            raise ConfigError(f"--length-lo: must be <= --length-hi ({self.length_hi}); got {self.length_lo}")
-        if self.eval_size is not None and self.eval_size < 1:
-            raise ConfigError(f"--eval-size: expected a positive integer; got {self.eval_size!r}")
-        if self.threads is not None and self.threads < 1:
-            raise ConfigError(f"--threads: expected a positive integer; got {self.threads!r}")
-        if not self.model:
-            raise ConfigError("--model: expected a path, a hub id or 'tiny'; got ''")
-        if not self.output_dir:
-            raise ConfigError("--output-dir: expected a directory; got ''")
+        check_run_fields(self)
         if not self.data:
             raise ConfigError("--data: expected a JSONL file, hf:<dataset>[:<split>] or 'tiny'; got ''")
         if self.data != TINY and not self.data.startswith("hf:") and not os.path.isfile(self.data):

@@ -253,8 +253,6 @@ def add_dpo_subcommand(subparsers) -> argparse.ArgumentParser:
         description="Preference-data alignment with the pama_ext ops: per-objective DPO losses combined by "
                     "RACO / CAGrad / a weighted sum / MODPO margins, or MOPO's constrained behaviour cloning. "
                     "Settings: defaults < --config FILE.yaml < flags. See docs/dpo.md.")
-    p.add_argument("--config", default=None, metavar="FILE.yaml",
-                   help="YAML file with any of the settings below (flags override it)")
     add_config_flags(p, DPOConfig)
     p.set_defaults(func=cmd_dpo)
     return p

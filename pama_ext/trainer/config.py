@@ -248,16 +248,7 @@ class TrainConfig:
                               f"got {self.minibatch_size}")
         if self.world_size > 1:
             self._validate_data_parallel()
-        if not (self.length_lo <= self.length_hi):
-            raise ConfigError(f"--length-lo: must be <= --length-hi ({self.length_hi}); got {self.length_lo}")
-        if self.eval_size is not None and self.eval_size < 1:
-            raise ConfigError(f"--eval-size: expected a positive integer; got {self.eval_size!r}")
-        if self.threads is not None and self.threads < 1:
-            raise ConfigError(f"--threads: expected a positive integer; got {self.threads!r}")
-        if not self.model:
-            raise ConfigError("--model: expected a path, a hub id or 'tiny'; got ''")
-        if not self.output_dir:
-            raise ConfigError("--output-dir: expected a directory; got ''")
+        check_run_fields(self)
         if self.resume and self.overwrite:
             raise ConfigError("--resume: cannot be combined with --overwrite")
 
@@ -296,6 +287,21 @@ def check_number(cfg, name: str, strict: bool = True) -> None:
     if not (ok and math.isfinite(v)):
         raise ConfigError(f"{flag(name)}: expected a {'positive' if strict else 'non-negative'} "
                           f"finite number; got {v!r}")
+
+
+def check_run_fields(cfg) -> None:
+    """The fields the PPO and the DPO configs share: length judge range, evaluation size, threads,
+    model and output directory."""
+    if not (cfg.length_lo <= cfg.length_hi):
+        raise ConfigError(f"--length-lo: must be <= --length-hi ({cfg.length_hi}); got {cfg.length_lo}")
+    if cfg.eval_size is not None and cfg.eval_size < 1:
+        raise ConfigError(f"--eval-size: expected a positive integer; got {cfg.eval_size!r}")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise ConfigError(f"--threads: expected a positive integer; got {cfg.threads!r}")
+    if not cfg.model:
+        raise ConfigError("--model: expected a path, a hub id or 'tiny'; got ''")
+    if not cfg.output_dir:
+        raise ConfigError("--output-dir: expected a directory; got ''")
 
 
 def check_objectives_and_weights(objectives: List[str], weights: Optional[List[float]]) -> None:
@@ -477,8 +483,11 @@ def none_or(conv):
 
 
 def add_config_flags(parser, config_cls) -> None:
-    """One flag per field of ``config_cls`` (``batch_size`` -> ``--batch-size``), in argument groups by
-    the field's ``group``, with the default shown; unset flags stay absent (argparse.SUPPRESS)."""
+    """``--config FILE.yaml`` and one flag per field of ``config_cls`` (``batch_size`` ->
+    ``--batch-size``), in argument groups by the field's ``group``, with the default shown; unset
+    flags stay absent (argparse.SUPPRESS)."""
+    parser.add_argument("--config", default=None, metavar="FILE.yaml",
+                        help="YAML file with any of the settings below (flags override it)")
     groups: Dict[str, Any] = {}
     defaults = config_cls()
     for f in dataclasses.fields(config_cls):

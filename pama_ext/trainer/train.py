@@ -489,8 +489,6 @@ def add_train_subcommand(subparsers) -> argparse.ArgumentParser:
                     "--config FILE.yaml (keys as the flags, with - or _), then the flags. With --resume the "
                     "run's saved config.yaml is the base. See docs/trainer.md.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=None, metavar="FILE.yaml",
-                   help="YAML file with any of the settings below (flags override it)")
     add_config_flags(p, TrainConfig)
     p.set_defaults(func=cmd_train)
     return p
