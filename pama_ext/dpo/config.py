@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional
 
 from ..trainer.config import (DEVICES, OBJECTIVE_FORMS, TINY, ConfigError, _f, _plain, check_number,
-                              check_objectives_and_weights, check_run_fields, coerce_fields, flag)
+                              check_objectives_and_weights, check_run_fields, coerce_fields, flag,
+                              normalize_keys)
 
 METHODS = ("raco", "cagrad", "dpo-lw", "modpo", "mopo")
 
@@ -195,14 +196,7 @@ class DPOConfig:
 
 def normalize_dpo_keys(data: Mapping[str, Any], source: str) -> Dict[str, Any]:
     """Accepts ``batch-size`` or ``batch_size``; an unknown key is an error naming it."""
-    names = {f.name for f in dataclasses.fields(DPOConfig)}
-    out = {}
-    for k, v in data.items():
-        key = str(k).replace("-", "_")
-        if key not in names:
-            raise ConfigError(f"{source}: unknown key {k!r}")
-        out[key] = v
-    return out
+    return normalize_keys(data, source, DPOConfig)
 
 
 def load_dpo_config(path: Optional[str] = None, overrides: Optional[Mapping[str, Any]] = None) -> DPOConfig:

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
-from ..trainer.config import ConfigError, add_config_flags, flag_overrides
+from ..trainer.config import ConfigError, add_config_flags, flag_overrides, resolve_device
 from .config import DPOConfig, load_dpo_config, normalize_dpo_keys
 
 __all__ = ["train_dpo", "prepare_world", "load_data", "add_dpo_subcommand", "cmd_dpo"]
@@ -124,10 +124,7 @@ def train_dpo(config: Union[DPOConfig, Dict[str, Any]], shared: Optional[Dict[st
     t_start = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device: cuda requested but no GPU is available")
+    device = resolve_device(cfg)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     torch.manual_seed(cfg.seed)

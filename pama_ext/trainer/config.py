@@ -289,6 +289,18 @@ def check_number(cfg, name: str, strict: bool = True) -> None:
                           f"finite number; got {v!r}")
 
 
+def resolve_device(cfg):
+    """``--device`` as a torch.device (``auto``: cuda when available); an error when cuda is asked
+    for and there is no GPU."""
+    import torch
+
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if cfg.device == "auto" else cfg.device))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device: cuda requested but no GPU is available")
+    return device
+
+
 def check_run_fields(cfg) -> None:
     """The fields the PPO and the DPO configs share: length judge range, evaluation size, threads,
     model and output directory."""
@@ -424,9 +436,10 @@ def split_list(v: Any) -> List[Any]:
     return [v]
 
 
-def normalize_keys(data: Mapping[str, Any], source: str) -> Dict[str, Any]:
-    """Accepts ``batch-size`` or ``batch_size``; unknown keys are an error naming the key."""
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
+def normalize_keys(data: Mapping[str, Any], source: str, config_cls=None) -> Dict[str, Any]:
+    """Accepts ``batch-size`` or ``batch_size``; unknown keys (not fields of ``config_cls``, default
+    :class:`TrainConfig`) are an error naming the key."""
+    names = {f.name for f in dataclasses.fields(config_cls or TrainConfig)}
     out = {}
     for k, v in data.items():
         key = str(k).replace("-", "_")

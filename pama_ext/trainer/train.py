@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 from .config import (ConfigError, TrainConfig, add_config_flags, dump_yaml, flag, flag_overrides, load_config,
-                     load_yaml)
+                     load_yaml, resolve_device)
 
 __all__ = ["train", "add_train_subcommand", "cmd_train", "load_checkpoint", "atomic_write_text"]
 
@@ -321,10 +321,7 @@ def train(config: Union[TrainConfig, Dict[str, Any]]) -> Dict[str, Any]:
     t_start = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device: cuda requested but no GPU is available")
+    device = resolve_device(cfg)
     group, own_group = None, False
     if cfg.world_size > 1:
         import torch.distributed as dist
