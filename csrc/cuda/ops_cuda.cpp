@@ -1,7 +1,9 @@
 // ops_cuda.cpp — registers the CUDA launchers (cuda/*.cu) as the CUDA implementation of every op.
 // The op bodies are the device-independent ones of ops.cpp; this file only supplies the launcher
 // table and the current stream, so tensors → structs → launch happens on the caller's stream.
-#include <ATen/cuda/CUDAContext.h>
+// c10/cuda/CUDAStream.h, not ATen/cuda/CUDAContext.h: the stream is all this file needs, and the
+// latter pulls in the cuBLAS/cuSPARSE/cuSOLVER headers, which a minimal CUDA toolkit lacks.
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "../ops.h"
@@ -10,7 +12,7 @@
 
 namespace {
 
-void* current_stream() { return static_cast<void*>(at::cuda::getCurrentCUDAStream().stream()); }
+void* current_stream() { return static_cast<void*>(c10::cuda::getCurrentCUDAStream().stream()); }
 
 const pama::Backend kCudaTable{"cuda",
                                pama::cuda::kChunkLen,
