@@ -10,11 +10,20 @@
 #   make info            versions, compiled archs, kernels per device
 #   make wheel           a wheel for the installed torch into dist/ (CPU here; CUDA sm_80+sm_90 with a CUDA torch)
 #   make verify-wheel    install the newest wheel into a fresh venv and run the op tests against it
+#   make wheel-cuda      a CUDA wheel (sm_80 + sm_90) built on any machine with nvcc: a build venv
+#                        (.venv-cuda) gets $(CUDA_TORCH_SPEC) from the registry, no GPU needed
+#   make verify-wheel-cuda  that wheel, installed into a fresh venv with $(CUDA_TORCH_SPEC), tested
+#                        (CUDA cases run only where a GPU is present; PAMA_EXT_REQUIRE_CUDA=1 to insist)
 VENV ?= .venv
 PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 NVCC ?= nvcc
 NVCC_ARCHS ?= 80 90
+# the torch a CUDA wheel is built against: the registry's default Linux build of 2.11.0 is +cu130,
+# the torch of the project's GPU machines; CUDA_HOME defaults to the toolkit of the nvcc on PATH
+CUDA_TORCH_SPEC ?= torch==2.11.0
+CUDA_VENV ?= .venv-cuda
+CUDA_HOME ?= $(shell NVCC=$(NVCC) bash tools/cuda_home.sh)
 PYTEST_ARGS ?=
 TRAIN_DEPS ?= transformers tokenizers vaderSentiment pyyaml tqdm matplotlib
 # the TRL adapter's tests run trl itself (its own deps: accelerate, datasets; torch and transformers are kept)
@@ -35,7 +44,8 @@ CU_SOURCES := $(wildcard csrc/cuda/*.cu)
 CU_OBJECTS := $(patsubst csrc/cuda/%.cu,build/nvcc/%.o,$(CU_SOURCES))
 CU_HEADERS := csrc/pama_math.h $(wildcard csrc/cuda/*.cuh)
 
-.PHONY: test install build nvcc-check bench info clean demo demo-dpo wheel verify-wheel gpu-report verl-deps
+.PHONY: test install build nvcc-check bench info clean demo demo-dpo wheel verify-wheel gpu-report verl-deps \
+	wheel-cuda verify-wheel-cuda
 
 test: install
 	$(MAKE) -j4 nvcc-check VENV="$(VENV)" PYTHON="$(PYTHON)"
@@ -91,6 +101,19 @@ wheel: install
 verify-wheel:
 	PYTHON=$(PYTHON) bash tools/verify_wheel.sh $$(ls -1t dist/pama_ext-*.whl | head -1)
 
+$(CUDA_VENV)/.created:
+	$(PYTHON) -m venv $(CUDA_VENV)
+	$(CUDA_VENV)/bin/python -m pip install -q "$(CUDA_TORCH_SPEC)" numpy ninja setuptools wheel
+	touch $@
+
+wheel-cuda: $(CUDA_VENV)/.created
+	@test -x "$(CUDA_HOME)/bin/nvcc" || { echo "make wheel-cuda: no CUDA toolkit (CUDA_HOME=$(CUDA_HOME)); set NVCC or CUDA_HOME" >&2; exit 2; }
+	CUDA_HOME="$(CUDA_HOME)" PAMA_EXT_CUDA=1 PYTHON=$(CUDA_VENV)/bin/python bash tools/build_wheel.sh
+
+verify-wheel-cuda:
+	TORCH_SPEC="$(CUDA_TORCH_SPEC)" VERIFY_SYSTEM_SITE=0 PYTHON=$(PYTHON) \
+		bash tools/verify_wheel.sh $$(ls -1t dist/pama_ext-*+cu*.whl | head -1)
+
 # ptxas resources and SASS load widths of every kernel (benchmarks/results/)
 gpu-report:
 	bash tools/gpu_report.sh
@@ -99,4 +122,4 @@ info: install
 	$(PY) -m pama_ext.cli info
 
 clean:
-	rm -rf build dist *.egg-info pama_ext/_C*.so pama_ext/_build_info.py
+	rm -rf build dist *.egg-info pama_ext/_C*.so pama_ext/_build_info.py $(CUDA_VENV)

@@ -62,4 +62,17 @@ if len(libs) != 1:
 info = z.read("pama_ext/_build_info.py").decode()
 print("".join("  " + l + "\n" for l in info.splitlines()[1:]), end="")
 PY
+# Which GPU architectures the library carries (machine code per sm_XX, and PTX if any), where a
+# cuobjdump is at hand ($CUOBJDUMP, PATH, or CUDA_HOME/bin).
+CUOBJDUMP=${CUOBJDUMP:-$(command -v cuobjdump || ls "${CUDA_HOME:-/nonexistent}/bin/cuobjdump" 2>/dev/null || true)}
+if [[ "$TORCH_CUDA" != "None" && -n "$CUOBJDUMP" ]] && unzip -l "$wheel" | grep -q "_C.*\.so"; then
+  tmp=$(mktemp -d)
+  unzip -q -o "$wheel" 'pama_ext/_C*.so' -d "$tmp"
+  echo "build_wheel: GPU code in the library ($CUOBJDUMP):"
+  { "$CUOBJDUMP" --list-elf "$tmp"/pama_ext/_C*.so 2>/dev/null | grep -o 'sm_[0-9]*[a-z]*' | sort | uniq -c |
+      sed 's/^ *\([0-9]*\) \(.*\)/  \2: machine code of \1 source files/'
+    "$CUOBJDUMP" --list-ptx "$tmp"/pama_ext/_C*.so 2>/dev/null | grep -o 'sm_[0-9]*[a-z]*' | sort | uniq -c |
+      sed 's/^ *\([0-9]*\) \(.*\)/  \2: PTX of \1 source files/'; } || true
+  rm -rf "$tmp"
+fi
 echo "WHEEL=$wheel"

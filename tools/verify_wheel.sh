@@ -17,7 +17,7 @@
 # Then: the wheel is installed with --no-deps (--force-reinstall, so an editable install of the
 # same version in the system site-packages cannot stand in for it), the test deps (pytest,
 # hypothesis, expecttest, numpy) are installed if missing and a registry is reachable, and
-# python_tests/ plus README.md (test_readme.py reads ../README.md) are copied to a temporary folder
+# python_tests/ plus README.md (test_readme.py reads ../README.md), docs/ and csrc/ are copied to a temporary folder
 # where pytest runs with PAMA_EXT_REQUIRE_NATIVE=1. A check before pytest and an extra test
 # inside the pytest session assert that `import pama_ext` resolves to the venv's site-packages.
 #
@@ -88,6 +88,10 @@ TESTDIR="$WORK/tests"
 mkdir -p "$TESTDIR"
 cp -r "$ROOT/python_tests" "$TESTDIR/python_tests"
 cp "$ROOT/README.md" "$TESTDIR/README.md"
+# what some tests read besides the package: the docs' snippets (run against the installed wheel) and
+# the C++/CUDA sources of the no-host-read lint; no Python sources, which would shadow the wheel
+cp -r "$ROOT/docs" "$TESTDIR/docs"
+cp -r "$ROOT/csrc" "$TESTDIR/csrc"
 find "$TESTDIR" -name __pycache__ -prune -exec rm -rf {} +
 SITE=$("$VPY" -c "import sysconfig; print(sysconfig.get_paths()['platlib'])")
 # Asserted again inside the pytest session, after conftest.py has set up sys.path.
