@@ -52,6 +52,11 @@ table that exists in the folder), ``bench_gpu_policy_loss_<tag>.png``, ``bench_g
     python benchmarks/bench_gpu.py --quick                 # every section, small sweep (~3 min)
     python benchmarks/bench_gpu.py --time-limit 900        # full sweep, stops starting new configs after 15 min
     python benchmarks/bench_gpu.py --only headline,e2e
+    python benchmarks/bench_gpu.py --cpu                   # headline + e2e measured on the CPU (tag cpu)
+
+``--cpu`` runs the two model sections on the CPU at CPU-sized defaults (gpt2-small, headline B×T =
+4×128, e2e 8 sequences of 64 tokens): the same code and measurements, times from the wall clock and
+peak memory from the process's resident set (``common.peak_memory_mb``).
 """
 from __future__ import annotations
 
@@ -104,6 +109,8 @@ MODELS = {
 VOCAB, N_POSITIONS = 50257, 1024
 HEADLINE_NS = [2, 4, 8]
 HEADLINE_BT = (8, 512)
+CPU_SECTIONS = ("headline", "e2e")  # what --cpu runs
+CPU_HEADLINE_BT = (4, 128)  # one 124M backward of 4 x 144 tokens is seconds on a few cores
 
 
 # ------------------------------------------------------------------------------------------------
@@ -690,6 +697,10 @@ def _oom_guard(row: Dict[str, object]):
     except torch.cuda.OutOfMemoryError as e:
         row.update(status="oom", reason=str(e).splitlines()[0][:200])
         torch.cuda.empty_cache()
+    except RuntimeError as e:  # the CPU allocator's out-of-memory error (--cpu)
+        if "alloc" not in str(e):
+            raise
+        row.update(status="oom", reason=str(e).splitlines()[0][:200])
 
 
 def _event_time(fn: Callable[[], object], warmup: int, repeats: int) -> common.Timing:
@@ -817,8 +828,10 @@ def section_headline(args, device, budget) -> None:
                  "response tokens). PAMA = objective_stats + pareto_weights (pama / token) on the advantages "
                  "[n, B, T]; MGDA = n backward passes of per-objective PPO losses (pama_policy_loss, linear, "
                  "n = 1 each) through the model with retain_graph, flattened into an n×d buffer (model dtype), "
-                 "Gram in fp32, Frank-Wolfe (pama_ext.reference.mgda_weights). Peak MB = peak allocated during the "
-                 f"step above what was allocated before it (model, activations). Model: {impl}, random init; "
+                 "Gram in fp32, Frank-Wolfe (pama_ext.reference.mgda_weights). Peak MB = " + (
+                     "peak allocated during the step above what was allocated before it (model, activations)"
+                     if device.type == "cuda" else "peak resident set during the step above the resident set "
+                     "before it (model, activations)") + f". Model: {impl}, random init; "
                  "`one backward` = the single backward PPO does anyway, for scale.")
     md += lines + [""]
     _write_section(args, "headline", rows, md)
@@ -1041,9 +1054,11 @@ def section_e2e(args, device, budget) -> None:
         if r.get("status") != "ok":
             lines.append(f"| {r['mode']} | {r.get('status')}: {r.get('reason', '')[:120]} |||||||")
             continue
+        on_gpu = device.type == "cuda"  # on the CPU the ops' host time is their compute time
         lines.append(f"| {r['mode']} | {r['model']} | {r['B']}×{r['T']} | {r['step_ms']:.1f} | "
-                     f"{r['profiled_step_ms']:.1f} | {r['pama_host_ms']:.2f} | {r['pama_device_ms']:.3f} | "
-                     f"{100 * r['share_host']:.2f}% | {100 * r['share_device']:.3f}% |")
+                     f"{r['profiled_step_ms']:.1f} | {r['pama_host_ms']:.2f} | "
+                     f"{format(r['pama_device_ms'], '.3f') if on_gpu else 'n/a'} | {100 * r['share_host']:.2f}% | "
+                     f"{format(100 * r['share_device'], '.3f') + '%' if on_gpu else 'n/a'} |")
     md = _header(args, "e2e", "Share of a PPO step spent in pama_ext ops, random GPT-2-small, n = 2 objectives. "
                  "`update`: scoring forward (policy + reference, no grad), token_rewards, multi_gae, then per "
                  "minibatch a policy forward, pama_policy_loss + multi_value_loss, backward, AdamW. `trainer`: "
@@ -1072,7 +1087,7 @@ def parse_args(argv=None):
                                 epilog="Sections: " + ", ".join(SECTIONS) + ". Needs a CUDA GPU and pama_ext "
                                        "built with its CUDA kernels (PAMA_EXT_CUDA=1).")
     p.add_argument("--quick", action="store_true", help="small sweep of every section (a few minutes)")
-    p.add_argument("--only", default=",".join(SECTIONS), help="comma list of sections (default: all)")
+    p.add_argument("--only", default=None, help="comma list of sections (default: all; --cpu: headline,e2e)")
     p.add_argument("--out", default=common.RESULTS_DIR, help="output folder (default benchmarks/results)")
     p.add_argument("--time-limit", type=float, default=0.0,
                    help="seconds; once exceeded, configs not yet started are recorded as skipped (0: none)")
@@ -1092,22 +1107,41 @@ def parse_args(argv=None):
     p.add_argument("--gae-compile-max-t", type=int, default=256)
     p.add_argument("--compile-timeout", type=float, default=150.0, help="time box (s) of one GAE compile child")
     p.add_argument("--stats-ns", default=None, help="override n of the stats section, e.g. 1,2,4,8,16")
-    p.add_argument("--models", default="gpt2-small,gpt2-1b", help="headline models: " + ", ".join(MODELS))
+    p.add_argument("--models", default=None,
+                   help="headline models: " + ", ".join(MODELS) + " (default: both; --cpu: gpt2-small)")
     p.add_argument("--headline-ns", default=None, help="override n of the headline (default 2,4,8)")
-    p.add_argument("--headline-bt", default=f"{HEADLINE_BT[0]}x{HEADLINE_BT[1]}", help="headline batch B x T")
+    p.add_argument("--headline-bt", default=None,
+                   help=f"headline batch B x T (default {HEADLINE_BT[0]}x{HEADLINE_BT[1]}; --cpu: "
+                        f"{CPU_HEADLINE_BT[0]}x{CPU_HEADLINE_BT[1]})")
     p.add_argument("--headline-repeats", type=int, default=3, help="timed MGDA steps per config")
-    p.add_argument("--e2e-batch", type=int, default=32, help="e2e: sequences per PPO step")
-    p.add_argument("--e2e-minibatch", type=int, default=16)
-    p.add_argument("--e2e-response", type=int, default=256, help="e2e: response tokens T")
+    p.add_argument("--e2e-batch", type=int, default=None, help="e2e: sequences per PPO step (default 32; --cpu: 8)")
+    p.add_argument("--e2e-minibatch", type=int, default=None, help="default 16; --cpu: 4")
+    p.add_argument("--e2e-response", type=int, default=None, help="e2e: response tokens T (default 256; --cpu: 64)")
+    p.add_argument("--cpu", action="store_true",
+                   help="run the model sections (" + ", ".join(CPU_SECTIONS) + ") on the CPU at CPU-sized "
+                        "defaults: a real measurement, outputs tagged cpu (the bandwidth sections are GPU-only; "
+                        "the CPU op benchmark is bench_ops.py)")
     # developer check of the code paths on a machine without a GPU: tiny sizes and models on the CPU,
     # numbers meaningless; outputs tagged cpu_smoke
     p.add_argument("--smoke-cpu", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    args.sections = [s.strip() for s in args.only.split(",") if s.strip()]
+    if args.cpu and args.smoke_cpu:
+        p.error("--cpu and --smoke-cpu exclude each other")
+    args.sections = [s.strip() for s in (args.only or ",".join(CPU_SECTIONS if args.cpu else SECTIONS)).split(",")
+                     if s.strip()]
     bad = [s for s in args.sections if s not in SECTIONS]
     if bad:
         p.error(f"--only: unknown section(s) {bad}; choose from {', '.join(SECTIONS)}")
+    if args.cpu and any(s not in CPU_SECTIONS for s in args.sections):
+        p.error(f"--cpu runs only {', '.join(CPU_SECTIONS)}; the op sections measure GPU bandwidth "
+                "(on a CPU use benchmarks/bench_ops.py)")
+    cpu = args.cpu
+    args.models = args.models or ("gpt2-small" if cpu else "gpt2-small,gpt2-1b")
+    args.headline_bt = args.headline_bt or "x".join(map(str, CPU_HEADLINE_BT if cpu else HEADLINE_BT))
+    args.e2e_batch = args.e2e_batch or (8 if cpu else 32)
+    args.e2e_minibatch = args.e2e_minibatch or (4 if cpu else 16)
+    args.e2e_response = args.e2e_response or (64 if cpu else 256)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     bad = [m for m in args.models if m not in MODELS]
     if bad:
@@ -1144,6 +1178,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.smoke_cpu:
         _smoke_settings(args)
+    elif args.cpu:
+        common.malloc_returns_large_blocks()  # before any large tensor: RSS peaks then measure each call
     elif not torch.cuda.is_available():
         print(f"bench_gpu.py: CUDA is not available (torch {torch.__version__}, CUDA runtime "
               f"{torch.version.cuda}); the GPU benchmarks need an NVIDIA GPU. On a CPU use bench_ops.py.",
@@ -1154,9 +1190,9 @@ def main(argv=None) -> int:
               f"{'loaded' if NATIVE_AVAILABLE else 'not loaded'}); build it with "
               "`PAMA_EXT_CUDA=1 pip install --no-build-isolation -e .`", file=sys.stderr)
         return 2
-    device = torch.device("cpu" if args.smoke_cpu else "cuda")
+    device = torch.device("cpu" if args.smoke_cpu or args.cpu else "cuda")
     torch.set_float32_matmul_precision("high")  # TF32 for the fp32 model passes, as GPU training runs them
-    args.tag = "cpu_smoke" if args.smoke_cpu else device_tag(device)
+    args.tag = "cpu_smoke" if args.smoke_cpu else "cpu" if args.cpu else device_tag(device)
     args.desc = common.device_description(device)
     args.plan = (common.TimingPlan(warmup=2, min_repeats=5, max_repeats=50, budget_s=0.1) if args.quick else
                  common.TimingPlan(warmup=3, min_repeats=10, max_repeats=args.max_repeats, budget_s=args.budget))

@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 
@@ -97,43 +97,6 @@ IMPLS = {("fused", "gram"): fused_gram, ("fused", "gram+combine"): fused_step,
          ("concat", "gram"): concat_gram, ("concat", "gram+combine"): concat_step}
 
 
-# ------------------------------------------------------------------------------------------------
-# memory
-# ------------------------------------------------------------------------------------------------
-def _rss_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def _malloc_returns_large_blocks() -> None:
-    """glibc keeps freed blocks below its (dynamically raised) mmap threshold in the heap, which hides
-    allocations from the resident set; a fixed 64 KiB threshold makes every large tensor an mmap that
-    is returned on free, so the RSS peak measures the call's own allocations."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").mallopt(-3, 65536)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
-def peak_memory_mb(fn, device: torch.device) -> Optional[float]:
-    if device.type == "cuda":
-        return common.peak_memory_mb(fn, device)
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM (peak RSS) to the current RSS
-    except OSError:
-        return None
-    base = _rss_kb("VmRSS")
-    fn()
-    return (_rss_kb("VmHWM") - base) / 1e3
-
-
-# ------------------------------------------------------------------------------------------------
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -191,7 +154,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     device = common.resolve_device(args.device)
     if device.type == "cpu":
-        _malloc_returns_large_blocks()
+        common.malloc_returns_large_blocks()
     dtype = DTYPES[args.dtype]
     if args.quick:
         ds, ns = [1_000_000, 3_000_000], [2, 3]
@@ -221,7 +184,7 @@ def main(argv=None) -> int:
                 for p in params:
                     p.grad = None
                 common.sync(device)
-                peak = peak_memory_mb(lambda: fn(grads, coeffs, params), device)
+                peak = common.peak_memory_mb(lambda: fn(grads, coeffs, params), device)
                 read_gb = n * d * elt / 1e9
                 gbs = read_gb / (t.median_ms / 1e3)
                 rows.append(dict(device=device.type, dtype=args.dtype, n=n, d=d, params=len(shapes), impl=impl,

@@ -125,7 +125,8 @@ def _timed_row(fn, n_sets, plan, device) -> Dict[str, object]:
     t = common.time_fn(fn, n_sets, plan, device)
     row = {"status": "ok", "reason": "", "median_ms": t.median_ms, "p20_ms": t.p20_ms,
            "p80_ms": t.p80_ms, "repeats": t.repeats}
-    row["peak_mem_mb"] = common.peak_memory_mb(lambda: fn(0), device)
+    # device memory only: a CPU resident-set peak of these small calls says nothing
+    row["peak_mem_mb"] = common.peak_memory_mb(lambda: fn(0), device) if device.type == "cuda" else None
     return row
 
 

@@ -166,16 +166,49 @@ def time_fn(fn: Callable[[int], object], n_sets: int, plan: TimingPlan, device: 
     return time_cpu(fn, n_sets, plan)
 
 
+def _proc_status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def malloc_returns_large_blocks() -> None:
+    """glibc keeps freed blocks below its (dynamically raised) mmap threshold in the heap, which hides
+    allocations from the resident set; a fixed 64 KiB threshold makes every large tensor an mmap that
+    is returned on free, so the RSS peak measures the call's own allocations. Call once, before the
+    tensors of a CPU memory measurement are made."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 65536)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> Optional[float]:
-    """Peak extra device memory of one call in MB (CUDA only; None on CPU, see README)."""
-    if device.type != "cuda":
+    """Peak extra memory of one call ``fn()`` in MB (10^6 bytes).
+
+    CUDA: ``torch.cuda.max_memory_allocated`` above what was allocated before the call. CPU: the
+    process's peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs``) above its
+    resident set before the call (see :func:`malloc_returns_large_blocks`); None where /proc does
+    not allow it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 1e6
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM (peak RSS) to the current RSS
+        base = _proc_status_kb("VmRSS")
+    except (OSError, RuntimeError):
         return None
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
     fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 1e6
+    return (_proc_status_kb("VmHWM") - base) / 1e3
 
 
 # ------------------------------------------------------------------------------------------------
