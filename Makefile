@@ -8,6 +8,7 @@
 #   make demo-dpo        preference data: raco, cagrad, dpo-lw, modpo, mopo on the tiny world (table + fronts in runs/demo-dpo)
 #   make bench           CPU benchmark of the fused ops (benchmarks/bench_ops.py)
 #   make info            versions, compiled archs, kernels per device
+#   make gpu-report      ptxas registers/spills and SASS load widths per kernel, sm_80 and sm_90 (no GPU needed)
 #   make wheel           a wheel for the installed torch into dist/ (CPU here; CUDA sm_80+sm_90 with a CUDA torch)
 #   make verify-wheel    install the newest wheel into a fresh venv and run the op tests against it
 #   make wheel-cuda      a CUDA wheel (sm_80 + sm_90) built on any machine with nvcc: a build venv
@@ -114,9 +115,11 @@ verify-wheel-cuda:
 	TORCH_SPEC="$(CUDA_TORCH_SPEC)" VERIFY_SYSTEM_SITE=0 PYTHON=$(PYTHON) \
 		bash tools/verify_wheel.sh $$(ls -1t dist/pama_ext-*+cu*.whl | head -1)
 
-# ptxas resources and SASS load widths of every kernel (benchmarks/results/)
+# ptxas resources and SASS load widths of every kernel, one pair of files per arch of NVCC_ARCHS:
+# benchmarks/results/ptxas_sm<ARCH>.txt and sass_summary_sm<ARCH>.txt (no GPU needed; the SASS part needs
+# cuobjdump + nvdisasm: the CUDA toolkit's, or pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)
 gpu-report:
-	bash tools/gpu_report.sh
+	for a in $(NVCC_ARCHS); do ARCH=$$a NVCC=$(NVCC) PYTHON=$(if $(wildcard $(PY)),$(PY),$(PYTHON)) bash tools/gpu_report.sh || exit 1; done
 
 info: install
 	$(PY) -m pama_ext.cli info

@@ -3,8 +3,8 @@
 # memory) and which global loads/stores the SASS uses (vectorised LDG.E.128 / LDG.E.64 or scalar),
 # per kernel and template instantiation (float, double, __half, __nv_bfloat16).
 #
-#   tools/gpu_report.sh               # sm_90 -> benchmarks/results/ptxas_sm90.txt, sass_summary.txt
-#   ARCH=80 tools/gpu_report.sh       # another arch (files named ..._sm80)
+#   tools/gpu_report.sh               # sm_90 -> benchmarks/results/ptxas_sm90.txt, sass_summary_sm90.txt
+#   ARCH=80 tools/gpu_report.sh       # another arch -> ptxas_sm80.txt, sass_summary_sm80.txt
 #
 # Needs only nvcc (no GPU): each csrc/cuda/*.cu is compiled with the flags of `make nvcc-check`
 # plus -Xptxas -v, for one real arch. The SASS part needs cuobjdump (and the nvdisasm it calls):
@@ -83,7 +83,7 @@ def demangle(names):
 def short(dem):
     """pama::cuda::(anonymous namespace)::policy_loss_partials_kernel<float>(pama::PolicyLossParams) ->
     policy_loss_partials_kernel<float>"""
-    s = re.sub(r"\([^()]*\)$", "", dem).replace("(anonymous namespace)::", "")
+    s = re.sub(r"\([^()]*\)$", "", dem.replace("(anonymous namespace)::", ""))
     head, sep, targs = s.partition("<")
     return (head.split("::")[-1] + sep + targs).replace("__nv_bfloat16", "bf16").replace("__half", "half")
 
@@ -138,7 +138,7 @@ with open(os.path.join(out_dir, f"ptxas_sm{arch}.txt"), "w") as f:
 print("\n".join(lines[:lines.index('# ---- raw ptxas output (demangled) ----')]))
 
 # ---- SASS --------------------------------------------------------------------------------------
-sass_out = os.path.join(out_dir, "sass_summary.txt")
+sass_out = os.path.join(out_dir, f"sass_summary_sm{arch}.txt")
 sass = open(sass_path).read().splitlines() if os.path.exists(sass_path) else []
 if not any("Function :" in l for l in sass):
     msg = (f"# SASS summary, sm_{arch}: not produced ({'cuobjdump failed' if cuobjdump else 'cuobjdump not found'});"
@@ -176,20 +176,24 @@ dem2 = demangle(list(counts))
 out = [f"# SASS global memory instructions per kernel, sm_{arch} ({stamp})",
        f"# cuobjdump: {cuobjdump}; objects compiled with: {flags}",
        "# LDG/STG counts by access width in bits (static instruction counts in the SASS, not executed counts).",
-       "# Vectorised = loads wider than the element type: .128 always; .64 only in float/half/bf16 kernels",
-       "# (in double kernels LDG.E.64 is one scalar element).",
+       "# Vectorised = loads wider than the element type: .128 always; .64 only in kernels with no double",
+       "# template argument (there LDG.E.64 may be one scalar double element).",
        ""]
 hdr = f"{'kernel':<58} {'instr':>6} {'LDG 128/64/32/16/8':>22} {'STG 128/64/32/16/8':>22}  vectorised loads"
 out += [hdr, "-" * len(hdr)]
+def has_double(name):
+    """True when any template argument is double (combine_kernel<G, O> has two): there a
+    LDG.E.64 may be one scalar double element, so it is not counted as vectorised."""
+    return re.search(r"[<,]\s*double\s*[,>]", name) is not None
 def hist(c):
     return "/".join(str(c.get(w, 0)) for w in ("128", "64", "32", "16", "8"))
 for k, v in sorted(counts.items(), key=lambda kv: short(dem2[kv[0]])):
     name = short(dem2[k])
-    is_double = "<double>" in name
+    is_double = has_double(name)
     vec = v["ld"].get("128", 0) + (0 if is_double else v["ld"].get("64", 0))
     out.append(f"{name:<58} {v['n']:>6} {hist(v['ld']):>22} {hist(v['st']):>22}  {'yes (' + str(vec) + ')' if vec else 'no'}")
 nvec = [short(dem2[k]) for k, v in counts.items()
-        if v["ld"].get("128", 0) or ("<double>" not in short(dem2[k]) and v["ld"].get("64", 0))]
+        if v["ld"].get("128", 0) or (not has_double(short(dem2[k])) and v["ld"].get("64", 0))]
 out += ["", f"{len(counts)} kernels; with vectorised global loads: {', '.join(nvec) if nvec else 'none'}"]
 with open(sass_out, "w") as f:
     f.write("\n".join(out) + "\n")
@@ -197,5 +201,5 @@ print("\n".join(out))
 PY
 rc=$?
 [[ $rc -ne 0 ]] && status=$rc
-echo "gpu_report: wrote $OUT_DIR/ptxas_sm$ARCH.txt and $OUT_DIR/sass_summary.txt (status $status)"
+echo "gpu_report: wrote $OUT_DIR/ptxas_sm$ARCH.txt and $OUT_DIR/sass_summary_sm$ARCH.txt (status $status)"
 exit $status

@@ -28,8 +28,9 @@
 #   wheel        tools/build_wheel.sh: CUDA wheel, TORCH_CUDA_ARCH_LIST=8.0;9.0                 (420)
 #   verify       tools/verify_wheel.sh on that wheel, PAMA_EXT_REQUIRE_CUDA=1, the CUDA cases
 #                of the op tests (VERIFY_PYTEST_ARGS; the full suite ran in `tests`)           (420)
-#   gpu_report   tools/gpu_report.sh: ptxas registers/spills + SASS load widths for sm_90
-#                (also runs without a GPU; its output is committed from the CPU machine)      (150)
+#   gpu_report   tools/gpu_report.sh: ptxas registers/spills + SASS load widths for sm_90 ->
+#                benchmarks/results/ptxas_sm90.txt, sass_summary_sm90.txt (also runs without a
+#                GPU; the committed sm_80 and sm_90 files come from the CPU machine)          (150)
 #   trainer_tests test_trainer.py + test_tiny_world.py when transformers is importable         (420)
 # On demand only (name it): bench_quick  benchmarks/bench_gpu.py --quick -> build/gpu_session/bench_quick
 #
