@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <initializer_list>
 #include <string>
 #include <vector>
 
@@ -80,33 +81,59 @@ at::Tensor bool_mask(const at::Tensor& mask, int64_t B, int64_t T, const at::Ten
   return (mask.scalar_type() == at::kBool ? mask : mask.ne(0)).contiguous();
 }
 
-// Non-finite values on masked-in positions are an error naming the argument (SPEC §9). On CPU
-// this is a fused loop; on CUDA it reads one flag back, the only host read of these ops, which is
-// why check_finite=False exists (CUDA graphs, sync-free training).
-bool any_nonfinite_masked(const at::Tensor& x, const at::Tensor& mask_b) {
-  if (x.is_cpu()) {
-    const int64_t BT = mask_b.numel();
-    if (BT == 0) return false;
-    const int64_t reps = x.numel() / BT;
-    const bool* m = mask_b.data_ptr<bool>();
-    bool found = false;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "check_finite", [&] {
-      const scalar_t* p = x.data_ptr<scalar_t>();
-      for (int64_t r = 0; r < reps && !found; ++r)
-        for (int64_t k = 0; k < BT; ++k)
-          if (m[k] && !std::isfinite(static_cast<double>(p[r * BT + k]))) {
-            found = true;
-            break;
-          }
-    });
-    return found;
-  }
-  return at::logical_and(at::isfinite(x).logical_not(), mask_b).any().item<bool>();
+// Non-finite values on masked-in positions are an error naming the argument (SPEC §9). `checks`
+// lists (name, tensor) pairs: [..., B, T] tensors are checked where `mask_b` is set, 1-d ones
+// (prefs) everywhere. On CPU this is a fused loop per tensor that stops at the first hit. On a
+// device every tensor's flag is computed there and the stacked flags come back in one host read,
+// the only host read of these ops, which is why check_finite=False exists (CUDA graphs, sync-free
+// training).
+struct FiniteCheck {
+  const char* name;
+  at::Tensor x;
+};
+
+bool any_nonfinite_cpu(const at::Tensor& x, const at::Tensor& mask_b) {
+  const int64_t BT = x.dim() == 1 ? x.numel() : mask_b.numel();
+  if (BT == 0) return false;
+  const int64_t reps = x.numel() / BT;
+  const bool* m = x.dim() == 1 ? nullptr : mask_b.data_ptr<bool>();
+  bool found = false;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "check_finite", [&] {
+    const scalar_t* p = x.data_ptr<scalar_t>();
+    for (int64_t r = 0; r < reps && !found; ++r)
+      for (int64_t k = 0; k < BT; ++k)
+        if ((m == nullptr || m[k]) && !std::isfinite(static_cast<double>(p[r * BT + k]))) {
+          found = true;
+          break;
+        }
+  });
+  return found;
 }
 
-void check_finite_masked(const at::Tensor& x, const at::Tensor& mask_b, const char* op, const char* name) {
-  TORCH_CHECK_VALUE(!any_nonfinite_masked(x, mask_b), op, ": ", name,
-                    " has NaN or Inf on a masked-in position (pass check_finite=False to skip this check)");
+void check_finite_all(std::initializer_list<FiniteCheck> checks, const at::Tensor& mask_b, const char* op) {
+  auto fail = [op](const char* name) {
+    TORCH_CHECK_VALUE(false, op, ": ", name,
+                      " has NaN or Inf on a masked-in position (pass check_finite=False to skip this check)");
+  };
+  if (mask_b.is_cpu()) {
+    for (const auto& c : checks)
+      if (c.x.defined() && any_nonfinite_cpu(c.x, mask_b)) fail(c.name);
+    return;
+  }
+  std::vector<at::Tensor> flags;
+  std::vector<const char*> names;
+  for (const auto& c : checks) {
+    if (!c.x.defined()) continue;
+    at::Tensor bad = at::isfinite(c.x).logical_not_();
+    if (c.x.dim() > 1) bad.logical_and_(mask_b);
+    flags.push_back(bad.any());
+    names.push_back(c.name);
+  }
+  if (flags.empty()) return;
+  const at::Tensor host = at::stack(flags).to(at::kCPU);  // the one host read
+  const bool* h = host.data_ptr<bool>();
+  for (size_t i = 0; i < names.size(); ++i)
+    if (h[i]) fail(names[i]);
 }
 
 int parse_method(const std::string& s, const char* op) {
@@ -384,11 +411,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pama_policy_loss(
   const auto acc = acc_type(in.logp.scalar_type());
   at::Tensor pr = prefs_acc(prefs, in.n, acc, in.logp, kPL);
   if (check_finite) {
-    check_finite_masked(in.logp, in.mask, kPL, "logp");
-    check_finite_masked(in.old_logp, in.mask, kPL, "old_logp");
-    check_finite_masked(in.advantages, in.mask, kPL, "advantages");
-    if (in.ref_logp.defined()) check_finite_masked(in.ref_logp, in.mask, kPL, "ref_logp");
-    if (pr.defined()) check_finite_masked(pr, at::ones({in.n}, in.mask.options()), kPL, "prefs");
+    check_finite_all({{"logp", in.logp},
+                      {"old_logp", in.old_logp},
+                      {"advantages", in.advantages},
+                      {"ref_logp", in.ref_logp},
+                      {"prefs", pr}},
+                     in.mask, kPL);
   }
   Launch L = backend_for(logp, kPL);
   auto opts = in.logp.options().dtype(acc);
@@ -499,9 +527,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_value_loss(const at::Tensor
   const int a = parse_agg(agg, kVL);
   TORCH_CHECK_VALUE(clip >= 0, kVL, ": clip must be >= 0 (inf disables it), got ", clip);
   if (check_finite) {
-    check_finite_masked(in.values, in.mask, kVL, "values");
-    check_finite_masked(in.old_values, in.mask, kVL, "old_values");
-    check_finite_masked(in.returns, in.mask, kVL, "returns");
+    check_finite_all({{"values", in.values}, {"old_values", in.old_values}, {"returns", in.returns}}, in.mask, kVL);
   }
   Launch L = backend_for(values, kVL);
   auto opts = in.values.options().dtype(acc_type(in.values.scalar_type()));
