@@ -331,8 +331,8 @@ def section_policy_loss(args, device, budget) -> None:
                 rows = bench_ops._order_columns(rows)
                 common.write_csv(rows, "bench_gpu_policy_loss", args.tag, args.out)
     md = _header(args, "policy_loss", "`pama_policy_loss` forward + backward (pama / token, Noon, whitening, dual clip 3), "
-                 "bool mask. GB/s = bench_ops.policy_loss_bytes (forward: logp, old_logp, mask once, advantages 3×, "
-                 "a_tilde written in fp32; backward: logp, old_logp, mask, a_tilde read, gradient written) / median time. "
+                 "bool mask. GB/s = bench_ops.policy_loss_bytes (the kernels' traffic pass by pass: 3ne + 7e + 4m + 2a "
+                 "bytes per token, see benchmarks/README.md) / median time. "
                  "`fused` passes check_finite=False (no host sync); `checked` is the default check_finite=True. "
                  f"`compile`: torch.compile(bench_ops.reference_policy_loss_flat, "
                  f"dynamic={not args.static_compile}){'' if args.static_compile else ', compiled once per dtype for all shapes'}.")

@@ -98,12 +98,15 @@ def policy_runner(loss_fn, sets):
 
 
 def policy_loss_bytes(n: int, B: int, T: int, elt: int, mask_elt: int) -> int:
-    """Forward: logp, old_logp, mask read once, advantages read 3 times (two statistics passes +
-    the loss pass), a_tilde written (fp32). Backward: logp, old_logp, mask, a_tilde read, grad
-    written."""
+    """What the fused kernels read and write, pass by pass (docs/kernels.md §4). Forward: the
+    moments pass reads mask + advantages; the indicator pass mask, advantages, logp, old_logp; the
+    loss pass the same and writes a_tilde (accumulation dtype: 8 bytes for fp64, else 4). Backward:
+    logp, old_logp, mask, a_tilde read, grad written. Inputs are counted as if every token were
+    masked in (the kernels skip the loads of masked-out tokens, so this is an upper bound)."""
     bt = B * T
-    fwd = bt * (2 * elt + mask_elt) + 3 * n * bt * elt + bt * 4
-    bwd = bt * (2 * elt + mask_elt) + bt * 4 + bt * elt
+    acc = 8 if elt == 8 else 4
+    fwd = bt * (4 * elt + 3 * mask_elt) + 3 * n * bt * elt + bt * acc
+    bwd = bt * (2 * elt + mask_elt + acc) + bt * elt
     return fwd + bwd
 
 
