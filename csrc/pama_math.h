@@ -192,8 +192,15 @@ PAMA_HD T k3_kl(T logp, T ref_logp, T& dlogp) {
 }
 
 // ---- §4 Theorem 1 (closed-form min-norm weights over a scalar per objective) -----------------
-// v[i * stride], i < n. Returns s* (projection of 0 onto [min v, max v]); when c != nullptr,
-// adds scale * c_i to c[i] (ties share uniformly), so callers can accumulate means directly.
+// s* from the range of the values: the projection of 0 onto [mn, mx]. Callers that need only s*
+// (no weights) keep a running min / max and call this, so no array of the n values is needed.
+template <typename T>
+PAMA_HD T thm1_value(T mn, T mx) {
+  return mn > T(0) ? mn : (mx < T(0) ? mx : T(0));
+}
+
+// v[i * stride], i < n. Returns s* (thm1_value of min v, max v); when c != nullptr, adds
+// scale * c_i to c[i] (ties share uniformly), so callers can accumulate means directly.
 template <typename T>
 PAMA_HD T thm1(const T* v, int64_t stride, int n, T* c, T scale) {
   T mn = v[0], mx = v[0];
@@ -216,7 +223,7 @@ PAMA_HD T thm1(const T* v, int64_t stride, int n, T* c, T scale) {
       c[i] += scale * ((x == mn ? w_min : T(0)) + (x == mx ? w_max : T(0)));
     }
   }
-  return mn > T(0) ? mn : (mx < T(0) ? mx : T(0));
+  return thm1_value(mn, mx);
 }
 
 // ---- §4 MGDA: argmin_{c in simplex} cᵀGc ------------------------------------------------------

@@ -18,14 +18,20 @@ constexpr int kFinalizeBlock = 256;
 constexpr int kElementwiseBlock = 256;
 
 // Combined advantage Ã of one masked-in token at flat [B, T] index bt (objective i at i*plane + bt):
-// N_i = whiten_noon(A_i); Theorem-1 s* of N, or Σ_i w_i N_i.
+// N_i = whiten_noon(A_i); Theorem-1 s* of N, or Σ_i w_i N_i. The s* path keeps a running min / max
+// (the same minv / maxv order as thm1, so the same bits) instead of an array of the n values, which
+// the compiler placed in local memory (a 256-byte stack frame, 512 for fp64).
 template <typename S, typename A>
 __device__ __forceinline__ A combined_advantage(const S* adv, int64_t plane, int64_t bt, int n, const A* mean,
                                                 const A* istd, const A* w, bool whiten, bool noon, int combine) {
   if (combine == kCombineTokenThm1) {
-    A v[kMaxObjectives];
-    for (int i = 0; i < n; ++i) v[i] = whiten_noon(load(adv, i * plane + bt), mean[i], istd[i], whiten, noon);
-    return thm1<A>(v, 1, n, nullptr, A(0));
+    A mn = whiten_noon(load(adv, bt), mean[0], istd[0], whiten, noon), mx = mn;
+    for (int i = 1; i < n; ++i) {
+      const A x = whiten_noon(load(adv, i * plane + bt), mean[i], istd[i], whiten, noon);
+      mn = minv(mn, x);
+      mx = maxv(mx, x);
+    }
+    return thm1_value(mn, mx);
   }
   A s = A(0);
   for (int i = 0; i < n; ++i) s += w[i] * whiten_noon(load(adv, i * plane + bt), mean[i], istd[i], whiten, noon);
