@@ -198,7 +198,7 @@ def main(argv=None) -> int:
                 del r
             del grads, params
     os.makedirs(args.out, exist_ok=True)
-    name = "bench_gradient_gram"
+    name = "bench_gradient_gram" + ("" if args.dtype == "float32" else f"_{args.dtype}")  # one file set per dtype
     csv_path = common.write_csv(rows, name, device.type, args.out)
     lines = [f"Device: {desc}; copy bandwidth {bw:.1f} GB/s; gradients {args.dtype}.", "",
              "| n | d | op | fused ms (p20-p80) | concat ms (p20-p80) | speed-up | fused peak MB | concat peak MB |",

@@ -44,6 +44,13 @@ fi
 rm -rf build/lib.* build/temp.* build/bdist.* pama_ext.egg-info
 mkdir -p "$DIST"
 
+# setup.py writes pama_ext/_build_info.py for the build it runs; an editable install in this tree
+# (make build) reads the same file, so keep the tree's copy as it was
+INFO=pama_ext/_build_info.py
+SAVED_INFO=$(mktemp)
+if [[ -f "$INFO" ]]; then cp "$INFO" "$SAVED_INFO"; trap 'cp "$SAVED_INFO" "$INFO"; rm -f "$SAVED_INFO"' EXIT
+else trap 'rm -f "$INFO" "$SAVED_INFO"' EXIT; fi
+
 start=$(date +%s)
 "$PYTHON" -m pip wheel --no-build-isolation --no-deps -w "$DIST" .
 echo "build_wheel: built in $(( $(date +%s) - start )) s"

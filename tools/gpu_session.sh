@@ -25,6 +25,7 @@
 #                tiny-world tests are left to `trainer_tests`                                  (540)
 #   bench_ops    benchmarks/bench_gpu.py --only bandwidth,policy_loss,gae,stats (full sweeps)  (540)
 #   bench_models benchmarks/bench_gpu.py --only headline,e2e (124M and 1B models)              (480)
+#   bench_gram   benchmarks/bench_gradient_gram.py --device cuda, fp32 and bf16 gradients      (300)
 #   wheel        tools/build_wheel.sh: CUDA wheel, TORCH_CUDA_ARCH_LIST=8.0;9.0                 (420)
 #   verify       tools/verify_wheel.sh on that wheel, PAMA_EXT_REQUIRE_CUDA=1, the CUDA cases
 #                of the op tests (VERIFY_PYTEST_ARGS; the full suite ran in `tests`)           (420)
@@ -55,14 +56,14 @@ export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 T_START=$(date +%s)
 CALL_ID=$(date +%Y%m%d-%H%M%S)
 
-STAGES=(env build info gpu_tests tests bench_ops bench_models wheel verify gpu_report trainer_tests)
+STAGES=(env build info gpu_tests tests bench_ops bench_models bench_gram wheel verify gpu_report trainer_tests)
 declare -A MAXS=([env]=60 [build]=480 [info]=60 [gpu_tests]=240 [tests]=540 [bench_ops]=540
-                 [bench_models]=480 [wheel]=420 [verify]=420 [gpu_report]=150 [trainer_tests]=420
-                 [bench_quick]=330)
+                 [bench_models]=480 [bench_gram]=300 [wheel]=420 [verify]=420 [gpu_report]=150
+                 [trainer_tests]=420 [bench_quick]=330)
 # a stage is started only when at least this much of the call's budget is left
 declare -A MINS=([env]=20 [build]=240 [info]=20 [gpu_tests]=90 [tests]=360 [bench_ops]=360
-                 [bench_models]=240 [wheel]=240 [verify]=240 [gpu_report]=90 [trainer_tests]=240
-                 [bench_quick]=200)
+                 [bench_models]=240 [bench_gram]=150 [wheel]=240 [verify]=240 [gpu_report]=90
+                 [trainer_tests]=240 [bench_quick]=200)
 VERIFY_PYTEST_ARGS=${VERIFY_PYTEST_ARGS-'-k "cuda or native or installed or readme"'}
 
 elapsed() { echo $(( $(date +%s) - T_START )); }
@@ -150,6 +151,12 @@ stage_verify() {
 # bench_gpu's --time-limit stops starting new configs; the margin covers the config in flight
 stage_bench_ops() {
   "$PY" benchmarks/bench_gpu.py --only bandwidth,policy_loss,gae,stats --time-limit $(( $1 - 100 ))
+}
+
+# the Gram / combine ops of the preference trainers against concatenate-then-matmul, on the GPU
+stage_bench_gram() {
+  "$PY" benchmarks/bench_gradient_gram.py --device cuda --budget 0.5 --max-repeats 20 &&
+    "$PY" benchmarks/bench_gradient_gram.py --device cuda --dtype bfloat16 --budget 0.5 --max-repeats 20
 }
 
 stage_bench_models() {
