@@ -284,10 +284,11 @@ PolicyInputs policy_inputs(const at::Tensor& logp, const at::Tensor& old_logp, c
 }
 
 // Runs the two statistics stages; returns (stats, row_count, seq_weights). With `moments` (the global
-// [count, num_seqs, mean(n), var(n)] of a data-parallel group, SPEC §8) the first 2+2n entries are
-// replaced before the indicator stage, so whitening uses the global moments and every indicator
-// entry (abar, pos, ctok, cseq, gram) is this shard's contribution to the global mean: the sum of
-// the shards' vectors is the global statistic.
+// [count, num_seqs, mean(n), var(n)] of a data-parallel group, SPEC §8) the moments stage is not
+// run: its first 2+2n entries are the supplied ones and the per-row token counts (its other
+// output, exact integers) come from one sum over the mask. Whitening then uses the global moments
+// and every indicator entry (abar, pos, ctok, cseq, gram) is this shard's contribution to the
+// global mean: the sum of the shards' vectors is the global statistic.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> run_stats(const Launch& L, const PolicyInputs& in, double eps_hi,
                                                          bool whiten, bool noon, bool with_gram,
                                                          const at::Tensor& moments = at::Tensor()) {
@@ -304,8 +305,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_stats(const Launch& L, const 
                 in.n, in.B, in.T, chunk_len, cpr, eps_hi, whiten, noon, with_gram,
                 stats.data_ptr(), row_count.data_ptr(), seq_weights.data_ptr(), partials.data_ptr(),
                 dtype_code(in.logp.scalar_type())};
-  L.be.stats_moments(p, L.stream);
-  if (moments.defined()) stats.narrow(0, 0, moments.size(0)).copy_(moments);
+  if (moments.defined()) {
+    stats.narrow(0, 0, moments.size(0)).copy_(moments);
+    at::sum_out(row_count, in.mask, {1}, /*keepdim=*/false, acc);
+  } else {
+    L.be.stats_moments(p, L.stream);
+  }
   L.be.stats_indicators(p, L.stream);
   return {stats, row_count, seq_weights};
 }
@@ -364,13 +369,13 @@ at::Tensor objective_moments(const at::Tensor& advantages, const at::Tensor& mas
 
 at::Tensor objective_stats(const at::Tensor& advantages, const at::Tensor& logp, const at::Tensor& old_logp,
                            const at::Tensor& mask, double eps_hi, bool whiten, bool noon,
-                           const c10::optional<at::Tensor>& moments) {
+                           const c10::optional<at::Tensor>& moments, bool with_gram) {
   c10::OptionalDeviceGuard guard(logp.defined() ? logp.device() : at::Device(at::kCPU));
   PolicyInputs in = policy_inputs(logp, old_logp, advantages, mask, c10::nullopt, kST);
   at::Tensor mom = supplied_stats(moments, StatsLayout(in.n).abar(), in.logp, kST, "moments",
                                   "the [count, num_seqs, mean(n), var(n)] moments vector");
   Launch L = backend_for(logp, kST);
-  return std::get<0>(run_stats(L, in, eps_hi, whiten, noon, /*with_gram=*/true, mom));
+  return std::get<0>(run_stats(L, in, eps_hi, whiten, noon, with_gram, mom));
 }
 
 at::Tensor pareto_weights(const at::Tensor& stats, const c10::optional<at::Tensor>& prefs,
@@ -1012,7 +1017,7 @@ TORCH_LIBRARY(pama_ext, m) {
       "-> (Tensor, Tensor)");
   m.def(
       "objective_stats(Tensor advantages, Tensor logp, Tensor old_logp, Tensor mask, float eps_hi, bool whiten, "
-      "bool noon, Tensor? moments=None) -> Tensor");
+      "bool noon, Tensor? moments=None, bool with_gram=True) -> Tensor");
   m.def("objective_moments(Tensor advantages, Tensor mask) -> Tensor");
   m.def("pareto_weights(Tensor stats, Tensor? prefs, str method, str granularity) -> Tensor");
   m.def(

@@ -58,11 +58,13 @@ def _needs_native(group, name: str) -> None:
         )
 
 
-def _global_stats(advantages, logp, old_logp, mask, eps_hi, whiten, noon, group) -> Tensor:
-    """The statistics vector of the global batch of a data-parallel group (pama_ext.distributed)."""
+def _global_stats(advantages, logp, old_logp, mask, eps_hi, whiten, noon, group, with_gram=True) -> Tensor:
+    """The statistics vector of the global batch of a data-parallel group (pama_ext.distributed).
+    ``with_gram=False`` (the policy loss with a method other than mgda) leaves the Gram entries 0
+    and skips their n(n+1)/2 products per token."""
     moments = objective_moments(advantages, mask, group=group)
     local = torch.ops.pama_ext.objective_stats(
-        advantages, logp, old_logp, mask, float(eps_hi), bool(whiten), bool(noon), moments
+        advantages, logp, old_logp, mask, float(eps_hi), bool(whiten), bool(noon), moments, bool(with_gram)
     )
     k = moments.numel()
     return torch.cat([moments, _dp.all_reduce_sum(local[k:], group)])
@@ -217,7 +219,8 @@ def pama_policy_loss(
         )
     stats = None
     if group is not None:
-        stats = _global_stats(advantages.detach(), logp.detach(), old_logp.detach(), mask, eps_hi, whiten, noon, group)
+        stats = _global_stats(advantages.detach(), logp.detach(), old_logp.detach(), mask, eps_hi, whiten, noon, group,
+                              with_gram=method == "mgda")
     loss, metrics, _, _ = torch.ops.pama_ext.pama_policy_loss(
         logp, old_logp, advantages.detach(), mask, ref_logp, prefs, float(eps_lo), float(eps_hi),
         _inf_if_none(dual_clip), bool(noon), bool(whiten), method, granularity, agg, float(beta_loss),
@@ -291,7 +294,7 @@ def _register() -> None:
         return advantages.new_empty((2 + 2 * n,), dtype=_acc_dtype(advantages.dtype))
 
     @fake(lib + "objective_stats")
-    def _(advantages, logp, old_logp, mask, eps_hi, whiten, noon, moments=None):
+    def _(advantages, logp, old_logp, mask, eps_hi, whiten, noon, moments=None, with_gram=True):
         n = advantages.shape[0]
         return logp.new_empty(((n + 3) ** 2 - 7,), dtype=_acc_dtype(logp.dtype))
 

@@ -17,6 +17,7 @@ import torch
 import pama_ext
 from pama_ext import distributed as dp
 from pama_ext import reference
+from pama_ext.reference import stats_layout
 
 import dist_worker as W
 
@@ -141,6 +142,42 @@ def test_objective_moments_op_matches_reference(device):
     torch.testing.assert_close(got, reference.objective_moments(adv, mask))
     full = pama_ext.objective_stats(adv, adv[0], adv[0], mask)
     torch.testing.assert_close(got, full[: got.numel()])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("whiten,noon", [(True, True), (False, False)])
+def test_supplied_moments_skip_the_moments_pass(device, dtype, whiten, noon):
+    """objective_stats(moments=its own moments) runs no moments pass (the per-row counts come from
+    the mask), so it must equal the plain op bitwise; with_gram=False leaves the Gram entries 0 and
+    changes nothing else. Odd T, an empty row and a one-token row."""
+    g = torch.Generator().manual_seed(3)
+    n, B, T = 3, 6, 37
+    adv = (torch.randn(n, B, T, generator=g, dtype=torch.float64) * 2 + 0.5).to(device, dtype)
+    logp = (torch.randn(B, T, generator=g, dtype=torch.float64) * 0.1).to(device, dtype)
+    old = (logp.double() + 0.05 * torch.randn(B, T, generator=g, dtype=torch.float64)).to(device, dtype)
+    mask = (torch.rand(B, T, generator=g) > 0.3).to(device)
+    mask[1] = False
+    mask[4] = False
+    mask[4, 5] = True
+    plain = torch.ops.pama_ext.objective_stats(adv, logp, old, mask, 0.2, whiten, noon)
+    moments = pama_ext.objective_moments(adv, mask)
+    supplied = torch.ops.pama_ext.objective_stats(adv, logp, old, mask, 0.2, whiten, noon, moments)
+    assert torch.equal(supplied, plain)
+    no_gram = torch.ops.pama_ext.objective_stats(adv, logp, old, mask, 0.2, whiten, noon, moments, False)
+    gram = stats_layout(n)["gram"]
+    assert torch.equal(no_gram[: gram.start], plain[: gram.start])
+    assert torch.equal(no_gram[gram], torch.zeros_like(plain[gram]))
+    assert bool(plain[gram].abs().sum() > 0)
+    # the loss with the whole statistics vector supplied (its moments pass skipped too)
+    for method in ("pama", "mgda"):
+        kw = dict(method=method, granularity="token", whiten=whiten, noon=noon, check_finite=False)
+        want = pama_ext.pama_policy_loss(logp, old, adv, mask, **kw)
+        got = torch.ops.pama_ext.pama_policy_loss(
+            logp, old, adv, mask, None, None, 0.2, 0.2, 3.0, noon, whiten, method, "token", "token-mean", 0.0,
+            False, plain)
+        assert torch.equal(got[0], want[0])
+        assert torch.equal(got[1][: len(pama_ext.ops.METRIC_SCALARS)],
+                           torch.stack([want[1][k] for k in pama_ext.ops.METRIC_SCALARS]))
 
 
 def test_no_group_never_touches_torch_distributed(monkeypatch):

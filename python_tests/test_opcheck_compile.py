@@ -44,6 +44,7 @@ def _pool(dtype, device, seed=0):
     pool["global_stats"] = None  # the data-parallel inputs (SPEC §8) are None here; see test_opcheck_global_inputs
     pool["moments"] = None
     pool["denominators"] = None
+    pool["with_gram"] = True
     pool["prefs"] = None
     g = torch.Generator().manual_seed(seed + 1)
     pool["grad_advantages"] = torch.randn(x.values.shape, generator=g, dtype=torch.float64).to(dtype).to(device)
@@ -116,6 +117,7 @@ def test_opcheck_global_inputs(device, dtype):
     pool["global_stats"] = st
     pool["moments"] = st[: 2 + 2 * n].clone()
     pool["denominators"] = st[:2].clone()
+    pool["with_gram"] = False
     for name in ("objective_stats", "pama_policy_loss", "multi_value_loss"):
         op = getattr(torch.ops.pama_ext, name).default
         if name != "objective_stats":
