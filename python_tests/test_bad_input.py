@@ -260,6 +260,25 @@ def test_non_finite_masked_in_is_an_error(device, op, arg, dtype, value):
     expect_error(arg, _finite_call, op, x, arg, value, True)
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_prefs_is_an_error(device, value):
+    """prefs has no mask: every entry is checked, in the same single check as the [B, T] inputs."""
+    x = X(device)
+    prefs = torch.full((x.advantages.shape[0],), 0.5, dtype=x.logp.dtype, device=device)
+    prefs[-1] = value
+    expect_error("prefs", ops.pama_policy_loss, x.logp, x.old_logp, x.advantages, x.mask, method="linear",
+                 prefs=prefs)
+
+
+def test_first_non_finite_argument_is_named(device):
+    """With several bad inputs the error names the first in argument order (logp before advantages)."""
+    x = X(device)
+    logp = _poison(x.logp, x.mask, float("nan"), True)
+    adv = _poison(x.advantages, x.mask, float("inf"), True)
+    with pytest.raises(ValueError, match=r"pama_policy_loss: logp has NaN or Inf"):
+        ops.pama_policy_loss(logp, x.old_logp, adv, x.mask)
+
+
 @pytest.mark.parametrize("op,arg", FINITE_CASES)
 def test_check_finite_false_skips_the_check(device, op, arg):
     x = X(device)
