@@ -1,8 +1,10 @@
-// checks.h — argument checks shared by every op file (ops.cpp, preference_ops.cpp). Messages name
-// the op and the argument and say what was expected.
+// checks.h — argument checks shared by every op file (ops.cpp, preference_ops.cpp), and the dtype
+// code mapping both ways (tensor dtype -> code for the launch structs, code -> C++ type for the CPU
+// launchers). Messages name the op and the argument and say what was expected.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 
 #include <string>
 
@@ -21,6 +23,22 @@ inline int dtype_code(at::ScalarType s) {
     default: return -1;
   }
 }
+
+// The CPU launchers' way back from a dtype code: calls f with a value of the element type.
+template <typename F>
+void dispatch(int dtype, F&& f) {
+  switch (dtype) {
+    case kFloat32: f(float{}); break;
+    case kFloat64: f(double{}); break;
+    case kFloat16: f(c10::Half{}); break;
+    case kBFloat16: f(c10::BFloat16{}); break;
+    default: TORCH_CHECK(false, "pama_ext: unsupported dtype code ", dtype);
+  }
+}
+
+// Accumulation type of an element type (C++), the counterpart of acc_type below.
+template <typename scalar_t>
+using acc_of = at::opmath_type<scalar_t>;
 
 // Accumulation dtype: float64 for float64 inputs, float32 otherwise.
 inline at::ScalarType acc_type(at::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }

@@ -598,20 +598,6 @@ namespace {
 constexpr int64_t kChunkLen = 2048;
 
 template <typename F>
-void dispatch(int dtype, F&& f) {
-  switch (dtype) {
-    case kFloat32: f(float{}); break;
-    case kFloat64: f(double{}); break;
-    case kFloat16: f(c10::Half{}); break;
-    case kBFloat16: f(c10::BFloat16{}); break;
-    default: TORCH_CHECK(false, "pama_ext: unsupported dtype code ", dtype);
-  }
-}
-
-template <typename scalar_t>
-using acc_of = at::opmath_type<scalar_t>;
-
-template <typename F>
 void for_chunks(int64_t B, int64_t T, int64_t chunk_len, int64_t cpr, F&& f) {
   at::parallel_for(0, B * cpr, 1, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {

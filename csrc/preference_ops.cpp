@@ -326,19 +326,6 @@ constexpr int64_t kGramBlockCpu = 32768;  // elements per Gram partial / combine
 constexpr int kTile = 256;                // elements converted to acc at a time (L1-resident)
 constexpr int kLanes = 16;                // independent partial sums per dot product (vectorisable)
 
-template <typename F>
-void dispatch(int dtype, F&& f) {
-  switch (dtype) {
-    case kFloat32: f(float{}); break;
-    case kFloat64: f(double{}); break;
-    case kFloat16: f(c10::Half{}); break;
-    case kBFloat16: f(c10::BFloat16{}); break;
-    default: TORCH_CHECK(false, "pama_ext: unsupported dtype code ", dtype);
-  }
-}
-template <typename scalar_t>
-using acc_of = at::opmath_type<scalar_t>;
-
 void dpo_loss_forward(const DpoLossParams& p, void*) {
   dispatch(p.dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
