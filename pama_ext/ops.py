@@ -22,7 +22,7 @@ from torch import Tensor
 from . import distributed as _dp
 from . import reference
 from ._native import NATIVE_AVAILABLE
-from .reference import METRIC_SCALARS, stats_layout, stats_num_objectives
+from .reference import METRIC_SCALARS, acc_dtype, stats_layout, stats_num_objectives
 
 __all__ = [
     "token_rewards",
@@ -40,10 +40,6 @@ __all__ = [
 def has_cuda_kernels() -> bool:
     """True when the compiled library contains the CUDA kernels."""
     return NATIVE_AVAILABLE and bool(torch.ops.pama_ext.has_cuda_kernels())
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _inf_if_none(x: Optional[float]) -> float:
@@ -257,7 +253,7 @@ def multi_value_loss(
         return reference.multi_value_loss(values, old_values, returns, mask, clip, agg)
     denominators = None
     if group is not None:
-        denominators = _dp.global_denominators(mask, _acc_dtype(values.dtype), group)
+        denominators = _dp.global_denominators(mask, acc_dtype(values.dtype), group)
     loss, metrics, _ = torch.ops.pama_ext.multi_value_loss(
         values, old_values.detach(), returns.detach(), mask, _inf_if_none(clip), agg, bool(check_finite),
         denominators,
@@ -291,22 +287,22 @@ def _register() -> None:
     @fake(lib + "objective_moments")
     def _(advantages, mask):
         n = advantages.shape[0]
-        return advantages.new_empty((2 + 2 * n,), dtype=_acc_dtype(advantages.dtype))
+        return advantages.new_empty((2 + 2 * n,), dtype=acc_dtype(advantages.dtype))
 
     @fake(lib + "objective_stats")
     def _(advantages, logp, old_logp, mask, eps_hi, whiten, noon, moments=None, with_gram=True):
         n = advantages.shape[0]
-        return logp.new_empty(((n + 3) ** 2 - 7,), dtype=_acc_dtype(logp.dtype))
+        return logp.new_empty(((n + 3) ** 2 - 7,), dtype=acc_dtype(logp.dtype))
 
     @fake(lib + "pareto_weights")
     def _(stats, prefs, method, granularity):
         n = stats_num_objectives(int(stats.shape[0]))
-        return stats.new_empty((n,), dtype=_acc_dtype(stats.dtype))
+        return stats.new_empty((n,), dtype=acc_dtype(stats.dtype))
 
     @fake(lib + "pama_policy_loss")
     def _(logp, old_logp, advantages, mask, ref_logp, prefs, eps_lo, eps_hi, dual_clip, noon, whiten,
           method, granularity, agg, beta_loss, check_finite, global_stats=None):
-        acc = _acc_dtype(logp.dtype)
+        acc = acc_dtype(logp.dtype)
         n = advantages.shape[0]
         return (
             logp.new_empty((), dtype=acc),
@@ -321,7 +317,7 @@ def _register() -> None:
 
     @fake(lib + "multi_value_loss")
     def _(values, old_values, returns, mask, clip, agg, check_finite, denominators=None):
-        acc = _acc_dtype(values.dtype)
+        acc = acc_dtype(values.dtype)
         return (
             values.new_empty((), dtype=acc),
             values.new_empty((1 + values.shape[0],), dtype=acc),

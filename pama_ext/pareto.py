@@ -35,7 +35,7 @@ def _check_gram(G: Tensor) -> None:
 
 
 def _acc(G: Tensor) -> Tensor:
-    return G.to(torch.float64 if G.dtype == torch.float64 else torch.float32)
+    return G.to(reference.acc_dtype(G.dtype))
 
 
 def _solve(G: Tensor, w: Optional[Tensor], method: str, c: float, clip: bool, iters: int) -> Tensor:

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from . import reference
+from .reference import acc_dtype
 from ._native import NATIVE_AVAILABLE
 
 __all__ = ["multi_dpo_loss", "gradient_gram", "combine_gradients"]
@@ -30,10 +31,6 @@ GradTable = Sequence[Sequence[Optional[Tensor]]]
 
 def _native(name: str) -> bool:
     return NATIVE_AVAILABLE and hasattr(torch.ops.pama_ext, name)
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def multi_dpo_loss(
@@ -67,7 +64,7 @@ def multi_dpo_loss(
     """
     args = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     if not _native("multi_dpo_loss"):
-        acc = _acc_dtype(policy_chosen_logps.dtype)
+        acc = acc_dtype(policy_chosen_logps.dtype)
         return reference.multi_dpo_loss(*(x.to(acc) for x in args), labels, beta,
                                         chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
     return torch.ops.pama_ext.multi_dpo_loss(*args, labels, float(beta), chosen_lengths, rejected_lengths)
@@ -131,7 +128,7 @@ def _register() -> None:
 
     @fake(lib + "multi_dpo_loss")
     def _(pc, pr, rc, rr, labels, beta, chosen_lengths, rejected_lengths):
-        acc = _acc_dtype(pc.dtype)
+        acc = acc_dtype(pc.dtype)
         return pc.new_empty((labels.shape[0],), dtype=acc), pc.new_empty(tuple(labels.shape), dtype=acc)
 
     @fake(lib + "multi_dpo_loss_backward")
@@ -143,7 +140,7 @@ def _register() -> None:
         like = next((g for g in grads if g is not None), None)
         if like is None:
             return torch.empty((num_objectives, num_objectives), dtype=torch.float32)
-        return like.new_empty((num_objectives, num_objectives), dtype=_acc_dtype(like.dtype))
+        return like.new_empty((num_objectives, num_objectives), dtype=acc_dtype(like.dtype))
 
     @fake(lib + "combine_gradients")
     def _(grads, num_objectives, coeffs, out, accumulate):
@@ -151,7 +148,7 @@ def _register() -> None:
 
     @fake(lib + "gram_weights")
     def _(G, w, method, c, clip, iters):
-        return G.new_empty((G.shape[0],), dtype=_acc_dtype(G.dtype))
+        return G.new_empty((G.shape[0],), dtype=acc_dtype(G.dtype))
 
     def dpo_setup(ctx, inputs, output):
         pc, _, _, _, _, _, lc, lr = inputs

@@ -62,6 +62,11 @@ LOG_RATIO_CLAMP = 20.0
 # --------------------------------------------------------------------------------------------
 # statistics vector layout (§3)
 # --------------------------------------------------------------------------------------------
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of the ops: float64 for float64 inputs, float32 for every other float."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def stats_layout(n: int) -> Dict[str, slice]:
     """Slices of the flat statistics vector for ``n`` objectives.
 
@@ -538,7 +543,7 @@ def gradient_gram(grads) -> Tensor:
     n, K = _grad_table(grads)
     present = [g for row in grads for g in row if g is not None]
     like = present[0] if present else None
-    acc = torch.float64 if like is not None and like.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(like.dtype) if like is not None else torch.float32
     device = like.device if like is not None else torch.device("cpu")
     G = torch.zeros(n, n, dtype=acc, device=device)
     for k in range(K):
