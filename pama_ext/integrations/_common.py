@@ -53,8 +53,17 @@ def objectives_first(advantages: Tensor, mask: Tensor, layout_hint: str) -> Tens
 
 
 def call_policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
-                     ref_logp: Optional[Tensor], group: Optional[Any], **options) -> tuple:
-    """``pama_ext.pama_policy_loss`` with ``group=`` passed only when a process group is configured."""
+                     ref_logp: Optional[Tensor], group: Optional[Any], prefs: Optional[Tensor] = None,
+                     **options) -> tuple:
+    """``pama_ext.pama_policy_loss`` with ``group=`` passed only when a process group is configured.
+    ``prefs`` (as :func:`check_pama_options` returns it) must have one weight per objective of the
+    ``[n, B, T]`` advantages; it is moved to logp's device and dtype."""
+    if prefs is not None:
+        n = advantages.shape[0]
+        if prefs.numel() != n:
+            raise ValueError(f"prefs: {prefs.numel()} weights for {n} objectives in advantages")
+        prefs = prefs.to(device=logp.device, dtype=logp.dtype)
+    options["prefs"] = prefs
     if group is not None:
         options["group"] = group
     return ops.pama_policy_loss(logp, old_logp, advantages, mask, ref_logp, **options)

@@ -104,16 +104,11 @@ class PolicyLoss(nn.Module):
             action_mask = torch.ones(log_probs.shape, dtype=torch.bool, device=log_probs.device)
         adv = objectives_first(advantages, action_mask, "objectives last, as OpenRLHF's experience carries them")
         n = adv.shape[0]
-        prefs = self.prefs
-        if prefs is not None:
-            if prefs.numel() != n:
-                raise ValueError(f"prefs: {prefs.numel()} weights for {n} objectives in advantages")
-            prefs = prefs.to(device=log_probs.device, dtype=log_probs.dtype)
         agg = "token-mean" if self.token_level_loss else "seq-mean-token-mean"
         loss, metrics = call_policy_loss(
             log_probs, old_log_probs, adv, action_mask, None, self.group,
             eps_lo=self.clip_eps_low, eps_hi=self.clip_eps_high, dual_clip=self.dual_clip, noon=self.noon,
-            whiten=self.whiten, method=self.method, granularity=self.granularity, prefs=prefs, agg=agg,
+            whiten=self.whiten, method=self.method, granularity=self.granularity, prefs=self.prefs, agg=agg,
             check_finite=self.check_finite,
         )
         loss = rescale_to_global(loss, action_mask, agg, dp_size=dp_size, batch_num_tokens=batch_num_tokens,

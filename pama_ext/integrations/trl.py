@@ -178,11 +178,10 @@ class PamaGRPOTrainer(GRPOTrainer):
 
         obj = inputs["objective_advantages"]  # [B, n]
         adv = obj.to(logp.dtype).t()[:, :, None].expand(-1, -1, T).contiguous()  # [n, B, T]
-        prefs = None if self.pama_prefs is None else self.pama_prefs.to(device=logp.device, dtype=logp.dtype)
         loss, metrics = call_policy_loss(
             logp, old_logp, adv, mask, ref_logp, self.pama_group,
             eps_lo=self.epsilon_low, eps_hi=self.epsilon_high, dual_clip=None, noon=self.pama_noon,
-            whiten=self.pama_whiten, method=self.pama_method, granularity=self.pama_granularity, prefs=prefs,
+            whiten=self.pama_whiten, method=self.pama_method, granularity=self.pama_granularity, prefs=self.pama_prefs,
             agg=self._pama_agg, beta_loss=float(self.beta), check_finite=self.pama_check_finite,
         )
         mode = "train" if self.model.training else "eval"

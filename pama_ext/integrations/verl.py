@@ -192,16 +192,11 @@ def compute_policy_loss_pama(
 
     adv = objectives_first(advantages, response_mask, "objectives last, as verl's batch carries them")
     n = adv.shape[0]
-    prefs = opts.prefs
-    if prefs is not None:
-        if prefs.numel() != n:
-            raise ValueError(f"prefs: {prefs.numel()} weights for {n} objectives in advantages")
-        prefs = prefs.to(device=log_prob.device, dtype=log_prob.dtype)
     agg = _VERL_AGG[loss_agg_mode]
     loss, metrics = call_policy_loss(
         log_prob, old_log_prob, adv, response_mask, None, opts.group,
         eps_lo=float(eps_lo), eps_hi=float(eps_hi), dual_clip=dual_clip, noon=opts.noon, whiten=opts.whiten,
-        method=opts.method, granularity=opts.granularity, prefs=prefs, agg=agg, check_finite=opts.check_finite,
+        method=opts.method, granularity=opts.granularity, prefs=opts.prefs, agg=agg, check_finite=opts.check_finite,
     )
     global_count = info.get("batch_num_tokens") if agg == "token-mean" else info.get("global_batch_size")
     if loss_agg_mode == "token-sum":
