@@ -70,8 +70,8 @@ info = z.read("pama_ext/_build_info.py").decode()
 print("".join("  " + l + "\n" for l in info.splitlines()[1:]), end="")
 PY
 # Which GPU architectures the library carries (machine code per sm_XX, and PTX if any), where a
-# cuobjdump is at hand ($CUOBJDUMP, PATH, or CUDA_HOME/bin).
-CUOBJDUMP=${CUOBJDUMP:-$(command -v cuobjdump || ls "${CUDA_HOME:-/nonexistent}/bin/cuobjdump" 2>/dev/null || true)}
+# cuobjdump is at hand (tools/find_cuda_tool.sh).
+CUOBJDUMP=$(PYTHON="$PYTHON" bash tools/find_cuda_tool.sh cuobjdump CUOBJDUMP)
 if [[ "$TORCH_CUDA" != "None" && -n "$CUOBJDUMP" ]] && unzip -l "$wheel" | grep -q "_C.*\.so"; then
   tmp=$(mktemp -d)
   unzip -q -o "$wheel" 'pama_ext/_C*.so' -d "$tmp"

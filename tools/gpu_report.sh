@@ -37,20 +37,8 @@ for cu in csrc/cuda/*.cu; do
   fi
 done
 
-find_tool() {  # find_tool NAME [ENVVAR]: prints a path or nothing
-  local name=$1 var=${2:-} p
-  if [[ -n "$var" && -n "${!var:-}" && -x "${!var}" ]]; then echo "${!var}"; return; fi
-  p=$(command -v "$name" 2>/dev/null) && { echo "$p"; return; }
-  for d in "${CUDA_HOME:-/nonexistent}/bin" /usr/local/cuda/bin /usr/local/cuda-*/bin; do
-    [[ -x "$d/$name" ]] && { echo "$d/$name"; return; }
-  done
-  for py in "$PYTHON" python3; do
-    p=$("$py" -c "import site, glob, sys; hits = [h for s in site.getsitepackages() + [site.getusersitepackages()] for h in glob.glob(s + '/nvidia/cu*/bin/$name')]; print(hits[0] if hits else '')" 2>/dev/null)
-    [[ -n "$p" && -x "$p" ]] && { echo "$p"; return; }
-  done
-}
-CUOBJDUMP_BIN=$(find_tool cuobjdump CUOBJDUMP)
-NVDISASM_BIN=$(find_tool nvdisasm NVDISASM)
+CUOBJDUMP_BIN=$(PYTHON="$PYTHON" bash tools/find_cuda_tool.sh cuobjdump CUOBJDUMP)
+NVDISASM_BIN=$(PYTHON="$PYTHON" bash tools/find_cuda_tool.sh nvdisasm NVDISASM)
 SASS="$BUILD/sass_raw.txt"
 : >"$SASS"
 if [[ -n "$CUOBJDUMP_BIN" ]]; then
