@@ -14,10 +14,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks")
 SECTIONS = ("bandwidth", "policy_loss", "gae", "stats", "headline", "e2e")
 
+pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(BENCH, "bench_gpu.py")),
+                                reason="benchmarks/ is not next to the tests (installed-wheel run)")
+
 
 def _bench_gpu():
-    if not os.path.isfile(os.path.join(BENCH, "bench_gpu.py")):
-        pytest.skip("benchmarks/ is not next to the tests (installed-wheel run)")
     sys.path.insert(0, BENCH)
     try:
         import bench_gpu
@@ -28,8 +29,6 @@ def _bench_gpu():
 
 def test_bench_gpu_runs_every_section(tmp_path):
     pytest.importorskip("transformers")  # the e2e trainer mode
-    if not os.path.isfile(os.path.join(BENCH, "bench_gpu.py")):
-        pytest.skip("benchmarks/ is not next to the tests (installed-wheel run)")
     out = tmp_path / "results"
     r = subprocess.run(
         [sys.executable, os.path.join(BENCH, "bench_gpu.py"), "--smoke-cpu", "--quick", "--no-compile", "--no-plot",
