@@ -43,7 +43,7 @@ endif
 
 CU_SOURCES := $(wildcard csrc/cuda/*.cu)
 CU_OBJECTS := $(patsubst csrc/cuda/%.cu,build/nvcc/%.o,$(CU_SOURCES))
-CU_HEADERS := csrc/pama_math.h $(wildcard csrc/cuda/*.cuh)
+CU_HEADERS := csrc/pama_math.h csrc/gram_solvers.h $(wildcard csrc/cuda/*.cuh)
 
 .PHONY: test install build nvcc-check bench info clean demo demo-dpo wheel verify-wheel gpu-report verl-deps \
 	wheel-cuda verify-wheel-cuda

@@ -318,9 +318,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_stats(const Launch& L, const 
 at::Tensor run_weights(const Launch& L, const at::Tensor& stats, const at::Tensor& prefs, int64_t n, int method,
                        int granularity) {
   at::Tensor weights = at::empty({n}, stats.options());
-  at::Tensor work = at::empty({2 * n}, stats.options());
   WeightsParams p{stats.data_ptr(), prefs.defined() ? prefs.data_ptr() : nullptr, static_cast<int>(n), method,
-                  granularity, weights.data_ptr(), work.data_ptr(), stats.scalar_type() == at::kDouble};
+                  granularity, weights.data_ptr(), stats.scalar_type() == at::kDouble};
   L.be.pareto_weights(p, L.stream);
   return weights;
 }
@@ -796,7 +795,7 @@ void pareto_weights(const WeightsParams& p, void*) {
   auto run = [&](auto tag) {
     using acc = decltype(tag);
     finalize_weights(static_cast<const acc*>(p.stats), p.n, p.method, p.granularity,
-                     static_cast<const acc*>(p.prefs), static_cast<acc*>(p.weights), static_cast<acc*>(p.work));
+                     static_cast<const acc*>(p.prefs), static_cast<acc*>(p.weights));
   };
   if (p.acc_is_double)
     run(double{});

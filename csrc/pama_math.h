@@ -13,12 +13,14 @@
 #define PAMA_HD inline
 #endif
 
+#include "gram_solvers.h"  // pama::mgda_weights, pama::cagrad_weights (exact, float64)
+
 namespace pama {
 
 constexpr int kMaxObjectives = 64;
+static_assert(gram::kMaxN == kMaxObjectives, "gram_solvers.h sizes its scratch for kMaxObjectives");
 constexpr double kWhitenEps = 1e-8;       // SPEC §3: sqrt(var + 1e-8)
 constexpr double kLogRatioClamp = 20.0;   // SPEC §4: exp(clamp(logp - old_logp, -20, 20))
-constexpr int kMgdaFwIters = 256;         // fixed pairwise Frank–Wolfe iterations (no data-dependent exit)
 
 // Combination modes of the policy loss (resolved from method x granularity on the host).
 enum Combine : int {
@@ -226,69 +228,12 @@ PAMA_HD T thm1(const T* v, int64_t stride, int n, T* c, T scale) {
   return thm1_value(mn, mx);
 }
 
-// ---- §4 MGDA: argmin_{c in simplex} cᵀGc ------------------------------------------------------
-// n == 1, 2: exact; n > 2: `iters` (default kMgdaFwIters) pairwise Frank–Wolfe steps from uniform:
-// weight moves from j = argmax of the gradient Gc over the support (c_j > 0) to k = argmin, with
-// the exact line search γ = clamp(−cᵀG(e_k − e_j) / (e_k − e_j)ᵀG(e_k − e_j), 0, c_j). Plain
-// Frank–Wolfe only reaches O(1/iters) (1e-3 of max G_ii above the minimum after 100 steps on random
-// n = 3, 4 Grams); the pairwise steps converge linearly on the simplex. k / j are the first indices
-// within tol = 64 ulp of max_i G_ii of the minimum / maximum, and a step is taken only while the
-// gap grad_j − grad_k exceeds tol: at the optimum every support entry is equal up to rounding, and
-// choosing or moving on rounding noise would let two summation orders (CPU/CUDA, kernel/reference)
-// part ways and c drift along flat directions of a singular G (Σ c_i g_i is unique, c is not).
-// Deterministic. A NaN/Inf G stops the steps (c stays uniform). `work` needs n entries.
-// Sequential on purpose: n <= 64, once per step.
-template <typename T>
-PAMA_HD void mgda_weights(const T* G, int n, T* c, T* work, int iters = kMgdaFwIters) {
-  if (n == 1) {
-    c[0] = T(1);
-    return;
-  }
-  if (n == 2) {
-    T den = G[0] + G[3] - T(2) * G[1];
-    T c0 = den > T(0) ? clampv((G[3] - G[1]) / den, T(0), T(1)) : T(0.5);
-    c[0] = c0;
-    c[1] = T(1) - c0;
-    return;
-  }
-  T* grad = work;
-  T scale = 0;
-  for (int i = 0; i < n; ++i) {
-    c[i] = T(1) / T(n);
-    scale = maxv(scale, G[i * n + i]);
-  }
-  const T tol = T(64) * (sizeof(T) == sizeof(float) ? T(1.1920929e-7) : T(2.220446049250313e-16)) * scale;
-  for (int it = 0; it < iters; ++it) {
-    T mn = T(0), mx = T(0);
-    bool any = false;
-    for (int i = 0; i < n; ++i) {
-      T g = 0;
-      for (int l = 0; l < n; ++l) g += G[i * n + l] * c[l];
-      grad[i] = g;
-      mn = i == 0 ? g : minv(mn, g);
-      if (c[i] > T(0)) {
-        mx = any ? maxv(mx, g) : g;
-        any = true;
-      }
-    }
-    if (!any || !(mx - mn > tol)) continue;
-    // the first index within tol of the minimum / of the maximum over the support: rounding-level
-    // differences between two summation orders do not change the choice
-    int k = 0, j = 0;
-    while (grad[k] > mn + tol) ++k;
-    while (!(c[j] > T(0) && grad[j] >= mx - tol)) ++j;
-    const T dGd = G[k * n + k] + G[j * n + j] - T(2) * G[k * n + j];
-    const T cGd = grad[k] - grad[j];
-    const T step = dGd > T(0) ? clampv(-cGd / dGd, T(0), c[j]) : (cGd < T(0) ? c[j] : T(0));
-    c[k] += step;
-    c[j] = step == c[j] ? T(0) : c[j] - step;
-  }
-}
+// §4/§6 MGDA and CAGrad on a Gram matrix: mgda_weights, cagrad_weights in gram_solvers.h
 
 // Combination weights used by the loss for a batch-level method (pama/batch, linear, mgda).
-// prefs may be null (uniform). `work` needs 2n entries.
+// prefs may be null (uniform).
 template <typename T>
-PAMA_HD void batch_weights(const T* stats, int n, int method, const T* prefs, T* w, T* work) {
+PAMA_HD void batch_weights(const T* stats, int n, int method, const T* prefs, T* w) {
   StatsLayout L(n);
   if (method == kMethodPama) {
     for (int i = 0; i < n; ++i) w[i] = T(0);
@@ -296,7 +241,7 @@ PAMA_HD void batch_weights(const T* stats, int n, int method, const T* prefs, T*
   } else if (method == kMethodLinear) {
     for (int i = 0; i < n; ++i) w[i] = prefs != nullptr ? prefs[i] : T(1) / T(n);
   } else {
-    mgda_weights(stats + L.gram(), n, w, work);
+    mgda_weights(stats + L.gram(), n, w);
   }
 }
 
@@ -421,17 +366,16 @@ PAMA_HD void finalize_indicator_cseq(int n, int64_t B, const T* row_count, const
 }
 
 // Reported/combination weights of pareto_weights: pama/token -> ctok, pama/sequence -> cseq,
-// otherwise batch_weights. Single thread. `work` needs 2n entries.
+// otherwise batch_weights. Single thread.
 template <typename T>
-PAMA_HD void finalize_weights(const T* stats, int n, int method, int granularity, const T* prefs, T* weights,
-                              T* work) {
+PAMA_HD void finalize_weights(const T* stats, int n, int method, int granularity, const T* prefs, T* weights) {
   StatsLayout L(n);
   if (method == kMethodPama && granularity == kGranToken) {
     for (int i = 0; i < n; ++i) weights[i] = stats[L.ctok() + i];
   } else if (method == kMethodPama && granularity == kGranSequence) {
     for (int i = 0; i < n; ++i) weights[i] = stats[L.cseq() + i];
   } else {
-    batch_weights(stats, n, method, prefs, weights, work);
+    batch_weights(stats, n, method, prefs, weights);
   }
 }
 
@@ -568,120 +512,6 @@ PAMA_HD void finalize_gram(const T* part, int64_t nparts, int n, T* G, int64_t t
 
 // ---- §6 solvers on a Gram matrix ---------------------------------------------------------------
 enum GramMethod : int { kGramLinear = 0, kGramMgda = 1, kGramCagrad = 2, kGramPcgrad = 3 };
-constexpr int kCagradIters = 256;  // fixed pair-descent iterations for n > 2 (no data-dependent exit)
-
-// argmin over t in [lo, hi] of f(t) = delta*t + s*sqrt(q2 t² + q1 t + q0) (SPEC §6, n = 2 form).
-// Candidates in order lo, hi, then the real roots in [lo, hi] of the squared stationarity
-// condition (δ²q2 − s²q2²)t² + (δ²q1 − s²q1q2)t + δ²q0 − s²q1²/4 = 0; the first smallest f wins.
-template <typename T>
-PAMA_HD T segment_min(T delta, T q2, T q1, T q0, T s, T lo, T hi) {
-  const T A = delta * delta * q2 - s * s * q2 * q2;
-  const T Bc = delta * delta * q1 - s * s * q1 * q2;
-  const T C = delta * delta * q0 - s * s * q1 * q1 / T(4);
-  T cand[4] = {lo, hi, lo, lo};
-  if (A != T(0)) {
-    const T disc = Bc * Bc - T(4) * A * C;
-    if (disc >= T(0)) {
-      const T sq = std::sqrt(disc);
-      const T qq = -(Bc + (Bc >= T(0) ? sq : -sq)) / T(2);  // roots qq/A and C/qq (stable)
-      const T r1 = qq / A;
-      const T r2 = qq != T(0) ? C / qq : r1;
-      if (r1 >= lo && r1 <= hi) cand[2] = r1;
-      if (r2 >= lo && r2 <= hi) cand[3] = r2;
-    }
-  } else if (Bc != T(0)) {
-    const T r = -C / Bc;
-    if (r >= lo && r <= hi) cand[2] = r;
-  }
-  T best_t = lo, best_f = T(0);
-  for (int k = 0; k < 4; ++k) {
-    const T t = cand[k];
-    const T quad = q2 * t * t + q1 * t + q0;
-    const T f = delta * t + s * std::sqrt(quad > T(0) ? quad : T(0));
-    if (k == 0 || f < best_f) {
-      best_t = t;
-      best_f = f;
-    }
-  }
-  return best_t;
-}
-
-// Σ_j G[i, j] x[j] for every i.
-template <typename T>
-PAMA_HD void gram_matvec(const T* G, int n, const T* x, T* y) {
-  for (int i = 0; i < n; ++i) {
-    T s = 0;
-    for (int j = 0; j < n; ++j) s += G[i * n + j] * x[j];
-    y[i] = s;
-  }
-}
-template <typename T>
-PAMA_HD T dot_n(const T* x, const T* y, int n) {
-  T s = 0;
-  for (int i = 0; i < n; ++i) s += x[i] * y[i];
-  return s;
-}
-
-// CAGrad (clip = false) / CAGrad-clip as in RACO (clip = true), SPEC §6: final coefficients a [n].
-// w: user weights [n] or nullptr (uniform). b = Gw, s = c·sqrt(wᵀGw),
-// p* = argmin_{p∈Δ} pᵀb + s·sqrt(pᵀGp): n = 2 exactly (segment_min from e_2 to e_1); n > 2 `iters`
-// pair-descent steps from uniform: mass moves from the support coordinate with the largest partial
-// derivative to the one with the smallest, with an exact line search (segment_min) on that edge.
-// p̃ = min(p*, w) (clip) or p*; a = w + s/sqrt(p̃ᵀGp̃)·p̃ (a = w when that norm is 0).
-// Meant for T = double (SPEC: float64). `work` needs 4n entries.
-template <typename T>
-PAMA_HD void cagrad_weights(const T* G, const T* w, int n, T c, bool clip, int iters, T* a, T* work) {
-  T* wv = work;
-  T* b = work + n;
-  T* p = work + 2 * n;
-  T* Gp = work + 3 * n;
-  for (int i = 0; i < n; ++i) wv[i] = w != nullptr ? w[i] : T(1) / T(n);
-  gram_matvec(G, n, wv, b);
-  const T wGw = dot_n(wv, b, n);
-  const T s = c * std::sqrt(wGw > T(0) ? wGw : T(0));
-  if (n == 1) {
-    p[0] = T(1);
-  } else if (n == 2) {
-    const T lam = segment_min(b[0] - b[1], G[0] + G[3] - T(2) * G[1], T(2) * (G[1] - G[3]), G[3], s, T(0), T(1));
-    p[0] = lam;
-    p[1] = T(1) - lam;
-  } else {
-    for (int i = 0; i < n; ++i) p[i] = T(1) / T(n);
-    for (int it = 0; it < iters; ++it) {
-      gram_matvec(G, n, p, Gp);
-      const T Q = dot_n(p, Gp, n);
-      const T scale = Q > T(0) ? s / std::sqrt(Q) : T(0);
-      int k = 0, j = -1;
-      T gk = T(0), gj = T(0);
-      for (int i = 0; i < n; ++i) {
-        const T g = b[i] + scale * Gp[i];
-        if (i == 0 || g < gk) {
-          gk = g;
-          k = i;
-        }
-        if (p[i] > T(0) && (j < 0 || g > gj)) {
-          gj = g;
-          j = i;
-        }
-      }
-      if (j < 0) j = k;  // unreachable on the simplex; keeps the step a no-op
-      // edge p + t (e_k - e_j), t in [-p_k, p_j]
-      const T delta = b[k] - b[j];
-      const T q2 = (G[k * n + k] - G[k * n + j]) - (G[j * n + k] - G[j * n + j]);
-      const T q1 = T(2) * (Gp[k] - Gp[j]);
-      const T t = k == j ? T(0) : segment_min(delta, q2, q1, Q, s, -p[k], p[j]);
-      p[k] = maxv(p[k] + t, T(0));
-      p[j] = maxv(p[j] - t, T(0));
-    }
-  }
-  for (int i = 0; i < n; ++i) p[i] = clip ? minv(p[i], wv[i]) : p[i];  // p̃
-  gram_matvec(G, n, p, Gp);
-  const T nrm2 = dot_n(p, Gp, n);
-  const T nrm = std::sqrt(nrm2 > T(0) ? nrm2 : T(0));
-  const T scale = nrm > T(0) ? s / nrm : T(0);
-  for (int i = 0; i < n; ++i) a[i] = wv[i] + scale * p[i];
-}
-
 // PCGrad in Gram form (SPEC §6): v_i = e_i; for j != i in order, if (G v_i)_j < 0 (and G_jj > 0),
 // v_i[j] -= (G v_i)_j / G_jj; out = Σ_i v_i. `work` needs n entries.
 template <typename T>
@@ -702,13 +532,13 @@ PAMA_HD void pcgrad_weights(const T* G, int n, T* out, T* work) {
 }
 
 // Weights of `method` (GramMethod) from G [n, n]; w (prefs) may be null (uniform).
-// `work` needs 4n entries. Single thread.
+// `work` needs n entries (PCGrad). Single thread.
 template <typename T>
-PAMA_HD void gram_weights(const T* G, const T* w, int n, int method, T c, bool clip, int iters, T* out, T* work) {
+PAMA_HD void gram_weights(const T* G, const T* w, int n, int method, T c, bool clip, T* out, T* work) {
   if (method == kGramMgda) {
-    mgda_weights(G, n, out, work, iters);
+    mgda_weights(G, n, out);
   } else if (method == kGramCagrad) {
-    cagrad_weights(G, w, n, c, clip, iters, out, work);
+    cagrad_weights(G, w, n, c, clip, out);
   } else if (method == kGramPcgrad) {
     pcgrad_weights(G, n, out, work);
   } else {

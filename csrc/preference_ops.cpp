@@ -275,7 +275,7 @@ int parse_gram_method(const std::string& s) {
 }
 
 at::Tensor gram_weights_op(const at::Tensor& gram, const c10::optional<at::Tensor>& prefs, const std::string& method,
-                        double c, bool clip, int64_t iters) {
+                        double c, bool clip) {
   check_float(gram, kGW, "G");
   TORCH_CHECK(gram.dim() == 2 && gram.size(0) == gram.size(1), kGW, ": G must be a square [n, n] Gram matrix, got ",
               "shape ", shape_str(gram));
@@ -283,26 +283,25 @@ at::Tensor gram_weights_op(const at::Tensor& gram, const c10::optional<at::Tenso
   check_num_objectives(n, kGW, "G");
   const int m = parse_gram_method(method);
   TORCH_CHECK_VALUE(std::isfinite(c) && c >= 0, kGW, ": c must be finite and >= 0, got ", c);
-  TORCH_CHECK_VALUE(iters >= 0 && iters <= (1 << 20), kGW, ": iters must be in [0, 2^20], got ", iters);
   const at::Device dev = gram.device();
   c10::OptionalDeviceGuard guard(dev);
   const auto acc = acc_type(gram.scalar_type());
-  const auto work_t = m == kGramCagrad ? at::kDouble : acc;  // SPEC §6: CAGrad in float64
-  at::Tensor G = gram.to(work_t).contiguous();
+  // the solvers compute in float64 internally (gram_solvers.h) and return the accumulation dtype
+  at::Tensor G = gram.to(acc).contiguous();
   at::Tensor w;
   if (prefs.has_value() && prefs->defined()) {
     check_float(*prefs, kGW, "w");
     check_shape(*prefs, {n}, kGW, "w", "[n]");
     need_device(*prefs, dev, kGW, "w", "G");
-    w = prefs->to(work_t).contiguous();
+    w = prefs->to(acc).contiguous();
   }
-  auto opts = gram.options().dtype(work_t);
-  at::Tensor out = at::empty({n}, opts), work = at::empty({4 * n}, opts);
+  auto opts = gram.options().dtype(acc);
+  at::Tensor out = at::empty({n}, opts), work = at::empty({n}, opts);
   PrefLaunch L = pref_backend(dev, kGW);
   GramWeightsParams p{G.data_ptr(), w.defined() ? w.data_ptr() : nullptr, static_cast<int>(n), m, c, clip,
-                      static_cast<int>(iters), out.data_ptr(), work.data_ptr(), work_t == at::kDouble};
+                      out.data_ptr(), work.data_ptr(), acc == at::kDouble};
   L.be.gram_weights(p, L.stream);
-  return work_t == acc ? out : out.to(acc);
+  return out;
 }
 
 }  // namespace
@@ -469,7 +468,7 @@ void gram_weights(const GramWeightsParams& p, void*) {
   auto run = [&](auto tag) {
     using acc = decltype(tag);
     pama::gram_weights(static_cast<const acc*>(p.gram), static_cast<const acc*>(p.prefs), p.n, p.method,
-                       static_cast<acc>(p.c), p.clip, p.iters, static_cast<acc*>(p.weights),
+                       static_cast<acc>(p.c), p.clip, static_cast<acc*>(p.weights),
                        static_cast<acc*>(p.work));
   };
   if (p.acc_is_double)
@@ -501,7 +500,7 @@ TORCH_LIBRARY_FRAGMENT(pama_ext, m) {
   m.def(
       "combine_gradients(Tensor?[] grads, int num_objectives, Tensor coeffs, Tensor(a!)[] out, bool accumulate) "
       "-> ()");
-  m.def("gram_weights(Tensor G, Tensor? w, str method, float c, bool clip, int iters) -> Tensor");
+  m.def("gram_weights(Tensor G, Tensor? w, str method, float c, bool clip) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(pama_ext, CPU, m) { pama::register_preference_impls(m); }

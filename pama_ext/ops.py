@@ -151,7 +151,7 @@ def pareto_weights(
 
     ``pama``: Theorem 1 on ``abar`` (batch), or the mean per-token / per-sequence Theorem-1 weights
     (token / sequence); ``linear``: ``prefs`` (uniform when None); ``mgda``: min-norm point of the
-    Gram matrix (exact for n <= 2, fixed-iteration Frank-Wolfe otherwise).
+    Gram matrix, exact up to float64 rounding (pama_ext.pareto.mgda_weights; docs/algorithms.md).
     """
     if not NATIVE_AVAILABLE:
         return reference.pareto_weights(stats, method, granularity, prefs)

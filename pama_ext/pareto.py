@@ -2,10 +2,13 @@
 scalars, and linear / MGDA / CAGrad (RACO's CAGrad-clip) / PCGrad on a Gram matrix ``G [n, n]``
 (e.g. from :func:`pama_ext.gradient_gram` or the ``gram`` block of the statistics vector).
 
-Device tensors in, device tensors out; fixed iteration counts, no data-dependent exit and no host
-read, so a step using them can be captured in a CUDA graph. The solvers are one small kernel each
-(``torch.ops.pama_ext.gram_weights``; scalar math in csrc/pama_math.h, shared by CPU and CUDA) with
-pure-PyTorch twins in :mod:`pama_ext.reference` used when the compiled library is absent.
+Device tensors in, device tensors out; bounded work and no host read, so a step using them can be
+captured in a CUDA graph. MGDA and CAGrad are solved exactly in float64 (support enumeration for
+n <= 8, an active-set method beyond; csrc/gram_solvers.h, shared by CPU and CUDA): the objective is
+within 1e-10 of max_i G_ii of the optimum (docs/algorithms.md, "Gram solvers"). A non-finite G, w
+or c gives NaN weights. The solvers are one small kernel each (``torch.ops.pama_ext.gram_weights``)
+with pure-PyTorch twins in :mod:`pama_ext.reference` (face enumeration, n <= 12) used when the
+compiled library is absent.
 """
 from __future__ import annotations
 
@@ -16,10 +19,8 @@ from torch import Tensor
 
 from . import reference
 from ._native import NATIVE_AVAILABLE
-from .reference import CAGRAD_ITERS, MGDA_FW_ITERS
 
-__all__ = ["pama_weights", "linear_weights", "mgda_weights", "cagrad_weights", "pcgrad_weights",
-           "CAGRAD_ITERS", "MGDA_FW_ITERS"]
+__all__ = ["pama_weights", "linear_weights", "mgda_weights", "cagrad_weights", "pcgrad_weights"]
 
 
 def _native() -> bool:
@@ -38,9 +39,9 @@ def _acc(G: Tensor) -> Tensor:
     return G.to(reference.acc_dtype(G.dtype))
 
 
-def _solve(G: Tensor, w: Optional[Tensor], method: str, c: float, clip: bool, iters: int) -> Tensor:
+def _solve(G: Tensor, w: Optional[Tensor], method: str, c: float, clip: bool) -> Tensor:
     return torch.ops.pama_ext.gram_weights(G.detach(), None if w is None else w.detach(), method, float(c),
-                                           bool(clip), int(iters))
+                                           bool(clip))
 
 
 def pama_weights(v: Tensor) -> Tensor:
@@ -55,33 +56,32 @@ def linear_weights(G: Tensor, w: Optional[Tensor] = None) -> Tensor:
     return reference.linear_weights(_acc(G), w)
 
 
-def mgda_weights(G: Tensor, iters: int = MGDA_FW_ITERS) -> Tensor:
-    """Min-norm point ``argmin_{c in simplex} c^T G c``: exact for n <= 2, ``iters`` pairwise
-    Frank-Wolfe steps with exact line search otherwise (linear convergence: at the brute-force
-    optimum to ~1e-9 of max G_ii after the default 256). The same solver as
-    ``pareto_weights(method="mgda")``."""
+def mgda_weights(G: Tensor) -> Tensor:
+    """Min-norm point ``argmin_{c in simplex} c^T G c``, exact up to float64 rounding (objective
+    within 1e-10 of max_i G_ii; weights are not unique where G is singular, the direction
+    ``sum_i c_i g_i`` is). The same solver as ``pareto_weights(method="mgda")``."""
     _check_gram(G)
     if not _native():
-        return reference.mgda_weights(_acc(G), iters)
-    return _solve(G, None, "mgda", 0.0, False, iters)
+        return reference.mgda_weights(_acc(G))
+    return _solve(G, None, "mgda", 0.0, False)
 
 
-def cagrad_weights(G: Tensor, w: Optional[Tensor] = None, c: float = 0.4, clip: bool = True,
-                   iters: int = CAGRAD_ITERS) -> Tensor:
+def cagrad_weights(G: Tensor, w: Optional[Tensor] = None, c: float = 0.4, clip: bool = True) -> Tensor:
     """Final coefficients ``a [n]`` of CAGrad-clip / RACO (``clip=True``) or CAGrad (``clip=False``).
 
     With user weights ``w`` (on the simplex; uniform when None; not checked, that would need a host
     read), ``b = G w`` and ``s = c * sqrt(w^T G w)``: ``p* = argmin_{p in simplex} p^T b +
     s * sqrt(p^T G p)``, ``p~ = min(p*, w)`` (clip) or ``p*``, ``a = w + s / sqrt(p~^T G p~) * p~``
-    (``a = w`` when that norm is 0). The update is ``sum_i a_i g_i``. Solved in float64: exact
-    closed form for n = 2; ``iters`` steps of pair descent with exact line search for n > 2.
+    (``a = w`` when ``p~^T G p~ <= 1e-13 max_i G_ii``: the direction vanishes). The update is
+    ``sum_i a_i g_i``. ``p*`` is exact up to float64 rounding (objective within 1e-10 of
+    max_i G_ii).
     """
     _check_gram(G)
     if c < 0:
         raise ValueError(f"c must be >= 0, got {c}")
     if not _native():
-        return reference.cagrad_weights(_acc(G), w, c, clip, iters).to(_acc(G).dtype)
-    return _solve(G, w, "cagrad", c, clip, iters)
+        return reference.cagrad_weights(_acc(G), w, c, clip)
+    return _solve(G, w, "cagrad", c, clip)
 
 
 def pcgrad_weights(G: Tensor) -> Tensor:
@@ -90,4 +90,4 @@ def pcgrad_weights(G: Tensor) -> Tensor:
     _check_gram(G)
     if not _native():
         return reference.pcgrad_weights(_acc(G))
-    return _solve(G, None, "pcgrad", 0.0, False, 0)
+    return _solve(G, None, "pcgrad", 0.0, False)

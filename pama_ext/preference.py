@@ -147,7 +147,7 @@ def _register() -> None:
         return None
 
     @fake(lib + "gram_weights")
-    def _(G, w, method, c, clip, iters):
+    def _(G, w, method, c, clip):
         return G.new_empty((G.shape[0],), dtype=acc_dtype(G.dtype))
 
     def dpo_setup(ctx, inputs, output):

@@ -9,6 +9,7 @@ Every function here has a twin of the same name in :mod:`pama_ext.ops` (the fuse
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -18,7 +19,6 @@ __all__ = [
     "METHODS",
     "GRANULARITIES",
     "AGG_MODES",
-    "MGDA_FW_ITERS",
     "stats_layout",
     "stats_num_objectives",
     "token_rewards",
@@ -34,7 +34,6 @@ __all__ = [
     "masked_moments",
     "masked_whiten",
     "METRIC_SCALARS",
-    "CAGRAD_ITERS",
     "dpo_margins",
     "label_signs",
     "multi_dpo_loss",
@@ -43,16 +42,14 @@ __all__ = [
     "linear_weights",
     "cagrad_weights",
     "pcgrad_weights",
-    "segment_min",
+    "gram_face_solve",
+    "GRAM_REFERENCE_MAX_N",
+    "GRAM_TIE_ULPS",
 ]
 
 METHODS = ("pama", "linear", "mgda")
 GRANULARITIES = ("token", "sequence", "batch")
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
-#: Pairwise Frank-Wolfe iterations of the n > 2 MGDA solver. Fixed, so the solver never branches on data.
-MGDA_FW_ITERS = 256
-#: Pair-descent iterations of the n > 2 CAGrad solver (fixed: no data-dependent exit).
-CAGRAD_ITERS = 256
 #: Scalar metrics of pama_policy_loss, in the order of the flat metrics vector.
 METRIC_SCALARS = ("pg_loss", "kl_loss", "clipfrac", "approx_kl", "active")
 WHITEN_EPS = 1e-8
@@ -187,49 +184,10 @@ def thm1_weights(v: Tensor) -> Tuple[Tensor, Tensor]:
     return c, s
 
 
-def mgda_weights(gram: Tensor, iters: int = MGDA_FW_ITERS) -> Tensor:
-    """argmin_{c in simplex} c^T G c: exact for n <= 2; for n > 2, ``iters`` pairwise Frank-Wolfe
-    steps from uniform (weight moves from the largest gradient entry of the support to the
-    smallest, exact line search), which converge linearly where plain Frank-Wolfe is O(1/iters)."""
-    n = gram.shape[0]
-    G = gram
-    if n == 1:
-        return torch.ones(1, dtype=G.dtype, device=G.device)
-    if n == 2:
-        den = G[0, 0] + G[1, 1] - 2 * G[0, 1]
-        c0 = torch.where(
-            den > 0,
-            ((G[1, 1] - G[0, 1]) / torch.where(den > 0, den, torch.ones_like(den))).clamp(0, 1),
-            torch.full_like(den, 0.5),
-        )
-        return torch.stack([c0, 1 - c0])
-    c = torch.full((n,), 1.0 / n, dtype=G.dtype, device=G.device)
-    eye = torch.eye(n, dtype=G.dtype, device=G.device)
-    ninf = torch.full_like(c, -float("inf"))
-    # no move on a rounding-level gradient gap (see pama_math.h: c would drift on singular G)
-    tol = 64 * torch.finfo(torch.float32 if G.dtype != torch.float64 else torch.float64).eps * \
-        torch.diagonal(G).max().clamp(min=0)
-    for _ in range(iters):
-        grad = G @ c
-        mn = grad.min()
-        mx = torch.where(c > 0, grad, ninf).max()
-        # the first index within tol of the minimum / maximum (as the kernels): rounding-level
-        # differences between summation orders do not change the choice
-        k = torch.argmax((grad <= mn + tol).to(torch.int8))
-        j = torch.argmax(((c > 0) & (grad >= mx - tol)).to(torch.int8))
-        dGd = G[k, k] + G[j, j] - 2 * G[k, j]
-        cGd = grad[k] - grad[j]
-        cj = c[j]
-        step = torch.where(
-            dGd > 0,
-            torch.minimum((-cGd / torch.where(dGd > 0, dGd, torch.ones_like(dGd))).clamp(min=0), cj),
-            torch.where(cGd < 0, cj, torch.zeros_like(cj)),
-        )
-        step = torch.where(mx - mn > tol, step, torch.zeros_like(step))
-        cj_new = torch.where(step == cj, torch.zeros_like(cj), cj - step)  # a drop step empties j exactly
-        c = c + step * eye[k]
-        c = c + (cj_new - c[j]) * eye[j]
-    return c
+def mgda_weights(gram: Tensor) -> Tensor:
+    """argmin_{c in simplex} c^T G c, exact (see :func:`gram_face_solve`), computed in float64 and
+    returned in G's dtype."""
+    return _simplex_solve(gram, None, 0.0)[0].to(gram.dtype)
 
 
 def k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
@@ -594,80 +552,170 @@ def linear_weights(gram: Tensor, w: Optional[Tensor] = None) -> Tensor:
     return w.to(dtype=gram.dtype, device=gram.device)
 
 
-def segment_min(delta: Tensor, q2: Tensor, q1: Tensor, q0: Tensor, s: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
-    """argmin over t in [lo, hi] of f(t) = delta*t + s*sqrt(q2 t^2 + q1 t + q0) (SPEC §6, n = 2).
-
-    Candidates, in this order: lo, hi, and the real roots in [lo, hi] of
-    (delta^2 q2 - s^2 q2^2) t^2 + (delta^2 q1 - s^2 q1 q2) t + delta^2 q0 - s^2 q1^2 / 4 = 0
-    (the stationarity condition, squared); the first candidate with the smallest f wins.
-    """
-    A = delta * delta * q2 - s * s * q2 * q2
-    Bc = delta * delta * q1 - s * s * q1 * q2
-    C = delta * delta * q0 - s * s * q1 * q1 / 4
-    disc = Bc * Bc - 4 * A * C
-    quad = A != 0
-    sq = torch.sqrt(torch.clamp(disc, min=0))
-    qq = -(Bc + torch.where(Bc >= 0, sq, -sq)) / 2  # stable: roots qq/A and C/qq
-    r1 = torch.where(quad, qq / torch.where(quad, A, torch.ones_like(A)), -C / torch.where(Bc != 0, Bc, torch.ones_like(Bc)))
-    r2 = torch.where(qq != 0, C / torch.where(qq != 0, qq, torch.ones_like(qq)), r1)
-    ok1 = torch.where(quad, disc >= 0, Bc != 0) & (r1 >= lo) & (r1 <= hi)
-    ok2 = quad & (disc >= 0) & (r2 >= lo) & (r2 <= hi)
-    r1 = torch.where(ok1, r1, lo)
-    r2 = torch.where(ok2, r2, lo)
-
-    def f(t):
-        return delta * t + s * torch.sqrt(torch.clamp(q2 * t * t + q1 * t + q0, min=0))
-
-    best_t, best_f = lo, f(lo)
-    for t in (hi, r1, r2):
-        ft = f(t)
-        better = ft < best_f
-        best_t = torch.where(better, t, best_t)
-        best_f = torch.where(better, ft, best_f)
-    return best_t
+def _faces(n: int, device) -> Tensor:
+    """Every nonempty subset of range(n) as a bool matrix [2^n - 1, n], in increasing bitmask order
+    (bit i = coordinate i), the order in which the kernels try the faces."""
+    codes = torch.arange(1, 1 << n, device=device)
+    return (codes[:, None] >> torch.arange(n, device=device)) & 1 == 1
 
 
-def cagrad_weights(
-    gram: Tensor, w: Optional[Tensor] = None, c: float = 0.4, clip: bool = True, iters: int = CAGRAD_ITERS
-) -> Tensor:
-    """CAGrad (clip=False) / CAGrad-clip as in RACO (clip=True) final coefficients a [n] (SPEC §6).
+def gram_face_solve(G: Tensor, b: Tensor, faces: Tensor) -> Tuple[Tensor, Tensor]:
+    """For every face S of the simplex (rows of ``faces``), the solutions of the bordered system
+    ``[G_SS 1; 1^T 0] [x; lam] = [0; 1]`` (p0: the min-norm point of the affine hull of the face's
+    gradients) and ``= [-b_S; 0]`` (p1: 1^T p1 = 0, G p1 = -b + mu 1 on S), zero outside S; NaN where
+    the face's system is singular. G, b float64; returns ``(p0, p1)``, each [faces, n]."""
+    F, n = faces.shape
+    both = faces[:, :, None] & faces[:, None, :]
+    eye = torch.eye(n, dtype=G.dtype, device=G.device)
+    K = G.new_zeros(F, n + 1, n + 1)
+    K[:, :n, :n] = torch.where(both, G, eye)  # coordinates outside S: x_i = 0
+    K[:, :n, n] = faces.to(G.dtype)
+    K[:, n, :n] = faces.to(G.dtype)
+    rhs = G.new_zeros(F, n + 1, 2)
+    rhs[:, n, 0] = 1
+    rhs[:, :n, 1] = torch.where(faces, -b, torch.zeros_like(b))
+    sol, info = torch.linalg.solve_ex(K, rhs)
+    sol = torch.where((info == 0)[:, None, None], sol, torch.full_like(sol, float("nan")))
+    return sol[:, :n, 0], sol[:, :n, 1]
 
-    b = G w, s = c * sqrt(w^T G w), p* = argmin_{p in simplex} p^T b + s * sqrt(p^T G p);
-    p~ = min(p*, w) (clip) or p*; a = w + s / sqrt(p~^T G p~) * p~ (a = w when that norm is 0).
-    Computed in float64. n = 2: the exact closed form of SPEC §6 (segment_min from e_2 to e_1).
-    n > 2: ``iters`` steps of pair descent from the uniform point: move mass from the support
-    coordinate with the largest partial derivative to the one with the smallest, with an exact line
-    search on that segment (segment_min again). No data-dependent exit.
-    """
-    out_dtype = gram.dtype
-    G = gram.to(torch.float64)
+
+#: Largest n the reference solves by face enumeration (2^n - 1 faces, batched, no host read); above
+#: it, the active-set method (a host loop) runs, as the kernels do above n = 8.
+GRAM_REFERENCE_MAX_N = 12
+#: Objective ties: closer than this many float64 ulps of the two values' magnitudes (sums of the
+#: absolute terms); the first candidate wins (as the kernels).
+GRAM_TIE_ULPS = 64.0
+
+
+def _face_candidate(G: Tensor, b: Tensor, s: Tensor, cagrad: bool, p0: Tensor, p1: Tensor):
+    """The candidates of faces with solutions (p0, p1) (rows): MGDA's p0; CAGrad's p0 + p1 / kappa,
+    kappa = sqrt((s^2 - p1^T G p1) / p0^T G p0) where s^2 > p1^T G p1 and p0^T G p0 > 0 (NaN elsewhere).
+    Also returns where CAGrad's objective is unbounded below on the face's affine hull (s^2 < m1)."""
+    if not cagrad:
+        return p0, torch.zeros(p0.shape[0], dtype=torch.bool, device=p0.device)
+    m0 = torch.einsum("fi,ij,fj->f", p0, G, p0)
+    m1 = torch.einsum("fi,ij,fj->f", p1, G, p1)
+    ok = (s * s > m1) & (m0 > 0)
+    kappa = torch.sqrt(torch.where(ok, (s * s - m1) / torch.where(ok, m0, torch.ones_like(m0)), torch.ones_like(m0)))
+    return torch.where(ok[:, None], p0 + p1 / kappa[:, None], torch.full_like(p0, float("nan"))), s * s < m1
+
+
+def _tie_eps() -> float:
+    return GRAM_TIE_ULPS * torch.finfo(torch.float64).eps
+
+
+def _enumerate(G: Tensor, b: Tensor, s: Tensor, cagrad: bool) -> Tensor:
+    """Every face's candidates (p0 first, then CAGrad's smooth point), clamped to the simplex and
+    evaluated; the first that ties with the smallest wins. Batched: no host read."""
     n = G.shape[0]
-    wv = linear_weights(G, w)
+    p0, p1 = gram_face_solve(G, b, _faces(n, G.device))
+    cands = [p0] + ([_face_candidate(G, b, s, True, p0, p1)[0]] if cagrad else [])
+    P = torch.stack(cands, 1).reshape(-1, n)  # order: face by face, p0 first
+    P = torch.clamp(P, min=0)
+    tot = P.sum(1, keepdim=True)
+    P = P / tot
+    Q = torch.einsum("fi,ij,fj->f", P, G, P)
+    A = torch.einsum("fi,ij,fj->f", P, G.abs(), P)  # magnitudes that the rounding error scales with
+    f = P @ b + s * torch.sqrt(torch.clamp(Q, min=0)) if cagrad else Q
+    mag = P @ b.abs() + s * torch.sqrt(A) if cagrad else A
+    f = torch.where(torch.isfinite(f) & (tot[:, 0] > 0), f, torch.full_like(f, float("inf")))
+    best = torch.argmin(f)
+    tie = f <= f[best] + _tie_eps() * (mag[best] + mag)
+    return P[torch.argmax(tie.to(torch.int8))]
+
+
+def _active_set(G: Tensor, b: Tensor, s: Tensor, cagrad: bool) -> Tensor:
+    """The primal active-set method of the kernels for n > 8 (csrc/gram_solvers.h), as a host loop:
+    from the best vertex, step toward the current face's candidate (along p1 where CAGrad's objective
+    is unbounded on the face), drop the coordinate that blocks the step, or, at a face optimum, add
+    the coordinate with the most negative reduced gradient; at most 8n + 32 steps."""
+    n = G.shape[0]
+    diag = torch.diagonal(G).clamp(min=0)
+    p = torch.zeros(n, dtype=G.dtype, device=G.device)
+    p[torch.argmin(b + s * torch.sqrt(diag) if cagrad else diag)] = 1
+    free = p > 0
+    tie = _tie_eps()
+    inf = torch.full_like(p, float("inf"))
+    for _ in range(8 * n + 32):
+        p0, p1 = gram_face_solve(G, b, free[None])
+        if not (torch.isfinite(p0).all() and torch.isfinite(p1).all()):
+            break  # a singular face: only rounding on an affinely dependent set leads here
+        q, ray = _face_candidate(G, b, s, cagrad, p0, p1)
+        q, ray = q[0], bool(ray[0])
+        d = p1[0] if ray else q - p
+        ratios = torch.where(free & (d < 0), p / -d, inf)
+        tmin = ratios.min().item()
+        blocked = tmin < (float("inf") if ray else 1.0)
+        if ray and not blocked:
+            break
+        if blocked:  # the first coordinate within rounding of the smallest ratio
+            block = int(torch.argmax((ratios <= tmin + tie * (1 + tmin)).to(torch.int8)))
+        p = p + (tmin if blocked else 1.0) * d
+        if blocked:
+            p[block] = 0
+            free[block] = False
+        p = torch.where(p <= tie, torch.zeros_like(p), p)
+        p = p / p.sum()
+        if blocked:
+            continue
+        free = p > 0
+        Gp, Ga = G @ p, G.abs() @ p
+        Q, A = p @ Gp, p @ Ga
+        if not cagrad:
+            grad, nu, err = Gp, Q, Ga + A
+        elif Q > tie * A:
+            kappa = s / torch.sqrt(Q)
+            grad = b + kappa * Gp
+            err = b.abs() + kappa * Ga
+            nu, err = p @ grad, err + p @ err
+        else:  # the kink: one-sided derivatives toward the vertices
+            grad = b + s * torch.sqrt(diag)
+            nu, err = torch.zeros_like(Q), grad.abs()
+        viol = ~free & (grad < nu - tie * err)
+        if not viol.any():
+            break
+        gmin = torch.where(viol, grad, inf).min()
+        free[torch.argmax((viol & (grad <= gmin + tie * err)).to(torch.int8))] = True
+    return p
+
+
+def _simplex_solve(gram: Tensor, w: Optional[Tensor], c: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """The exact minimiser over the simplex of p^T G p (``w is None``) or of CAGrad's
+    p^T b + s sqrt(p^T G p) (b = G w, s = c sqrt(w^T G w)) through the faces of the simplex
+    (docs/algorithms.md, "Gram solvers"): on a face S the bordered system (gram_face_solve) gives
+    the min-norm point p0 of the face's affine hull and a direction p1; MGDA's candidate is p0,
+    CAGrad's p0 + p1 / kappa with kappa = sqrt((s^2 - p1^T G p1) / p0^T G p0) (or p0 at the kink).
+    n <= GRAM_REFERENCE_MAX_N: every face is tried (:func:`_enumerate`); above, the active-set
+    method. In float64, on G / max_i G_ii. Non-finite G, w or c give NaN. Returns (p, scaled G, s)."""
+    n = gram.shape[0]
+    G64 = gram.detach().to(torch.float64)
+    cagrad = w is not None
+    wv = w.detach().to(dtype=torch.float64, device=G64.device) if cagrad else G64.new_zeros(n)
+    finite = torch.isfinite(G64).all() & torch.isfinite(wv).all() & bool(math.isfinite(c))
+    G = torch.where(finite, G64, torch.zeros_like(G64))
+    scale = torch.diagonal(G).max()
+    G = G / torch.where(scale > 0, scale, torch.ones_like(scale))
     b = G @ wv
     s = c * torch.sqrt(torch.clamp(wv @ b, min=0))
-    eye = torch.eye(n, dtype=G.dtype, device=G.device)
-    if n == 1:
-        p = torch.ones(1, dtype=G.dtype, device=G.device)
-    elif n == 2:
-        lam = segment_min(b[0] - b[1], G[0, 0] + G[1, 1] - 2 * G[0, 1], 2 * (G[0, 1] - G[1, 1]), G[1, 1], s,
-                          torch.zeros_like(s), torch.ones_like(s))
-        p = torch.stack([lam, 1 - lam])
-    else:
-        p = torch.full((n,), 1.0 / n, dtype=G.dtype, device=G.device)
-        for _ in range(iters):
-            Gp = G @ p
-            Q = p @ Gp
-            pos = Q > 0
-            grad = b + torch.where(pos, s / torch.sqrt(torch.where(pos, Q, torch.ones_like(Q))), torch.zeros_like(Q)) * Gp
-            k = torch.argmin(grad)
-            j = torch.argmax(torch.where(p > 0, grad, torch.full_like(grad, -torch.inf)))
-            e = eye[k] - eye[j]
-            t = segment_min(e @ b, e @ G @ e, 2 * (e @ Gp), Q, s, -p[k], p[j])
-            p = torch.clamp(p + t * e, min=0)
+    p = _enumerate(G, b, s, cagrad) if n <= GRAM_REFERENCE_MAX_N else _active_set(G, b, s, cagrad)
+    return torch.where(finite, p, torch.full_like(p, float("nan"))), G, s
+
+
+def cagrad_weights(gram: Tensor, w: Optional[Tensor] = None, c: float = 0.4, clip: bool = True) -> Tensor:
+    """CAGrad (clip=False) / CAGrad-clip as in RACO (clip=True) final coefficients a [n] (SPEC §6).
+
+    b = G w, s = c * sqrt(w^T G w), p* = argmin_{p in simplex} p^T b + s * sqrt(p^T G p) (exact, see
+    :func:`_simplex_solve`); p~ = min(p*, w) (clip) or p*; a = w + s / sqrt(p~^T G p~) * p~, with
+    a = w where p~^T G p~ is 0 up to rounding (<= GRAM_TIE_ULPS eps p~^T |G| p~: the direction
+    vanishes). Float64 inside; returned in G's dtype.
+    """
+    wv = linear_weights(gram.to(torch.float64), w)
+    p, G, s = _simplex_solve(gram, wv, c)
     pt = torch.minimum(p, wv) if clip else p
-    nrm = torch.sqrt(torch.clamp(pt @ G @ pt, min=0))
-    a = wv + torch.where(nrm > 0, s / torch.where(nrm > 0, nrm, torch.ones_like(nrm)), torch.zeros_like(nrm)) * pt
-    return a.to(out_dtype)
+    nrm2 = pt @ G @ pt
+    kink = ~(nrm2 > GRAM_TIE_ULPS * torch.finfo(torch.float64).eps * (pt @ G.abs() @ pt))
+    a = wv + torch.where(kink, torch.zeros_like(nrm2), s / torch.sqrt(torch.where(kink, torch.ones_like(nrm2), nrm2))) * pt
+    return a.to(gram.dtype)
 
 
 def pcgrad_weights(gram: Tensor) -> Tensor:

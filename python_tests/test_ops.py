@@ -495,8 +495,10 @@ def test_deterministic_bitwise(device, size, method, granularity):
 @pytest.mark.parametrize("method,granularity", [("pama", "token"), ("pama", "sequence"), ("pama", "batch"),
                                                 ("linear", "batch"), ("mgda", "batch")])
 def test_policy_loss_many_objectives_f64(device, method, granularity):
-    """n = 64 (the maximum)."""
-    x = _widen_ratio(make_inputs(64, 3, 21, seed=301, mask="holes"))
+    """n = 64 (the maximum). More masked-in tokens than objectives: with fewer, the 64 indicator
+    vectors have 0 in their convex hull (noon=False), MGDA's exact combined advantage is 0 up to
+    rounding on every unclipped token, and the clip metrics would count the sign of rounding noise."""
+    x = _widen_ratio(make_inputs(64, 3, 45, seed=301, mask="holes"))
     for noon in (True, False):
         kw = dict(method=method, granularity=granularity, noon=noon)
         compare_all(run_policy_loss(ops, x.to(device=device), **kw), run_policy_loss(ref, x, **kw))

@@ -86,7 +86,6 @@ struct WeightsParams {
   int n;
   int method, granularity;  // pama::Method, pama::Granularity
   void* weights;            // acc [n] out
-  void* work;               // acc [2n] scratch
   int acc_is_double;
 };
 
@@ -266,9 +265,8 @@ struct GramWeightsParams {
   int n, method;      // pama::GramMethod
   double c;
   bool clip;
-  int iters;
   void* weights;  // acc [n] out
-  void* work;     // acc [4n] scratch
+  void* work;     // acc [n] scratch (PCGrad)
   int acc_is_double;
 };
 

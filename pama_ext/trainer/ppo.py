@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from .. import distributed as dp
-from .. import ops
+from .. import ops, pareto
 from .. import reference
 from .config import TrainConfig
 from .policy import PolicyWithValueHeads
@@ -189,7 +189,7 @@ class PPOTrainer:
         if c.method == "mgda-ub":
             grads = [torch.autograd.grad(li, hidden, retain_graph=True)[0].reshape(-1) for li in losses]
             g = torch.stack(grads).double()
-            weights = reference.mgda_weights(g @ g.T).to(logp.dtype).detach()
+            weights = pareto.mgda_weights(g @ g.T).to(logp.dtype).detach()
         else:
             weights = None  # computed by the caller from full parameter gradients
         m = {
@@ -223,7 +223,7 @@ class PPOTrainer:
             flat.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
                                    for g, p in zip(gs, params)]))
         g = torch.stack(flat)
-        weights = reference.mgda_weights((g.double() @ g.double().T)).to(g.dtype)
+        weights = pareto.mgda_weights((g.double() @ g.double().T)).to(g.dtype)
         other.backward()
         combined = weights @ g
         off = 0
