@@ -59,8 +59,8 @@ $(VENV)/.created:
 # Installs only what is missing, so it also works where no package registry is reachable.
 install: $(VENV_STAMP)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	@$(PY) -c "import pytest, hypothesis, expecttest, numpy, ninja, setuptools, wheel" 2>/dev/null || \
-		$(PY) -m pip install -q pytest hypothesis expecttest numpy ninja setuptools wheel || \
+	@$(PY) -c "import pytest, hypothesis, expecttest, numpy, scipy, ninja, setuptools, wheel" 2>/dev/null || \
+		$(PY) -m pip install -q pytest hypothesis expecttest numpy scipy ninja setuptools wheel || \
 		echo "make: WARNING: could not install the test dependencies (no package registry?); using what is installed"
 	@$(PY) -c "import transformers, tokenizers, vaderSentiment, yaml, tqdm, matplotlib" 2>/dev/null || \
 		$(PY) -m pip install -q $(TRAIN_DEPS) || \
