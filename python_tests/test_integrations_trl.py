@@ -22,7 +22,13 @@ trl = pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
-from pama_ext.integrations.trl import PamaGRPOTrainer, group_normalized_advantages  # noqa: E402
+from pama_ext import ops  # noqa: E402
+from pama_ext.integrations.trl import (  # noqa: E402
+    LOSS_TYPE_AGG,
+    PamaGRPOTrainer,
+    group_normalized_advantages,
+    trl_normalized_loss,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:the cached tiny world:UserWarning")
 
@@ -49,13 +55,14 @@ def vowel_reward(completions, **kwargs):
     return [sum(ch in "aeiou" for ch in c) / max(1, len(c)) for c in completions]
 
 
-def make_trainer(world, tmp_path, reward_funcs, *, loss_type="grpo", beta=0.0, grad_accum=1, max_steps=2, **pama):
+def make_trainer(world, tmp_path, reward_funcs, *, loss_type="grpo", beta=0.0, grad_accum=1, max_steps=2,
+                 mask_truncated_completions=False, **pama):
     torch.manual_seed(0)
     args = GRPOConfig(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_generations=NUM_GEN,
         max_completion_length=5, max_steps=max_steps, gradient_accumulation_steps=grad_accum, logging_steps=1,
         report_to="none", use_cpu=True, save_strategy="no", learning_rate=1e-2, seed=0, loss_type=loss_type,
-        beta=beta, use_bias_correction_kl=False,
+        beta=beta, use_bias_correction_kl=False, mask_truncated_completions=mask_truncated_completions,
     )
     ds = Dataset.from_dict({"prompt": world.train_prompts[:8]})
     return PamaGRPOTrainer(model=world.load_model(), reward_funcs=reward_funcs, args=args, train_dataset=ds,
@@ -139,15 +146,38 @@ def test_objective_advantages_follow_the_batch_split(world, tmp_path):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("loss_type,beta,grad_accum", [
-    ("grpo", 0.0, 1), ("bnpo", 0.0, 2), ("dr_grpo", 0.0, 1), ("dapo", 0.0, 2), ("grpo", 0.1, 1),
+def zero_rows(inputs, rows):
+    """Fully mask ``rows`` the way GRPOConfig(mask_truncated_completions=True) masks truncated
+    completions: their completion mask is zeroed and the batch's active-token count follows."""
+    keep = torch.ones(inputs["completion_mask"].shape[0], 1, dtype=inputs["completion_mask"].dtype)
+    keep[list(rows)] = 0
+    inputs["completion_mask"] = inputs["completion_mask"] * keep
+    inputs["num_items_in_batch"] = inputs["completion_mask"].sum()
+
+
+@pytest.mark.parametrize("loss_type,beta,grad_accum,empty", [
+    ("grpo", 0.0, 1, ()), ("bnpo", 0.0, 2, ()), ("dr_grpo", 0.0, 1, ()), ("dapo", 0.0, 2, ()), ("grpo", 0.1, 1, ()),
+    # fully masked rows: TRL still counts them in grpo's mean over rows and in dr_grpo's B.
+    # "truncated": GRPOConfig(mask_truncated_completions=True) itself (3 of the 4 completions of 5 tokens
+    # are truncated here); a tuple: those rows masked as it does
+    ("grpo", 0.0, 1, "truncated"), ("dr_grpo", 0.0, 2, "truncated"), ("bnpo", 0.0, 1, "truncated"),
+    ("dapo", 0.0, 2, "truncated"), ("grpo", 0.1, 2, (0, 3)), ("dr_grpo", 0.1, 1, (1,)), ("bnpo", 0.0, 2, (0, 1)),
+    ("dapo", 0.1, 1, (2,)),
 ])
-def test_default_path_is_trl_grpo_loss(world, tmp_path, loss_type, beta, grad_accum):
-    """SPEC §9 through TRL: one reward function, linear, no Noon, no whitening = TRL's GRPO loss."""
+def test_default_path_is_trl_grpo_loss(world, tmp_path, loss_type, beta, grad_accum, empty):
+    """SPEC §9 through TRL: one reward function, linear, no Noon, no whitening = TRL's GRPO loss,
+    also with fully masked (truncated) completions."""
     trainer = make_trainer(world, tmp_path, [chars_reward], loss_type=loss_type, beta=beta, grad_accum=grad_accum,
-                           method="linear", noon=False, whiten=False)
+                           mask_truncated_completions=empty == "truncated", method="linear", noon=False,
+                           whiten=False)
     trainer.current_gradient_accumulation_steps = grad_accum
     inputs = generation_batch(world, trainer)
+    if empty:
+        if empty != "truncated":
+            zero_rows(inputs, empty)
+        active = inputs["completion_mask"].any(-1)
+        assert bool(active.any()) and not bool(active.all())
+        assert bool((inputs["advantages"][active] != 0).any())
     # move the rollout policy away from the current one so that ratios differ from 1 and clipping happens
     g = torch.Generator().manual_seed(1)
     mask = inputs["completion_mask"]
@@ -172,6 +202,131 @@ def test_default_path_is_trl_grpo_loss(world, tmp_path, loss_type, beta, grad_ac
     num = sum(float((a - b).abs().max()) for a, b in zip(g_ours, g_theirs))
     scale = max(float(b.abs().max()) for b in g_theirs)
     assert scale > 0 and num <= 1e-4 * scale + 1e-7
+
+
+# ------------------------------------------------------------------------------------------------
+# the loss_type normalisation on its own: fully masked rows, and the data-parallel path
+# ------------------------------------------------------------------------------------------------
+EPS, MAX_LEN = 0.2, 6
+
+
+def trl_loss(logp, old, adv, mask, loss_type, accumulation=1.0, dapo_normalizer=None):
+    """TRL 1.16 GRPOTrainer._compute_loss's clipped token loss and loss_type aggregation, written out
+    (token-level importance sampling, no KL, as for one process)."""
+    ratio = torch.exp(logp - old)
+    a = adv[:, None]
+    per_token = -torch.min(ratio * a, ratio.clamp(1 - EPS, 1 + EPS) * a)
+    m = mask.to(per_token.dtype)
+    if loss_type == "grpo":
+        return ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean() / accumulation
+    if loss_type == "bnpo":
+        return (per_token * m).sum() / m.sum().clamp(min=1.0) / accumulation
+    if loss_type == "dr_grpo":
+        return (per_token * m).sum() / (per_token.size(0) * MAX_LEN) / accumulation
+    assert loss_type == "dapo"
+    return (per_token * m).sum() / dapo_normalizer
+
+
+def ours(logp, old, adv, mask, loss_type, accumulation=1.0, dapo_normalizer=None, group=None):
+    kw = {} if group is None else {"group": group}
+    loss, _ = ops.pama_policy_loss(logp, old, adv[None, :, None].expand(1, *mask.shape).contiguous(), mask,
+                                   eps_lo=EPS, eps_hi=EPS, dual_clip=None, noon=False, whiten=False,
+                                   method="linear", agg=LOSS_TYPE_AGG[loss_type], **kw)
+    return trl_normalized_loss(loss, mask, loss_type, max_completion_length=MAX_LEN, accumulation=accumulation,
+                               dapo_normalizer=dapo_normalizer, group=group)
+
+
+def normalization_batch(B, T, seed, empty_rows):
+    g = torch.Generator().manual_seed(seed)
+    mask = (torch.rand(B, T, generator=g) > 0.3).to(torch.int64)
+    mask[:, 0] = 1
+    mask[list(empty_rows)] = 0
+    old = -torch.rand(B, T, generator=g, dtype=torch.float64) - 0.5
+    logp = old + 0.4 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    adv = torch.randn(B, generator=g, dtype=torch.float64)
+    return logp, old, adv, mask
+
+
+@pytest.mark.parametrize("loss_type", sorted(LOSS_TYPE_AGG))
+@pytest.mark.parametrize("empty_rows", [(), (1,), (0, 3, 4), (0, 1, 2, 3, 4)])
+def test_trl_normalization_with_empty_rows(native, loss_type, empty_rows):
+    """Fully masked rows (truncated completions under mask_truncated_completions) count in TRL's
+    grpo row mean and dr_grpo's B; loss and gradient equal TRL's, an all-empty micro-batch gives 0."""
+    logp, old, adv, mask = normalization_batch(5, 4, 3, empty_rows)
+    kw = {"accumulation": 2.0, "dapo_normalizer": torch.tensor(7.5, dtype=torch.float64)}
+    lp_ours, lp_trl = logp.clone().requires_grad_(), logp.clone().requires_grad_()
+    got, want = ours(lp_ours, old, adv, mask, loss_type, **kw), trl_loss(lp_trl, old, adv, mask, loss_type, **kw)
+    got.backward()
+    want.backward()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(lp_ours.grad, lp_trl.grad, rtol=1e-12, atol=1e-14)
+
+
+def test_trl_normalization_issue_case(native):
+    """The smallest case of the report: B = 2, T = 1, mask [[1], [0]], dr_grpo (TRL: sum / (B * L))."""
+    logp = torch.tensor([[-1.0], [-2.0]], dtype=torch.float64)
+    adv = torch.tensor([0.5, 0.3], dtype=torch.float64)
+    mask = torch.tensor([[1], [0]])
+    for loss_type in ("grpo", "dr_grpo"):
+        got = ours(logp, logp, adv, mask, loss_type)
+        torch.testing.assert_close(got, trl_loss(logp, logp, adv, mask, loss_type), rtol=1e-12, atol=0)
+        torch.testing.assert_close(got, torch.tensor(-0.5 / (2 * (MAX_LEN if loss_type == "dr_grpo" else 1)),
+                                                     dtype=torch.float64), rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="loss_type"):
+        trl_normalized_loss(got, mask, "sapo", max_completion_length=MAX_LEN)
+    with pytest.raises(ValueError, match="dapo_normalizer"):
+        trl_normalized_loss(got, mask, "dapo", max_completion_length=MAX_LEN)
+
+
+# rank r holds rows DP_SHARDS[r] of one batch; the empty rows make the non-empty row and token counts
+# differ between the ranks (rank 1 has a single active row)
+DP_EMPTY = (1, 3, 5)
+DP_SHARDS = (slice(0, 3), slice(3, 6))
+
+
+def _two_rank_trl_normalization(rank, init_file, result_file):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        logp, old, adv, mask = normalization_batch(6, 5, 11, DP_EMPTY)
+        rows = DP_SHARDS[rank]
+        normalizer = mask.sum().to(torch.float64) / 2  # dapo: the generation batch's tokens per process
+        out = {}
+        for loss_type in sorted(LOSS_TYPE_AGG):
+            lp = logp[rows].clone().requires_grad_()
+            ours(lp, old[rows], adv[rows], mask[rows], loss_type, accumulation=2.0, dapo_normalizer=normalizer,
+                 group=dist.group.WORLD).backward()
+            out[loss_type] = lp.grad
+        torch.save(out, f"{result_file}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_trl_normalization_data_parallel_two_ranks(native, tmp_path):
+    """With process_group= the op normalises by the group's counts; the adapter must still give each
+    rank the gradient of TRL's loss on its own micro-batch (DDP then averages them as under TRL),
+    counting the empty rows as TRL does."""
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    init_file, result = tmp_path / "init", tmp_path / "result"
+    mp.spawn(_two_rank_trl_normalization, args=(str(init_file), str(result)), nprocs=2, join=True)
+    logp, old, adv, mask = normalization_batch(6, 5, 11, DP_EMPTY)
+    normalizer = mask.sum().to(torch.float64) / 2
+    wrong = []
+    for rank, rows in enumerate(DP_SHARDS):
+        got = torch.load(f"{result}.{rank}")
+        for loss_type in sorted(LOSS_TYPE_AGG):
+            lp = logp[rows].clone().requires_grad_()
+            trl_loss(lp, old[rows], adv[rows], mask[rows], loss_type, accumulation=2.0,
+                     dapo_normalizer=normalizer).backward()
+            assert bool(lp.grad.abs().sum() > 0)
+            if not torch.allclose(got[loss_type], lp.grad, rtol=1e-12, atol=1e-14):
+                wrong.append(f"{loss_type} on rank {rank}: max |diff| {float((got[loss_type] - lp.grad).abs().max())}")
+    assert not wrong, "gradients differ from TRL's: " + "; ".join(wrong)
 
 
 @pytest.mark.parametrize("method,granularity,grad_accum", [("pama", "token", 1), ("linear", "token", 1),

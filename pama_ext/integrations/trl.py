@@ -25,15 +25,49 @@ from trl import GRPOTrainer
 
 from ._common import call_policy_loss, check_pama_options, rescale_to_global
 
-__all__ = ["PamaGRPOTrainer", "group_normalized_advantages"]
+__all__ = ["PamaGRPOTrainer", "group_normalized_advantages", "LOSS_TYPE_AGG", "trl_normalized_loss"]
 
-#: TRL loss types and the aggregation of the fused loss that reproduces each one.
-_LOSS_TYPE_AGG = {
+#: TRL loss types and the aggregation of the fused loss whose sums each one normalises.
+LOSS_TYPE_AGG = {
     "grpo": "seq-mean-token-mean",
     "bnpo": "token-mean",
     "dr_grpo": "seq-mean-token-sum",
     "dapo": "token-mean",
 }
+
+
+def trl_normalized_loss(loss: Tensor, mask: Tensor, loss_type: str, *, max_completion_length: int,
+                        accumulation: float = 1.0, dapo_normalizer: Any = None, group: Optional[Any] = None) -> Tensor:
+    """TRL 1.16's ``loss_type`` normalisation of the fused loss, on device (no host read).
+
+    ``loss`` is :func:`pama_ext.pama_policy_loss` with ``agg=LOSS_TYPE_AGG[loss_type]`` on the micro-batch
+    ``mask`` ``[B, T]`` (with ``group=group`` when set): a sum over the non-empty rows (``seq-mean-*``) or
+    tokens divided by their count, over the group's shards with a group. TRL instead divides this
+    micro-batch's sum by
+
+    - ``grpo``: ``B``, every row counted, fully masked (e.g. truncated) ones included;
+    - ``dr_grpo``: ``B * max_completion_length``, the same ``B``;
+    - ``bnpo``: the micro-batch's active tokens (at least 1);
+    - ``dapo``: ``dapo_normalizer`` (the generation batch's active tokens per process and accumulation
+      window, already including gradient accumulation);
+
+    and the first three by ``accumulation`` (the gradient accumulation steps). The loss is multiplied
+    by ``count / denominator``, ``count`` being the op's own count (all-reduced over ``group``), so
+    that each rank's gradient is that of its own TRL loss and DDP's averaging over ranks is TRL's.
+    """
+    agg = LOSS_TYPE_AGG.get(loss_type)
+    if agg is None:
+        raise ValueError(f"loss_type: expected one of {sorted(LOSS_TYPE_AGG)}, got {loss_type!r}")
+    if loss_type == "dapo":
+        if dapo_normalizer is None:
+            raise ValueError("dapo_normalizer: required for loss_type='dapo'")
+        return rescale_to_global(loss, mask, agg, batch_num_tokens=dapo_normalizer, group=group)
+    if loss_type == "bnpo":
+        loss = rescale_to_global(loss, mask, agg, batch_num_tokens=(mask != 0).sum().clamp(min=1), group=group)
+    else:
+        rows = mask.shape[0] * (max_completion_length if loss_type == "dr_grpo" else 1)
+        loss = rescale_to_global(loss, mask, agg, global_batch_size=rows, group=group)
+    return loss / accumulation
 
 
 def group_normalized_advantages(rewards: Tensor, num_generations: int, scale_rewards: str = "group",
@@ -108,7 +142,7 @@ class PamaGRPOTrainer(GRPOTrainer):
             raise ValueError(f"prefs: {prefs_t.numel()} weights for {n} reward functions")
         self.pama_prefs = prefs_t
         self._check_supported()
-        self._pama_agg = _LOSS_TYPE_AGG[self.loss_type]
+        self._pama_agg = LOSS_TYPE_AGG[self.loss_type]
         self._pama_rewards: Optional[Tensor] = None
         self._pama_pending: Dict[str, Dict[str, List[Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
 
@@ -116,8 +150,8 @@ class PamaGRPOTrainer(GRPOTrainer):
     def _check_supported(self) -> None:
         a = self.args
         bad = []
-        if self.loss_type not in _LOSS_TYPE_AGG:
-            bad.append(f"loss_type={self.loss_type!r} (supported: {sorted(_LOSS_TYPE_AGG)})")
+        if self.loss_type not in LOSS_TYPE_AGG:
+            bad.append(f"loss_type={self.loss_type!r} (supported: {sorted(LOSS_TYPE_AGG)})")
         if getattr(self, "importance_sampling_level", "token") != "token":
             bad.append(f"importance_sampling_level={self.importance_sampling_level!r} (only 'token')")
         if getattr(self, "top_entropy_quantile", 1.0) < 1.0:
@@ -186,18 +220,14 @@ class PamaGRPOTrainer(GRPOTrainer):
         )
         mode = "train" if self.model.training else "eval"
         accum = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        dapo_normalizer = None
         if self.loss_type == "dapo":
-            # TRL normalises by the active tokens of the whole generation batch, not of this micro-batch:
-            # token sum (over the group's shards when a group is set) / that normaliser
-            normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            # TRL normalises by the active tokens of the whole generation batch, not of this micro-batch
+            dapo_normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
             if mode == "train":
-                normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
-            loss = rescale_to_global(loss, mask, "token-mean", batch_num_tokens=normalizer, group=self.pama_group)
-        else:
-            # per-process means, averaged over the processes by DDP: a group mean is scaled by the group size
-            loss = rescale_to_global(loss, mask, self._pama_agg, group=self.pama_group) / accum
-            if self.loss_type == "dr_grpo":
-                loss = loss / float(self.max_completion_length)
+                dapo_normalizer = dapo_normalizer * accum / self.args.steps_per_generation
+        loss = trl_normalized_loss(loss, mask, self.loss_type, max_completion_length=self.max_completion_length,
+                                   accumulation=accum, dapo_normalizer=dapo_normalizer, group=self.pama_group)
 
         m = mask.to(entropies.dtype)
         pending = self._pama_pending[mode]
