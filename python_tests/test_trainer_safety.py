@@ -341,7 +341,7 @@ def test_missing_model_path_is_one_line_and_leaves_no_directory(tmp_path, prompt
     assert rc == 2 and "without config.json" in line and not out.exists()
 
 
-@pytest.mark.parametrize("command", ["train"])
+@pytest.mark.parametrize("command", ["train", "dpo"])
 def test_hub_id_not_in_the_cache_fails_at_once_offline(tmp_path, prompts_file, capsys, monkeypatch, no_network,
                                                        command):
     from pama_ext.cli import main
