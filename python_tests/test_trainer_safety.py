@@ -356,6 +356,40 @@ def test_hub_id_not_in_the_cache_fails_at_once_offline(tmp_path, prompts_file, c
     assert not out.exists()
 
 
+def test_hub_id_is_checked_once_up_front_online(tmp_path, prompts_file, capsys, monkeypatch, no_network):
+    """Without HF_HUB_OFFLINE, one hub request (with a timeout, no retries) decides before anything is written."""
+    import huggingface_hub
+
+    from pama_ext.cli import main
+    from pama_ext.trainer.train import HUB_CHECK_TIMEOUT
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    calls = []
+    answer = {}
+
+    def model_info(self, repo_id, **kw):
+        calls.append((repo_id, kw.get("timeout")))
+        if "error" in answer:
+            raise answer["error"]
+        return types.SimpleNamespace(siblings=[types.SimpleNamespace(rfilename=f) for f in answer["files"]])
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", model_info)
+    out = tmp_path / "out"
+    args = ["train", "--model", "some-org/some-model", "--train-prompts", prompts_file, "--eval-prompts",
+            prompts_file, "--output-dir", str(out)]
+    answer["error"] = ConnectionError("no route to the hub")
+    assert main(args) == 2
+    line = _one_error_line(capsys.readouterr().err, "pama-ext train: error: --model: 'some-org/some-model' ")
+    assert "(ConnectionError: no route to the hub)" in line and "HF_HUB_OFFLINE=1" in line
+    assert calls == [("some-org/some-model", HUB_CHECK_TIMEOUT)] and not out.exists()
+    del answer["error"]
+    answer["files"] = ["README.md", "model.onnx"]
+    assert main(args) == 2
+    line = _one_error_line(capsys.readouterr().err, "pama-ext train: error: --model: ")
+    assert "has no config.json" in line and not out.exists()
+
+
 def _pairs_file(tmp_path):
     p = tmp_path / "pairs.jsonl"
     p.write_text(json.dumps({"prompt": "This movie", "chosen": "was great.", "rejected": "was dull.",

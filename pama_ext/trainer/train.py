@@ -160,7 +160,11 @@ def _truthy_env(name: str) -> bool:
     return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
-def check_pretrained(name: str, what: str = "--model", need: str = "config.json") -> None:
+#: seconds the up-front hub lookup of a --model id may take (one request, no retries)
+HUB_CHECK_TIMEOUT = 10.0
+
+
+def check_pretrained(name: str, what: str = "--model", need: Optional[str] = "config.json") -> None:
     """Fail fast, before the output directory is touched, when ``name`` (a ``--model`` or ``--tokenizer``
     value) names nothing loadable; a :class:`ConfigError` naming ``what`` otherwise.
 
@@ -168,8 +172,9 @@ def check_pretrained(name: str, what: str = "--model", need: str = "config.json"
     - a name that is not a valid Hugging Face hub id (an absolute or relative path, ``a/b/c``) and does
       not exist is an error at once;
     - a hub id is looked up in the local Hugging Face cache; when it is not there and ``HF_HUB_OFFLINE``
-      (or ``TRANSFORMERS_OFFLINE``) is set it is an error at once, otherwise its ``config.json`` is fetched
-      from the hub now (the hub's own timeouts apply) and a failure is an error naming ``what``.
+      (or ``TRANSFORMERS_OFFLINE``) is set it is an error at once; otherwise the hub is asked about it
+      once (:data:`HUB_CHECK_TIMEOUT` seconds, no retries) and a missing repository, a repository without
+      ``need`` or no answer is an error naming ``what``.
     """
     p = Path(name).expanduser()
     if p.is_dir():
@@ -179,7 +184,7 @@ def check_pretrained(name: str, what: str = "--model", need: str = "config.json"
     if p.exists():
         raise ConfigError(f"{what}: {name!r} is a file; expected a model directory or a Hugging Face hub id")
     try:
-        from huggingface_hub import hf_hub_download, try_to_load_from_cache
+        from huggingface_hub import HfApi, try_to_load_from_cache
         from huggingface_hub.utils import HFValidationError, validate_repo_id
     except ImportError:  # pragma: no cover - transformers depends on huggingface_hub
         raise ConfigError(f"{what}: no such directory: {name!r}") from None
@@ -196,11 +201,15 @@ def check_pretrained(name: str, what: str = "--model", need: str = "config.json"
         raise ConfigError(f"{what}: {name!r} is not a local directory and not in the Hugging Face cache, and "
                           f"HF_HUB_OFFLINE is set (no download)")
     try:
-        hf_hub_download(name, probe)
-    except Exception as e:  # noqa: BLE001 - every failure here means: not loadable
+        info = HfApi().model_info(name, timeout=HUB_CHECK_TIMEOUT)
+    except Exception as e:  # noqa: BLE001 - every failure here means: not loadable now
         text = str(e).strip().splitlines()
-        raise ConfigError(f"{what}: {name!r} is not a local directory and could not be fetched from the Hugging "
-                          f"Face hub ({type(e).__name__}{': ' + text[0] if text else ''})") from None
+        raise ConfigError(f"{what}: {name!r} is not a local directory and the Hugging Face hub did not provide it "
+                          f"({type(e).__name__}{': ' + text[0] if text else ''}); set HF_HUB_OFFLINE=1 to use "
+                          f"only the local cache") from None
+    files = {s.rfilename for s in (info.siblings or [])}
+    if files and probe not in files:
+        raise ConfigError(f"{what}: the hub repository {name!r} has no {probe} (not a transformers model)")
 
 
 @contextlib.contextmanager
