@@ -132,3 +132,29 @@ def test_hf_loader_without_datasets_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", fake)
     with pytest.raises(DataError, match="the 'datasets' package is not installed"):
         load_hf_dataset("whatever", objectives=OBJ)
+
+
+@pytest.mark.parametrize("sep", ["\u2028", "\u2029", "\x85"])
+def test_line_separators_inside_strings_are_text(tmp_path, sep):
+    # valid JSON (JSON escapes none of these when ensure_ascii is off); str.splitlines would cut the row
+    rows = [_row(chosen=f"was{sep}great."), _row(prompt=f"This{sep}movie", rejected=f"dull{sep}")]
+    p = tmp_path / "sep.jsonl"
+    p.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    d = load_jsonl(str(p), OBJ)
+    assert d.chosen == [f"was{sep}great.", "was great."] and d.prompts == ["This movie", f"This{sep}movie"]
+    assert d.rejected[1] == f"dull{sep}"
+
+
+def test_crlf_and_bom_load(tmp_path):
+    p = tmp_path / "win.jsonl"
+    p.write_bytes(b"\xef\xbb\xbf" + b"".join(json.dumps(r).encode() + b"\r\n" for r in [_row(), _row()]) + b"\r\n")
+    assert len(load_jsonl(str(p), OBJ)) == 2
+
+
+def test_non_utf8_file_names_the_line(tmp_path):
+    p = tmp_path / "latin1.jsonl"
+    p.write_bytes(json.dumps(_row()).encode() + b"\n" + json.dumps(_row(chosen="caf\u00e9")).encode("ascii")
+                  .replace(b"\\u00e9", b"\xe9") + b"\n")
+    with pytest.raises(DataError) as ei:
+        load_jsonl(str(p), OBJ)
+    assert str(ei.value).startswith(f"{p}:2: not valid UTF-8 (byte 0xe9 at column "), str(ei.value)

@@ -182,6 +182,8 @@ def test_modpo_is_dpo_on_the_target_with_judge_margins(setup, world_cache, tmp_p
     (dict(model="gpt2"), "--data: 'tiny' samples pairs on the tiny world's prompts"),
     (dict(mopo_t0=-1), "--mopo-t0: expected a non-negative finite number"),
     (dict(batch_size=2, micro_batch_size=4), "--micro-batch-size: must be at most --batch-size (2); got 4"),
+    (dict(cagrad_c=float("nan")), "--cagrad-c: expected a non-negative finite number"),
+    (dict(method="modpo", weights=[1e-310, 1.0]), "--weights: modpo's temperature --beta / (weight of 'sentiment')"),
 ])
 def test_bad_config_values_name_the_flag(changes, message):
     with pytest.raises(ConfigError) as ei:
@@ -245,3 +247,95 @@ def test_cli_tiny_run_writes_the_run_directory(world_cache, tmp_path, capsys):
     assert info["pool"]["responses"] >= 2 and info["conflict_rate"] >= 0
     ev = json.loads((out2 / "eval.json").read_text())
     assert ev["mean_ess"] >= 1.0
+
+
+@pytest.mark.parametrize("method, batch, expect", [("raco", 8, 8), ("raco", 32, 16), ("dpo-lw", 1, 1), ("mopo", 2, 16)])
+def test_micro_batch_default_follows_the_batch_size(method, batch, expect):
+    from pama_ext.dpo.config import MICRO_BATCH_DEFAULT
+
+    cfg = DPOConfig(method=method, batch_size=batch).validate()  # --batch-size 8 alone failed before
+    assert cfg.micro_batch_size == expect
+    if method != "mopo":
+        assert expect == min(batch, MICRO_BATCH_DEFAULT)
+    assert DPOConfig(batch_size=8, micro_batch_size=3).validate().micro_batch_size == 3
+
+
+def test_config_rejects_every_beta_the_dpo_op_rejects():
+    """The temperature multi_dpo_loss gets (cfg.loss_beta) is accepted by the op whenever the configuration
+    validates, and --beta values the op rejects are configuration errors naming the flag."""
+    nan, inf = float("nan"), float("inf")
+    z = torch.zeros(2)
+    labels = torch.tensor([[1.0, -1.0]])
+    for method in ("raco", "modpo"):
+        for beta in (None, -1.0, 0.0, 1e-3, 0.5, 1e300, inf, nan):
+            for weights in (None, [0.5, 0.5], [1e-310, 1.0], [1e-300, 1.0]):
+                cfg = DPOConfig(method=method, beta=beta, weights=weights)
+                try:
+                    cfg.validate()
+                    ok = True
+                except ConfigError as e:
+                    assert str(e).startswith(("--beta:", "--weights:")), str(e)
+                    ok = False
+                try:
+                    multi_dpo_loss(z, z, z, z, labels, cfg.loss_beta)
+                    op_ok = True
+                except (ValueError, RuntimeError):
+                    op_ok = False
+                assert op_ok or not ok, (method, beta, weights)
+
+
+def test_tie_only_data_is_a_clear_error_and_blocks_no_rerun(world_cache, tmp_path, capsys):
+    from pama_ext.cli import main
+
+    p = tmp_path / "ties.jsonl"
+    row = {"prompt": "This movie", "chosen": "was good.", "rejected": "was bad.", "labels": {"sentiment": 0, "length": 0}}
+    p.write_text(json.dumps(row) + "\n" + json.dumps(dict(row, chosen="was fine.")) + "\n")
+    out = tmp_path / "runs" / "ties"
+    args = ["dpo", "--model", "tiny", "--tiny-world-cache", world_cache, "--data", str(p), "--method", "dpo-lw",
+            "--steps", "1", "--batch-size", "2", "--eval-size", "2", "--eval-samples", "1", "--max-new-tokens", "4",
+            "--output-dir", str(out), "--no-progress", "--log-every", "0", "--no-plots", "--no-save-model"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"pama-ext dpo: error: --data: {p}: all 2 pairs are ties"), err
+    assert not (tmp_path / "runs").exists()  # nothing left that blocks the corrected rerun
+    p.write_text(json.dumps(dict(row, labels={"sentiment": 1, "length": 0})) + "\n")
+    assert main(args) == 0, capsys.readouterr().err
+    assert (out / "eval.json").is_file()
+
+
+def test_non_utf8_data_file_is_a_one_line_cli_error(world_cache, tmp_path, capsys):
+    from pama_ext.cli import main
+
+    p = tmp_path / "bad.jsonl"
+    p.write_bytes(b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b", "labels": {"sentiment": 1, "length": 1}}\n')
+    out = tmp_path / "out"
+    assert main(["dpo", "--model", "tiny", "--tiny-world-cache", world_cache, "--data", str(p), "--output-dir",
+                 str(out), "--no-progress", "--batch-size", "2"]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"pama-ext dpo: error: --data: {p}:1: not valid UTF-8"), err
+    assert not out.exists()
+
+
+def test_ctrl_c_is_one_line_and_leaves_nothing(world_cache, tmp_path, monkeypatch, capsys):
+    from pama_ext.cli import main
+    from pama_ext.dpo import methods as Mth
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Mth.PairTrainer, "step", interrupted)
+    out = tmp_path / "runs" / "stopped"
+    args = ["dpo", "--model", "tiny", "--tiny-world-cache", world_cache, "--method", "dpo-lw", "--steps", "2",
+            "--batch-size", "4", "--pool-prompts", "4", "--responses-per-prompt", "3", "--max-new-tokens", "6",
+            "--eval-size", "2", "--eval-samples", "1", "--tie-margin", "0", "--output-dir", str(out), "--no-progress",
+            "--log-every", "0", "--no-plots", "--no-save-model"]
+    try:
+        rc = main(args)
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped the CLI")
+    err = capsys.readouterr().err
+    assert rc == 130 and err.strip() == ("pama-ext dpo: stopped; dpo runs cannot be resumed (the partial output was "
+                                         "removed): run again"), err
+    assert not (tmp_path / "runs").exists()

@@ -376,8 +376,8 @@ def test_resume_continues_bitwise_identically(base_cfg, tmp_path):
     ha = torch.load(tmp_path / "straight" / "checkpoint" / "value_heads.pt")
     hb = torch.load(tmp_path / "resumed" / "checkpoint" / "value_heads.pt")
     assert all(torch.equal(ha[k], hb[k]) for k in ha)
-    sa = torch.load(tmp_path / "straight" / "checkpoint" / "trainer_state.pt", weights_only=False)
-    sb = torch.load(tmp_path / "resumed" / "checkpoint" / "trainer_state.pt", weights_only=False)
+    sa = torch.load(tmp_path / "straight" / "checkpoint" / "trainer_state.pt", weights_only=True)
+    sb = torch.load(tmp_path / "resumed" / "checkpoint" / "trainer_state.pt", weights_only=True)
     assert sa["trainer"]["kl_ctl"] == sb["trainer"]["kl_ctl"]
     for (ka, va), (kb, vb) in zip(sa["trainer"]["optimizer"]["state"].items(),
                                   sb["trainer"]["optimizer"]["state"].items()):

@@ -9,6 +9,7 @@ The field helpers, the type coercion and the objective syntax are the PPO traine
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional
@@ -18,6 +19,8 @@ from ..trainer.config import (DEVICES, OBJECTIVE_FORMS, TINY, ConfigError, _f, _
                               normalize_keys)
 
 METHODS = ("raco", "cagrad", "dpo-lw", "modpo", "mopo")
+#: the micro-batch size when --micro-batch-size is not given (capped at --batch-size for the pair methods)
+MICRO_BATCH_DEFAULT = 16
 
 __all__ = ["DPOConfig", "METHODS", "load_dpo_config", "normalize_dpo_keys"]
 
@@ -88,8 +91,10 @@ class DPOConfig:
     steps: int = _f(60, "optimizer steps", group="optimisation")
     batch_size: int = _f(32, "pairs per optimizer step (mopo: prompts per step, each with its stored responses)",
                          group="optimisation")
-    micro_batch_size: int = _f(16, "pairs (mopo: responses) per forward/backward; gradients accumulate over the "
-                                   "micro-batches of a step", group="optimisation")
+    micro_batch_size: Optional[int] = _f(None, "pairs (mopo: responses) per forward/backward; gradients accumulate "
+                                               "over the micro-batches of a step (default: min(--batch-size, "
+                                               f"{MICRO_BATCH_DEFAULT}); mopo: {MICRO_BATCH_DEFAULT})",
+                                         group="optimisation")
     lr: float = _f(2e-4, "AdamW learning rate (constant)", group="optimisation")
     weight_decay: float = _f(0.0, "AdamW weight decay", group="optimisation")
     adam_eps: float = _f(1e-8, "AdamW epsilon", group="optimisation")
@@ -133,6 +138,13 @@ class DPOConfig:
         return 0.2 if self.method in ("raco", "cagrad") else 0.1
 
     @property
+    def loss_beta(self) -> float:
+        """The temperature ``multi_dpo_loss`` gets: ``--beta``, divided by the target's weight for modpo."""
+        if self.method == "modpo":
+            return self.dpo_beta / float(self.normalized_weights()[self.modpo_index])
+        return self.dpo_beta
+
+    @property
     def modpo_index(self) -> int:
         return self.objectives.index(self.modpo_target) if self.modpo_target else 0
 
@@ -149,6 +161,9 @@ class DPOConfig:
     def validate(self) -> "DPOConfig":
         """Coerce types and check every value; raises ConfigError naming the flag."""
         coerce_fields(self)
+        if self.micro_batch_size is None:
+            self.micro_batch_size = (MICRO_BATCH_DEFAULT if self.method == "mopo"
+                                     else min(self.batch_size, MICRO_BATCH_DEFAULT))
 
         def positive(name, strict=True):
             check_number(self, name, strict)
@@ -191,6 +206,10 @@ class DPOConfig:
         if self.method == "modpo" and self.normalized_weights()[self.modpo_index] <= 0:
             raise ConfigError(f"--weights: modpo divides by the weight of its target objective "
                               f"{self.objectives[self.modpo_index]!r}, which must be positive; got {self.weights}")
+        if not math.isfinite(self.loss_beta):
+            raise ConfigError(f"--weights: modpo's temperature --beta / (weight of {self.objectives[self.modpo_index]!r}"
+                              f") = {self.dpo_beta} / {self.normalized_weights()[self.modpo_index]!r} overflows; "
+                              f"got {self.weights}")
         return self
 
 

@@ -120,16 +120,29 @@ def rows_to_data(rows: Iterable[Tuple[str, Any]], objectives: Optional[Sequence[
     return data
 
 
+#: what JSON counts as whitespace; a line of only these is blank (U+2028, U+2029, U+0085 are not)
+_JSON_SPACE = " \t\r"
+
+
 def load_jsonl(path: str, objectives: Optional[Sequence[str]] = None) -> PrefData:
-    """Read and validate a JSONL preference file (blank lines are skipped; numbers are line numbers)."""
+    """Read and validate a JSONL preference file (UTF-8, an optional BOM; lines end at ``\n`` only, so
+    U+2028, U+2029 and U+0085 inside a string are text; blank lines are skipped; errors give line numbers)."""
     try:
-        text = open(path, encoding="utf-8").read()
+        with open(path, "rb") as fh:
+            raw = fh.read()
     except OSError as e:
         raise DataError(f"{path}: cannot read the file: {e}") from None
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
 
     def rows():
-        for i, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
+        for i, bline in enumerate(raw.split(b"\n"), start=1):
+            try:
+                line = bline.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{i}: not valid UTF-8 (byte 0x{bline[e.start]:02x} at column {e.start + 1}); "
+                                f"save the file as UTF-8") from None
+            if not line.strip(_JSON_SPACE):
                 continue
             try:
                 obj = json.loads(line)

@@ -32,6 +32,7 @@ from torch import Tensor
 from .. import combine_gradients, gradient_gram, multi_dpo_loss
 from ..pareto import cagrad_weights
 from . import mopo as M
+from ..trainer.config import ConfigError
 from .config import DPOConfig
 from .data import PrefData, ResponsePool, encode_responses, response_pool
 
@@ -127,7 +128,8 @@ class PairTrainer(_Base):
         idx = keep.nonzero().flatten().tolist()
         if not idx:
             what = (f"objective {cfg.objectives[cfg.modpo_index]!r}" if cfg.method == "modpo" else "any objective")
-            raise ValueError(f"--data: no pair has a non-tie label for {what}; nothing to train on")
+            raise ConfigError(f"--data: {data.info.get('source', cfg.data)}: all {len(data)} pairs are ties (label 0) "
+                              f"for {what}; DPO learns nothing from ties")
         self.data = data.subset(idx)
         self.labels = self.data.labels.to(device)
         n = len(self.data)
@@ -169,9 +171,9 @@ class PairTrainer(_Base):
             if c.length_normalize:
                 shift = shift * self.len_c[t]
             losses, coef = multi_dpo_loss(pc - shift, pr, self.ref_c[t], self.ref_r[t], self.labels[k:k + 1, t],
-                                          c.dpo_beta / float(self.cfg.normalized_weights()[k]), **lens)
+                                          c.loss_beta, **lens)
             return losses, coef, (pc - self.ref_c[t]) - (pr - self.ref_r[t])
-        losses, coef = multi_dpo_loss(pc, pr, self.ref_c[t], self.ref_r[t], self.labels[:, t], c.dpo_beta, **lens)
+        losses, coef = multi_dpo_loss(pc, pr, self.ref_c[t], self.ref_r[t], self.labels[:, t], c.loss_beta, **lens)
         return losses, coef, (pc - self.ref_c[t]) - (pr - self.ref_r[t])
 
     def step(self) -> None:

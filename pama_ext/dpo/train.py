@@ -9,6 +9,9 @@ Output directory (files are written atomically)::
     eval.json        win rates against the reference, judge means, KL; samples.jsonl the generations
     final.md         the one-row result table
     model/           the trained model and tokenizer (save_pretrained), unless --no-save-model
+
+A run that fails or is interrupted removes what it wrote (and the output directory if it created it):
+there is no --resume for these runs, and a rerun is not blocked.
 """
 from __future__ import annotations
 
@@ -21,7 +24,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
-from ..trainer.config import ConfigError, add_config_flags, flag_overrides, resolve_device
+from ..trainer.config import TINY, ConfigError, add_config_flags, flag_overrides, resolve_device
+from ..trainer.files import discard_run, new_dirs, remove_stale_temporaries
 from .config import DPOConfig, load_dpo_config, normalize_dpo_keys
 
 __all__ = ["train_dpo", "prepare_world", "load_data", "add_dpo_subcommand", "cmd_dpo"]
@@ -48,6 +52,7 @@ def _prepare_output_dir(cfg: DPOConfig) -> Path:
         if (out / "model").exists():
             shutil.rmtree(out / "model")
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out, subdirs=())
     return out
 
 
@@ -55,7 +60,7 @@ def prepare_world(cfg: DPOConfig) -> Dict[str, Any]:
     """Model path, training prompts (for --data tiny) and evaluation prompts."""
     from ..trainer.train import load_prompts
 
-    eval_p = load_prompts(cfg.eval_prompts) if cfg.eval_prompts else None
+    eval_p = load_prompts(cfg.eval_prompts, "--eval-prompts") if cfg.eval_prompts else None
     train_p: List[str] = []
     if cfg.model == "tiny":
         from ..trainer.tiny_world import build_tiny_world
@@ -109,8 +114,22 @@ def train_dpo(config: Union[DPOConfig, Dict[str, Any]], shared: Optional[Dict[st
     runs skip loading and sampling them again. The caller owns it; it is filled on first use."""
     cfg = config if isinstance(config, DPOConfig) else DPOConfig(**normalize_dpo_keys(config, "config"))
     cfg = dataclasses.replace(cfg).validate()
-    out = _prepare_output_dir(cfg)
+    from ..trainer.train import check_pretrained
 
+    if cfg.model != TINY:
+        check_pretrained(cfg.model, "--model")
+    if cfg.tokenizer:
+        check_pretrained(cfg.tokenizer, "--tokenizer", need=None)
+    created = new_dirs(cfg.output_dir)
+    out = _prepare_output_dir(cfg)
+    try:
+        return _train_dpo(cfg, out, shared)
+    except BaseException:
+        discard_run(out, RUN_FILES, ("model",), created)
+        raise
+
+
+def _train_dpo(cfg: DPOConfig, out: Path, shared: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     import numpy as np
     import torch
     from tqdm.auto import tqdm
@@ -266,6 +285,10 @@ def cmd_dpo(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"pama-ext dpo: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("pama-ext dpo: stopped; dpo runs cannot be resumed (the partial output was removed): run again",
+              file=sys.stderr)
+        return 130
     print(result["table_md"])
     t = result["time"]
     print(f"\noutput: {result['output_dir']} ({result['wall_s']:.1f} s: data {t['data']:.1f}, train {t['train']:.1f}, "

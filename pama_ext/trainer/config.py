@@ -105,7 +105,7 @@ class TrainConfig:
     adam_eps: float = _f(1e-8, "AdamW epsilon", group="PPO")
     max_grad_norm: float = _f(1.0, "gradient clipping by global norm (0 disables)", group="PPO")
     vf_coef: float = _f(0.1, "weight of the value loss", group="PPO")
-    cliprange: float = _f(0.2, "PPO ratio clip epsilon (low side)", group="PPO")
+    cliprange: float = _f(0.2, "PPO ratio clip epsilon (low side), in [0, 1)", group="PPO")
     cliprange_high: Optional[float] = _f(None, "PPO ratio clip epsilon, high side (default: --cliprange)",
                                          group="PPO")
     dual_clip: Optional[float] = _f(3.0, "dual-clip constant for negative advantages (null disables)",
@@ -227,10 +227,12 @@ class TrainConfig:
                      "eval_batch_size", "max_prompt_tokens", "lr", "temperature", "length_l0", "kl_horizon",
                      "tiny_world_seconds"):
             positive(name)
-        for name in ("weight_decay", "adam_eps", "max_grad_norm", "vf_coef", "cliprange", "cliprange_value",
+        for name in ("weight_decay", "adam_eps", "max_grad_norm", "vf_coef", "cliprange_value",
                      "kl_coef", "kl_loss_coef", "eval_every", "save_every", "log_every", "top_k",
                      "hv_margin"):
             positive(name, strict=False)
+        if not (0.0 <= self.cliprange < 1.0):  # the ratio's lower clip bound 1 - eps must stay positive
+            raise ConfigError(f"--cliprange: expected a number in [0, 1); got {self.cliprange!r}")
         if self.cliprange_high is not None:
             positive("cliprange_high", strict=False)
         if self.dual_clip is not None and not (self.dual_clip > 1.0):

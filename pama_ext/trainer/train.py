@@ -10,11 +10,19 @@ Output directory (every file is written to a temporary file and renamed into pla
     final.md, final.json the final table (untrained vs trained, hypervolume)
     rewards.png          per-objective reward curves;  pareto.png  final per-objective means
     checkpoint/          save_pretrained of the policy LM and tokenizer, value_heads.pt,
-                         trainer_state.pt (step, optimizer, KL controller, RNG states, data order)
+                         trainer_state.pt (step, optimizer, KL controller, RNG states, data order),
+                         checkpoint.json (with the size and SHA-256 of every file)
+    checkpoint.prev/     the checkpoint before (see :mod:`pama_ext.trainer.checkpoint`)
 
 ``--resume`` continues from ``checkpoint/`` and gives bitwise the same parameters and metrics as an
 uninterrupted run (the sampling seed of every step is derived from (seed, step); the data order
-generator, optimizer, KL controller and global RNG states are restored).
+generator, optimizer, KL controller and global RNG states are restored). The checkpoint is verified
+and loaded with ``weights_only=True``; a corrupt one falls back to ``checkpoint.prev/``.
+
+A first Ctrl-C (SIGINT) lets the current step finish, saves a checkpoint and stops with
+:class:`TrainingStopped` ("stopped at step N; continue with --resume"; exit code 130 from the CLI); a
+second one stops at once. A run that fails or is interrupted before its first checkpoint removes what it
+wrote, so a corrected rerun is not blocked.
 
 Under ``torchrun`` (WORLD_SIZE > 1) every rank trains on its shard of each global batch
 (:mod:`pama_ext.trainer.ppo`); the process group is gloo on CPU and nccl on GPU (one GPU per local
@@ -29,56 +37,31 @@ import json
 import os
 import random
 import shutil
+import signal
 import sys
-import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
-from .config import (ConfigError, TrainConfig, add_config_flags, dump_yaml, flag, flag_overrides, load_config,
+from .checkpoint import (CHECKPOINT, CORRUPT, PREVIOUS, STATE_FORMAT, CheckpointError, read_tensor_file, rng_states,
+                         select_checkpoint, set_rng_states, verify_checkpoint, write_checkpoint)
+from .config import (TINY, ConfigError, TrainConfig, add_config_flags, dump_yaml, flag, flag_overrides, load_config,
                      load_yaml, resolve_device)
+from .files import atomic_write_text, discard_run, new_dirs, remove_stale_temporaries
 
-__all__ = ["train", "add_train_subcommand", "cmd_train", "load_checkpoint", "atomic_write_text"]
+__all__ = ["train", "add_train_subcommand", "cmd_train", "load_checkpoint", "save_checkpoint", "atomic_write_text",
+           "check_pretrained", "TrainingStopped", "CheckpointError", "deferred_sigint"]
 
-CHECKPOINT = "checkpoint"
-STATE_FORMAT = 1
 #: settings that may differ between a run and its --resume
 RESUME_MAY_CHANGE = {"steps", "eval_every", "save_every", "progress", "log_every", "plots", "output_dir", "resume",
                      "overwrite", "threads", "eval_batch_size", "tiny_world_cache", "tiny_world_seconds"}
 RUN_FILES = ("config.yaml", "metrics.jsonl", "eval.jsonl", "final.md", "final.json", "rewards.png", "pareto.png")
 
 
-# -------------------------------------------------------------------------------------------------
-# atomic writes
-# -------------------------------------------------------------------------------------------------
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _tmp_in(path: Path) -> str:
-    """A temporary file next to ``path`` with ordinary permissions (mkstemp makes them 0600)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=str(path.parent))
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())
-    return tmp
-
-
-def atomic_write_text(path: Union[str, Path], text: str) -> None:
-    path = Path(path)
-    tmp = _tmp_in(path)
-    try:
-        with open(tmp, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+#: directories of the trainer in a run directory (.checkpoint.old: the name before checkpoint.prev)
+RUN_DIRS = (CHECKPOINT, PREVIOUS, CORRUPT, ".checkpoint.old", "samples")
 
 
 def _jsonl(rows: Sequence[Dict]) -> str:
@@ -102,23 +85,54 @@ def _read_jsonl(path: Path) -> List[Dict]:
 # -------------------------------------------------------------------------------------------------
 # model and data
 # -------------------------------------------------------------------------------------------------
-def load_prompts(path: str) -> List[str]:
+def load_prompts(path: str, what: str = "--train-prompts") -> List[str]:
+    """Prompts from a .txt file (one per non-blank line), a .json list (or {"prompts": [...]}) or a .jsonl
+    file with a "prompt" field per line. UTF-8; lines end at ``\n`` only (U+2028 / U+2029 / U+0085 are
+    text). A file that cannot be read is a :class:`ConfigError` naming ``what``, the file and the line."""
     p = Path(path)
-    text = p.read_text()
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{what}: cannot read {path!r}: {e}") from None
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    lines = []
+    for i, bline in enumerate(raw.split(b"\n"), start=1):
+        try:
+            lines.append(bline.decode("utf-8").rstrip("\r"))
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{what}: {path}:{i}: not valid UTF-8 (byte 0x{bline[e.start]:02x} at column "
+                              f"{e.start + 1})") from None
     if p.suffix == ".json":
-        data = json.loads(text)
+        try:
+            data = json.loads("\n".join(lines))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{what}: {path}:{e.lineno}: not valid JSON ({e.msg})") from None
         if isinstance(data, dict):
             data = data.get("prompts", data.get("train", []))
+        if not isinstance(data, list):
+            raise ConfigError(f"{what}: {path}: expected a JSON list of prompts (or {{\"prompts\": [...]}})")
         return [str(x) for x in data]
     if p.suffix == ".jsonl":
-        return [str(json.loads(l)["prompt"]) for l in text.splitlines() if l.strip()]
-    return [l.rstrip("\n") for l in text.splitlines() if l.strip()]
+        out = []
+        for i, line in enumerate(lines, start=1):
+            if not line.strip(" \t"):
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{what}: {path}:{i}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict) or "prompt" not in row:
+                raise ConfigError(f"{what}: {path}:{i}: expected an object with a 'prompt' field")
+            out.append(str(row["prompt"]))
+        return out
+    return [l for l in lines if l.strip()]
 
 
 def _resolve_model(cfg: TrainConfig):
     """(model path, train prompts, eval prompts)."""
     train_p = load_prompts(cfg.train_prompts) if cfg.train_prompts else None
-    eval_p = load_prompts(cfg.eval_prompts) if cfg.eval_prompts else None
+    eval_p = load_prompts(cfg.eval_prompts, "--eval-prompts") if cfg.eval_prompts else None
     if cfg.model == "tiny":
         from .tiny_world import build_tiny_world
 
@@ -140,6 +154,62 @@ def _resolve_model(cfg: TrainConfig):
     if not eval_p:
         raise ConfigError("--eval-prompts: no prompts found")
     return path, list(train_p), list(eval_p)
+
+
+def _truthy_env(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+#: seconds the up-front hub lookup of a --model id may take (one request, no retries)
+HUB_CHECK_TIMEOUT = 10.0
+
+
+def check_pretrained(name: str, what: str = "--model", need: Optional[str] = "config.json") -> None:
+    """Fail fast, before the output directory is touched, when ``name`` (a ``--model`` or ``--tokenizer``
+    value) names nothing loadable; a :class:`ConfigError` naming ``what`` otherwise.
+
+    - an existing directory must hold ``need`` (``config.json`` for a model; pass ``need=None`` to skip);
+    - a name that is not a valid Hugging Face hub id (an absolute or relative path, ``a/b/c``) and does
+      not exist is an error at once;
+    - a hub id is looked up in the local Hugging Face cache; when it is not there and ``HF_HUB_OFFLINE``
+      (or ``TRANSFORMERS_OFFLINE``) is set it is an error at once; otherwise the hub is asked about it
+      once (:data:`HUB_CHECK_TIMEOUT` seconds, no retries) and a missing repository, a repository without
+      ``need`` or no answer is an error naming ``what``.
+    """
+    p = Path(name).expanduser()
+    if p.is_dir():
+        if need and not (p / need).is_file():
+            raise ConfigError(f"{what}: {name!r} is a directory without {need} (not a Hugging Face model directory)")
+        return
+    if p.exists():
+        raise ConfigError(f"{what}: {name!r} is a file; expected a model directory or a Hugging Face hub id")
+    try:
+        from huggingface_hub import HfApi, try_to_load_from_cache
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+    except ImportError:  # pragma: no cover - transformers depends on huggingface_hub
+        raise ConfigError(f"{what}: no such directory: {name!r}") from None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise ConfigError(f"{what}: no such directory: {name!r}") from None
+    probe = need or "config.json"
+    if isinstance(try_to_load_from_cache(name, probe), str):
+        return
+    if need is None:
+        return  # a tokenizer id: which files it has varies; transformers reports a bad one
+    if _truthy_env("HF_HUB_OFFLINE") or _truthy_env("TRANSFORMERS_OFFLINE"):
+        raise ConfigError(f"{what}: {name!r} is not a local directory and not in the Hugging Face cache, and "
+                          f"HF_HUB_OFFLINE is set (no download)")
+    try:
+        info = HfApi().model_info(name, timeout=HUB_CHECK_TIMEOUT)
+    except Exception as e:  # noqa: BLE001 - every failure here means: not loadable now
+        text = str(e).strip().splitlines()
+        raise ConfigError(f"{what}: {name!r} is not a local directory and the Hugging Face hub did not provide it "
+                          f"({type(e).__name__}{': ' + text[0] if text else ''}); set HF_HUB_OFFLINE=1 to use "
+                          f"only the local cache") from None
+    files = {s.rfilename for s in (info.siblings or [])}
+    if files and probe not in files:
+        raise ConfigError(f"{what}: the hub repository {name!r} has no {probe} (not a transformers model)")
 
 
 @contextlib.contextmanager
@@ -187,86 +257,105 @@ def _load_tokenizer(path: str):
 # -------------------------------------------------------------------------------------------------
 # checkpoints
 # -------------------------------------------------------------------------------------------------
-def _rng_states():
-    import numpy as np
-    import torch
-
-    s = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        s["cuda"] = torch.cuda.get_rng_state_all()
-    return s
-
-
-def _set_rng_states(s) -> None:
-    import numpy as np
-    import torch
-
-    torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
-    if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def _recover_checkpoint(out: Path) -> Optional[Path]:
-    ck, old = out / CHECKPOINT, out / f".{CHECKPOINT}.old"
-    if not (ck / "trainer_state.pt").is_file() and (old / "trainer_state.pt").is_file():
-        if ck.exists():
-            shutil.rmtree(ck)
-        os.rename(old, ck)  # a save was interrupted between the two renames
-    return ck if (ck / "trainer_state.pt").is_file() else None
-
-
 def save_checkpoint(out: Path, policy, tokenizer, trainer, cfg: TrainConfig, extra: Dict) -> bool:
-    """Atomically replace ``out/checkpoint``; refuses (returns False) when a parameter is not finite."""
+    """Replace ``out/checkpoint`` crash-safely (the one before becomes ``checkpoint.prev``); refuses
+    (returns False) when a parameter is not finite. Everything in ``trainer_state.pt`` is a tensor or a
+    plain value, so it loads with ``weights_only=True``."""
     import torch
 
     for name, p in policy.named_parameters():
         if not bool(torch.isfinite(p).all()):
             warnings.warn(f"checkpoint NOT saved: parameter {name} is not finite", RuntimeWarning)
             return False
-    tmp = Path(tempfile.mkdtemp(prefix=f".{CHECKPOINT}.tmp-", dir=str(out)))
-    os.chmod(tmp, 0o777 & ~_umask())
-    try:
+
+    def write(tmp: Path) -> Dict[str, Any]:
         with _hf_quiet():
             policy.lm.save_pretrained(str(tmp))
             tokenizer.save_pretrained(str(tmp))
         torch.save(policy.value_heads.state_dict(), tmp / "value_heads.pt")
-        torch.save({"format": STATE_FORMAT, "trainer": trainer.state_dict(), "rng": _rng_states(),
+        torch.save({"format": STATE_FORMAT, "trainer": trainer.state_dict(), "rng": rng_states(),
                     "config": cfg.to_dict(), **extra}, tmp / "trainer_state.pt")
-        (tmp / "checkpoint.json").write_text(json.dumps({
-            "step": trainer.step_idx, "method": cfg.method, "objectives": cfg.objectives,
-            "value_heads": policy.n_heads, "value_heads_file": "value_heads.pt",
-            "value_heads_input": "final hidden state of the base model (lm.base_model(...)[0])"}, indent=1))
-        ck, old = out / CHECKPOINT, out / f".{CHECKPOINT}.old"
-        if old.exists():
-            shutil.rmtree(old)
-        if ck.exists():
-            os.rename(ck, old)
-        os.rename(tmp, ck)
-        if old.exists():
-            shutil.rmtree(old)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        return {"step": trainer.step_idx, "method": cfg.method, "objectives": cfg.objectives,
+                "value_heads": policy.n_heads, "value_heads_file": "value_heads.pt",
+                "value_heads_input": "final hidden state of the base model (lm.base_model(...)[0])"}
+
+    write_checkpoint(out, write)
     return True
 
 
 def load_checkpoint(path: Union[str, Path], device: str = "cpu"):
     """``(policy, tokenizer, info)`` from a run directory or its ``checkpoint/``: the trained LM with its
-    value heads (a :class:`PolicyWithValueHeads`) and the tokenizer."""
-    import torch
-
+    value heads (a :class:`PolicyWithValueHeads`) and the tokenizer. The files are checked against the
+    checkpoint's manifest first (a :class:`CheckpointError` names a missing, truncated or corrupt one)."""
     from .policy import PolicyWithValueHeads
 
     p = Path(path)
     if (p / CHECKPOINT / "checkpoint.json").is_file():
         p = p / CHECKPOINT
-    info = json.loads((p / "checkpoint.json").read_text())
+    info = verify_checkpoint(p)
     lm = _load_lm(str(p), device)
     policy = PolicyWithValueHeads(lm, int(info["value_heads"]), check=False)
-    policy.value_heads.load_state_dict(torch.load(p / "value_heads.pt", map_location=device))
+    policy.value_heads.load_state_dict(read_tensor_file(p / "value_heads.pt", map_location=device))
     return policy, _load_tokenizer(str(p)), info
+
+
+def read_trainer_state(ck: Path) -> Dict[str, Any]:
+    """``trainer_state.pt`` of a checkpoint, loaded with ``weights_only=True`` and checked."""
+    path = ck / "trainer_state.pt"
+    state = read_tensor_file(path)
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        got = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{path}: not a trainer state of format {STATE_FORMAT} (got {got!r})")
+    for k in ("trainer", "rng", "config", "init_eval"):
+        if k not in state:
+            raise CheckpointError(f"{path}: no {k!r} entry; corrupt or not a pama_ext trainer state")
+    return state
+
+
+# -------------------------------------------------------------------------------------------------
+# interruption
+# -------------------------------------------------------------------------------------------------
+class TrainingStopped(KeyboardInterrupt):
+    """The run was interrupted (Ctrl-C / SIGINT). ``step``: the steps completed; ``checkpoint_step``: the
+    step of the last checkpoint (None: nothing saved). The message says how to continue."""
+
+    def __init__(self, step: int, checkpoint_step: Optional[int]):
+        self.step, self.checkpoint_step = step, checkpoint_step
+        if checkpoint_step is None:
+            msg = f"stopped at step {step} before any checkpoint was saved; nothing to resume: run again"
+        elif checkpoint_step == step:
+            msg = f"stopped at step {step}; continue with --resume"
+        else:
+            msg = f"stopped at step {step}; continue with --resume (from the checkpoint at step {checkpoint_step})"
+        super().__init__(msg)
+
+
+@contextlib.contextmanager
+def deferred_sigint(enabled: bool = True, notice: str = "interrupt: finishing the current step, then saving a "
+                                                           "checkpoint (Ctrl-C again stops at once)"):
+    """Inside the block a first SIGINT only sets ``flag["requested"]`` (and prints ``notice``); a second
+    one raises KeyboardInterrupt. Installed only in the main thread, when SIGINT is not ignored and
+    ``enabled``; the previous handler is restored on exit."""
+    flag = {"requested": False}
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if previous in (signal.SIG_IGN, None):
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag["requested"]:
+            raise KeyboardInterrupt
+        flag["requested"] = True
+        print(f"pama-ext: {notice}", file=sys.stderr, flush=True)
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -291,10 +380,15 @@ def _summary_line(cfg: TrainConfig, m: Dict) -> str:
 def _prepare_output_dir(cfg: TrainConfig) -> Path:
     out = Path(cfg.output_dir)
     if cfg.resume:
-        if not out.is_dir() or _recover_checkpoint(out) is None:
+        if not out.is_dir():
+            raise ConfigError(f"--resume: no checkpoint in {str(out)!r} (nothing to resume)")
+        remove_stale_temporaries(out)
+        found = select_checkpoint(out, lambda msg: print(f"pama-ext train: warning: {msg}", file=sys.stderr))
+        if found is None:
             raise ConfigError(f"--resume: no checkpoint in {str(out)!r} (nothing to resume)")
         return out
-    has_run = out.is_dir() and (any((out / f).exists() for f in RUN_FILES) or (out / CHECKPOINT).exists())
+    has_run = out.is_dir() and (any((out / f).exists() for f in RUN_FILES) or (out / CHECKPOINT).exists()
+                                or (out / PREVIOUS).exists())
     if has_run and not cfg.overwrite:
         raise ConfigError(f"--output-dir: {str(out)!r} already holds a run; pass --resume to continue it or "
                           f"--overwrite to start afresh")
@@ -302,20 +396,38 @@ def _prepare_output_dir(cfg: TrainConfig) -> Path:
         for f in RUN_FILES:
             if (out / f).exists():
                 (out / f).unlink()
-        for d in (CHECKPOINT, f".{CHECKPOINT}.old", "samples"):
+        for d in RUN_DIRS:
             if (out / d).exists():
                 shutil.rmtree(out / d)
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)
     return out
 
 
 def train(config: Union[TrainConfig, Dict[str, Any]]) -> Dict[str, Any]:
-    """Run (or resume) one training run; returns a dict with the evaluations, the final table and paths."""
+    """Run (or resume) one training run; returns a dict with the evaluations, the final table and paths.
+
+    Raises :class:`ConfigError` / :class:`CheckpointError` (naming the flag or the file) for bad settings
+    and unusable checkpoints, and :class:`TrainingStopped` on Ctrl-C. A fresh run that fails or stops
+    before its first checkpoint removes what it wrote (and the output directory if it created it)."""
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
     cfg = dataclasses.replace(cfg).validate()
+    if cfg.model != TINY:
+        check_pretrained(cfg.model, "--model")
+    if cfg.tokenizer:
+        check_pretrained(cfg.tokenizer, "--tokenizer", need=None)
     # under torchrun only rank 0 touches the run directory
+    created = new_dirs(cfg.output_dir)
     out = _prepare_output_dir(cfg) if os.environ.get("RANK", "0") == "0" else None
+    try:
+        return _train_in_group(cfg, out)
+    except BaseException:
+        if out is not None and not cfg.resume and not (out / CHECKPOINT).exists():
+            discard_run(out, RUN_FILES, RUN_DIRS, created)
+        raise
 
+
+def _train_in_group(cfg: TrainConfig, out: Optional[Path]) -> Dict[str, Any]:
     import torch
 
     t_start = time.perf_counter()
@@ -343,9 +455,8 @@ def train(config: Union[TrainConfig, Dict[str, Any]]) -> Dict[str, Any]:
 def _train(cfg: TrainConfig, out: Optional[Path], device, group, t_start: float) -> Dict[str, Any]:
     import numpy as np
     import torch
-    from tqdm.auto import tqdm
 
-    from .evaluate import comparison_table, default_hv_ref, evaluate, format_table, hypervolume, means
+    from .evaluate import default_hv_ref, evaluate, means
     from .policy import PolicyWithValueHeads, frozen_copy
     from .ppo import PPOTrainer
     from .rewards import build_objectives
@@ -356,11 +467,11 @@ def _train(cfg: TrainConfig, out: Optional[Path], device, group, t_start: float)
     state = None
     ck = out / CHECKPOINT
     if cfg.resume:
-        state = torch.load(ck / "trainer_state.pt", map_location="cpu", weights_only=False)
-        saved = state["config"]
+        state = read_trainer_state(ck)
+        saved_cfg = state["config"]
         for k, v in cfg.to_dict().items():
-            if k not in RESUME_MAY_CHANGE and saved.get(k) != v:
-                raise ConfigError(f"{flag(k)}: the run in {str(out)!r} was made with {saved.get(k)!r}; got {v!r} "
+            if k not in RESUME_MAY_CHANGE and saved_cfg.get(k) != v:
+                raise ConfigError(f"{flag(k)}: the run in {str(out)!r} was made with {saved_cfg.get(k)!r}; got {v!r} "
                                   f"(only {', '.join(sorted(flag(x) for x in RESUME_MAY_CHANGE))} may change on "
                                   f"--resume)")
         if state["trainer"]["step"] > cfg.steps:
@@ -384,9 +495,9 @@ def _train(cfg: TrainConfig, out: Optional[Path], device, group, t_start: float)
     metrics: List[Dict] = []
     evals: List[Dict] = []
     if state is not None:
-        policy.value_heads.load_state_dict(torch.load(ck / "value_heads.pt", map_location=device))
+        policy.value_heads.load_state_dict(read_tensor_file(ck / "value_heads.pt", map_location=device))
         trainer.load_state_dict(state["trainer"])
-        _set_rng_states(state["rng"])
+        set_rng_states(state["rng"])
         step0 = trainer.step_idx
         metrics = [m for m in _read_jsonl(out / "metrics.jsonl") if m.get("step", 0) <= step0]
         evals = [e for e in _read_jsonl(out / "eval.jsonl") if e.get("step", 0) <= step0]
@@ -410,9 +521,26 @@ def _train(cfg: TrainConfig, out: Optional[Path], device, group, t_start: float)
     if init_eval is None:
         init_eval = run_eval(0)
     hv_ref = list(cfg.hv_ref) if cfg.hv_ref is not None else default_hv_ref(means(init_eval, names), cfg.hv_margin)
+    saved = {"step": trainer.step_idx if state is not None else None}
 
     def checkpoint() -> None:
-        save_checkpoint(out, policy, tokenizer, trainer, cfg, {"init_eval": init_eval, "model_path": model_path})
+        if save_checkpoint(out, policy, tokenizer, trainer, cfg, {"init_eval": init_eval, "model_path": model_path}):
+            saved["step"] = trainer.step_idx
+
+    try:
+        return _train_loop(cfg, out, trainer, metrics, evals, names, run_eval, checkpoint, saved, init_eval, hv_ref,
+                           t_start, single=group is None)
+    except TrainingStopped:
+        raise
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the loop: the last checkpoint stands
+        raise TrainingStopped(trainer.step_idx, saved["step"]) from None
+
+
+def _train_loop(cfg, out, trainer, metrics, evals, names, run_eval, checkpoint, saved, init_eval, hv_ref,
+                t_start, single) -> Dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    from .evaluate import comparison_table, format_table, hypervolume, means
 
     bars = {}
     # bars only on a terminal: in a log file nested bars are noise (the summary lines remain)
@@ -423,24 +551,32 @@ def _train(cfg: TrainConfig, out: Optional[Path], device, group, t_start: float)
         bars["rollout"] = tqdm(total=cfg.batch_size, desc="  rollout", unit="seq", leave=False, position=1,
                                dynamic_ncols=True)
         bars["update"] = tqdm(total=1, desc="  update", unit="mb", leave=False, position=2, dynamic_ncols=True)
-    try:
-        while trainer.step_idx < cfg.steps:
-            m = trainer.step(bars)
-            metrics.append(m)
-            atomic_write_text(out / "metrics.jsonl", _jsonl(metrics))
-            k = trainer.step_idx
-            if cfg.log_every and (k % cfg.log_every == 0 or k == cfg.steps):
-                tqdm.write(_summary_line(cfg, m), file=sys.stderr)
-            outer.update(1)
-            if cfg.eval_every and k % cfg.eval_every == 0 and k != cfg.steps:
-                e = run_eval(k)
-                tqdm.write(f"[{cfg.method}] eval step {k}: " + " ".join(
-                    f"{n} {e['objectives'][n]['mean']:+.3f}" for n in names) + f" kl {e['kl']:.2f}", file=sys.stderr)
-            if cfg.save_every and k % cfg.save_every == 0 and k != cfg.steps:
-                checkpoint()
-    finally:
-        for b in list(bars.values()) + [outer]:
-            b.close()
+    # A first Ctrl-C finishes the step, saves and stops. One process only: under torchrun the ranks could not
+    # agree on the step to stop at, so there every Ctrl-C stops at once and the last checkpoint stands.
+    with deferred_sigint(enabled=single) as sigint:
+        try:
+            while trainer.step_idx < cfg.steps:
+                m = trainer.step(bars)
+                metrics.append(m)
+                atomic_write_text(out / "metrics.jsonl", _jsonl(metrics))
+                k = trainer.step_idx
+                if cfg.log_every and (k % cfg.log_every == 0 or k == cfg.steps):
+                    tqdm.write(_summary_line(cfg, m), file=sys.stderr)
+                outer.update(1)
+                if cfg.eval_every and k % cfg.eval_every == 0 and k != cfg.steps:
+                    e = run_eval(k)
+                    tqdm.write(f"[{cfg.method}] eval step {k}: " + " ".join(
+                        f"{n} {e['objectives'][n]['mean']:+.3f}" for n in names) + f" kl {e['kl']:.2f}",
+                        file=sys.stderr)
+                if cfg.save_every and k % cfg.save_every == 0 and k != cfg.steps:
+                    checkpoint()
+                if sigint["requested"]:
+                    if saved["step"] != k:
+                        checkpoint()
+                    raise TrainingStopped(k, saved["step"])
+        finally:
+            for b in list(bars.values()) + [outer]:
+                b.close()
 
     final_eval = evals[-1] if evals and evals[-1]["step"] == cfg.steps and cfg.steps > 0 else run_eval(cfg.steps)
     checkpoint()
@@ -508,13 +644,26 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return load_config(None, data)
 
 
+#: exit status of a run stopped by Ctrl-C (128 + SIGINT, the shell's convention)
+EXIT_INTERRUPTED = 130
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    cfg = None
     try:
         cfg = config_from_args(args)
         result = train(cfg)
-    except ConfigError as e:
+    except (ConfigError, CheckpointError) as e:
         print(f"pama-ext train: error: {e}", file=sys.stderr)
         return 2
+    except TrainingStopped as e:
+        print(f"pama-ext train: {e}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:  # before the first step (loading, the first evaluation)
+        print("pama-ext train: stopped before the first step; " + (
+            "continue with --resume" if cfg is not None and cfg.resume else "nothing was saved: run again"),
+            file=sys.stderr)
+        return EXIT_INTERRUPTED
     if "table_md" in result:  # rank 0 (or the only process)
         print(result["table_md"])
         print(f"\noutput: {result['output_dir']} ({result['wall_s']:.1f} s)")
