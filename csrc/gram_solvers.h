@@ -1,4 +1,4 @@
-// gram_solvers.h — the exact weighting solvers on a Gram matrix G [n, n] (docs/algorithms.md, "Gram
+// gram_solvers.h — the exact weighting solvers on a Gram matrix G [n, n] (docs/algorithms.md §6, "Gram
 // solvers"), shared by the CPU and CUDA kernels. Included by pama_math.h; plain C++, no torch headers.
 //
 // Two problems over the simplex Δ = {p >= 0, Σ p = 1}, both solved in float64 whatever the input dtype:

@@ -5,7 +5,7 @@ scalars, and linear / MGDA / CAGrad (RACO's CAGrad-clip) / PCGrad on a Gram matr
 Device tensors in, device tensors out; bounded work and no host read, so a step using them can be
 captured in a CUDA graph. MGDA and CAGrad are solved exactly in float64 (support enumeration for
 n <= 8, an active-set method beyond; csrc/gram_solvers.h, shared by CPU and CUDA): the objective is
-within 1e-10 of max_i G_ii of the optimum (docs/algorithms.md, "Gram solvers"). A non-finite G, w
+within 1e-10 of max_i G_ii of the optimum (docs/algorithms.md §6). A non-finite G, w
 or c gives NaN weights. The solvers are one small kernel each (``torch.ops.pama_ext.gram_weights``)
 with pure-PyTorch twins in :mod:`pama_ext.reference` (face enumeration, n <= 12) used when the
 compiled library is absent.

@@ -682,7 +682,7 @@ def _active_set(G: Tensor, b: Tensor, s: Tensor, cagrad: bool) -> Tensor:
 def _simplex_solve(gram: Tensor, w: Optional[Tensor], c: float) -> Tuple[Tensor, Tensor, Tensor]:
     """The exact minimiser over the simplex of p^T G p (``w is None``) or of CAGrad's
     p^T b + s sqrt(p^T G p) (b = G w, s = c sqrt(w^T G w)) through the faces of the simplex
-    (docs/algorithms.md, "Gram solvers"): on a face S the bordered system (gram_face_solve) gives
+    (docs/algorithms.md §6): on a face S the bordered system (gram_face_solve) gives
     the min-norm point p0 of the face's affine hull and a direction p1; MGDA's candidate is p0,
     CAGrad's p0 + p1 / kappa with kappa = sqrt((s^2 - p1^T G p1) / p0^T G p0) (or p0 at the kink).
     n <= GRAM_REFERENCE_MAX_N: every face is tried (:func:`_enumerate`); above, the active-set
