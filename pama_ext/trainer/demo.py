@@ -68,7 +68,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        **{k: getattr(a, k) for k in DEMO_DEFAULTS})
     results = {}
     for m in methods:
-        results[m] = train(base.replace(method=m, output_dir=str(out / m)))
+        try:
+            results[m] = train(base.replace(method=m, output_dir=str(out / m)))
+        except KeyboardInterrupt:  # Ctrl-C (TrainingStopped): one line, no traceback; the demo restarts afresh
+            print(f"pama_ext demo: stopped during {m}; run it again to start over", file=sys.stderr)
+            return 130
         print(f"[{m}] done in {results[m]['wall_s']:.1f} s", file=sys.stderr)
 
     first = results[methods[0]]
