@@ -487,3 +487,21 @@ def test_cliprange_of_one_or_more_names_the_flag():
     for v in (1.0, 2.0):
         with pytest.raises(ConfigError, match=r"^--cliprange: expected a number in \[0, 1\); got"):
             TrainConfig(cliprange=v).validate()
+
+
+def test_demo_ctrl_c_is_one_line(monkeypatch, tmp_path, capsys):
+    """Ctrl-C during `make demo` (TrainingStopped from a run) ends with one line and exit 130."""
+    from pama_ext.trainer import demo, tiny_world, train as train_mod
+
+    class World:
+        def describe(self):
+            return "world"
+
+    def stopped(cfg):
+        raise train_mod.TrainingStopped(1, None)
+
+    monkeypatch.setattr(tiny_world, "build_tiny_world", lambda **kw: World())
+    monkeypatch.setattr(train_mod, "train", stopped)
+    assert demo.main(["--output-dir", str(tmp_path / "demo"), "--no-progress"]) == 130
+    err = capsys.readouterr().err
+    assert "stopped during" in err and "Traceback" not in err
