@@ -85,7 +85,8 @@ at::Tensor bool_mask(const at::Tensor& mask, int64_t B, int64_t T, const at::Ten
 // Non-finite values on masked-in positions are an error naming the argument (SPEC §9). `checks`
 // lists (name, tensor, kind) entries (undefined tensors are skipped):
 //   kFinite    [..., B, T] tensors are checked where `mask_b` is set, 1-d ones everywhere;
-//   kPrefs     a 1-d prefs vector: finite, and then >= 0 with a positive sum (SPEC §4 linear);
+//   kPrefs     a 1-d prefs vector: finite, and then >= 0 and not all 0 (SPEC §4 linear weights,
+//              used as given: no normalisation, so the loss scales with them);
 //   kVariance  the per-objective variances of the statistics: +inf means the float32 (acc)
 //              variance of the advantages overflowed, and whitening would divide them to 0.
 // On CPU this is a fused loop per tensor that stops at the first hit. On a device every flag is
@@ -141,8 +142,8 @@ void check_finite_all(std::initializer_list<FiniteCheck> checks, const at::Tenso
                         " (|advantages| around 1e19 or more), so whitening would divide every advantage to 0; "
                         "rescale the advantages or pass float64 inputs (check_finite=False skips this check)");
     if (f == 1)
-      TORCH_CHECK_VALUE(false, op, ": ", c.name, " must be >= 0 with a positive sum (weights are prefs / sum(prefs)), "
-                        "got a negative entry or all zeros (pass check_finite=False to skip this check)");
+      TORCH_CHECK_VALUE(false, op, ": ", c.name, " must be >= 0 and not all 0 (the weights of method 'linear', used "
+                        "as given), got a negative entry or all zeros (pass check_finite=False to skip this check)");
     TORCH_CHECK_VALUE(false, op, ": ", c.name,
                       " has NaN or Inf on a masked-in position (pass check_finite=False to skip this check)");
   };

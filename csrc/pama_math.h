@@ -300,19 +300,6 @@ PAMA_HD void mgda_weights(const T* G, int n, T* c, T* work, int iters = kMgdaFwI
   }
 }
 
-// Weights of method "linear" from prefs (SPEC §4, CHOICE): w_i = max(p_i, 0) / Σ_j max(p_j, 0),
-// so any non-negative prefs (e.g. [1, 1, 2]) are read as proportions; uniform when prefs is null
-// or that sum is 0 (never NaN). The loss rejects negative or all-zero prefs with check_finite.
-template <typename T>
-PAMA_HD void prefs_weights(const T* prefs, int n, T* w) {
-  T sum = 0;
-  for (int i = 0; i < n; ++i) {
-    w[i] = prefs != nullptr ? maxv(prefs[i], T(0)) : T(1);
-    sum += w[i];
-  }
-  for (int i = 0; i < n; ++i) w[i] = sum > T(0) ? w[i] / sum : T(1) / T(n);
-}
-
 // Combination weights used by the loss for a batch-level method (pama/batch, linear, mgda).
 // prefs may be null (uniform). `work` needs 2n entries.
 template <typename T>
@@ -322,7 +309,7 @@ PAMA_HD void batch_weights(const T* stats, int n, int method, const T* prefs, T*
     for (int i = 0; i < n; ++i) w[i] = T(0);
     thm1(stats + L.abar(), 1, n, w, T(1));
   } else if (method == kMethodLinear) {
-    prefs_weights(prefs, n, w);
+    for (int i = 0; i < n; ++i) w[i] = prefs != nullptr ? prefs[i] : T(1) / T(n);
   } else {
     mgda_weights(stats + L.gram(), n, w, work);
   }

@@ -164,8 +164,8 @@ def flat_grads_named(grads: Sequence[Optional[Tensor]], n: int) -> List[Named]:
 def finite(op: str, mask: Tensor, checks: Sequence[Named], prefs: Optional[Tensor] = None,
            variance: Optional[Tensor] = None) -> None:
     """``check_finite`` of the fallback (csrc/ops.cpp check_finite_all): NaN/Inf on a masked-in
-    position of a ``[..., B, T]`` tensor, in argument order; then ``prefs`` (finite, >= 0, positive
-    sum) and ``variance`` (the whitening variances: +inf means the accumulation dtype overflowed).
+    position of a ``[..., B, T]`` tensor, in argument order; then ``prefs`` (finite, >= 0, not all
+    0) and ``variance`` (the whitening variances: +inf means the accumulation dtype overflowed).
     Reads values back to the host (as the compiled check does, once)."""
     m = mask != 0
     for name, t in checks:
@@ -177,8 +177,8 @@ def finite(op: str, mask: Tensor, checks: Sequence[Named], prefs: Optional[Tenso
             _fail(op, "prefs has NaN or Inf on a masked-in position (pass check_finite=False to skip this check)",
                   ValueError)
         if bool((prefs < 0).any()) or not bool(prefs.sum() > 0):
-            _fail(op, "prefs must be >= 0 with a positive sum (weights are prefs / sum(prefs)), got a negative "
-                      "entry or all zeros (pass check_finite=False to skip this check)", ValueError)
+            _fail(op, "prefs must be >= 0 and not all 0 (the weights of method 'linear', used as given), got a "
+                      "negative entry or all zeros (pass check_finite=False to skip this check)", ValueError)
     if variance is not None and not bool(torch.isfinite(variance).all()):
         _fail(op, f"advantages has a variance that overflows {_dt(variance.dtype)} (|advantages| around 1e19 or more), "
                   "so whitening would divide every advantage to 0; rescale the advantages or pass float64 inputs "

@@ -167,8 +167,8 @@ def pareto_weights(
     """Objective weights ``[n]`` from a statistics vector (SPEC §4), computed on device.
 
     ``pama``: Theorem 1 on ``abar`` (batch), or the mean per-token / per-sequence Theorem-1 weights
-    (token / sequence); ``linear``: ``max(prefs, 0) / sum(max(prefs, 0))`` (uniform when prefs is
-    None or that sum is 0); ``mgda``: min-norm point of the Gram matrix.
+    (token / sequence); ``linear``: ``prefs`` as given (uniform when None); ``mgda``: min-norm
+    point of the Gram matrix.
     """
     if not _use_native():
         checks.pareto_weights_args(stats, prefs, method, granularity)
@@ -210,11 +210,11 @@ def pama_policy_loss(
         whiten: whiten each objective's advantages over the masked tokens.
         method: ``"pama"`` (closed form), ``"linear"`` (``prefs``-weighted sum) or ``"mgda"``.
         granularity: ``"token"``, ``"sequence"`` or ``"batch"`` (method ``"pama"`` only).
-        prefs: ``[n]`` weights of ``method="linear"``, >= 0 with a positive sum, normalised to sum to 1
-            (``prefs / prefs.sum()``; uniform when None).
+        prefs: ``[n]`` weights of ``method="linear"`` (uniform when None), used as given: not
+            normalised, so the loss scales with them (as TRL's ``reward_weights``); >= 0 and not all 0.
         agg: ``"token-mean"``, ``"seq-mean-token-mean"`` or ``"seq-mean-token-sum"``.
         beta_loss: weight (finite, >= 0) of the k3 KL loss to ``ref_logp``; > 0 needs ``ref_logp``.
-        check_finite: raise if a masked-in input is NaN/Inf, if ``prefs`` is negative or all zero,
+        check_finite: raise if a masked-in input is NaN/Inf, if ``prefs`` is NaN/Inf, negative or all 0,
             or if the whitening variance of the advantages overflows the accumulation dtype (float32
             for |advantages| around 1e19); on CUDA these read one flag vector back.
         group: ``torch.distributed`` process group over which the batch is sharded (SPEC §8):

@@ -34,7 +34,6 @@ __all__ = [
     "masked_moments",
     "masked_whiten",
     "zero_padding",
-    "prefs_weights",
     "grad_table_shape",
     "METRIC_SCALARS",
     "CAGRAD_ITERS",
@@ -339,19 +338,6 @@ def objective_stats(
     return _stats_from(advantages, logp, old_logp, mask, eps_hi, whiten, noon)[0]
 
 
-def prefs_weights(prefs: Optional[Tensor], n: int, like: Tensor) -> Tensor:
-    """Weights of method "linear" (SPEC §4, CHOICE): ``w = max(prefs, 0) / sum(max(prefs, 0))``, so
-    non-negative prefs are proportions ([1, 1, 2] is [0.25, 0.25, 0.5]); uniform when prefs is None
-    or that sum is 0 (never NaN). The loss rejects negative or all-zero prefs when check_finite."""
-    if prefs is None:
-        return torch.full((n,), 1.0 / n, dtype=like.dtype, device=like.device)
-    p = prefs.to(like.dtype)
-    w = torch.where(p > 0, p, torch.zeros_like(p))
-    total = w.sum()
-    return torch.where(total > 0, w / torch.where(total > 0, total, torch.ones_like(total)),
-                       torch.full_like(w, 1.0 / n))
-
-
 def pareto_weights(
     stats: Tensor,
     method: str = "pama",
@@ -374,7 +360,9 @@ def pareto_weights(
             return stats[lay["cseq"]]
         raise ValueError(f"granularity: expected one of {GRANULARITIES}, got {granularity!r}")
     if method == "linear":
-        return prefs_weights(prefs, n, stats)
+        if prefs is None:
+            return torch.full((n,), 1.0 / n, dtype=stats.dtype, device=stats.device)
+        return prefs.to(stats.dtype)
     if method == "mgda":
         return mgda_weights(stats[lay["gram"]].reshape(n, n))
     raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
