@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 
+#include <cmath>
 #include <string>
 
 #include "cuda/kernels.cuh"
@@ -73,6 +74,15 @@ inline void check_rank(const at::Tensor& t, int64_t rank, const char* op, const 
 inline void check_num_objectives(int64_t n, const char* op, const std::string& name) {
   TORCH_CHECK(n >= 1 && n <= kMaxObjectives, op, ": ", name, " has n = ", n, " objectives; n must be in [1, ",
               kMaxObjectives, "]");
+}
+
+// Scalar options. NaN fails every comparison, so it is rejected with the rest.
+inline void check_unit_interval(double v, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(std::isfinite(v) && v >= 0 && v <= 1, op, ": ", name, " must be a finite number in [0, 1], got ",
+                    v);
+}
+inline void check_nonneg_finite(double v, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(std::isfinite(v) && v >= 0, op, ": ", name, " must be finite and >= 0, got ", v);
 }
 
 }  // namespace pama

@@ -72,24 +72,31 @@ void check_like(const at::Tensor& t, const at::Tensor& like, const char* op, con
 }
 
 // mask: [B, T], any dtype (nonzero = in), same device. Returns a contiguous bool copy or view.
-at::Tensor bool_mask(const at::Tensor& mask, int64_t B, int64_t T, const at::Tensor& like, const char* op) {
+at::Tensor bool_mask(const at::Tensor& mask, int64_t B, int64_t T, const at::Tensor& like, const char* like_name,
+                     const char* op) {
   check_defined(mask, op, "mask");
   check_shape(mask, {B, T}, op, "mask", "[B, T]");
-  TORCH_CHECK(mask.device() == like.device(), op, ": mask is on ", mask.device(), " but the data is on ",
+  TORCH_CHECK(mask.device() == like.device(), op, ": mask is on ", mask.device(), " but ", like_name, " is on ",
               like.device());
   TORCH_CHECK(!mask.is_complex(), op, ": mask must be bool or real, got ", mask.scalar_type());
   return (mask.scalar_type() == at::kBool ? mask : mask.ne(0)).contiguous();
 }
 
 // Non-finite values on masked-in positions are an error naming the argument (SPEC §9). `checks`
-// lists (name, tensor) pairs: [..., B, T] tensors are checked where `mask_b` is set, 1-d ones
-// (prefs) everywhere. On CPU this is a fused loop per tensor that stops at the first hit. On a
-// device every tensor's flag is computed there and the stacked flags come back in one host read,
-// the only host read of these ops, which is why check_finite=False exists (CUDA graphs, sync-free
-// training).
+// lists (name, tensor, kind) entries (undefined tensors are skipped):
+//   kFinite    [..., B, T] tensors are checked where `mask_b` is set, 1-d ones everywhere;
+//   kPrefs     a 1-d prefs vector: finite, and then >= 0 and not all 0 (SPEC §4 linear weights,
+//              used as given: no normalisation, so the loss scales with them);
+//   kVariance  the per-objective variances of the statistics: +inf means the float32 (acc)
+//              variance of the advantages overflowed, and whitening would divide them to 0.
+// On CPU this is a fused loop per tensor that stops at the first hit. On a device every flag is
+// computed there and the stacked flags come back in one host read, the only host read of these
+// ops, which is why check_finite=False exists (CUDA graphs, sync-free training).
+enum class CheckKind { kFinite, kPrefs, kVariance };
 struct FiniteCheck {
   const char* name;
   at::Tensor x;
+  CheckKind kind = CheckKind::kFinite;
 };
 
 bool any_nonfinite_cpu(const at::Tensor& x, const at::Tensor& mask_b) {
@@ -110,30 +117,62 @@ bool any_nonfinite_cpu(const at::Tensor& x, const at::Tensor& mask_b) {
   return found;
 }
 
+// A (finite) prefs vector that is negative somewhere or sums to <= 0, on the CPU.
+bool prefs_invalid_cpu(const at::Tensor& x) {
+  bool bad = false;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "check_prefs", [&] {
+    const at::Tensor c = x.contiguous();
+    const scalar_t* p = c.data_ptr<scalar_t>();
+    double sum = 0;
+    for (int64_t k = 0; k < c.numel(); ++k) {
+      const double v = static_cast<double>(p[k]);
+      bad = bad || v < 0;
+      sum += v;
+    }
+    bad = bad || !(sum > 0);
+  });
+  return bad;
+}
+
 void check_finite_all(std::initializer_list<FiniteCheck> checks, const at::Tensor& mask_b, const char* op) {
-  auto fail = [op](const char* name) {
-    TORCH_CHECK_VALUE(false, op, ": ", name,
+  // failure f of a check: 0 = non-finite, 1 = prefs negative or all zero
+  auto fail = [op](const FiniteCheck& c, int f) {
+    if (c.kind == CheckKind::kVariance)
+      TORCH_CHECK_VALUE(false, op, ": ", c.name, " has a variance that overflows ", c.x.scalar_type(),
+                        " (|advantages| around 1e19 or more), so whitening would divide every advantage to 0; "
+                        "rescale the advantages or pass float64 inputs (check_finite=False skips this check)");
+    if (f == 1)
+      TORCH_CHECK_VALUE(false, op, ": ", c.name, " must be >= 0 and not all 0 (the weights of method 'linear', used "
+                        "as given), got a negative entry or all zeros (pass check_finite=False to skip this check)");
+    TORCH_CHECK_VALUE(false, op, ": ", c.name,
                       " has NaN or Inf on a masked-in position (pass check_finite=False to skip this check)");
   };
   if (mask_b.is_cpu()) {
-    for (const auto& c : checks)
-      if (c.x.defined() && any_nonfinite_cpu(c.x, mask_b)) fail(c.name);
+    for (const auto& c : checks) {
+      if (!c.x.defined()) continue;
+      if (any_nonfinite_cpu(c.x, mask_b)) fail(c, 0);
+      if (c.kind == CheckKind::kPrefs && prefs_invalid_cpu(c.x)) fail(c, 1);
+    }
     return;
   }
   std::vector<at::Tensor> flags;
-  std::vector<const char*> names;
+  std::vector<std::pair<const FiniteCheck*, int>> what;
   for (const auto& c : checks) {
     if (!c.x.defined()) continue;
     at::Tensor bad = at::isfinite(c.x).logical_not_();
     if (c.x.dim() > 1) bad.logical_and_(mask_b);
     flags.push_back(bad.any());
-    names.push_back(c.name);
+    what.emplace_back(&c, 0);
+    if (c.kind == CheckKind::kPrefs) {
+      flags.push_back(c.x.lt(0).any().logical_or_(c.x.sum().le(0)));
+      what.emplace_back(&c, 1);
+    }
   }
   if (flags.empty()) return;
   const at::Tensor host = at::stack(flags).to(at::kCPU);  // the one host read
   const bool* h = host.data_ptr<bool>();
-  for (size_t i = 0; i < names.size(); ++i)
-    if (h[i]) fail(names[i]);
+  for (size_t i = 0; i < what.size(); ++i)
+    if (h[i]) fail(*what[i].first, what[i].second);
 }
 
 int parse_method(const std::string& s, const char* op) {
@@ -161,12 +200,13 @@ int parse_agg(const std::string& s, const char* op) {
 
 // prefs: [n] finite floats -> contiguous acc-typed copy on `like`'s device (or undefined).
 at::Tensor prefs_acc(const c10::optional<at::Tensor>& prefs, int64_t n, at::ScalarType acc, const at::Tensor& like,
-                     const char* op) {
+                     const char* like_name, const char* op) {
   if (!prefs.has_value() || !prefs->defined()) return at::Tensor();
   const at::Tensor& p = *prefs;
   check_float(p, op, "prefs");
   check_shape(p, {n}, op, "prefs", "[n]");
-  TORCH_CHECK(p.device() == like.device(), op, ": prefs is on ", p.device(), " but the data is on ", like.device());
+  TORCH_CHECK(p.device() == like.device(), op, ": prefs is on ", p.device(), " but ", like_name, " is on ",
+              like.device());
   return p.to(acc).contiguous();
 }
 
@@ -198,7 +238,7 @@ at::Tensor token_rewards(const at::Tensor& scores, const at::Tensor& old_logp, c
   check_like(ref_logp, old_logp, kTR, "ref_logp", "old_logp");
   check_shape(ref_logp, {B, T}, kTR, "ref_logp", "[B, T] (the shape of old_logp)");
   c10::OptionalDeviceGuard guard(old_logp.device());
-  at::Tensor m = bool_mask(mask, B, T, old_logp, kTR);
+  at::Tensor m = bool_mask(mask, B, T, old_logp, "old_logp", kTR);
   auto s = scores.contiguous(), o = old_logp.contiguous(), r = ref_logp.contiguous();
   at::Tensor out = at::empty({n, B, T}, old_logp.options());
   if (out.numel() == 0) return out;
@@ -217,8 +257,10 @@ std::tuple<at::Tensor, at::Tensor> multi_gae(const at::Tensor& rewards, const at
   const int64_t n = values.size(0), B = values.size(1), T = values.size(2);
   check_like(rewards, values, kGAE, "rewards", "values");
   check_shape(rewards, {n, B, T}, kGAE, "rewards", "[n, B, T] (the shape of values)");
+  check_unit_interval(gamma, kGAE, "gamma");
+  check_unit_interval(lam, kGAE, "lam");
   c10::OptionalDeviceGuard guard(values.device());
-  at::Tensor m = bool_mask(mask, B, T, values, kGAE);
+  at::Tensor m = bool_mask(mask, B, T, values, "values", kGAE);
   auto r = rewards.contiguous(), v = values.contiguous();
   at::Tensor adv = at::empty_like(v), ret = at::empty_like(v);
   if (v.numel() == 0) return {adv, ret};
@@ -238,7 +280,7 @@ std::tuple<at::Tensor, at::Tensor> multi_gae_backward(const at::Tensor& grad_adv
   check_like(grad_ret, grad_adv, op, "grad_returns", "grad_advantages");
   check_shape(grad_ret, {n, B, T}, op, "grad_returns", "[n, B, T]");
   c10::OptionalDeviceGuard guard(grad_adv.device());
-  at::Tensor m = bool_mask(mask, B, T, grad_adv, op);
+  at::Tensor m = bool_mask(mask, B, T, grad_adv, "grad_advantages", op);
   auto ga = grad_adv.contiguous(), gr = grad_ret.contiguous();
   at::Tensor g_r = at::empty_like(ga), g_v = at::empty_like(ga);
   if (ga.numel() == 0) return {g_r, g_v};
@@ -271,7 +313,7 @@ PolicyInputs policy_inputs(const at::Tensor& logp, const at::Tensor& old_logp, c
   in.n = n;
   in.B = B;
   in.T = T;
-  in.mask = bool_mask(mask, B, T, logp, op);
+  in.mask = bool_mask(mask, B, T, logp, "logp", op);
   in.logp = logp.contiguous();
   in.old_logp = old_logp.contiguous();
   in.advantages = advantages.contiguous();
@@ -349,7 +391,7 @@ at::Tensor objective_moments(const at::Tensor& advantages, const at::Tensor& mas
   in.n = advantages.size(0);
   in.B = advantages.size(1);
   in.T = advantages.size(2);
-  in.mask = bool_mask(mask, in.B, in.T, advantages, op);
+  in.mask = bool_mask(mask, in.B, in.T, advantages, "advantages", op);
   in.advantages = advantages.contiguous();
   Launch L = backend_for(advantages, op);
   const auto acc = acc_type(in.advantages.scalar_type());
@@ -371,6 +413,7 @@ at::Tensor objective_stats(const at::Tensor& advantages, const at::Tensor& logp,
                            const c10::optional<at::Tensor>& moments, bool with_gram) {
   c10::OptionalDeviceGuard guard(logp.defined() ? logp.device() : at::Device(at::kCPU));
   PolicyInputs in = policy_inputs(logp, old_logp, advantages, mask, c10::nullopt, kST);
+  check_nonneg_finite(eps_hi, kST, "eps_hi");
   at::Tensor mom = supplied_stats(moments, StatsLayout(in.n).abar(), in.logp, kST, "moments",
                                   "the [count, num_seqs, mean(n), var(n)] moments vector");
   Launch L = backend_for(logp, kST);
@@ -392,7 +435,7 @@ at::Tensor pareto_weights(const at::Tensor& stats, const c10::optional<at::Tenso
   c10::OptionalDeviceGuard guard(stats.device());
   const auto acc = acc_type(stats.scalar_type());
   at::Tensor s = stats.to(acc).contiguous();
-  at::Tensor pr = prefs_acc(prefs, n, acc, s, kPW);
+  at::Tensor pr = prefs_acc(prefs, n, acc, s, "stats", kPW);
   return run_weights(backend_for(stats, kPW), s, pr, n, m, g);
 }
 
@@ -410,18 +453,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pama_policy_loss(
   const int g = parse_granularity(granularity, kPL);
   const int a = parse_agg(agg, kPL);
   TORCH_CHECK_VALUE(eps_lo >= 0 && eps_lo < 1, kPL, ": eps_lo must be in [0, 1), got ", eps_lo);
-  TORCH_CHECK_VALUE(eps_hi >= 0, kPL, ": eps_hi must be >= 0, got ", eps_hi);
+  check_nonneg_finite(eps_hi, kPL, "eps_hi");
   TORCH_CHECK_VALUE(dual_clip > 1, kPL, ": dual_clip must be > 1 (inf disables it), got ", dual_clip);
+  check_nonneg_finite(beta_loss, kPL, "beta_loss");
+  TORCH_CHECK_VALUE(beta_loss == 0 || in.ref_logp.defined(), kPL, ": beta_loss = ", beta_loss,
+                    " > 0 needs ref_logp (the reference log-probs of the KL loss), got None");
   const auto acc = acc_type(in.logp.scalar_type());
-  at::Tensor pr = prefs_acc(prefs, in.n, acc, in.logp, kPL);
-  if (check_finite) {
-    check_finite_all({{"logp", in.logp},
-                      {"old_logp", in.old_logp},
-                      {"advantages", in.advantages},
-                      {"ref_logp", in.ref_logp},
-                      {"prefs", pr}},
-                     in.mask, kPL);
-  }
+  at::Tensor pr = prefs_acc(prefs, in.n, acc, in.logp, "logp", kPL);
   Launch L = backend_for(logp, kPL);
   auto opts = in.logp.options().dtype(acc);
   // Without `stats` every statistic is this call's own. With the global statistics of a
@@ -433,6 +471,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pama_policy_loss(
       gstats.defined() ? run_stats(L, in, eps_hi, whiten, noon, /*with_gram=*/false, gstats)
                        : run_stats(L, in, eps_hi, whiten, noon, /*with_gram=*/m == kMethodMgda);
   if (gstats.defined()) stats = gstats;
+  if (check_finite) {  // after the statistics, so that the variance check shares the one host read
+    const StatsLayout SL(static_cast<int>(in.n));
+    check_finite_all({{"logp", in.logp},
+                      {"old_logp", in.old_logp},
+                      {"advantages", in.advantages},
+                      {"ref_logp", in.ref_logp},
+                      {"prefs", pr, CheckKind::kPrefs},
+                      {"advantages", whiten ? stats.narrow(0, SL.var(), in.n) : at::Tensor(), CheckKind::kVariance}},
+                     in.mask, kPL);
+  }
   at::Tensor weights = run_weights(L, stats, pr, in.n, m, g);
   int64_t chunk_len = 0;
   const int64_t cpr = chunks_per_row(L.be, in.T, chunk_len);
@@ -473,7 +521,7 @@ at::Tensor pama_policy_loss_backward(const at::Tensor& grad_loss, const at::Tens
               ": row_scale must be ", acc, " [B]");
   TORCH_CHECK(grad_loss.defined() && grad_loss.numel() == 1, op, ": grad_loss must be a scalar tensor");
   c10::OptionalDeviceGuard guard(logp.device());
-  at::Tensor m = bool_mask(mask, B, T, logp, op);
+  at::Tensor m = bool_mask(mask, B, T, logp, "logp", op);
   auto lp = logp.contiguous(), ol = old_logp.contiguous();
   at::Tensor rl;
   if (ref_logp.has_value() && ref_logp->defined() && beta_loss != 0.0) {
@@ -511,7 +559,7 @@ ValueInputs value_inputs(const at::Tensor& values, const at::Tensor& old_values,
   check_shape(old_values, values.sizes(), op, "old_values", "[n, B, T] (the shape of values)");
   check_like(returns, values, op, "returns", "values");
   check_shape(returns, values.sizes(), op, "returns", "[n, B, T] (the shape of values)");
-  in.mask = bool_mask(mask, in.B, in.T, values, op);
+  in.mask = bool_mask(mask, in.B, in.T, values, "values", op);
   in.values = values.contiguous();
   in.old_values = old_values.contiguous();
   in.returns = returns.contiguous();
@@ -700,20 +748,21 @@ void stats_moments(const StatsParams& p, void*) {
       acc cnt = 0;
       for (int64_t t = t0; t < t1; ++t) cnt += m[t] ? acc(1) : acc(0);
       out[P.cnt()] = cnt;
+      acc inv, rs;
+      moments_chunk_scales(cnt, inv, rs);
       for (int i = 0; i < n; ++i) {
         const scalar_t* a = adv + i * BT + b * p.T;
-        acc s = 0;
+        acc mean = 0;
         for (int64_t t = t0; t < t1; ++t)
-          if (m[t]) s += static_cast<acc>(a[t]);
-        const acc mean = cnt > 0 ? s / cnt : acc(0);
-        acc m2 = 0;
+          if (m[t]) mean += static_cast<acc>(a[t]) * inv;
+        acc msd = 0;
         for (int64_t t = t0; t < t1; ++t)
           if (m[t]) {
-            const acc d = static_cast<acc>(a[t]) - mean;
-            m2 += d * d;
+            const acc d = (static_cast<acc>(a[t]) - mean) * rs;
+            msd += d * d;
           }
-        out[P.sum() + i] = s;
-        out[P.m2() + i] = m2;
+        out[P.mean() + i] = mean;
+        out[P.msd() + i] = msd;
       }
     });
     auto* stats = static_cast<acc*>(p.stats);

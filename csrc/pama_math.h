@@ -50,12 +50,14 @@ struct StatsLayout {
 
 // Per-chunk partial sums. A chunk is a contiguous token range of one row; the CPU uses one chunk
 // per row, the CUDA kernels several. Totals are sums over chunks in a fixed order (deterministic).
-struct MomentsPartial {  // stage 1: [cnt, sum(n), m2(n)]  (m2 around the chunk's own mean)
+// stage 1: [cnt, mean(n), msd(n)]: the chunk's token count, mean and mean squared deviation from
+// that mean (M2 / cnt, not M2: see moments_merge). 0, 0 for an empty chunk.
+struct MomentsPartial {
   int n;
   PAMA_HD explicit MomentsPartial(int n_) : n(n_) {}
   PAMA_HD int cnt() const { return 0; }
-  PAMA_HD int sum() const { return 1; }
-  PAMA_HD int m2() const { return 1 + n; }
+  PAMA_HD int mean() const { return 1; }
+  PAMA_HD int msd() const { return 1 + n; }
   PAMA_HD int size() const { return 1 + 2 * n; }
 };
 struct IndicatorPartial {  // stage 2: [sumI(n), pos(n), ctok(n), gram(n*n)]
@@ -136,21 +138,34 @@ PAMA_HD T whiten_noon(T a, T mean, T istd, bool whiten, bool noon) {
   T x = whiten ? (a - mean) * istd : a;
   return noon ? maxv(x, T(0)) : x;
 }
-// Unbiased variance with var = 0 when count <= 1 (SPEC §3).
+// Moments are accumulated in a scaled form so that no intermediate exceeds the result: a chunk
+// keeps its mean Σ a·(1/cnt) and its mean squared deviation Σ (d·(1/sqrt(cnt)))² (d = a − mean)
+// rather than Σ a and Σ d², and chunks merge through those. Σ d² overflows float32 once
+// |d| ~ 1e19 (d² ~ 1e38) although the variance itself fits (up to FLT_MAX ~ 3.4e38); in this form
+// the variance is right whenever it is representable, and +inf (an honest overflow) otherwise.
+// The per-chunk factors: inv = 1/cnt, rs = 1/sqrt(cnt) (both 0 for an empty chunk).
 template <typename T>
-PAMA_HD T unbiased_var(T m2, T count) {
-  return count > T(1) ? m2 / (count - T(1)) : T(0);
+PAMA_HD void moments_chunk_scales(T cnt, T& inv, T& rs) {
+  inv = cnt > T(0) ? T(1) / cnt : T(0);
+  rs = cnt > T(0) ? T(1) / std::sqrt(cnt) : T(0);
 }
-// Chan's parallel update of a running (count, mean, M2) with one chunk's (cnt, sum, m2).
+// Merges a chunk's (c_cnt, c_mean, c_msd) into a running (count, mean, msd) (Chan's parallel
+// update divided through by the new count): with fa = count/total, fb = c_cnt/total and
+// δ = c_mean − mean, mean += δ·fb and msd = fa·msd + fb·c_msd + (δ·fa)·(δ·fb).
 template <typename T>
-PAMA_HD void chan_combine(T& count, T& mean, T& m2, T c_cnt, T c_sum, T c_m2) {
+PAMA_HD void moments_merge(T& count, T& mean, T& msd, T c_cnt, T c_mean, T c_msd) {
   if (c_cnt <= T(0)) return;
-  T c_mean = c_sum / c_cnt;
-  T total = count + c_cnt;
-  T delta = c_mean - mean;
-  mean += delta * (c_cnt / total);
-  m2 += c_m2 + delta * delta * (count * c_cnt / total);
+  const T total = count + c_cnt;
+  const T fa = count / total, fb = c_cnt / total;
+  const T delta = c_mean - mean;
+  mean += delta * fb;
+  msd = fa * msd + fb * c_msd + (delta * fa) * (delta * fb);
   count = total;
+}
+// Unbiased variance msd·count/(count − 1), 0 when count <= 1 (SPEC §3).
+template <typename T>
+PAMA_HD T unbiased_var(T msd, T count) {
+  return count > T(1) ? msd * (count / (count - T(1))) : T(0);
 }
 
 // ---- §4 ratio, PPO token loss, KL ------------------------------------------------------------
@@ -288,20 +303,20 @@ PAMA_HD void finalize_moments_rows(const T* part, int n, int64_t B, int64_t cpr,
     row_count[b] = c;
   }
 }
-// Moments phase 2 (per objective, after phase 1): mean_i, var_i by Chan's combination; count, num_seqs.
+// Moments phase 2 (per objective, after phase 1): mean_i, var_i by moments_merge; count, num_seqs.
 template <typename T>
 PAMA_HD void finalize_moments_stats(const T* part, int n, int64_t B, int64_t cpr, const T* row_count, T* stats,
                                     int64_t tid, int64_t nth) {
   MomentsPartial P(n);
   StatsLayout L(n);
   for (int64_t i = tid; i < n; i += nth) {
-    T count = 0, mean = 0, m2 = 0;
+    T count = 0, mean = 0, msd = 0;
     for (int64_t k = 0; k < B * cpr; ++k) {
       const T* p = part + k * P.size();
-      chan_combine(count, mean, m2, p[P.cnt()], p[P.sum() + i], p[P.m2() + i]);
+      moments_merge(count, mean, msd, p[P.cnt()], p[P.mean() + i], p[P.msd() + i]);
     }
     stats[L.mean() + i] = mean;
-    stats[L.var() + i] = unbiased_var(m2, count);
+    stats[L.var() + i] = unbiased_var(msd, count);
   }
   if (tid == 0) {
     T count = 0, nseq = 0;

@@ -177,15 +177,19 @@ GradTable grad_table(const c10::List<c10::optional<at::Tensor>>& grads, int64_t 
   t.ptrs.assign(len, nullptr);
   t.numel.assign(t.K, 0);
   std::vector<at::Tensor> col_first(t.K);
+  std::string first_name;
   for (int64_t idx = 0; idx < len; ++idx) {
     const c10::optional<at::Tensor> g = grads.get(idx);
     if (!g.has_value() || !g->defined()) continue;
     const std::string name = grad_name(idx, t.K);
     check_float(*g, op, name);
-    if (!t.first.defined()) t.first = *g;
+    if (!t.first.defined()) {
+      t.first = *g;
+      first_name = name;
+    }
     TORCH_CHECK(g->scalar_type() == t.first.scalar_type(), op, ": ", name, " has dtype ", g->scalar_type(),
                 " but the other gradients are ", t.first.scalar_type(), "; all gradients must share one dtype");
-    need_device(*g, t.first.device(), op, name, "the first gradient");
+    need_device(*g, t.first.device(), op, name, first_name.c_str());
     at::Tensor& cf = col_first[idx % t.K];
     if (!cf.defined()) {
       cf = *g;

@@ -1,7 +1,8 @@
 """Loads the compiled library (pama_ext._C), which registers torch.ops.pama_ext.*.
 
-If it cannot be loaded, pama_ext keeps working on the pure-PyTorch reference path and says so once.
-Set PAMA_EXT_REQUIRE_NATIVE=1 to make a missing or broken build an ImportError instead (the test
+If it cannot be loaded, pama_ext keeps working on the pure-PyTorch reference path and says so once;
+the ops keep their contract there (the argument checks and check_finite of pama_ext.checks run
+before the reference). The ops read NATIVE_AVAILABLE at every call. Set PAMA_EXT_REQUIRE_NATIVE=1 to make a missing or broken build an ImportError instead (the test
 suite does this, so a build problem never passes silently).
 """
 import os

@@ -2,8 +2,11 @@
 
 Each function calls ``torch.ops.pama_ext.<name>`` (C++/CUDA kernels) and has a twin of the same
 name and signature in :mod:`pama_ext.reference`, which is used instead when the compiled library is
-not available. This module also registers the fake (meta) implementations used by torch.compile and
-the autograd formulas (fused backward kernels).
+not available (:data:`pama_ext._native.NATIVE_AVAILABLE`, read at every call); on that path the
+argument checks and ``check_finite`` of :mod:`pama_ext.checks` run first, so both paths keep one
+contract (SPEC §9). This module also registers the fake (meta) implementations used by
+torch.compile, which reject mixed devices, and the autograd formulas (fused backward kernels; no
+op supports double backward).
 
 Conventions: per-objective tensors are ``[n, B, T]`` (objective first), per-token tensors ``[B, T]``,
 ``mask`` is ``[B, T]`` of any dtype (nonzero = in). All floating inputs of one call share one dtype
@@ -19,9 +22,10 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import _native
+from . import checks
 from . import distributed as _dp
 from . import reference
-from ._native import NATIVE_AVAILABLE
 from .reference import METRIC_SCALARS, acc_dtype, stats_layout, stats_num_objectives
 
 __all__ = [
@@ -37,9 +41,13 @@ __all__ = [
 ]
 
 
+def _use_native() -> bool:
+    return _native.NATIVE_AVAILABLE
+
+
 def has_cuda_kernels() -> bool:
     """True when the compiled library contains the CUDA kernels."""
-    return NATIVE_AVAILABLE and bool(torch.ops.pama_ext.has_cuda_kernels())
+    return _use_native() and bool(torch.ops.pama_ext.has_cuda_kernels())
 
 
 def _inf_if_none(x: Optional[float]) -> float:
@@ -47,7 +55,7 @@ def _inf_if_none(x: Optional[float]) -> float:
 
 
 def _needs_native(group, name: str) -> None:
-    if group is not None and not NATIVE_AVAILABLE:
+    if group is not None and not _use_native():
         raise RuntimeError(
             f"pama_ext.{name}: group= (data parallelism) needs the compiled library pama_ext._C, which "
             "could not be loaded; rebuild with `pip install --no-build-isolation -e .`"
@@ -86,7 +94,8 @@ def token_rewards(
     ``r_i[b,t] = -beta_kl * mask * (old_logp - ref_logp) + [t is the last masked-in t of row b] * scores[i,b]``.
     Differentiable w.r.t. scores, old_logp and ref_logp.
     """
-    if not NATIVE_AVAILABLE:
+    if not _use_native():
+        checks.token_rewards_args(scores, old_logp, ref_logp, mask, beta_kl)
         return reference.token_rewards(scores, old_logp, ref_logp, mask, beta_kl)
     return torch.ops.pama_ext.token_rewards(scores, old_logp, ref_logp, mask, float(beta_kl))
 
@@ -97,22 +106,28 @@ def multi_gae(
     """Generalised advantage estimation for every objective and row in one launch (SPEC §2).
 
     Returns ``(advantages, returns)``, both ``[n, B, T]``; masked positions do not break the
-    recursion. Differentiable w.r.t. rewards and values (a fused adjoint scan).
+    recursion. ``gamma`` and ``lam`` are finite numbers in [0, 1]. Differentiable w.r.t. rewards
+    and values (a fused adjoint scan).
     """
-    if not NATIVE_AVAILABLE:
+    if not _use_native():
+        checks.multi_gae_args(rewards, values, mask, gamma, lam)
         return reference.multi_gae(rewards, values, mask, gamma, lam)
     return torch.ops.pama_ext.multi_gae(rewards, values, mask, float(gamma), float(lam))
 
 
 def objective_moments(advantages: Tensor, mask: Tensor, *, group: Optional[Any] = None) -> Tensor:
     """``[count, num_seqs, mean(n), var(n)]`` of the masked advantages: the first ``2 + 2n`` entries
-    of :func:`objective_stats` (unbiased variance, 0 for one token or none). With ``group``, those
-    of the global batch (the ranks' moments gathered and combined in rank order)."""
+    of :func:`objective_stats` (unbiased variance, 0 for one token or none). The moments are
+    accumulated in a scaled form (mean of a/count, sum of (d/sqrt(count))²): the variance is right
+    whenever it fits the accumulation dtype and +inf when it does not (float32, |A| ~ 1e19 or
+    more). With ``group``, those of the global batch (the ranks' moments gathered and combined in
+    rank order)."""
     if group is not None:
         _needs_native(group, "objective_moments")
         local = torch.ops.pama_ext.objective_moments(advantages.detach(), mask)
         return _dp.combine_moments(_dp.all_gather_rows(local, group))
-    if not NATIVE_AVAILABLE:
+    if not _use_native():
+        checks.moments_args(advantages, mask)
         return reference.objective_moments(advantages.detach(), mask)
     return torch.ops.pama_ext.objective_moments(advantages.detach(), mask)
 
@@ -131,15 +146,17 @@ def objective_stats(
     """The flat per-objective statistics vector of SPEC §3.
 
     Layout (:func:`stats_layout`): ``[count, num_seqs, mean(n), var(n), abar(n), pos(n), ctok(n),
-    cseq(n), gram(n*n)]``. Statistics carry no gradient (inputs are detached). With ``group`` (a
-    ``torch.distributed`` process group over which the batch is sharded), the statistics of the
-    global batch, identical on every rank (:mod:`pama_ext.distributed`).
+    cseq(n), gram(n*n)]``; ``eps_hi`` finite and >= 0. Statistics carry no gradient (inputs are
+    detached). With ``group`` (a ``torch.distributed`` process group over which the batch is
+    sharded), the statistics of the global batch, identical on every rank
+    (:mod:`pama_ext.distributed`).
     """
     args = (advantages.detach(), logp.detach(), old_logp.detach(), mask)
     _needs_native(group, "objective_stats")
     if group is not None:
         return _global_stats(*args, eps_hi, whiten, noon, group)
-    if not NATIVE_AVAILABLE:
+    if not _use_native():
+        checks.stats_args(*args, eps_hi)
         return reference.objective_stats(*args, eps_hi, whiten, noon)
     return torch.ops.pama_ext.objective_stats(*args, float(eps_hi), bool(whiten), bool(noon))
 
@@ -150,10 +167,12 @@ def pareto_weights(
     """Objective weights ``[n]`` from a statistics vector (SPEC §4), computed on device.
 
     ``pama``: Theorem 1 on ``abar`` (batch), or the mean per-token / per-sequence Theorem-1 weights
-    (token / sequence); ``linear``: ``prefs`` (uniform when None); ``mgda``: min-norm point of the
-    Gram matrix, exact up to float64 rounding (pama_ext.pareto.mgda_weights; docs/algorithms.md).
+    (token / sequence); ``linear``: ``prefs`` as given (uniform when None); ``mgda``: min-norm
+    point of the Gram matrix, exact up to float64 rounding (pama_ext.pareto.mgda_weights;
+    docs/algorithms.md §6).
     """
-    if not NATIVE_AVAILABLE:
+    if not _use_native():
+        checks.pareto_weights_args(stats, prefs, method, granularity)
         return reference.pareto_weights(stats, method, granularity, prefs)
     return torch.ops.pama_ext.pareto_weights(stats.detach(), prefs, method, granularity)
 
@@ -192,10 +211,13 @@ def pama_policy_loss(
         whiten: whiten each objective's advantages over the masked tokens.
         method: ``"pama"`` (closed form), ``"linear"`` (``prefs``-weighted sum) or ``"mgda"``.
         granularity: ``"token"``, ``"sequence"`` or ``"batch"`` (method ``"pama"`` only).
-        prefs: ``[n]`` weights of ``method="linear"`` (uniform when None).
+        prefs: ``[n]`` weights of ``method="linear"`` (uniform when None), used as given: not
+            normalised, so the loss scales with them (as TRL's ``reward_weights``); >= 0 and not all 0.
         agg: ``"token-mean"``, ``"seq-mean-token-mean"`` or ``"seq-mean-token-sum"``.
-        beta_loss: weight of the k3 KL loss to ``ref_logp``.
-        check_finite: raise if a masked-in input is NaN/Inf (on CUDA this reads one flag back).
+        beta_loss: weight (finite, >= 0) of the k3 KL loss to ``ref_logp``; > 0 needs ``ref_logp``.
+        check_finite: raise if a masked-in input is NaN/Inf, if ``prefs`` is NaN/Inf, negative or all 0,
+            or if the whitening variance of the advantages overflows the accumulation dtype (float32
+            for |advantages| around 1e19); on CUDA these read one flag vector back.
         group: ``torch.distributed`` process group over which the batch is sharded (SPEC §8):
             statistics, weights and denominators are those of the global batch, the loss and
             metrics have their global values on every rank, and the gradient is that of the global
@@ -207,7 +229,14 @@ def pama_policy_loss(
     and ``weights``.
     """
     _needs_native(group, "pama_policy_loss")
-    if not NATIVE_AVAILABLE:
+    if not _use_native():
+        checks.policy_loss_args(logp, old_logp, advantages, mask, ref_logp, prefs, eps_lo, eps_hi,
+                                _inf_if_none(dual_clip), method, granularity, agg, beta_loss)
+        if check_finite:
+            checks.finite("pama_policy_loss", mask,
+                          [("logp", logp), ("old_logp", old_logp), ("advantages", advantages), ("ref_logp", ref_logp)],
+                          prefs=prefs,
+                          variance=reference.masked_moments(advantages.detach(), mask)[2] if whiten else None)
         return reference.pama_policy_loss(
             logp, old_logp, advantages, mask, ref_logp, eps_lo=eps_lo, eps_hi=eps_hi,
             dual_clip=_inf_if_none(dual_clip), noon=noon, whiten=whiten, method=method,
@@ -249,7 +278,11 @@ def multi_value_loss(
     and metrics have their global values on every rank (as in :func:`pama_policy_loss`).
     """
     _needs_native(group, "multi_value_loss")
-    if not NATIVE_AVAILABLE:
+    if not _use_native():
+        checks.value_loss_args(values, old_values, returns, mask, _inf_if_none(clip), agg)
+        if check_finite:
+            checks.finite("multi_value_loss", mask,
+                          [("values", values), ("old_values", old_values), ("returns", returns)])
         return reference.multi_value_loss(values, old_values, returns, mask, clip, agg)
     denominators = None
     if group is not None:
@@ -268,16 +301,39 @@ def multi_value_loss(
 # ------------------------------------------------------------------------------------------------
 # fake (meta) implementations and autograd, registered only when the library is loaded
 # ------------------------------------------------------------------------------------------------
+def not_twice_differentiable(op: str):
+    """(backward, setup_context) to register for a backward op: the first derivative of ``op`` works as usual; a
+    second one (torch.autograd.grad(..., create_graph=True), then a grad of that) raises instead
+    of silently returning a gradient with no second-order term."""
+
+    def setup_context(ctx, inputs, output):
+        pass
+
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"pama_ext.{op}: double backward is not supported (its backward is a fused kernel that is not "
+            "itself differentiable); compute higher-order derivatives with the pama_ext.reference "
+            "implementation instead"
+        )
+
+    return backward, setup_context
+
+
 def _register() -> None:
     lib = "pama_ext::"
     fake = torch.library.register_fake
 
+    # A call mixing a meta tensor with real ones dispatches here, not to the compiled checks:
+    # every fake starts with the device check, so it cannot hand back uninitialised memory.
     @fake(lib + "token_rewards")
     def _(scores, old_logp, ref_logp, mask, beta_kl):
+        checks.same_device("token_rewards", ("old_logp", old_logp), ("scores", scores), ("ref_logp", ref_logp),
+                           ("mask", mask))
         return old_logp.new_empty((scores.shape[0], *old_logp.shape))
 
     @fake(lib + "multi_gae")
     def _(rewards, values, mask, gamma, lam):
+        checks.same_device("multi_gae", ("values", values), ("rewards", rewards), ("mask", mask))
         return torch.empty_like(values), torch.empty_like(values)
 
     @fake(lib + "multi_gae_backward")
@@ -286,22 +342,28 @@ def _register() -> None:
 
     @fake(lib + "objective_moments")
     def _(advantages, mask):
+        checks.same_device("objective_moments", ("advantages", advantages), ("mask", mask))
         n = advantages.shape[0]
         return advantages.new_empty((2 + 2 * n,), dtype=acc_dtype(advantages.dtype))
 
     @fake(lib + "objective_stats")
     def _(advantages, logp, old_logp, mask, eps_hi, whiten, noon, moments=None, with_gram=True):
+        checks.same_device("objective_stats", ("logp", logp), ("old_logp", old_logp), ("advantages", advantages),
+                           ("mask", mask), ("moments", moments))
         n = advantages.shape[0]
         return logp.new_empty(((n + 3) ** 2 - 7,), dtype=acc_dtype(logp.dtype))
 
     @fake(lib + "pareto_weights")
     def _(stats, prefs, method, granularity):
+        checks.same_device("pareto_weights", ("stats", stats), ("prefs", prefs))
         n = stats_num_objectives(int(stats.shape[0]))
         return stats.new_empty((n,), dtype=acc_dtype(stats.dtype))
 
     @fake(lib + "pama_policy_loss")
     def _(logp, old_logp, advantages, mask, ref_logp, prefs, eps_lo, eps_hi, dual_clip, noon, whiten,
           method, granularity, agg, beta_loss, check_finite, global_stats=None):
+        checks.same_device("pama_policy_loss", ("logp", logp), ("old_logp", old_logp), ("advantages", advantages),
+                           ("mask", mask), ("ref_logp", ref_logp), ("prefs", prefs), ("global_stats", global_stats))
         acc = acc_dtype(logp.dtype)
         n = advantages.shape[0]
         return (
@@ -317,6 +379,8 @@ def _register() -> None:
 
     @fake(lib + "multi_value_loss")
     def _(values, old_values, returns, mask, clip, agg, check_finite, denominators=None):
+        checks.same_device("multi_value_loss", ("values", values), ("old_values", old_values), ("returns", returns),
+                           ("mask", mask), ("denominators", denominators))
         acc = acc_dtype(values.dtype)
         return (
             values.new_empty((), dtype=acc),
@@ -395,6 +459,10 @@ def _register() -> None:
 
     torch.library.register_autograd(lib + "multi_value_loss", vl_backward, setup_context=vl_setup)
 
+    for name in ("multi_gae", "pama_policy_loss", "multi_value_loss"):
+        backward, setup = not_twice_differentiable(name)
+        torch.library.register_autograd(lib + name + "_backward", backward, setup_context=setup)
 
-if NATIVE_AVAILABLE:
+
+if _native.NATIVE_AVAILABLE:
     _register()

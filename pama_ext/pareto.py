@@ -18,13 +18,14 @@ import torch
 from torch import Tensor
 
 from . import reference
-from ._native import NATIVE_AVAILABLE
+from . import _native
 
 __all__ = ["pama_weights", "linear_weights", "mgda_weights", "cagrad_weights", "pcgrad_weights"]
 
 
-def _native() -> bool:
-    return NATIVE_AVAILABLE and hasattr(torch.ops.pama_ext, "gram_weights")
+def _use_native() -> bool:
+    """Read at every call, as pama_ext.ops does (the fallback can be switched on in tests)."""
+    return _native.NATIVE_AVAILABLE and hasattr(torch.ops.pama_ext, "gram_weights")
 
 
 def _check_gram(G: Tensor) -> None:
@@ -61,7 +62,7 @@ def mgda_weights(G: Tensor) -> Tensor:
     within 1e-10 of max_i G_ii; weights are not unique where G is singular, the direction
     ``sum_i c_i g_i`` is). The same solver as ``pareto_weights(method="mgda")``."""
     _check_gram(G)
-    if not _native():
+    if not _use_native():
         return reference.mgda_weights(_acc(G))
     return _solve(G, None, "mgda", 0.0, False)
 
@@ -79,7 +80,7 @@ def cagrad_weights(G: Tensor, w: Optional[Tensor] = None, c: float = 0.4, clip: 
     _check_gram(G)
     if c < 0:
         raise ValueError(f"c must be >= 0, got {c}")
-    if not _native():
+    if not _use_native():
         return reference.cagrad_weights(_acc(G), w, c, clip)
     return _solve(G, w, "cagrad", c, clip)
 
@@ -88,6 +89,6 @@ def pcgrad_weights(G: Tensor) -> Tensor:
     """PCGrad in Gram form (SPEC §6): coefficients ``sum_i v_i`` of the projected gradients, with
     objectives projected in the fixed order j = 0..n-1."""
     _check_gram(G)
-    if not _native():
+    if not _use_native():
         return reference.pcgrad_weights(_acc(G))
     return _solve(G, None, "pcgrad", 0.0, False)

@@ -2,8 +2,9 @@
 matrix of per-objective parameter gradients and their weighted combination.
 
 Each function calls ``torch.ops.pama_ext.<name>`` (C++/CUDA kernels) and has a twin of the same name
-and signature in :mod:`pama_ext.reference`, used instead when the compiled library is absent. Like
-every pama_ext op they run on device and never read a value back to the host.
+and signature in :mod:`pama_ext.reference`, used instead when the compiled library is absent (after
+the argument checks of :mod:`pama_ext.checks`, the compiled ops' contract). Like every pama_ext op
+they run on device and never read a value back to the host.
 
 A RACO / MGDA step with these ops::
 
@@ -20,17 +21,19 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from . import _native
+from . import checks
 from . import reference
+from .ops import not_twice_differentiable
 from .reference import acc_dtype
-from ._native import NATIVE_AVAILABLE
 
 __all__ = ["multi_dpo_loss", "gradient_gram", "combine_gradients"]
 
 GradTable = Sequence[Sequence[Optional[Tensor]]]
 
 
-def _native(name: str) -> bool:
-    return NATIVE_AVAILABLE and hasattr(torch.ops.pama_ext, name)
+def _use_native(name: str) -> bool:
+    return _native.NATIVE_AVAILABLE and hasattr(torch.ops.pama_ext, name)
 
 
 def multi_dpo_loss(
@@ -63,7 +66,8 @@ def multi_dpo_loss(
     log-prob tensors (fused backward kernel).
     """
     args = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    if not _native("multi_dpo_loss"):
+    if not _use_native("multi_dpo_loss"):
+        checks.dpo_loss_args(*args, labels, beta, chosen_lengths, rejected_lengths)
         acc = acc_dtype(policy_chosen_logps.dtype)
         return reference.multi_dpo_loss(*(x.to(acc) for x in args), labels, beta,
                                         chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
@@ -71,7 +75,7 @@ def multi_dpo_loss(
 
 
 def _flatten(grads: GradTable) -> Tuple[List[Optional[Tensor]], int, int]:
-    n, K = reference._grad_table(grads)
+    n, K = reference.grad_table_shape(grads)
     flat = [None if g is None else g.detach() for row in grads for g in row]
     return flat, n, K
 
@@ -83,7 +87,8 @@ def gradient_gram(grads: GradTable) -> Tensor:
     float32 result with float32 accumulation (float64 for float64 gradients); no n x d buffer is
     ever built. Deterministic: fixed blocks, fixed-order reduction.
     """
-    if not _native("gradient_gram"):
+    if not _use_native("gradient_gram"):
+        checks.grad_table_args("gradient_gram", grads)
         return reference.gradient_gram(grads)
     flat, n, _ = _flatten(grads)
     if all(g is None for g in flat):  # nothing to dispatch on: no gradient at all
@@ -98,24 +103,26 @@ def combine_gradients(grads: GradTable, coeffs: Tensor, params: Sequence[Tensor]
 
     ``coeffs`` is a device tensor ``[n]`` (never read on the host). With ``accumulate=True`` the sum
     is added to an existing ``.grad``; a missing ``.grad`` is created with the parameter's dtype.
-    The sum accumulates in float32 (float64 for float64 gradients or parameters).
+    The sum accumulates in float32 (float64 for float64 gradients or parameters). A call that fails
+    its checks leaves every ``.grad`` as it was.
     """
-    if not _native("combine_gradients"):
+    params = list(params)
+    if not _use_native("combine_gradients"):
+        checks.combine_args(grads, coeffs, params)
         return reference.combine_gradients(grads, coeffs, params, accumulate=accumulate)
     flat, n, K = _flatten(grads)
-    params = list(params)
     if len(params) != K:
-        raise ValueError(f"params has {len(params)} entries but grads[0] has {K}")
-    fresh = [k for k, p in enumerate(params) if p.grad is None]
-    held = [k for k, p in enumerate(params) if p.grad is not None]
-    for k in fresh:
-        p = params[k]
-        p.grad = torch.empty(p.shape, dtype=p.dtype, device=p.device)
-    for idx, acc in ((fresh, False), (held, accumulate)):
-        if not idx:
-            continue
-        sub = [flat[i * K + k] for i in range(n) for k in idx]
-        torch.ops.pama_ext.combine_gradients(sub, n, coeffs.detach(), [params[k].grad for k in idx], acc)
+        raise ValueError(f"combine_gradients: params has {len(params)} entries but grads[0] has {K}")
+    # One call over every parameter, so that errors name grads[i][k] by the caller's indices. A
+    # missing .grad is written into a new tensor (zeros when accumulating) that is attached only
+    # after the call has passed its checks: a failed check leaves every .grad as it was.
+    new = {k: (torch.zeros if accumulate else torch.empty)(p.shape, dtype=p.dtype, device=p.device)
+           for k, p in enumerate(params) if p.grad is None}
+    out = [new[k] if k in new else p.grad for k, p in enumerate(params)]
+    if K:
+        torch.ops.pama_ext.combine_gradients(flat, n, coeffs.detach(), out, accumulate)
+    for k, g in new.items():
+        params[k].grad = g
     return None
 
 
@@ -126,8 +133,12 @@ def _register() -> None:
     lib = "pama_ext::"
     fake = torch.library.register_fake
 
+    # as in ops.py: a meta tensor among real ones lands here, so every fake checks the devices
     @fake(lib + "multi_dpo_loss")
     def _(pc, pr, rc, rr, labels, beta, chosen_lengths, rejected_lengths):
+        checks.same_device("multi_dpo_loss", ("policy_chosen_logps", pc), ("policy_rejected_logps", pr),
+                           ("ref_chosen_logps", rc), ("ref_rejected_logps", rr), ("labels", labels),
+                           ("chosen_lengths", chosen_lengths), ("rejected_lengths", rejected_lengths))
         acc = acc_dtype(pc.dtype)
         return pc.new_empty((labels.shape[0],), dtype=acc), pc.new_empty(tuple(labels.shape), dtype=acc)
 
@@ -137,6 +148,7 @@ def _register() -> None:
 
     @fake(lib + "gradient_gram")
     def _(grads, num_objectives):
+        checks.same_device("gradient_gram", *checks.flat_grads_named(grads, num_objectives))
         like = next((g for g in grads if g is not None), None)
         if like is None:
             return torch.empty((num_objectives, num_objectives), dtype=torch.float32)
@@ -144,10 +156,13 @@ def _register() -> None:
 
     @fake(lib + "combine_gradients")
     def _(grads, num_objectives, coeffs, out, accumulate):
+        checks.same_device("combine_gradients", ("out", list(out)), *checks.flat_grads_named(grads, num_objectives),
+                           ("coeffs", coeffs))
         return None
 
     @fake(lib + "gram_weights")
     def _(G, w, method, c, clip):
+        checks.same_device("gram_weights", ("G", G), ("w", w))
         return G.new_empty((G.shape[0],), dtype=acc_dtype(G.dtype))
 
     def dpo_setup(ctx, inputs, output):
@@ -164,7 +179,9 @@ def _register() -> None:
         return (gc, -gr if need[1] else None, -gc if need[2] else None, gr, None, None, None, None)
 
     torch.library.register_autograd(lib + "multi_dpo_loss", dpo_backward, setup_context=dpo_setup)
+    backward, setup = not_twice_differentiable("multi_dpo_loss")
+    torch.library.register_autograd(lib + "multi_dpo_loss_backward", backward, setup_context=setup)
 
 
-if _native("multi_dpo_loss"):
+if _use_native("multi_dpo_loss"):
     _register()

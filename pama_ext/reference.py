@@ -33,6 +33,8 @@ __all__ = [
     "k3_kl",
     "masked_moments",
     "masked_whiten",
+    "zero_padding",
+    "grad_table_shape",
     "METRIC_SCALARS",
     "dpo_margins",
     "label_signs",
@@ -97,6 +99,16 @@ def _fmask(mask: Tensor, dtype: torch.dtype) -> Tensor:
     return (mask != 0).to(dtype)
 
 
+def zero_padding(x: Tensor, mask: Tensor) -> Tensor:
+    """``x`` with 0 on the masked-out positions of ``mask`` ([B, T], broadcast over leading dims).
+
+    A select, not a product: NaN/Inf padding times 0 is still NaN, and it would leak into the
+    sums (and, through the backward of a product, into the gradients). Every function below that
+    takes [B, T]-shaped data passes it through here first, so padding never matters (SPEC §9).
+    """
+    return torch.where(mask != 0, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 def _last_valid_onehot(mask: Tensor, dtype: torch.dtype) -> Tensor:
     """[B, T] one-hot of the last masked-in position of each row (all zero for an empty row)."""
     m = mask != 0
@@ -114,7 +126,7 @@ def agg_loss(loss_mat: Tensor, mask: Tensor, agg: str) -> Tensor:
     masked batch aggregates to 0.
     """
     m = _fmask(mask, loss_mat.dtype)
-    row_sum = (loss_mat * m).sum(-1)  # [..., B]
+    row_sum = zero_padding(loss_mat, mask).sum(-1)  # [..., B]
     row_cnt = m.sum(-1)  # [B]
     if agg == "token-mean":
         return row_sum.sum(-1) / row_cnt.sum().clamp(min=1)
@@ -134,8 +146,7 @@ def token_rewards(
 ) -> Tensor:
     """r_i[b,t] = -beta_kl * mask * (old_logp - ref_logp) + [t = last valid t of row b] * R_i[b]."""
     dt = old_logp.dtype
-    m = _fmask(mask, dt)
-    kl = (old_logp - ref_logp) * m
+    kl = zero_padding(old_logp - ref_logp, mask)
     last = _last_valid_onehot(mask, dt)
     return (-beta_kl * kl).unsqueeze(0) + scores.to(dt).unsqueeze(-1) * last.unsqueeze(0)
 
@@ -202,11 +213,17 @@ def _ratio(logp: Tensor, old_logp: Tensor) -> Tensor:
 
 def masked_moments(advantages: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     """(count, mean [n], var [n]) of each objective over the masked tokens (SPEC §3: unbiased
-    variance, 0 when count <= 1)."""
-    m = _fmask(mask, advantages.dtype)
-    count = m.sum()
-    mean = (advantages * m).sum((1, 2)) / count.clamp(min=1)
-    var = ((advantages - mean[:, None, None]).square() * m).sum((1, 2)) / (count - 1).clamp(min=1)
+    variance, 0 when count <= 1).
+
+    Scaled as the kernels (pama_math.h moments_chunk_scales): the mean sums a / count and the
+    variance sums (d / sqrt(count - 1))^2, so no partial sum exceeds the result (a plain sum of d^2
+    overflows float32 for |d| ~ 1e19 although the variance fits; +inf only when it does not).
+    """
+    count = _fmask(mask, advantages.dtype).sum()
+    a = zero_padding(advantages, mask)
+    mean = (a * (1 / count.clamp(min=1))).sum((1, 2))
+    d = zero_padding(a - mean[:, None, None], mask) * torch.rsqrt((count - 1).clamp(min=1))
+    var = d.square().sum((1, 2))
     return count, mean, torch.where(count > 1, var, torch.zeros_like(var))
 
 
@@ -244,6 +261,7 @@ def _whitened_noon(advantages: Tensor, mask: Tensor, whiten: bool, noon: bool):
 def _stats_from(advantages, logp, old_logp, mask, eps_hi, whiten, noon):
     dt = advantages.dtype
     m = _fmask(mask, dt)
+    advantages, logp, old_logp = (zero_padding(x, mask) for x in (advantages, logp, old_logp))
     count, row_cnt, mean, var, N = _whitened_noon(advantages, mask, whiten, noon)
     safe = count.clamp(min=1)
     ind = (_ratio(logp, old_logp) <= 1 + eps_hi).to(dt)
@@ -359,8 +377,10 @@ def pama_policy_loss(
     check_finite: bool = True,
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """(loss, metrics). Differentiable w.r.t. ``logp`` only (SPEC §4)."""
-    del check_finite  # the reference propagates NaN; the kernels check
-    advantages = advantages.detach()
+    del check_finite  # the checks are pama_ext.checks' (ops.py runs them on the fallback path)
+    logp, old_logp, advantages = (zero_padding(x, mask) for x in (logp, old_logp, advantages.detach()))
+    if ref_logp is not None:
+        ref_logp = zero_padding(ref_logp, mask)
     a_tilde, weights, stats = combined_advantage(
         advantages, logp.detach(), old_logp, mask,
         eps_hi=eps_hi, noon=noon, whiten=whiten, method=method, granularity=granularity, prefs=prefs,
@@ -385,7 +405,7 @@ def pama_policy_loss(
         "pg_loss": pg_loss.detach(),
         "kl_loss": kl_loss.detach(),
         "clipfrac": ((l2 > l1).to(dt) * m).sum().detach() / cnt,
-        "approx_kl": ((old_logp - logp) * m).sum().detach() / cnt,
+        "approx_kl": zero_padding(old_logp - logp, mask).sum().detach() / cnt,
         "active": ((a_tilde > 0).to(dt) * m).sum() / cnt,
         "abar": stats[lay["abar"]],
         "pos": stats[lay["pos"]],
@@ -408,6 +428,7 @@ def multi_value_loss(
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """L_V = 1/2 * sum_i agg(max((V_i - ret_i)^2, (Vc_i - ret_i)^2)); metrics: clipfrac, per-head loss."""
     del check_finite
+    values, old_values, returns = (zero_padding(x, mask) for x in (values, old_values, returns))
     eps = float("inf") if clip is None else clip
     diff = values - old_values
     # inside the clip range Vc is V itself (old + (V - old) differs from V by rounding)
@@ -482,7 +503,8 @@ def multi_dpo_loss(
 # --------------------------------------------------------------------------------------------
 # §6 full-gradient statistics: Gram of per-objective parameter gradients, combination
 # --------------------------------------------------------------------------------------------
-def _grad_table(grads) -> Tuple[int, int]:
+def grad_table_shape(grads) -> Tuple[int, int]:
+    """(n, K) of a table ``grads[i][k]`` of n objectives' gradients of K parameters."""
     n = len(grads)
     if n < 1:
         raise ValueError("grads: expected n >= 1 sequences of per-parameter gradients, got 0")
@@ -498,7 +520,7 @@ def gradient_gram(grads) -> Tensor:
 
     float64 when the gradients are float64, float32 otherwise (float32 accumulation).
     """
-    n, K = _grad_table(grads)
+    n, K = grad_table_shape(grads)
     present = [g for row in grads for g in row if g is not None]
     like = present[0] if present else None
     acc = acc_dtype(like.dtype) if like is not None else torch.float32
@@ -522,9 +544,10 @@ def combine_gradients(grads, coeffs: Tensor, params, *, accumulate: bool = False
     The sum runs over i in order in the accumulation dtype (float64 for float64 gradients or
     parameters, float32 otherwise); a new .grad has the parameter's dtype.
     """
-    n, K = _grad_table(grads)
+    n, K = grad_table_shape(grads)
     if len(params) != K:
         raise ValueError(f"params has {len(params)} entries but grads[0] has {K}")
+    totals = []  # every sum first: a failure leaves every .grad as it was
     for k, p in enumerate(params):
         col = [grads[i][k] for i in range(n)]
         f64 = p.dtype == torch.float64 or any(g is not None and g.dtype == torch.float64 for g in col)
@@ -533,10 +556,12 @@ def combine_gradients(grads, coeffs: Tensor, params, *, accumulate: bool = False
         for i, g in enumerate(col):
             if g is not None:
                 total = total + coeffs[i].to(acc) * g.detach().reshape(p.shape).to(acc)
+        totals.append(total)
+    for p, total in zip(params, totals):
         if p.grad is None:
             p.grad = total.to(p.dtype)
         elif accumulate:
-            p.grad.copy_(p.grad.to(acc) + total)
+            p.grad.copy_(p.grad.to(total.dtype) + total)
         else:
             p.grad.copy_(total)
 

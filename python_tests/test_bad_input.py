@@ -1,6 +1,10 @@
 """Bad input gives a clear error (RuntimeError or ValueError) whose message names the argument;
 NaN/Inf on masked-in positions is an error by default (check_finite=True) and ignored on masked-out
 positions; non-contiguous inputs give the same results as contiguous ones.
+
+Every test runs twice: on the compiled ops ("native") and on the reference fallback that
+pama_ext uses when the compiled library cannot be loaded ("fallback", forced by clearing
+pama_ext._native.NATIVE_AVAILABLE): both paths keep one contract (SPEC §9).
 """
 from __future__ import annotations
 
@@ -9,16 +13,24 @@ import re
 import pytest
 import torch
 
-from pama_ext import ops
+import pama_ext
+from pama_ext import _native, ops, pareto
 from op_runners import run_multi_gae, run_objective_stats, run_policy_loss, run_token_rewards, run_value_loss
-from pama_testutils import make_inputs, resolve_device
+from pama_testutils import make_inputs, require_native, resolve_device
 
 F64 = torch.float64
 ERRORS = (RuntimeError, ValueError)
 
-# argument checking is the compiled library's job: without it (pure-Python fallback) these tests
-# are skipped, and fail under PAMA_EXT_REQUIRE_NATIVE=1
-pytestmark = pytest.mark.usefixtures("native")
+
+@pytest.fixture(params=["native", "fallback"], autouse=True)
+def path(request, monkeypatch):
+    """The compiled ops (skipped without them, failed under PAMA_EXT_REQUIRE_NATIVE=1), or the
+    reference fallback with its Python argument checks (pama_ext.checks)."""
+    if request.param == "native":
+        require_native()
+    else:
+        monkeypatch.setattr(_native, "NATIVE_AVAILABLE", False)
+    return request.param
 
 
 def names_arg(msg: str, arg: str) -> bool:
@@ -375,3 +387,275 @@ def test_prefs_non_contiguous(device):
     b = run_policy_loss(ops, x, method="linear", prefs=prefs.contiguous())
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+# ----------------------------------------------------------------------------------------------
+# a meta tensor among CPU tensors: the dispatcher sends such a call to the fake (meta) kernel,
+# which must reject it rather than hand back uninitialised memory (or write it into .grad)
+# ----------------------------------------------------------------------------------------------
+def _dpo_tensors():
+    g = torch.Generator().manual_seed(5)
+    a = {k: -(20 + 10 * torch.rand(5, generator=g, dtype=F64))
+         for k in ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps")}
+    a["labels"] = torch.randint(-1, 2, (2, 5), generator=g)
+    a["chosen_lengths"] = torch.full((5,), 3.0, dtype=F64)
+    a["rejected_lengths"] = torch.full((5,), 4.0, dtype=F64)
+    return a
+
+
+def _grad_tensors():
+    g = torch.Generator().manual_seed(6)
+    return {f"grads[{i}][{k}]": torch.randn(*s, generator=g, dtype=F64)
+            for i in range(2) for k, s in enumerate([(3, 2), (4,)])}
+
+
+def _table(a):
+    return [[a[f"grads[{i}][{k}]"] for k in range(2)] for i in range(2)]
+
+
+def _combine(a):
+    params = [torch.zeros(3, 2, dtype=F64), torch.zeros(4, dtype=F64)]
+    pama_ext.combine_gradients(_table(a), a["coeffs"], params)
+    return params
+
+
+def _tensors_of(op):
+    x = X("cpu")
+    base = {k: getattr(x, k) for k in ("scores", "logp", "old_logp", "ref_logp", "advantages", "rewards", "values",
+                                        "old_values", "returns", "mask")}
+    base["prefs"] = torch.tensor([0.2, 0.5, 0.3], dtype=F64)
+    if op == "pareto_weights":
+        base["stats"] = ops.objective_stats(x.advantages, x.logp, x.old_logp, x.mask)
+    if op == "multi_dpo_loss":
+        base = _dpo_tensors()
+    if op in ("gradient_gram", "combine_gradients"):
+        base = _grad_tensors()
+        base["coeffs"] = torch.tensor([0.3, 0.7], dtype=F64)
+    if op == "gram_weights":
+        J = torch.tensor([[1.0, 0.0], [0.5, 2.0]], dtype=F64)
+        base = {"G": J @ J.T, "w": torch.tensor([0.4, 0.6], dtype=F64)}
+    return base
+
+
+META_OPS = {
+    "token_rewards": (lambda a: ops.token_rewards(a["scores"], a["old_logp"], a["ref_logp"], a["mask"], 0.1),
+                      ("scores", "old_logp", "ref_logp", "mask")),
+    "multi_gae": (lambda a: ops.multi_gae(a["rewards"], a["values"], a["mask"]), ("rewards", "values", "mask")),
+    "objective_moments": (lambda a: ops.objective_moments(a["advantages"], a["mask"]), ("advantages", "mask")),
+    "objective_stats": (lambda a: ops.objective_stats(a["advantages"], a["logp"], a["old_logp"], a["mask"]),
+                        ("advantages", "logp", "old_logp", "mask")),
+    "pareto_weights": (lambda a: ops.pareto_weights(a["stats"], "linear", "batch", a["prefs"]), ("stats", "prefs")),
+    "pama_policy_loss": (lambda a: ops.pama_policy_loss(a["logp"], a["old_logp"], a["advantages"], a["mask"],
+                                                        a["ref_logp"], method="linear", prefs=a["prefs"],
+                                                        beta_loss=0.1),
+                         ("logp", "old_logp", "advantages", "mask", "ref_logp", "prefs")),
+    "multi_value_loss": (lambda a: ops.multi_value_loss(a["values"], a["old_values"], a["returns"], a["mask"]),
+                         ("values", "old_values", "returns", "mask")),
+    "multi_dpo_loss": (lambda a: pama_ext.multi_dpo_loss(
+        a["policy_chosen_logps"], a["policy_rejected_logps"], a["ref_chosen_logps"], a["ref_rejected_logps"],
+        a["labels"], chosen_lengths=a["chosen_lengths"], rejected_lengths=a["rejected_lengths"]),
+        ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps", "labels",
+         "chosen_lengths", "rejected_lengths")),
+    "gradient_gram": (lambda a: pama_ext.gradient_gram(_table(a)), ("grads[0][0]", "grads[1][0]", "grads[1][1]")),
+    "combine_gradients": (_combine, ("grads[0][1]", "grads[1][0]", "coeffs")),
+    "gram_weights": (lambda a: pareto.cagrad_weights(a["G"], a["w"]), ("G", "w")),
+}
+
+
+@pytest.mark.parametrize("op,arg", [(op, arg) for op, (_, args) in META_OPS.items() for arg in args])
+def test_meta_tensor_among_cpu_tensors_is_an_error(op, arg):
+    fn, _ = META_OPS[op]
+    a = _tensors_of(op)
+    a[arg] = a[arg].to("meta")
+    expect_error(arg, fn, a)
+
+
+def test_combine_gradients_failure_leaves_grad_untouched():
+    """A call that fails its checks (shape, or a meta coefficient vector) changes no .grad: a
+    missing one stays None (not uninitialised memory), an existing one keeps its values."""
+    a = _grad_tensors()
+    table = _table(a)
+    bad_shape = [[table[0][0], table[0][1]], [table[1][0], table[1][1][:3]]]
+    coeffs = torch.tensor([0.3, 0.7], dtype=F64)
+    for grads, c, arg in ((bad_shape, coeffs, "grads[1][1]"), (table, coeffs.to("meta"), "coeffs")):
+        for accumulate in (False, True):
+            fresh, held = torch.zeros(3, 2, dtype=F64), torch.zeros(4, dtype=F64)
+            held.grad = torch.full((4,), 7.0, dtype=F64)
+            expect_error(arg, pama_ext.combine_gradients, grads, c, [fresh, held], accumulate=accumulate)
+            assert fresh.grad is None
+            assert torch.equal(held.grad, torch.full((4,), 7.0, dtype=F64))
+
+
+# ----------------------------------------------------------------------------------------------
+# scalar options and the KL loss
+# ----------------------------------------------------------------------------------------------
+BAD_UNIT = [-0.1, 1.5, float("nan"), float("inf")]
+BAD_NONNEG = [-0.1, float("nan"), float("inf")]
+
+
+@pytest.mark.parametrize("value", BAD_UNIT, ids=str)
+@pytest.mark.parametrize("arg", ["gamma", "lam"])
+def test_gae_gamma_lam_out_of_range(device, arg, value):
+    x = X(device)
+    expect_error(arg, ops.multi_gae, x.rewards, x.values, x.mask, **{arg: value})
+
+
+def test_gae_gamma_lam_bounds_are_accepted(device):
+    x = X(device)
+    for gamma, lam in ((0.0, 1.0), (1.0, 0.0)):
+        adv, ret = ops.multi_gae(x.rewards, x.values, x.mask, gamma=gamma, lam=lam)
+        assert torch.isfinite(adv).all() and torch.isfinite(ret).all()
+
+
+@pytest.mark.parametrize("value", BAD_NONNEG, ids=str)
+def test_eps_hi_out_of_range(device, value):
+    x = X(device)
+    expect_error("eps_hi", ops.objective_stats, x.advantages, x.logp, x.old_logp, x.mask, eps_hi=value)
+    expect_error("eps_hi", ops.pama_policy_loss, x.logp, x.old_logp, x.advantages, x.mask, eps_hi=value)
+
+
+@pytest.mark.parametrize("value", BAD_NONNEG, ids=str)
+def test_beta_loss_out_of_range(device, value):
+    x = X(device)
+    expect_error("beta_loss", ops.pama_policy_loss, x.logp, x.old_logp, x.advantages, x.mask, x.ref_logp,
+                 beta_loss=value)
+
+
+def test_beta_loss_without_ref_logp_is_an_error(device):
+    """beta_loss > 0 with ref_logp=None used to drop the KL term silently."""
+    x = X(device)
+    msg = expect_error("ref_logp", ops.pama_policy_loss, x.logp, x.old_logp, x.advantages, x.mask, None,
+                       beta_loss=0.1)
+    assert names_arg(msg, "beta_loss"), msg
+    loss, _ = ops.pama_policy_loss(x.logp, x.old_logp, x.advantages, x.mask, None, beta_loss=0.0)  # no KL: fine
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("prefs", [[0.5, -0.1, 0.6], [0.0, 0.0, 0.0]], ids=["negative", "zero"])
+def test_prefs_negative_or_all_zero_is_an_error(device, prefs):
+    """prefs are weights used as given (not normalised): they must be >= 0 and not all 0, which
+    check_finite checks in its single host read. Without the check they are used as given."""
+    x = X(device)
+    p = torch.tensor(prefs, dtype=F64, device=device)
+    msg = expect_error("prefs", ops.pama_policy_loss, x.logp, x.old_logp, x.advantages, x.mask, method="linear",
+                       prefs=p)
+    assert ">= 0" in msg, msg
+    loss, m = ops.pama_policy_loss(x.logp, x.old_logp, x.advantages, x.mask, method="linear", prefs=p,
+                                   check_finite=False)
+    torch.testing.assert_close(m["weights"], p, rtol=0, atol=0)
+    assert torch.isfinite(loss)
+
+
+# ----------------------------------------------------------------------------------------------
+# whitening variance that overflows float32
+# ----------------------------------------------------------------------------------------------
+def test_variance_overflow_is_an_error(device):
+    """|advantages| ~ 1e20 in float32: the variance (~1e40) does not fit in float32, whitening would
+    divide every advantage to 0 (loss 0, gradient 0): an error naming advantages by default."""
+    x = X(device, dtype=torch.float32)
+    big = x.advantages * 1e20
+    assert torch.isfinite(big).all()
+    msg = expect_error("advantages", ops.pama_policy_loss, x.logp, x.old_logp, big, x.mask)
+    assert "overflow" in msg, msg
+    loss, _ = ops.pama_policy_loss(x.logp, x.old_logp, big, x.mask, whiten=False)  # nothing to whiten
+    assert torch.isfinite(loss)
+    var = ops.objective_moments(big, x.mask)[2 + 3:]  # the overflowed variances are +inf, not garbage
+    assert torch.isinf(var).all()
+
+
+def test_non_finite_padding_token_rewards(device):
+    x = X(device)
+    dirty = x.to()
+    for name in ("old_logp", "ref_logp"):
+        getattr(dirty, name)[~x.mask] = float("nan")
+    a, b = run_token_rewards(ops, x, beta_kl=0.1), run_token_rewards(ops, dirty, beta_kl=0.1)
+    m = x.mask.bool()
+    torch.testing.assert_close(b["rewards"][:, m], a["rewards"][:, m], rtol=0, atol=0)
+    assert torch.isfinite(b["rewards"]).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# the two paths raise the same errors, word for word
+# ----------------------------------------------------------------------------------------------
+def _bad_calls():
+    """(label, thunk) pairs: every argument of every op broken in each way, and the value checks."""
+    x = X("cpu")
+    breakers = {"rank": lambda t: t.unsqueeze(0), "flat": lambda t: t.reshape(-1),
+                "T+1": lambda t: torch.cat([t, t[..., :1]], -1), "dtype": lambda t: t.float(),
+                "int": lambda t: (t * 10).long(), "complex": lambda t: t.to(torch.complex128)}
+    calls = []
+    for op, arg in CASES:
+        for how, brk in breakers.items():
+            if arg == "mask" and how in ("dtype", "int"):  # any real mask dtype is valid
+                continue
+            fn, a = args_of(x, op)
+            a[arg] = brk(a[arg])
+            calls.append((f"{op}:{arg}:{how}", lambda fn=fn, a=a: _call(fn, a)))
+    pl = lambda **kw: ops.pama_policy_loss(*(kw.pop(k, getattr(x, k)) for k in ("logp", "old_logp", "advantages",
+                                                                               "mask")), **kw)  # noqa: E731
+    for value in BAD_UNIT:
+        calls.append((f"gamma={value}", lambda v=value: ops.multi_gae(x.rewards, x.values, x.mask, gamma=v)))
+        calls.append((f"lam={value}", lambda v=value: ops.multi_gae(x.rewards, x.values, x.mask, lam=v)))
+    for value in BAD_NONNEG:
+        calls.append((f"stats eps_hi={value}",
+                      lambda v=value: ops.objective_stats(x.advantages, x.logp, x.old_logp, x.mask, eps_hi=v)))
+        calls.append((f"eps_hi={value}", lambda v=value: pl(eps_hi=v)))
+        calls.append((f"beta_loss={value}", lambda v=value: pl(ref_logp=x.ref_logp, beta_loss=v)))
+    calls += [("no ref_logp", lambda: pl(beta_loss=0.1)),
+              ("eps_lo", lambda: pl(eps_lo=1.0)), ("dual_clip", lambda: pl(dual_clip=1.0)),
+              ("method", lambda: pl(method="pareto")), ("granularity", lambda: pl(granularity="row")),
+              ("agg", lambda: pl(agg="mean")),
+              ("prefs shape", lambda: pl(method="linear", prefs=torch.ones(4, dtype=F64))),
+              ("prefs negative", lambda: pl(method="linear", prefs=torch.tensor([1.0, -1.0, 1.0], dtype=F64))),
+              ("prefs zero", lambda: pl(method="linear", prefs=torch.zeros(3, dtype=F64))),
+              ("prefs nan", lambda: pl(method="linear", prefs=torch.tensor([1.0, float("nan"), 1.0], dtype=F64))),
+              ("variance", lambda: pl(advantages=x.advantages.float() * 1e20, logp=x.logp.float(),
+                                      old_logp=x.old_logp.float())),
+              ("value clip", lambda: ops.multi_value_loss(x.values, x.old_values, x.returns, x.mask, clip=-1.0)),
+              ("value agg", lambda: ops.multi_value_loss(x.values, x.old_values, x.returns, x.mask, agg="sum")),
+              ("stats", lambda: ops.pareto_weights(torch.zeros(10, dtype=F64))),
+              ("stats method", lambda: ops.pareto_weights(torch.zeros(20, dtype=F64), "pareto"))]
+    for op, arg in FINITE_CASES:
+        calls.append((f"nan {op}:{arg}", lambda op=op, arg=arg: _finite_call(op, x, arg, float("nan"), True)))
+    d = _dpo_tensors()
+    dpo = lambda **kw: pama_ext.multi_dpo_loss(*(kw.pop(k, d[k]) for k in (  # noqa: E731
+        "policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps", "labels")), **kw)
+    calls += [("dpo pc", lambda: dpo(policy_chosen_logps=d["policy_chosen_logps"][None])),
+              ("dpo pr", lambda: dpo(policy_rejected_logps=d["policy_rejected_logps"][:4])),
+              ("dpo rc", lambda: dpo(ref_chosen_logps=d["ref_chosen_logps"].float())),
+              ("dpo labels", lambda: dpo(labels=d["labels"][0])),
+              ("dpo bool labels", lambda: dpo(labels=d["labels"] > 0)),
+              ("dpo lengths", lambda: dpo(chosen_lengths=torch.ones(4))),
+              ("dpo beta", lambda: dpo(beta=0.0))]
+    t = _table(_grad_tensors())
+    params = [torch.zeros(3, 2, dtype=F64), torch.zeros(4, dtype=F64)]
+    c = torch.ones(2, dtype=F64)
+    calls += [("gram shape", lambda: pama_ext.gradient_gram([t[0], [t[1][0].T, t[1][1]]])),
+              ("gram dtype", lambda: pama_ext.gradient_gram([t[0], [t[1][0], t[1][1].float()]])),
+              ("gram n", lambda: pama_ext.gradient_gram([t[0]] * 65)),
+              ("combine coeffs", lambda: pama_ext.combine_gradients(t, torch.ones(3), params)),
+              ("combine params", lambda: pama_ext.combine_gradients(t, c, [params[0].T, params[1]])),
+              ("combine params dtype", lambda: pama_ext.combine_gradients(t, c, [params[0], params[1].float()]))]
+    return calls
+
+
+def _error_of(thunk):
+    try:
+        thunk()
+    except Exception as e:  # noqa: BLE001 - the type is part of what is compared
+        return type(e), str(e).split("\n")[0]
+    return None
+
+
+def test_fallback_raises_the_errors_of_the_compiled_ops(path, monkeypatch):
+    """Every bad call above raises on the compiled path, and the reference fallback (pama_ext.checks)
+    raises the same exception type with the same message."""
+    if path == "fallback":
+        pytest.skip("compares both paths itself (runs once, under 'native')")
+    calls = _bad_calls()
+    native = [(label, _error_of(thunk)) for label, thunk in calls]
+    monkeypatch.setattr(_native, "NATIVE_AVAILABLE", False)
+    fallback = [(label, _error_of(thunk)) for label, thunk in calls]
+    for (label, a), (_, b) in zip(native, fallback):
+        assert a is not None, f"{label}: the compiled op raised nothing"
+        assert b == a, f"{label}:\n  native:   {a}\n  fallback: {b}"

@@ -544,3 +544,64 @@ def test_value_loss_metrics_carry_no_gradient(device):
     assert loss.requires_grad
     for k, t in m.items():
         assert not t.requires_grad, f"metric {k} carries a gradient"
+
+
+# ----------------------------------------------------------------------------------------------
+# huge finite advantages: the float32 moments must not overflow where the variance fits
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("scale", [1e19, 3e18])
+def test_huge_finite_advantages_f32(device, scale):
+    """float32 advantages ~1e19: Σ (a - mean)² overflows float32 although the variance (~1e38)
+    fits. The moments used to come back +inf, whitening divided every advantage to 0, and the loss
+    and gradient were 0 without an error; the scaled moments keep every output right."""
+    x = _widen_ratio(make_inputs(2, 5, 130, seed=71, mask="holes")).to(torch.float32)
+    x.advantages = x.advantages * scale
+    x64 = x.as64()
+    count, _, var64 = ref.masked_moments(x64.advantages, x64.mask)
+    f32max = torch.finfo(torch.float32).max
+    assert (var64 < f32max).all() and ((count - 1) * var64 > f32max).all()  # fits; the plain sum does not
+    for kw in (dict(method="pama", granularity="token"), dict(method="linear", granularity="batch"),
+               dict(method="mgda", granularity="batch")):
+        got = run_policy_loss(ops, x.to(device=device), **kw)
+        compare_all(got, run_policy_loss(ref, x64, **kw), run_policy_loss(ref, x, **kw), torch.float32)
+        assert got["loss"].item() != 0 and got["grad_logp"].abs().max().item() > 0
+    got = run_objective_stats(ops, x.to(device=device))
+    compare_all(got, run_objective_stats(ref, x64), run_objective_stats(ref, x), torch.float32)
+    # the float32 reference (the fallback path) is right as well
+    moments32 = ref.objective_moments(x.advantages, x.mask)
+    torch.testing.assert_close(moments32.double(), ref.objective_moments(x64.advantages, x64.mask), rtol=1e-5, atol=0)
+    torch.testing.assert_close(ops.objective_moments(x.advantages.to(device), x.mask.to(device)).cpu().double(),
+                               ref.objective_moments(x64.advantages, x64.mask), rtol=1e-5, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# double backward: an error, not a second derivative that silently misses the op's term
+# ----------------------------------------------------------------------------------------------
+def _second_derivative(total, leaf):
+    """d/dleaf of |d total / d leaf|²; ``total`` includes leaf³ so the first gradient always has a
+    graph (without the check, the op's share of the second derivative was silently dropped)."""
+    (g,) = torch.autograd.grad(total, leaf, create_graph=True)
+    return torch.autograd.grad(g.square().sum(), leaf)
+
+
+def test_double_backward_is_an_error(native):
+    x = make_inputs(2, 3, 9, seed=3, mask="holes")
+    cases = []
+    logp = x.logp.clone().requires_grad_()
+    loss, _ = ops.pama_policy_loss(logp, x.old_logp, x.advantages, x.mask, x.ref_logp, beta_loss=0.1)
+    cases.append(("pama_policy_loss", loss, logp))
+    values = x.values.clone().requires_grad_()
+    loss, _ = ops.multi_value_loss(values, x.old_values, x.returns, x.mask)
+    cases.append(("multi_value_loss", loss, values))
+    rewards = x.rewards.clone().requires_grad_()
+    adv, ret = ops.multi_gae(rewards, x.values, x.mask)
+    cases.append(("multi_gae", (adv * ret).sum(), rewards))
+    pc = -(20 + x.scores[0].abs()).clone().requires_grad_()
+    losses, _ = pama_ext.multi_dpo_loss(pc, pc.detach() - 1, pc.detach() + 0.5, pc.detach() - 0.3,
+                                        torch.tensor([[1, -1, 0]]))
+    cases.append(("multi_dpo_loss", losses.sum(), pc))
+    for name, out, leaf in cases:
+        with pytest.raises(RuntimeError, match=rf"pama_ext\.{name}: double backward is not supported"):
+            _second_derivative(out + leaf.pow(3).sum(), leaf)
+        (g,) = torch.autograd.grad(out + leaf.pow(3).sum(), leaf, create_graph=True)  # first order still works
+        assert torch.isfinite(g).all()

@@ -17,7 +17,8 @@ constexpr int kStatsBlock = 256;     // threads of the partials kernels
 constexpr int kFinalizeBlock = 256;  // threads of the single-block finalize kernels
 
 // ---- moments ------------------------------------------------------------------------------------
-// Chunk partial: cnt = #masked tokens, sum_i = Σ masked A_i, m2_i = Σ masked (A_i - sum_i / max(cnt, 1))².
+// Chunk partial (MomentsPartial): cnt = #masked tokens, mean_i = Σ masked A_i·inv and
+// msd_i = Σ masked ((A_i − mean_i)·rs)², with inv = 1/cnt, rs = 1/sqrt(cnt) (moments_chunk_scales).
 // Threads stride over the chunk's tokens; one block reduction per value (2n + 1 per chunk). The
 // second pass re-reads the chunk (it is small and mostly still in L1/L2).
 template <typename S>
@@ -41,25 +42,26 @@ __global__ void __launch_bounds__(kStatsBlock) moments_partials_kernel(StatsPara
     for (int64_t t = t_begin + threadIdx.x; t < t_end; t += blockDim.x) c += mrow[t] ? A(1) : A(0);
     const A cnt = block_reduce_sum<kStatsBlock>(c, red);
     if (threadIdx.x == 0) out[P.cnt()] = cnt;
+    A inv, rs;
+    moments_chunk_scales(cnt, inv, rs);
 
     for (int i = 0; i < n; ++i) {
       const S* arow = adv + (int64_t(i) * B + b) * T;
       A s = A(0);
       for (int64_t t = t_begin + threadIdx.x; t < t_end; t += blockDim.x)
-        if (mrow[t]) s += load(arow, t);
-      const A sum = block_reduce_sum<kStatsBlock>(s, red);
-      const A mean = sum / maxv(cnt, A(1));  // 0 for an empty chunk (sum = 0)
+        if (mrow[t]) s += load(arow, t) * inv;
+      const A mean = block_reduce_sum<kStatsBlock>(s, red);  // 0 for an empty chunk
       A q = A(0);
       for (int64_t t = t_begin + threadIdx.x; t < t_end; t += blockDim.x) {
         if (mrow[t]) {
-          const A d = load(arow, t) - mean;
+          const A d = (load(arow, t) - mean) * rs;
           q += d * d;
         }
       }
-      const A m2 = block_reduce_sum<kStatsBlock>(q, red);
+      const A msd = block_reduce_sum<kStatsBlock>(q, red);
       if (threadIdx.x == 0) {
-        out[P.sum() + i] = sum;
-        out[P.m2() + i] = m2;
+        out[P.mean() + i] = mean;
+        out[P.msd() + i] = msd;
       }
     }
   }
