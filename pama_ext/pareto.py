@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from . import _native
+from . import _native, checks
 
 __all__ = ["pama_weights", "linear_weights", "mgda_weights", "cagrad_weights", "pcgrad_weights"]
 
@@ -28,12 +28,13 @@ def _use_native() -> bool:
     return _native.NATIVE_AVAILABLE and hasattr(torch.ops.pama_ext, "gram_weights")
 
 
-def _check_gram(G: Tensor) -> None:
+def _check_gram(G: Tensor, w: Optional[Tensor] = None) -> None:
     if not isinstance(G, Tensor) or G.dim() != 2 or G.shape[0] != G.shape[1] or not G.is_floating_point():
         shape = tuple(G.shape) if isinstance(G, Tensor) else type(G).__name__
         raise ValueError(f"G must be a floating [n, n] Gram matrix, got {shape}")
     if not 1 <= G.shape[0] <= 64:
         raise ValueError(f"G has n = {G.shape[0]} objectives; n must be in [1, 64]")
+    checks.same_device("gram_weights", ("G", G), ("w", w))
 
 
 def _acc(G: Tensor) -> Tensor:
@@ -53,7 +54,7 @@ def pama_weights(v: Tensor) -> Tensor:
 
 def linear_weights(G: Tensor, w: Optional[Tensor] = None) -> Tensor:
     """The user weights ``w`` (uniform when None), ``[n]`` in G's accumulation dtype."""
-    _check_gram(G)
+    _check_gram(G, w)
     return reference.linear_weights(_acc(G), w)
 
 
@@ -73,11 +74,11 @@ def cagrad_weights(G: Tensor, w: Optional[Tensor] = None, c: float = 0.4, clip: 
     With user weights ``w`` (on the simplex; uniform when None; not checked, that would need a host
     read), ``b = G w`` and ``s = c * sqrt(w^T G w)``: ``p* = argmin_{p in simplex} p^T b +
     s * sqrt(p^T G p)``, ``p~ = min(p*, w)`` (clip) or ``p*``, ``a = w + s / sqrt(p~^T G p~) * p~``
-    (``a = w`` when ``p~^T G p~ <= 1e-13 max_i G_ii``: the direction vanishes). The update is
+    (``a = w`` where ``p~^T G p~`` is 0 up to rounding: the direction vanishes). The update is
     ``sum_i a_i g_i``. ``p*`` is exact up to float64 rounding (objective within 1e-10 of
     max_i G_ii).
     """
-    _check_gram(G)
+    _check_gram(G, w)
     if c < 0:
         raise ValueError(f"c must be >= 0, got {c}")
     if not _use_native():
