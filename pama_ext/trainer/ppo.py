@@ -289,7 +289,7 @@ class PPOTrainer:
 
         # one read-back of the step's numbers
         with torch.no_grad():
-            seq_kl = self._gather_rows(((ro.old_logp - ro.ref_logp) * mask).sum(-1))
+            seq_kl = self._gather_rows(reference.zero_padding(ro.old_logp - ro.ref_logp, mask).sum(-1))
             scalars = {k: torch.stack(v).float().mean(0) for k, v in mets.items()}
             scores = self._gather_rows(scores)
             resp_len = self._gather_rows(mask.sum(-1).float())
