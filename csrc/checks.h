@@ -85,4 +85,18 @@ inline void check_nonneg_finite(double v, const char* op, const char* name) {
   TORCH_CHECK_VALUE(std::isfinite(v) && v >= 0, op, ": ", name, " must be finite and >= 0, got ", v);
 }
 
+// A weighting method's name -> pama::Method (kMethodNames); from_gram: the op takes a Gram matrix,
+// where pama (which needs the per-token indicators) does not apply.
+inline int parse_method(const std::string& s, const char* op, bool from_gram) {
+  std::string names;
+  for (int m = from_gram ? 1 : 0; m < kNumMethods; ++m) {
+    if (s == kMethodNames[m]) return m;
+    names += std::string(names.empty() ? "'" : ", '") + kMethodNames[m] + "'";
+  }
+  const bool is_pama = s == kMethodNames[kMethodPama];
+  TORCH_CHECK_VALUE(false, op, ": method must be one of ", names, ", got '", s, "'",
+                    is_pama ? " (pama needs the per-token statistics: use pareto_weights)" : "");
+  return -1;  // unreachable
+}
+
 }  // namespace pama

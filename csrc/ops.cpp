@@ -175,13 +175,6 @@ void check_finite_all(std::initializer_list<FiniteCheck> checks, const at::Tenso
     if (h[i]) fail(*what[i].first, what[i].second);
 }
 
-int parse_method(const std::string& s, const char* op) {
-  if (s == "pama") return kMethodPama;
-  if (s == "linear") return kMethodLinear;
-  if (s == "mgda") return kMethodMgda;
-  TORCH_CHECK_VALUE(false, op, ": method must be one of 'pama', 'linear', 'mgda', got '", s, "'");
-  return -1;  // unreachable
-}
 int parse_granularity(const std::string& s, const char* op) {
   if (s == "token") return kGranToken;
   if (s == "sequence") return kGranSequence;
@@ -358,10 +351,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_stats(const Launch& L, const 
 }
 
 at::Tensor run_weights(const Launch& L, const at::Tensor& stats, const at::Tensor& prefs, int64_t n, int method,
-                       int granularity) {
+                       int granularity, double cagrad_c) {
   at::Tensor weights = at::empty({n}, stats.options());
   WeightsParams p{stats.data_ptr(), prefs.defined() ? prefs.data_ptr() : nullptr, static_cast<int>(n), method,
-                  granularity, weights.data_ptr(), stats.scalar_type() == at::kDouble};
+                  granularity, cagrad_c, weights.data_ptr(), stats.scalar_type() == at::kDouble};
   L.be.pareto_weights(p, L.stream);
   return weights;
 }
@@ -421,22 +414,21 @@ at::Tensor objective_stats(const at::Tensor& advantages, const at::Tensor& logp,
 }
 
 at::Tensor pareto_weights(const at::Tensor& stats, const c10::optional<at::Tensor>& prefs,
-                          const std::string& method, const std::string& granularity) {
+                          const std::string& method, const std::string& granularity, double cagrad_c) {
   check_float(stats, kPW, "stats");
   check_rank(stats, 1, kPW, "stats", "[(n+3)^2 - 7] statistics vector");
   const int64_t len = stats.size(0);
-  int64_t n = 1;
-  while ((n + 3) * (n + 3) - 7 < len) ++n;
-  TORCH_CHECK((n + 3) * (n + 3) - 7 == len, kPW, ": stats must have (n+3)^2 - 7 entries for n objectives, got ",
-              len);
-  check_num_objectives(n, kPW, "stats");
-  const int m = parse_method(method, kPW);
+  const int64_t n = stats_num_objectives(len);
+  TORCH_CHECK(n > 0, kPW, ": stats must have (n+3)^2 - 7 entries for n objectives in [1, ", kMaxObjectives,
+              "], got ", len);
+  const int m = parse_method(method, kPW, /*from_gram=*/false);
+  check_nonneg_finite(cagrad_c, kPW, "cagrad_c");
   const int g = parse_granularity(granularity, kPW);
   c10::OptionalDeviceGuard guard(stats.device());
   const auto acc = acc_type(stats.scalar_type());
   at::Tensor s = stats.to(acc).contiguous();
   at::Tensor pr = prefs_acc(prefs, n, acc, s, "stats", kPW);
-  return run_weights(backend_for(stats, kPW), s, pr, n, m, g);
+  return run_weights(backend_for(stats, kPW), s, pr, n, m, g, cagrad_c);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pama_policy_loss(
@@ -444,14 +436,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pama_policy_loss(
     const c10::optional<at::Tensor>& ref_logp, const c10::optional<at::Tensor>& prefs, double eps_lo,
     double eps_hi, double dual_clip, bool noon, bool whiten, const std::string& method,
     const std::string& granularity, const std::string& agg, double beta_loss, bool check_finite,
-    const c10::optional<at::Tensor>& global_stats) {
+    const c10::optional<at::Tensor>& global_stats, double cagrad_c) {
   c10::OptionalDeviceGuard guard(logp.defined() ? logp.device() : at::Device(at::kCPU));
   PolicyInputs in = policy_inputs(logp, old_logp, advantages, mask, ref_logp, kPL);
   at::Tensor gstats = supplied_stats(global_stats, StatsLayout(in.n).size(), in.logp, kPL, "global_stats",
                                      "a statistics vector (objective_stats)");
-  const int m = parse_method(method, kPL);
+  const int m = parse_method(method, kPL, /*from_gram=*/false);
   const int g = parse_granularity(granularity, kPL);
   const int a = parse_agg(agg, kPL);
+  check_nonneg_finite(cagrad_c, kPL, "cagrad_c");
   TORCH_CHECK_VALUE(eps_lo >= 0 && eps_lo < 1, kPL, ": eps_lo must be in [0, 1), got ", eps_lo);
   check_nonneg_finite(eps_hi, kPL, "eps_hi");
   TORCH_CHECK_VALUE(dual_clip > 1, kPL, ": dual_clip must be > 1 (inf disables it), got ", dual_clip);
@@ -469,7 +462,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pama_policy_loss(
   // are this shard's contributions to the global ones.
   auto [stats, row_count, seq_weights] =
       gstats.defined() ? run_stats(L, in, eps_hi, whiten, noon, /*with_gram=*/false, gstats)
-                       : run_stats(L, in, eps_hi, whiten, noon, /*with_gram=*/m == kMethodMgda);
+                       : run_stats(L, in, eps_hi, whiten, noon, /*with_gram=*/method_uses_gram(m));
   if (gstats.defined()) stats = gstats;
   if (check_finite) {  // after the statistics, so that the variance check shares the one host read
     const StatsLayout SL(static_cast<int>(in.n));
@@ -481,7 +474,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pama_policy_loss(
                       {"advantages", whiten ? stats.narrow(0, SL.var(), in.n) : at::Tensor(), CheckKind::kVariance}},
                      in.mask, kPL);
   }
-  at::Tensor weights = run_weights(L, stats, pr, in.n, m, g);
+  at::Tensor weights = run_weights(L, stats, pr, in.n, m, g, cagrad_c);
   int64_t chunk_len = 0;
   const int64_t cpr = chunks_per_row(L.be, in.T, chunk_len);
   at::Tensor a_tilde = at::empty({in.B, in.T}, opts);
@@ -844,7 +837,7 @@ void pareto_weights(const WeightsParams& p, void*) {
   auto run = [&](auto tag) {
     using acc = decltype(tag);
     finalize_weights(static_cast<const acc*>(p.stats), p.n, p.method, p.granularity,
-                     static_cast<const acc*>(p.prefs), static_cast<acc*>(p.weights));
+                     static_cast<const acc*>(p.prefs), static_cast<acc>(p.cagrad_c), static_cast<acc*>(p.weights));
   };
   if (p.acc_is_double)
     run(double{});
@@ -1053,11 +1046,12 @@ TORCH_LIBRARY(pama_ext, m) {
       "objective_stats(Tensor advantages, Tensor logp, Tensor old_logp, Tensor mask, float eps_hi, bool whiten, "
       "bool noon, Tensor? moments=None, bool with_gram=True) -> Tensor");
   m.def("objective_moments(Tensor advantages, Tensor mask) -> Tensor");
-  m.def("pareto_weights(Tensor stats, Tensor? prefs, str method, str granularity) -> Tensor");
+  m.def("pareto_weights(Tensor stats, Tensor? prefs, str method, str granularity, float cagrad_c=0.4) -> Tensor");
   m.def(
       "pama_policy_loss(Tensor logp, Tensor old_logp, Tensor advantages, Tensor mask, Tensor? ref_logp, "
       "Tensor? prefs, float eps_lo, float eps_hi, float dual_clip, bool noon, bool whiten, str method, "
-      "str granularity, str agg, float beta_loss, bool check_finite, Tensor? global_stats=None) "
+      "str granularity, str agg, float beta_loss, bool check_finite, Tensor? global_stats=None, "
+      "float cagrad_c=0.4) "
       "-> (Tensor loss, Tensor metrics, Tensor a_tilde, Tensor row_scale)");
   m.def(
       "pama_policy_loss_backward(Tensor grad_loss, Tensor logp, Tensor old_logp, Tensor? ref_logp, Tensor mask, "
@@ -1075,9 +1069,21 @@ TORCH_LIBRARY_IMPL(pama_ext, CPU, m) { pama::register_impls(m); }
 // Which device kernels are compiled in (for `pama-ext info`).
 namespace {
 bool has_cuda_kernels() { return pama::has_cuda_backend(); }
+// The vocabularies and layouts defined in pama_math.h, for pama_ext.vocab to be tested against.
+std::vector<std::string> weighting_methods() {
+  return std::vector<std::string>(pama::kMethodNames, pama::kMethodNames + pama::kNumMethods);
+}
+std::vector<int64_t> stats_layout(int64_t n) {
+  TORCH_CHECK_VALUE(n >= 1 && n <= pama::kMaxObjectives, "stats_layout: n must be in [1, ", pama::kMaxObjectives,
+                    "], got ", n);
+  const pama::StatsLayout L(static_cast<int>(n));
+  return {L.count(), L.num_seqs(), L.mean(), L.var(), L.abar(), L.pos(), L.ctok(), L.cseq(), L.gram(), L.size()};
+}
 }  // namespace
 TORCH_LIBRARY_FRAGMENT(pama_ext, m) {
   m.def("has_cuda_kernels() -> bool", [] { return has_cuda_kernels(); });
+  m.def("weighting_methods() -> str[]", &weighting_methods);
+  m.def("stats_layout(int n) -> int[]", &stats_layout);
 }
 
 // The extension is imported as the Python module pama_ext._C; loading it runs the registrations

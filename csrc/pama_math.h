@@ -28,7 +28,21 @@ enum Combine : int {
   kCombineWeighted = 1,   // Ã = Σ_i w_i N_i, w global (stride 0) or per row (stride n)
 };
 enum Agg : int { kAggTokenMean = 0, kAggSeqMeanTokenMean = 1, kAggSeqMeanTokenSum = 2 };
-enum Method : int { kMethodPama = 0, kMethodLinear = 1, kMethodMgda = 2 };
+// The one vocabulary of weighting methods (docs/algorithms.md §4, §6), for the statistics ops
+// (pareto_weights, pama_policy_loss: every method; the Gram-based ones use the statistics Gram) and
+// the Gram op (gram_weights: every method but pama, which needs the per-token indicators). Python
+// mirrors it once (pama_ext.vocab.METHODS, tested against the weighting_methods op).
+enum Method : int {
+  kMethodPama = 0,    // Theorem 1 (closed form), at token / sequence / batch granularity
+  kMethodLinear = 1,  // the user weights (prefs), MORLHF
+  kMethodMgda = 2,    // the min-norm point of the Gram
+  kMethodCagrad = 3,  // CAGrad's coefficients (prefs as w, cagrad_c as c)
+  kMethodRaco = 4,    // CAGrad with RACO's clip p~ = min(p*, w)
+  kMethodPcgrad = 5,  // PCGrad in Gram form
+  kNumMethods = 6,
+};
+constexpr const char* kMethodNames[kNumMethods] = {"pama", "linear", "mgda", "cagrad", "raco", "pcgrad"};
+PAMA_HD bool method_uses_gram(int m) { return m >= kMethodMgda; }
 enum Granularity : int { kGranToken = 0, kGranSequence = 1, kGranBatch = 2 };
 
 // Layout of the flat statistics vector (SPEC §3), (n+3)^2 - 7 entries:
@@ -47,6 +61,12 @@ struct StatsLayout {
   PAMA_HD int gram() const { return 2 + 6 * n; }
   PAMA_HD int size() const { return 2 + 6 * n + n * n; }
 };
+// The n whose statistics vector has `len` entries, or 0 when no n in [1, kMaxObjectives] fits.
+inline int stats_num_objectives(int64_t len) {
+  for (int n = 1; n <= 64; ++n)
+    if (StatsLayout(n).size() == len) return n;
+  return 0;
+}
 
 // Per-chunk partial sums. A chunk is a contiguous token range of one row; the CPU uses one chunk
 // per row, the CUDA kernels several. Totals are sums over chunks in a fixed order (deterministic).
@@ -245,18 +265,19 @@ PAMA_HD T thm1(const T* v, int64_t stride, int n, T* c, T scale) {
 
 // §4/§6 MGDA and CAGrad on a Gram matrix: mgda_weights, cagrad_weights in gram_solvers.h
 
-// Combination weights used by the loss for a batch-level method (pama/batch, linear, mgda).
-// prefs may be null (uniform).
 template <typename T>
-PAMA_HD void batch_weights(const T* stats, int n, int method, const T* prefs, T* w) {
+PAMA_HD void gram_weights(const T* G, const T* w, int n, int method, T c, T* out);
+
+// Combination weights used by the loss for a batch-level method: pama/batch (Theorem 1 on abar),
+// or gram_weights of every other method on the statistics Gram. prefs may be null (uniform).
+template <typename T>
+PAMA_HD void batch_weights(const T* stats, int n, int method, const T* prefs, T cagrad_c, T* w) {
   StatsLayout L(n);
   if (method == kMethodPama) {
     for (int i = 0; i < n; ++i) w[i] = T(0);
     thm1(stats + L.abar(), 1, n, w, T(1));
-  } else if (method == kMethodLinear) {
-    for (int i = 0; i < n; ++i) w[i] = prefs != nullptr ? prefs[i] : T(1) / T(n);
   } else {
-    mgda_weights(stats + L.gram(), n, w);
+    gram_weights(stats + L.gram(), prefs, n, method, cagrad_c, w);
   }
 }
 
@@ -383,14 +404,15 @@ PAMA_HD void finalize_indicator_cseq(int n, int64_t B, const T* row_count, const
 // Reported/combination weights of pareto_weights: pama/token -> ctok, pama/sequence -> cseq,
 // otherwise batch_weights. Single thread.
 template <typename T>
-PAMA_HD void finalize_weights(const T* stats, int n, int method, int granularity, const T* prefs, T* weights) {
+PAMA_HD void finalize_weights(const T* stats, int n, int method, int granularity, const T* prefs, T cagrad_c,
+                              T* weights) {
   StatsLayout L(n);
   if (method == kMethodPama && granularity == kGranToken) {
     for (int i = 0; i < n; ++i) weights[i] = stats[L.ctok() + i];
   } else if (method == kMethodPama && granularity == kGranSequence) {
     for (int i = 0; i < n; ++i) weights[i] = stats[L.cseq() + i];
   } else {
-    batch_weights(stats, n, method, prefs, weights);
+    batch_weights(stats, n, method, prefs, cagrad_c, weights);
   }
 }
 
@@ -526,12 +548,11 @@ PAMA_HD void finalize_gram(const T* part, int64_t nparts, int n, T* G, int64_t t
 }
 
 // ---- §6 solvers on a Gram matrix ---------------------------------------------------------------
-enum GramMethod : int { kGramLinear = 0, kGramMgda = 1, kGramCagrad = 2, kGramPcgrad = 3 };
 // PCGrad in Gram form (SPEC §6): v_i = e_i; for j != i in order, if (G v_i)_j < 0 (and G_jj > 0),
-// v_i[j] -= (G v_i)_j / G_jj; out = Σ_i v_i. `work` needs n entries.
+// v_i[j] -= (G v_i)_j / G_jj; out = Σ_i v_i.
 template <typename T>
-PAMA_HD void pcgrad_weights(const T* G, int n, T* out, T* work) {
-  T* v = work;
+PAMA_HD void pcgrad_weights(const T* G, int n, T* out) {
+  T v[kMaxObjectives];
   for (int i = 0; i < n; ++i) out[i] = T(0);
   for (int i = 0; i < n; ++i) {
     for (int r = 0; r < n; ++r) v[r] = r == i ? T(1) : T(0);
@@ -546,16 +567,16 @@ PAMA_HD void pcgrad_weights(const T* G, int n, T* out, T* work) {
   }
 }
 
-// Weights of `method` (GramMethod) from G [n, n]; w (prefs) may be null (uniform).
-// `work` needs n entries (PCGrad). Single thread.
+// Weights of `method` (a Method other than pama) from G [n, n]; w (prefs) may be null (uniform);
+// c is CAGrad's / RACO's c. Single thread.
 template <typename T>
-PAMA_HD void gram_weights(const T* G, const T* w, int n, int method, T c, bool clip, T* out, T* work) {
-  if (method == kGramMgda) {
+PAMA_HD void gram_weights(const T* G, const T* w, int n, int method, T c, T* out) {
+  if (method == kMethodMgda) {
     mgda_weights(G, n, out);
-  } else if (method == kGramCagrad) {
-    cagrad_weights(G, w, n, c, clip, out);
-  } else if (method == kGramPcgrad) {
-    pcgrad_weights(G, n, out, work);
+  } else if (method == kMethodCagrad || method == kMethodRaco) {
+    cagrad_weights(G, w, n, c, method == kMethodRaco, out);
+  } else if (method == kMethodPcgrad) {
+    pcgrad_weights(G, n, out);
   } else {
     for (int i = 0; i < n; ++i) out[i] = w != nullptr ? w[i] : T(1) / T(n);
   }

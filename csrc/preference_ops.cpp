@@ -5,7 +5,7 @@
 //   multi_dpo_loss (+ backward)  per-objective DPO losses on shared pairs, and dL_i/dh (SPEC §7)
 //   gradient_gram                G = [<g_i, g_j>] over lists of per-parameter gradients, one pass
 //   combine_gradients            p.grad = Σ_i a_i g_i over the same lists, one pass, in place
-//   gram_weights                 linear / MGDA / CAGrad(-clip) / PCGrad weights from G (SPEC §6)
+//   gram_weights                 linear / MGDA / CAGrad / RACO / PCGrad weights from G (SPEC §6)
 #include "preference_ops.h"
 
 #include <ATen/ATen.h>
@@ -269,23 +269,14 @@ void combine_gradients(const c10::List<c10::optional<at::Tensor>>& grads, int64_
     if (!out[k].is_contiguous()) out[k].copy_(dst[k]);
 }
 
-int parse_gram_method(const std::string& s) {
-  if (s == "linear") return kGramLinear;
-  if (s == "mgda") return kGramMgda;
-  if (s == "cagrad") return kGramCagrad;
-  if (s == "pcgrad") return kGramPcgrad;
-  TORCH_CHECK_VALUE(false, kGW, ": method must be one of 'linear', 'mgda', 'cagrad', 'pcgrad', got '", s, "'");
-  return -1;
-}
-
 at::Tensor gram_weights_op(const at::Tensor& gram, const c10::optional<at::Tensor>& prefs, const std::string& method,
-                        double c, bool clip) {
+                        double c) {
   check_float(gram, kGW, "G");
   TORCH_CHECK(gram.dim() == 2 && gram.size(0) == gram.size(1), kGW, ": G must be a square [n, n] Gram matrix, got ",
               "shape ", shape_str(gram));
   const int64_t n = gram.size(0);
   check_num_objectives(n, kGW, "G");
-  const int m = parse_gram_method(method);
+  const int m = parse_method(method, kGW, /*from_gram=*/true);
   TORCH_CHECK_VALUE(std::isfinite(c) && c >= 0, kGW, ": c must be finite and >= 0, got ", c);
   const at::Device dev = gram.device();
   c10::OptionalDeviceGuard guard(dev);
@@ -300,10 +291,10 @@ at::Tensor gram_weights_op(const at::Tensor& gram, const c10::optional<at::Tenso
     w = prefs->to(acc).contiguous();
   }
   auto opts = gram.options().dtype(acc);
-  at::Tensor out = at::empty({n}, opts), work = at::empty({n}, opts);
+  at::Tensor out = at::empty({n}, opts);
   PrefLaunch L = pref_backend(dev, kGW);
-  GramWeightsParams p{G.data_ptr(), w.defined() ? w.data_ptr() : nullptr, static_cast<int>(n), m, c, clip,
-                      out.data_ptr(), work.data_ptr(), acc == at::kDouble};
+  GramWeightsParams p{G.data_ptr(), w.defined() ? w.data_ptr() : nullptr, static_cast<int>(n), m, c,
+                      out.data_ptr(), acc == at::kDouble};
   L.be.gram_weights(p, L.stream);
   return out;
 }
@@ -472,8 +463,7 @@ void gram_weights(const GramWeightsParams& p, void*) {
   auto run = [&](auto tag) {
     using acc = decltype(tag);
     pama::gram_weights(static_cast<const acc*>(p.gram), static_cast<const acc*>(p.prefs), p.n, p.method,
-                       static_cast<acc>(p.c), p.clip, static_cast<acc*>(p.weights),
-                       static_cast<acc*>(p.work));
+                       static_cast<acc>(p.c), static_cast<acc*>(p.weights));
   };
   if (p.acc_is_double)
     run(double{});
@@ -504,7 +494,7 @@ TORCH_LIBRARY_FRAGMENT(pama_ext, m) {
   m.def(
       "combine_gradients(Tensor?[] grads, int num_objectives, Tensor coeffs, Tensor(a!)[] out, bool accumulate) "
       "-> ()");
-  m.def("gram_weights(Tensor G, Tensor? w, str method, float c, bool clip) -> Tensor");
+  m.def("gram_weights(Tensor G, Tensor? w, str method, float c) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(pama_ext, CPU, m) { pama::register_preference_impls(m); }

@@ -6,9 +6,10 @@ Data flow of one PPO step::
                                                                     -> multi_value_loss
 
 ``pama_policy_loss`` computes the statistics and weights itself; the separate ops exist for
-inspection and for trainers that need them. See SPEC.md for the math.
+inspection and for trainers that need them. The math: docs/algorithms.md. The vocabularies (weighting
+methods, granularities, aggregations, the statistics layout): :mod:`pama_ext.vocab`.
 """
-from . import distributed
+from . import distributed, functional, vocab
 from ._native import NATIVE_AVAILABLE, NATIVE_ERROR
 from . import pareto
 from .losses import MultiValueLoss, PamaPolicyLoss
@@ -32,6 +33,8 @@ except ImportError:  # source tree without a build
 
 __all__ = [
     "distributed",
+    "functional",
+    "vocab",
     "NATIVE_AVAILABLE",
     "NATIVE_ERROR",
     "PamaPolicyLoss",

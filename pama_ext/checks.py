@@ -21,7 +21,7 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from . import reference
+from . import reference, vocab
 
 __all__ = [
     "FLOAT_DTYPES",
@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-MAX_OBJECTIVES = 64  # pama_math.h kMaxObjectives
+MAX_OBJECTIVES = vocab.MAX_OBJECTIVES
 
 Named = Tuple[str, Optional[Tensor]]
 
@@ -253,27 +253,38 @@ def _prefs(op: str, prefs, n: int, ref: Tensor, ref_name: str) -> None:
         _fail(op, f"prefs is on {prefs.device} but {ref_name} is on {ref.device}")
 
 
-def pareto_weights_args(stats, prefs, method, granularity) -> None:
+def method_arg(op: str, method: str, from_gram: bool) -> None:
+    """csrc/checks.h parse_method: one of vocab.METHODS (vocab.GRAM_METHODS for an op on a Gram)."""
+    options = vocab.GRAM_METHODS if from_gram else vocab.METHODS
+    if method not in options:
+        listed = ", ".join(f"'{o}'" for o in options)
+        hint = " (pama needs the per-token statistics: use pareto_weights)" if method == "pama" else ""
+        _fail(op, f"method must be one of {listed}, got '{method}'{hint}", ValueError)
+
+
+def pareto_weights_args(stats, prefs, method, granularity, cagrad_c) -> None:
     op = "pareto_weights"
     floating(op, "stats", stats)
     rank(op, "stats", stats, 1, "[(n+3)^2 - 7] statistics vector")
     try:
-        n = reference.stats_num_objectives(stats.shape[0])
+        n = vocab.stats_num_objectives(stats.shape[0])
     except ValueError:
-        _fail(op, f"stats must have (n+3)^2 - 7 entries for n objectives, got {stats.shape[0]}")
-    num_objectives(op, "stats", n)
-    choice(op, "method", method, reference.METHODS)
-    choice(op, "granularity", granularity, reference.GRANULARITIES)
+        _fail(op, f"stats must have (n+3)^2 - 7 entries for n objectives in [1, {vocab.MAX_OBJECTIVES}], "
+                  f"got {stats.shape[0]}")
+    method_arg(op, method, from_gram=False)
+    nonneg_finite(op, "cagrad_c", float(cagrad_c))
+    choice(op, "granularity", granularity, vocab.GRANULARITIES)
     _prefs(op, prefs, n, stats, "stats")
 
 
 def policy_loss_args(logp, old_logp, advantages, mask, ref_logp, prefs, eps_lo, eps_hi, dual_clip, method,
-                     granularity, agg, beta_loss) -> None:
+                     granularity, agg, beta_loss, cagrad_c) -> None:
     op = "pama_policy_loss"
     n = _policy_inputs(op, logp, old_logp, advantages, mask, ref_logp)
-    choice(op, "method", method, reference.METHODS)
-    choice(op, "granularity", granularity, reference.GRANULARITIES)
-    choice(op, "agg", agg, reference.AGG_MODES)
+    method_arg(op, method, from_gram=False)
+    choice(op, "granularity", granularity, vocab.GRANULARITIES)
+    choice(op, "agg", agg, vocab.AGG_MODES)
+    nonneg_finite(op, "cagrad_c", float(cagrad_c))
     if not 0 <= eps_lo < 1:
         _fail(op, f"eps_lo must be in [0, 1), got {float(eps_lo):g}", ValueError)
     nonneg_finite(op, "eps_hi", float(eps_hi))
@@ -296,7 +307,7 @@ def value_loss_args(values, old_values, returns, mask, clip, agg) -> None:
     like(op, "returns", returns, "values", values)
     shape(op, "returns", returns, values.shape, "[n, B, T] (the shape of values)")
     mask_arg(op, mask, values.shape[1], values.shape[2], values, "values")
-    choice(op, "agg", agg, reference.AGG_MODES)
+    choice(op, "agg", agg, vocab.AGG_MODES)
     if not clip >= 0:
         _fail(op, f"clip must be >= 0 (inf disables it), got {float(clip):g}", ValueError)
 

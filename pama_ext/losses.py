@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
+from .vocab import CAGRAD_C
 
 
 class PamaPolicyLoss(nn.Module):
@@ -37,12 +38,13 @@ class PamaPolicyLoss(nn.Module):
         beta_loss: float = 0.0,
         check_finite: bool = True,
         group: Optional[Any] = None,
+        cagrad_c: float = CAGRAD_C,
     ) -> None:
         super().__init__()
         self.group = group  # torch.distributed process group of a sharded batch (docs/distributed.md)
         self.options = dict(
             eps_lo=eps_lo, eps_hi=eps_hi, dual_clip=dual_clip, noon=noon, whiten=whiten, method=method,
-            granularity=granularity, agg=agg, beta_loss=beta_loss, check_finite=check_finite,
+            granularity=granularity, agg=agg, beta_loss=beta_loss, check_finite=check_finite, cagrad_c=cagrad_c,
         )
         self.register_buffer("prefs", None if prefs is None else torch.as_tensor(prefs), persistent=False)
 

@@ -24,9 +24,10 @@ from torch import Tensor
 
 from . import _native
 from . import checks
-from . import distributed as _dp
+from . import distributed as dp
 from . import reference
-from .reference import METRIC_SCALARS, acc_dtype, stats_layout, stats_num_objectives
+from .functional import acc_dtype, last_valid_onehot, masked_moments
+from .vocab import CAGRAD_C, GRAM_BASED, METRIC_SCALARS, stats_layout, stats_num_objectives, stats_size
 
 __all__ = [
     "token_rewards",
@@ -43,6 +44,11 @@ __all__ = [
 
 def _use_native() -> bool:
     return _native.NATIVE_AVAILABLE
+
+
+def arg_names(op: str) -> Tuple[str, ...]:
+    """The argument names of ``torch.ops.pama_ext.<op>`` in schema order (the compiled library's)."""
+    return tuple(a.name for a in getattr(torch.ops.pama_ext, op).default._schema.arguments)
 
 
 def has_cuda_kernels() -> bool:
@@ -71,7 +77,7 @@ def _global_stats(advantages, logp, old_logp, mask, eps_hi, whiten, noon, group,
         advantages, logp, old_logp, mask, float(eps_hi), bool(whiten), bool(noon), moments, bool(with_gram)
     )
     k = moments.numel()
-    return torch.cat([moments, _dp.all_reduce_sum(local[k:], group)])
+    return torch.cat([moments, dp.all_reduce_sum(local[k:], group)])
 
 
 def _split_metrics(metrics: Tensor, n: int) -> Dict[str, Tensor]:
@@ -125,7 +131,7 @@ def objective_moments(advantages: Tensor, mask: Tensor, *, group: Optional[Any] 
     if group is not None:
         _needs_native(group, "objective_moments")
         local = torch.ops.pama_ext.objective_moments(advantages.detach(), mask)
-        return _dp.combine_moments(_dp.all_gather_rows(local, group))
+        return dp.combine_moments(dp.all_gather_rows(local, group))
     if not _use_native():
         checks.moments_args(advantages, mask)
         return reference.objective_moments(advantages.detach(), mask)
@@ -162,19 +168,21 @@ def objective_stats(
 
 
 def pareto_weights(
-    stats: Tensor, method: str = "pama", granularity: str = "batch", prefs: Optional[Tensor] = None
+    stats: Tensor, method: str = "pama", granularity: str = "batch", prefs: Optional[Tensor] = None,
+    cagrad_c: float = CAGRAD_C,
 ) -> Tensor:
     """Objective weights ``[n]`` from a statistics vector (SPEC §4), computed on device.
 
-    ``pama``: Theorem 1 on ``abar`` (batch), or the mean per-token / per-sequence Theorem-1 weights
-    (token / sequence); ``linear``: ``prefs`` as given (uniform when None); ``mgda``: min-norm
-    point of the Gram matrix, exact up to float64 rounding (pama_ext.pareto.mgda_weights;
-    docs/algorithms.md §6).
+    ``method`` is one of :data:`pama_ext.vocab.METHODS`. ``pama``: Theorem 1 on ``abar`` (batch),
+    or the mean per-token / per-sequence Theorem-1 weights (token / sequence); ``linear``: ``prefs``
+    as given (uniform when None); ``mgda``, ``cagrad``, ``raco``, ``pcgrad``: the weights of
+    :func:`pama_ext.pareto.gram_weights` on the statistics Gram (``prefs`` as CAGrad's w and
+    ``cagrad_c`` as its c), exact up to float64 rounding (docs/algorithms.md §6).
     """
     if not _use_native():
-        checks.pareto_weights_args(stats, prefs, method, granularity)
-        return reference.pareto_weights(stats, method, granularity, prefs)
-    return torch.ops.pama_ext.pareto_weights(stats.detach(), prefs, method, granularity)
+        checks.pareto_weights_args(stats, prefs, method, granularity, cagrad_c)
+        return reference.pareto_weights(stats, method, granularity, prefs, cagrad_c)
+    return torch.ops.pama_ext.pareto_weights(stats.detach(), prefs, method, granularity, float(cagrad_c))
 
 
 def pama_policy_loss(
@@ -196,6 +204,7 @@ def pama_policy_loss(
     beta_loss: float = 0.0,
     check_finite: bool = True,
     group: Optional[Any] = None,
+    cagrad_c: float = CAGRAD_C,
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """Fused Noon-PPO / PAMA policy loss (SPEC §3-§4). Returns ``(loss, metrics)``.
 
@@ -209,10 +218,13 @@ def pama_policy_loss(
         dual_clip: dual-clip constant for negative advantages (None disables it).
         noon: clip negative (whitened) advantages to zero.
         whiten: whiten each objective's advantages over the masked tokens.
-        method: ``"pama"`` (closed form), ``"linear"`` (``prefs``-weighted sum) or ``"mgda"``.
+        method: one of :data:`pama_ext.vocab.METHODS`: ``"pama"`` (Theorem 1, closed form),
+            ``"linear"`` (``prefs``-weighted sum), or a Gram method on the statistics Gram:
+            ``"mgda"``, ``"cagrad"``, ``"raco"`` (CAGrad with RACO's clip), ``"pcgrad"``.
         granularity: ``"token"``, ``"sequence"`` or ``"batch"`` (method ``"pama"`` only).
-        prefs: ``[n]`` weights of ``method="linear"`` (uniform when None), used as given: not
-            normalised, so the loss scales with them (as TRL's ``reward_weights``); >= 0 and not all 0.
+        prefs: ``[n]`` weights of ``method="linear"`` and CAGrad's w (uniform when None), used as
+            given: not normalised, so the linear loss scales with them (as TRL's
+            ``reward_weights``); >= 0 and not all 0.
         agg: ``"token-mean"``, ``"seq-mean-token-mean"`` or ``"seq-mean-token-sum"``.
         beta_loss: weight (finite, >= 0) of the k3 KL loss to ``ref_logp``; > 0 needs ``ref_logp``.
         check_finite: raise if a masked-in input is NaN/Inf, if ``prefs`` is NaN/Inf, negative or all 0,
@@ -223,6 +235,7 @@ def pama_policy_loss(
             metrics have their global values on every rank, and the gradient is that of the global
             loss w.r.t. this shard (see :mod:`pama_ext.distributed`; under DDP multiply the loss by
             :func:`pama_ext.distributed.ddp_loss_scale`).
+        cagrad_c: c of the ``cagrad`` / ``raco`` methods (finite, >= 0).
 
     Metrics (device tensors): ``pg_loss``, ``kl_loss``, ``clipfrac``, ``approx_kl``, ``active``
     (fraction of tokens with a positive combined advantage), and per objective ``abar``, ``pos``
@@ -231,30 +244,30 @@ def pama_policy_loss(
     _needs_native(group, "pama_policy_loss")
     if not _use_native():
         checks.policy_loss_args(logp, old_logp, advantages, mask, ref_logp, prefs, eps_lo, eps_hi,
-                                _inf_if_none(dual_clip), method, granularity, agg, beta_loss)
+                                _inf_if_none(dual_clip), method, granularity, agg, beta_loss, cagrad_c)
         if check_finite:
             checks.finite("pama_policy_loss", mask,
                           [("logp", logp), ("old_logp", old_logp), ("advantages", advantages), ("ref_logp", ref_logp)],
                           prefs=prefs,
-                          variance=reference.masked_moments(advantages.detach(), mask)[2] if whiten else None)
+                          variance=masked_moments(advantages.detach(), mask)[2] if whiten else None)
         return reference.pama_policy_loss(
             logp, old_logp, advantages, mask, ref_logp, eps_lo=eps_lo, eps_hi=eps_hi,
             dual_clip=_inf_if_none(dual_clip), noon=noon, whiten=whiten, method=method,
-            granularity=granularity, prefs=prefs, agg=agg, beta_loss=beta_loss,
+            granularity=granularity, prefs=prefs, agg=agg, beta_loss=beta_loss, cagrad_c=cagrad_c,
         )
     stats = None
     if group is not None:
         stats = _global_stats(advantages.detach(), logp.detach(), old_logp.detach(), mask, eps_hi, whiten, noon, group,
-                              with_gram=method == "mgda")
+                              with_gram=method in GRAM_BASED)
     loss, metrics, _, _ = torch.ops.pama_ext.pama_policy_loss(
         logp, old_logp, advantages.detach(), mask, ref_logp, prefs, float(eps_lo), float(eps_hi),
         _inf_if_none(dual_clip), bool(noon), bool(whiten), method, granularity, agg, float(beta_loss),
-        bool(check_finite), stats,
+        bool(check_finite), stats, float(cagrad_c),
     )
     if group is not None:  # the loss and per-token metric sums are this shard's shares
         k = len(METRIC_SCALARS)
-        total = _dp.all_reduce_sum(torch.cat([loss.reshape(1), metrics[:k]]), group)
-        loss = _dp.with_global_value(loss, total[0])
+        total = dp.all_reduce_sum(torch.cat([loss.reshape(1), metrics[:k]]), group)
+        loss = dp.with_global_value(loss, total[0])
         metrics = torch.cat([total[1:], metrics[k:]])
     return loss, _split_metrics(metrics, advantages.shape[0])
 
@@ -286,14 +299,14 @@ def multi_value_loss(
         return reference.multi_value_loss(values, old_values, returns, mask, clip, agg)
     denominators = None
     if group is not None:
-        denominators = _dp.global_denominators(mask, acc_dtype(values.dtype), group)
+        denominators = dp.global_denominators(mask, acc_dtype(values.dtype), group)
     loss, metrics, _ = torch.ops.pama_ext.multi_value_loss(
         values, old_values.detach(), returns.detach(), mask, _inf_if_none(clip), agg, bool(check_finite),
         denominators,
     )
     if group is not None:
-        total = _dp.all_reduce_sum(torch.cat([loss.reshape(1), metrics]), group)
-        loss = _dp.with_global_value(loss, total[0])
+        total = dp.all_reduce_sum(torch.cat([loss.reshape(1), metrics]), group)
+        loss = dp.with_global_value(loss, total[0])
         metrics = total[1:]
     return loss, {"clipfrac": metrics[0], "head_loss": metrics[1:]}
 
@@ -351,17 +364,17 @@ def _register() -> None:
         checks.same_device("objective_stats", ("logp", logp), ("old_logp", old_logp), ("advantages", advantages),
                            ("mask", mask), ("moments", moments))
         n = advantages.shape[0]
-        return logp.new_empty(((n + 3) ** 2 - 7,), dtype=acc_dtype(logp.dtype))
+        return logp.new_empty((stats_size(n),), dtype=acc_dtype(logp.dtype))
 
     @fake(lib + "pareto_weights")
-    def _(stats, prefs, method, granularity):
+    def _(stats, prefs, method, granularity, cagrad_c=CAGRAD_C):
         checks.same_device("pareto_weights", ("stats", stats), ("prefs", prefs))
         n = stats_num_objectives(int(stats.shape[0]))
         return stats.new_empty((n,), dtype=acc_dtype(stats.dtype))
 
     @fake(lib + "pama_policy_loss")
     def _(logp, old_logp, advantages, mask, ref_logp, prefs, eps_lo, eps_hi, dual_clip, noon, whiten,
-          method, granularity, agg, beta_loss, check_finite, global_stats=None):
+          method, granularity, agg, beta_loss, check_finite, global_stats=None, cagrad_c=CAGRAD_C):
         checks.same_device("pama_policy_loss", ("logp", logp), ("old_logp", old_logp), ("advantages", advantages),
                            ("mask", mask), ("ref_logp", ref_logp), ("prefs", prefs), ("global_stats", global_stats))
         acc = acc_dtype(logp.dtype)
@@ -393,25 +406,32 @@ def _register() -> None:
         return torch.empty_like(values)
 
     # --- autograd ---------------------------------------------------------------------------
+    # Inputs are read by their schema names, and backward returns one entry per schema argument,
+    # so adding an argument to an op's schema needs no change here.
+    def named(op: str, inputs) -> Dict[str, Any]:
+        return dict(zip(arg_names(op), inputs))
+
+    def no_grads(op: str, *grads):
+        return tuple(grads) + (None,) * (len(arg_names(op)) - len(grads))
+
     def tr_setup(ctx, inputs, output):
-        _, _, _, mask, beta_kl = inputs
-        ctx.save_for_backward(mask)
-        ctx.beta_kl = beta_kl
+        a = named("token_rewards", inputs)
+        ctx.save_for_backward(a["mask"])
+        ctx.beta_kl = a["beta_kl"]
 
     def tr_backward(ctx, grad):
         (mask,) = ctx.saved_tensors
         m = (mask != 0).to(grad.dtype)
         g_kl = grad.sum(0) * m
-        grad_scores = (grad * reference._last_valid_onehot(mask, grad.dtype)).sum(-1)
-        return grad_scores, -ctx.beta_kl * g_kl, ctx.beta_kl * g_kl, None, None
+        grad_scores = (grad * last_valid_onehot(mask, grad.dtype)).sum(-1)
+        return no_grads("token_rewards", grad_scores, -ctx.beta_kl * g_kl, ctx.beta_kl * g_kl)
 
     torch.library.register_autograd(lib + "token_rewards", tr_backward, setup_context=tr_setup)
 
     def gae_setup(ctx, inputs, output):
-        rewards, values, mask, gamma, lam = inputs
-        ctx.save_for_backward(mask)
-        ctx.gamma, ctx.lam = gamma, lam
-        ctx.like = values
+        a = named("multi_gae", inputs)
+        ctx.save_for_backward(a["mask"])
+        ctx.gamma, ctx.lam = a["gamma"], a["lam"]
 
     def gae_backward(ctx, g_adv, g_ret):
         (mask,) = ctx.saved_tensors
@@ -419,17 +439,16 @@ def _register() -> None:
         g_adv = torch.zeros_like(like) if g_adv is None else g_adv
         g_ret = torch.zeros_like(like) if g_ret is None else g_ret
         g_r, g_v = torch.ops.pama_ext.multi_gae_backward(g_adv, g_ret, mask, ctx.gamma, ctx.lam)
-        return g_r, g_v, None, None, None
+        return no_grads("multi_gae", g_r, g_v)
 
     torch.library.register_autograd(lib + "multi_gae", gae_backward, setup_context=gae_setup)
 
     def pl_setup(ctx, inputs, output):
-        logp, old_logp, _, mask, ref_logp, _, eps_lo, eps_hi, dual_clip, *_rest = inputs
-        beta_loss = inputs[14]
+        a = named("pama_policy_loss", inputs)
         _, metrics, a_tilde, row_scale = output
         ctx.mark_non_differentiable(metrics, a_tilde, row_scale)
-        ctx.save_for_backward(logp, old_logp, ref_logp, mask, a_tilde, row_scale)
-        ctx.consts = (eps_lo, eps_hi, dual_clip, beta_loss)
+        ctx.save_for_backward(a["logp"], a["old_logp"], a["ref_logp"], a["mask"], a_tilde, row_scale)
+        ctx.consts = (a["eps_lo"], a["eps_hi"], a["dual_clip"], a["beta_loss"])
 
     def pl_backward(ctx, g_loss, g_metrics, g_at, g_rs):
         logp, old_logp, ref_logp, mask, a_tilde, row_scale = ctx.saved_tensors
@@ -438,15 +457,15 @@ def _register() -> None:
             grad = torch.ops.pama_ext.pama_policy_loss_backward(
                 g_loss, logp, old_logp, ref_logp, mask, a_tilde, row_scale, *ctx.consts
             )
-        return (grad,) + (None,) * 16
+        return no_grads("pama_policy_loss", grad)
 
     torch.library.register_autograd(lib + "pama_policy_loss", pl_backward, setup_context=pl_setup)
 
     def vl_setup(ctx, inputs, output):
-        values, old_values, returns, mask, clip = inputs[:5]
+        a = named("multi_value_loss", inputs)
         ctx.mark_non_differentiable(output[1], output[2])
-        ctx.save_for_backward(values, old_values, returns, mask, output[2])
-        ctx.clip = clip
+        ctx.save_for_backward(a["values"], a["old_values"], a["returns"], a["mask"], output[2])
+        ctx.clip = a["clip"]
 
     def vl_backward(ctx, g_loss, g_metrics, g_rs):
         values, old_values, returns, mask, row_scale = ctx.saved_tensors
@@ -455,7 +474,7 @@ def _register() -> None:
             grad = torch.ops.pama_ext.multi_value_loss_backward(
                 g_loss, values, old_values, returns, mask, row_scale, ctx.clip
             )
-        return (grad,) + (None,) * 7
+        return no_grads("multi_value_loss", grad)
 
     torch.library.register_autograd(lib + "multi_value_loss", vl_backward, setup_context=vl_setup)
 

@@ -25,7 +25,7 @@ from . import _native
 from . import checks
 from . import reference
 from .ops import not_twice_differentiable
-from .reference import acc_dtype
+from .functional import acc_dtype
 
 __all__ = ["multi_dpo_loss", "gradient_gram", "combine_gradients"]
 
@@ -161,7 +161,7 @@ def _register() -> None:
         return None
 
     @fake(lib + "gram_weights")
-    def _(G, w, method, c, clip):
+    def _(G, w, method, c):
         checks.same_device("gram_weights", ("G", G), ("w", w))
         return G.new_empty((G.shape[0],), dtype=acc_dtype(G.dtype))
 

@@ -1,8 +1,10 @@
-"""Plain-PyTorch implementation of SPEC.md §1-§7.
+"""Plain-PyTorch implementation of the ops' math (docs/algorithms.md §1-§7).
 
-This module is the executable form of the specification: the ground truth of every test, the
-baseline of every benchmark and the fallback used when the compiled library is absent. It favours
-clarity over speed, works in any floating dtype (float64 included) and computes in the dtype of its
+This module is the executable form of the math (docs/algorithms.md): the ground truth of every test,
+the baseline of every benchmark and the fallback used when the compiled library is absent. The
+runtime helpers it builds on (masks, aggregation, k3, moments, whitening) live in
+:mod:`pama_ext.functional`, the vocabularies and the statistics layout in :mod:`pama_ext.vocab`;
+both are re-exported here. It favours clarity over speed, works in any floating dtype (float64 included) and computes in the dtype of its
 inputs, so that running it in bfloat16 measures how much error that dtype alone causes.
 
 Every function here has a twin of the same name in :mod:`pama_ext.ops` (the fused kernels).
@@ -15,11 +17,18 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .functional import (acc_dtype, agg_loss, float_mask, k3_kl, last_valid_onehot, masked_moments, masked_whiten,
+                         whiten_with, zero_padding)
+from .vocab import (AGG_MODES, CAGRAD_C, GRAM_METHODS, GRANULARITIES, LOG_RATIO_CLAMP, METHODS, METRIC_SCALARS,
+                    stats_layout, stats_num_objectives)
+
 __all__ = [
     "METHODS",
     "GRANULARITIES",
     "AGG_MODES",
     "stats_layout",
+    "acc_dtype",
+    "float_mask",
     "stats_num_objectives",
     "token_rewards",
     "multi_gae",
@@ -34,6 +43,7 @@ __all__ = [
     "masked_moments",
     "masked_whiten",
     "zero_padding",
+    "last_valid_onehot",
     "grad_table_shape",
     "METRIC_SCALARS",
     "dpo_margins",
@@ -44,98 +54,11 @@ __all__ = [
     "linear_weights",
     "cagrad_weights",
     "pcgrad_weights",
+    "gram_weights",
     "gram_face_solve",
     "GRAM_REFERENCE_MAX_N",
     "GRAM_TIE_ULPS",
 ]
-
-METHODS = ("pama", "linear", "mgda")
-GRANULARITIES = ("token", "sequence", "batch")
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
-#: Scalar metrics of pama_policy_loss, in the order of the flat metrics vector.
-METRIC_SCALARS = ("pg_loss", "kl_loss", "clipfrac", "approx_kl", "active")
-WHITEN_EPS = 1e-8
-LOG_RATIO_CLAMP = 20.0
-
-
-# --------------------------------------------------------------------------------------------
-# statistics vector layout (§3)
-# --------------------------------------------------------------------------------------------
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype of the ops: float64 for float64 inputs, float32 for every other float."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def stats_layout(n: int) -> Dict[str, slice]:
-    """Slices of the flat statistics vector for ``n`` objectives.
-
-    ``[count, num_seqs, mean(n), var(n), abar(n), pos(n), ctok(n), cseq(n), gram(n*n)]``,
-    ``(n + 3)**2 - 7`` entries in all. ``ctok`` is the mean over masked tokens of the per-token
-    Theorem-1 weights, ``cseq`` the mean over non-empty sequences of the per-sequence ones.
-    """
-    out = {"count": slice(0, 1), "num_seqs": slice(1, 2)}
-    off = 2
-    for name in ("mean", "var", "abar", "pos", "ctok", "cseq"):
-        out[name] = slice(off, off + n)
-        off += n
-    out["gram"] = slice(off, off + n * n)
-    return out
-
-
-def stats_num_objectives(length: int) -> int:
-    """Inverse of the layout size: the n with ``(n + 3)**2 - 7 == length`` (or ValueError)."""
-    n = int(round((length + 7) ** 0.5)) - 3
-    if n < 1 or (n + 3) ** 2 - 7 != length:
-        raise ValueError(
-            f"stats: a statistics vector has (n+3)^2-7 entries for n objectives; got length {length}"
-        )
-    return n
-
-
-# --------------------------------------------------------------------------------------------
-# helpers
-# --------------------------------------------------------------------------------------------
-def _fmask(mask: Tensor, dtype: torch.dtype) -> Tensor:
-    return (mask != 0).to(dtype)
-
-
-def zero_padding(x: Tensor, mask: Tensor) -> Tensor:
-    """``x`` with 0 on the masked-out positions of ``mask`` ([B, T], broadcast over leading dims).
-
-    A select, not a product: NaN/Inf padding times 0 is still NaN, and it would leak into the
-    sums (and, through the backward of a product, into the gradients). Every function below that
-    takes [B, T]-shaped data passes it through here first, so padding never matters (SPEC §9).
-    """
-    return torch.where(mask != 0, x, torch.zeros((), dtype=x.dtype, device=x.device))
-
-
-def _last_valid_onehot(mask: Tensor, dtype: torch.dtype) -> Tensor:
-    """[B, T] one-hot of the last masked-in position of each row (all zero for an empty row)."""
-    m = mask != 0
-    T = m.shape[-1]
-    pos = torch.arange(T, device=m.device).expand_as(m)
-    last = torch.where(m, pos, torch.full_like(pos, -1)).amax(-1)  # -1 for an empty row
-    return (pos == last.unsqueeze(-1)).to(dtype)
-
-
-def agg_loss(loss_mat: Tensor, mask: Tensor, agg: str) -> Tensor:
-    """verl's ``agg_loss`` over [..., B, T] (leading dims summed), fully masked rows excluded.
-
-    CHOICE (documented in SPEC §4 as "verl's agg_loss semantics"): sequences with no masked-in
-    token are left out of the sequence count, so an empty row never produces 0/0; a fully
-    masked batch aggregates to 0.
-    """
-    m = _fmask(mask, loss_mat.dtype)
-    row_sum = zero_padding(loss_mat, mask).sum(-1)  # [..., B]
-    row_cnt = m.sum(-1)  # [B]
-    if agg == "token-mean":
-        return row_sum.sum(-1) / row_cnt.sum().clamp(min=1)
-    nseq = (row_cnt > 0).to(loss_mat.dtype).sum().clamp(min=1)
-    if agg == "seq-mean-token-mean":
-        return (row_sum / row_cnt.clamp(min=1)).sum(-1) / nseq
-    if agg == "seq-mean-token-sum":
-        return row_sum.sum(-1) / nseq
-    raise ValueError(f"agg: expected one of {AGG_MODES}, got {agg!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -147,7 +70,7 @@ def token_rewards(
     """r_i[b,t] = -beta_kl * mask * (old_logp - ref_logp) + [t = last valid t of row b] * R_i[b]."""
     dt = old_logp.dtype
     kl = zero_padding(old_logp - ref_logp, mask)
-    last = _last_valid_onehot(mask, dt)
+    last = last_valid_onehot(mask, dt)
     return (-beta_kl * kl).unsqueeze(0) + scores.to(dt).unsqueeze(-1) * last.unsqueeze(0)
 
 
@@ -201,30 +124,8 @@ def mgda_weights(gram: Tensor) -> Tensor:
     return _simplex_solve(gram, None, 0.0)[0].to(gram.dtype)
 
 
-def k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
-    """Per-token k3 estimator of KL(pi_theta || pi_ref): exp(ref - logp) - (ref - logp) - 1 (SPEC §4)."""
-    d = ref_logp - logp
-    return torch.exp(d) - d - 1
-
-
 def _ratio(logp: Tensor, old_logp: Tensor) -> Tensor:
     return torch.exp(torch.clamp(logp - old_logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
-
-
-def masked_moments(advantages: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """(count, mean [n], var [n]) of each objective over the masked tokens (SPEC §3: unbiased
-    variance, 0 when count <= 1).
-
-    Scaled as the kernels (pama_math.h moments_chunk_scales): the mean sums a / count and the
-    variance sums (d / sqrt(count - 1))^2, so no partial sum exceeds the result (a plain sum of d^2
-    overflows float32 for |d| ~ 1e19 although the variance fits; +inf only when it does not).
-    """
-    count = _fmask(mask, advantages.dtype).sum()
-    a = zero_padding(advantages, mask)
-    mean = (a * (1 / count.clamp(min=1))).sum((1, 2))
-    d = zero_padding(a - mean[:, None, None], mask) * torch.rsqrt((count - 1).clamp(min=1))
-    var = d.square().sum((1, 2))
-    return count, mean, torch.where(count > 1, var, torch.zeros_like(var))
 
 
 def objective_moments(advantages: Tensor, mask: Tensor) -> Tensor:
@@ -234,21 +135,9 @@ def objective_moments(advantages: Tensor, mask: Tensor) -> Tensor:
     return torch.cat([count.reshape(1), nseq.reshape(1), mean, var])
 
 
-def whiten_with(advantages: Tensor, mean: Tensor, var: Tensor) -> Tensor:
-    """Â = (A - mean) / sqrt(var + 1e-8) per objective, with given moments ``[n]`` (mean not added back)."""
-    mean, var = mean.to(advantages.dtype), var.to(advantages.dtype)
-    return (advantages - mean[:, None, None]) / torch.sqrt(var + WHITEN_EPS)[:, None, None]
-
-
-def masked_whiten(advantages: Tensor, mask: Tensor) -> Tensor:
-    """Â = (A - mean) / sqrt(var + 1e-8) per objective over the masked tokens (mean not added back)."""
-    _, mean, var = masked_moments(advantages, mask)
-    return whiten_with(advantages, mean, var)
-
-
 def _whitened_noon(advantages: Tensor, mask: Tensor, whiten: bool, noon: bool):
     """(count, row counts, mean, var, N) with N = Noon(whiten(A))."""
-    row_cnt = _fmask(mask, advantages.dtype).sum(-1)
+    row_cnt = float_mask(mask, advantages.dtype).sum(-1)
     count, mean, var = masked_moments(advantages, mask)
     if whiten:
         a_hat = whiten_with(advantages, mean, var)
@@ -260,7 +149,7 @@ def _whitened_noon(advantages: Tensor, mask: Tensor, whiten: bool, noon: bool):
 
 def _stats_from(advantages, logp, old_logp, mask, eps_hi, whiten, noon):
     dt = advantages.dtype
-    m = _fmask(mask, dt)
+    m = float_mask(mask, dt)
     advantages, logp, old_logp = (zero_padding(x, mask) for x in (advantages, logp, old_logp))
     count, row_cnt, mean, var, N = _whitened_noon(advantages, mask, whiten, noon)
     safe = count.clamp(min=1)
@@ -301,11 +190,13 @@ def pareto_weights(
     method: str = "pama",
     granularity: str = "batch",
     prefs: Optional[Tensor] = None,
+    cagrad_c: float = CAGRAD_C,
 ) -> Tensor:
     """Objective weights [n] from a statistics vector.
 
     pama: Theorem 1 on ``abar`` (batch), or the reported mean per-token / per-sequence weights
-    (token / sequence); linear: ``prefs`` (uniform by default); mgda: min-norm point of the Gram.
+    (token / sequence); every other method: :func:`gram_weights` on the statistics Gram (linear:
+    ``prefs``, uniform by default; cagrad / raco: ``prefs`` as w and ``cagrad_c`` as c).
     """
     n = stats_num_objectives(stats.shape[0])
     lay = stats_layout(n)
@@ -317,12 +208,8 @@ def pareto_weights(
         if granularity == "sequence":
             return stats[lay["cseq"]]
         raise ValueError(f"granularity: expected one of {GRANULARITIES}, got {granularity!r}")
-    if method == "linear":
-        if prefs is None:
-            return torch.full((n,), 1.0 / n, dtype=stats.dtype, device=stats.device)
-        return prefs.to(stats.dtype)
-    if method == "mgda":
-        return mgda_weights(stats[lay["gram"]].reshape(n, n))
+    if method in METHODS:
+        return gram_weights(stats[lay["gram"]].reshape(n, n), prefs, method, cagrad_c)
     raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
 
 
@@ -341,6 +228,7 @@ def combined_advantage(
     method: str = "pama",
     granularity: str = "token",
     prefs: Optional[Tensor] = None,
+    cagrad_c: float = CAGRAD_C,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """(Ã [B, T], reported weights [n], statistics vector) for the given combiner."""
     stats, N, c_seq = _stats_from(advantages, logp, old_logp, mask, eps_hi, whiten, noon)
@@ -352,7 +240,7 @@ def combined_advantage(
         a_tilde = (c_seq.unsqueeze(-1) * N).sum(0)
         weights = stats[stats_layout(n)["cseq"]]
     else:
-        weights = pareto_weights(stats, method, granularity, prefs)
+        weights = pareto_weights(stats, method, granularity, prefs, cagrad_c)
         a_tilde = (weights[:, None, None] * N).sum(0)
     return a_tilde, weights, stats
 
@@ -375,6 +263,7 @@ def pama_policy_loss(
     agg: str = "token-mean",
     beta_loss: float = 0.0,
     check_finite: bool = True,
+    cagrad_c: float = CAGRAD_C,
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """(loss, metrics). Differentiable w.r.t. ``logp`` only (SPEC §4)."""
     del check_finite  # the checks are pama_ext.checks' (ops.py runs them on the fallback path)
@@ -384,9 +273,10 @@ def pama_policy_loss(
     a_tilde, weights, stats = combined_advantage(
         advantages, logp.detach(), old_logp, mask,
         eps_hi=eps_hi, noon=noon, whiten=whiten, method=method, granularity=granularity, prefs=prefs,
+        cagrad_c=cagrad_c,
     )
     dt = logp.dtype
-    m = _fmask(mask, dt)
+    m = float_mask(mask, dt)
     u = _ratio(logp, old_logp)
     l1 = -a_tilde * u
     l2 = -a_tilde * torch.clamp(u, 1 - eps_lo, 1 + eps_hi)
@@ -437,7 +327,7 @@ def multi_value_loss(
     l2 = (v_clipped - returns).square()
     per_token = torch.maximum(l1, l2)
     per_head = torch.stack([0.5 * agg_loss(per_token[i], mask, agg) for i in range(values.shape[0])])
-    m = _fmask(mask, values.dtype)
+    m = float_mask(mask, values.dtype)
     clipfrac = ((l2 > l1).to(values.dtype) * m).sum() / (m.sum() * values.shape[0]).clamp(min=1)
     return per_head.sum(), {"clipfrac": clipfrac.detach(), "head_loss": per_head.detach()}
 
@@ -761,3 +651,17 @@ def pcgrad_weights(gram: Tensor) -> Tensor:
             v = v - step * torch.eye(n, dtype=G.dtype, device=G.device)[j]
         rows.append(v)
     return torch.stack(rows).sum(0)
+
+
+def gram_weights(gram: Tensor, w: Optional[Tensor], method: str, c: float = CAGRAD_C) -> Tensor:
+    """Weights of a Gram-based ``method`` (every method of pama_ext.vocab but pama) from G [n, n]:
+    linear (``w``, uniform when None), mgda, cagrad / raco (``w``, ``c``), pcgrad."""
+    if method == "linear":
+        return linear_weights(gram, w)
+    if method == "mgda":
+        return mgda_weights(gram)
+    if method in ("cagrad", "raco"):
+        return cagrad_weights(gram, w, c, clip=method == "raco")
+    if method == "pcgrad":
+        return pcgrad_weights(gram)
+    raise ValueError(f"method: expected one of {GRAM_METHODS}, got {method!r}")

@@ -82,6 +82,11 @@ F64_ATOL = 1e-9
 # shapes of the grids: odd sizes, a single token, a long row
 SHAPES = [(3, 47), (1, 1), (5, 130)]
 NS = [1, 2, 3, 8]
+#: (method, granularity) pairs of the policy-loss grids: pama at every granularity, and every other
+#: method (which ignores the granularity) at each granularity for linear / mgda, at batch for the
+#: Gram methods added later (cagrad, raco, pcgrad).
+COMBOS = [(m, g) for m in ("pama", "linear", "mgda") for g in ("token", "sequence", "batch")] + \
+    [(m, "batch") for m in ("cagrad", "raco", "pcgrad")]
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

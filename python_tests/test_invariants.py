@@ -11,11 +11,11 @@ import torch
 from pama_ext import ops
 from pama_ext import reference as ref_impl
 from op_runners import run_multi_gae, run_objective_stats, run_policy_loss, run_token_rewards, run_value_loss
-from pama_testutils import make_inputs
+from pama_testutils import COMBOS, make_inputs
+from pama_ext.vocab import CAGRAD_C
 
 F64 = torch.float64
 IMPLS = {"ops": ops, "reference": ref_impl}
-COMBOS = [(m, g) for m in ("pama", "linear", "mgda") for g in ("token", "sequence", "batch")]
 AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 
 
@@ -61,7 +61,8 @@ def _nonempty_mask(B, T, seed):
 @pytest.mark.parametrize("method,granularity", COMBOS)
 def test_single_objective_is_vanilla_ppo(device, impl, method, granularity, agg):
     """SPEC §9: n = 1, noon=False, whiten=False is verl's vanilla PPO loss (dual clip 3, linear:
-    token-mean; every combiner reduces to the identity for one objective)."""
+    token-mean; every combiner reduces to the identity for one objective, except CAGrad / RACO,
+    whose single coefficient is a = w + c (d = g0 + c |g0| g0/|g0|): the loss scaled by 1 + c)."""
     mod = IMPLS[impl]
     B, T = 6, 37
     x = make_inputs(1, B, T, seed=71)
@@ -76,6 +77,8 @@ def test_single_objective_is_vanilla_ppo(device, impl, method, granularity, agg)
 
     lp = x.logp.clone().requires_grad_(True)
     want, clipfrac, approx_kl = vanilla_ppo(lp, x.old_logp, x.advantages[0], x.mask, agg)
+    weight = 1.0 + CAGRAD_C if method in ("cagrad", "raco") else 1.0
+    want = want * weight
     want.backward()
     assert loss.item() == pytest.approx(want.item(), rel=1e-10, abs=1e-12)
     torch.testing.assert_close(logp.grad.cpu(), lp.grad, rtol=1e-9, atol=1e-12)
@@ -83,7 +86,7 @@ def test_single_objective_is_vanilla_ppo(device, impl, method, granularity, agg)
     assert m["clipfrac"].item() == pytest.approx(clipfrac.item(), rel=1e-12)
     assert 0 < clipfrac.item() < 1
     assert m["approx_kl"].item() == pytest.approx(approx_kl.item(), rel=1e-10, abs=1e-12)
-    assert m["weights"].tolist() == [1.0]
+    assert m["weights"].tolist() == [pytest.approx(weight, rel=1e-12)]
 
 
 @pytest.mark.parametrize("impl", ["ops", "reference"])

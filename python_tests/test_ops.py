@@ -23,6 +23,7 @@ from pama_ext import ops
 from pama_ext import reference as ref
 from op_runners import run_multi_gae, run_objective_stats, run_policy_loss, run_token_rewards, run_value_loss
 from pama_testutils import (
+    COMBOS,
     LOWP_DTYPES,
     NS,
     SHAPES,
@@ -33,7 +34,6 @@ from pama_testutils import (
 )
 
 F64 = torch.float64
-COMBOS = [(m, g) for m in ref.METHODS for g in ref.GRANULARITIES]
 
 
 def compare_all(got: dict, want64: dict, want_lowp: dict = None, dtype=F64, skip=()):

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from pama_ext import ops
 from pama_ext import reference as ref
 from op_runners import run_multi_gae, run_policy_loss, run_value_loss
-from pama_testutils import Inputs, compare
+from pama_testutils import COMBOS, Inputs, compare
 
 F64 = torch.float64
 # PAMA_EXT_HYPOTHESIS_EXAMPLES=N: a longer, randomised (not derandomised) exploration run
@@ -108,7 +108,7 @@ def _near_degenerate(v, groups, tol=1e-9):
 
 @SETTINGS
 @given(x=batches(),
-       combo=st.sampled_from([(m, g) for m in ref.METHODS for g in ref.GRANULARITIES]),
+       combo=st.sampled_from(COMBOS),
        agg=st.sampled_from(ref.AGG_MODES), noon=st.booleans(), whiten=st.booleans(),
        beta_loss=st.sampled_from([0.0, 0.2]), eps=st.sampled_from([(0.2, 0.2), (0.1, 0.3)]))
 def test_policy_loss_matches_reference(device, x, combo, agg, noon, whiten, beta_loss, eps):

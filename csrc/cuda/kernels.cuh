@@ -85,6 +85,7 @@ struct WeightsParams {
   const void* prefs;  // acc [n] or nullptr (uniform)
   int n;
   int method, granularity;  // pama::Method, pama::Granularity
+  double cagrad_c;          // c of the cagrad / raco methods
   void* weights;            // acc [n] out
   int acc_is_double;
 };
@@ -262,11 +263,9 @@ struct CombineGradsParams {
 struct GramWeightsParams {
   const void* gram;   // acc [n, n]
   const void* prefs;  // acc [n] or nullptr
-  int n, method;      // pama::GramMethod
-  double c;
-  bool clip;
-  void* weights;  // acc [n] out
-  void* work;     // acc [n] scratch (PCGrad)
+  int n, method;      // pama::Method (not pama)
+  double c;           // c of the cagrad / raco methods
+  void* weights;      // acc [n] out
   int acc_is_double;
 };
 

@@ -206,7 +206,7 @@ template <typename A>
 __global__ void __launch_bounds__(1) gram_weights_kernel(GramWeightsParams p) {
   if (blockIdx.x != 0 || threadIdx.x != 0) return;
   gram_weights(static_cast<const A*>(p.gram), static_cast<const A*>(p.prefs), p.n, p.method, static_cast<A>(p.c),
-               p.clip, static_cast<A*>(p.weights), static_cast<A*>(p.work));
+               static_cast<A*>(p.weights));
 }
 
 }  // namespace

@@ -233,7 +233,7 @@ template <typename A>
 __global__ void __launch_bounds__(1) pareto_weights_kernel(WeightsParams p) {
   if (blockIdx.x != 0 || threadIdx.x != 0) return;
   finalize_weights(static_cast<const A*>(p.stats), p.n, p.method, p.granularity, static_cast<const A*>(p.prefs),
-                   static_cast<A*>(p.weights));
+                   static_cast<A>(p.cagrad_c), static_cast<A*>(p.weights));
 }
 
 }  // namespace

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ..reference import AGG_MODES, GRANULARITIES, METHODS
+from ..vocab import AGG_MODES, GRANULARITIES, METHODS
 
 #: The options of :func:`pama_ext.pama_policy_loss` that select the multi-objective combination.
 PAMA_OPTION_NAMES = ("method", "granularity", "noon", "whiten", "prefs", "check_finite")
