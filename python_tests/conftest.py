@@ -3,8 +3,11 @@
 - ``device`` fixture: "cpu" always, "cuda" when a GPU (and the CUDA kernels) are present. Without a
   GPU the CUDA cases are skipped, unless ``PAMA_EXT_REQUIRE_CUDA=1``, which turns the skip into a
   failure (run the whole suite that way on a machine with a GPU).
-- ``native`` fixture: skips a test that needs the compiled library (raw ``torch.ops.pama_ext``)
-  when it is absent, or fails it under ``PAMA_EXT_REQUIRE_NATIVE=1``.
+- The compiled library is required by default: without it, importing pama_ext fails and so does
+  the suite (a plain ``pytest`` must never compare the reference with itself and pass). Set
+  ``PAMA_EXT_REQUIRE_NATIVE=0`` to run the suite on the reference fallback on purpose; the tests
+  that need the library then skip. The fallback path itself is tested explicitly
+  (test_bad_input.py switches it on per test).
 - ``inputs`` fixture: the seeded input factory of pama_testutils.
 """
 from __future__ import annotations
@@ -22,8 +25,9 @@ for _p in (_HERE, _ROOT):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
+os.environ.setdefault("PAMA_EXT_REQUIRE_NATIVE", "1")
 with warnings.catch_warnings():
-    warnings.simplefilter("ignore")  # the fallback warning when the library is not built
+    warnings.simplefilter("ignore")  # the fallback warning, under PAMA_EXT_REQUIRE_NATIVE=0
     import pama_ext  # noqa: E402,F401
 
 from pama_testutils import make_inputs, require_native, resolve_device  # noqa: E402
