@@ -45,7 +45,7 @@ endif
 
 CU_SOURCES := $(wildcard csrc/cuda/*.cu)
 CU_OBJECTS := $(patsubst csrc/cuda/%.cu,build/nvcc/%.o,$(CU_SOURCES))
-CU_HEADERS := csrc/pama_math.h csrc/gram_solvers.h $(wildcard csrc/cuda/*.cuh)
+CU_HEADERS := $(wildcard csrc/*.h) $(wildcard csrc/cuda/*.cuh)
 
 .PHONY: test install build nvcc-check bench info clean demo demo-dpo wheel verify-wheel gpu-report verl-deps \
 	wheel-cuda verify-wheel-cuda
@@ -81,7 +81,7 @@ verl-deps: install
 		$(PY) -m pip install -q --no-deps $(VERL_DEPS) || \
 		echo "make: WARNING: could not install verl; the real-verl tests will be skipped"
 
-# The CUDA sources must compile even where no GPU is present (kernels.cuh has no torch headers).
+# The CUDA sources must compile even where no GPU is present (launch.h and pama_math.h have no torch headers).
 # Without nvcc (a CPU-only machine) the check is skipped with a message, so that `make test` still runs
 # the tests; PAMA_EXT_REQUIRE_NVCC=1 turns the skip into an error (for a machine that must have nvcc).
 NVCC_PATH := $(shell p=$$(command -v "$(firstword $(NVCC))" 2>/dev/null) && test -f "$$p" && test -x "$$p" && echo "$$p")

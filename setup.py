@@ -74,7 +74,9 @@ def write_build_info(use_cuda: bool, archs: str) -> None:
 
 def extensions(use_cuda: bool):
     cxx = ["-O3", "-std=c++17"]
-    sources = ["csrc/ops.cpp", "csrc/preference_ops.cpp"]
+    # op bodies + registration (csrc/*.cpp) and the CPU kernels (csrc/cpu/*.cpp), mirrored for CUDA
+    # by csrc/cuda/*.cu + csrc/cuda/ops_cuda.cpp
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     if use_cuda:
         archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         write_build_info(True, archs)

@@ -9,7 +9,7 @@
 #include <cmath>
 #include <string>
 
-#include "cuda/kernels.cuh"
+#include "launch.h"
 #include "pama_math.h"
 
 namespace pama {

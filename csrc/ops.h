@@ -5,7 +5,7 @@
 
 #include <torch/library.h>
 
-#include "cuda/kernels.cuh"
+#include "launch.h"
 
 namespace pama {
 

@@ -112,7 +112,7 @@ PAMA_HD T minv(T a, T b) {
   return a < b ? a : b;
 }
 
-// Chunk `chunk` of the [B, T] token grid (the convention of kernels.cuh): row b, tokens
+// Chunk `chunk` of the [B, T] token grid (the convention of launch.h): row b, tokens
 // [t_begin, t_end). Used by the CPU and the CUDA chunk passes alike.
 struct ChunkBounds {
   int64_t b, t_begin, t_end;

@@ -4,7 +4,7 @@
 
 #include <torch/library.h>
 
-#include "cuda/kernels.cuh"
+#include "launch.h"
 
 namespace pama {
 

@@ -18,7 +18,7 @@
 #include <string>
 
 #include "../pama_math.h"
-#include "kernels.cuh"
+#include "../launch.h"
 
 namespace pama {
 namespace cuda {
@@ -194,7 +194,7 @@ inline void check_objectives(int64_t n, const char* launcher) {
                              "]");
 }
 
-// The chunks of a row must cover [0, T) (kernels.cuh), otherwise outputs would be left unwritten.
+// The chunks of a row must cover [0, T) (launch.h), otherwise outputs would be left unwritten.
 inline void check_chunking(int64_t B, int64_t T, int64_t chunk_len, int64_t chunks_per_row,
                            const char* launcher) {
   const bool bad_sign = B < 0 || T < 0 || chunk_len < 0 || chunks_per_row < 0;

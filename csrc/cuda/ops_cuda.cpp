@@ -8,7 +8,7 @@
 
 #include "../ops.h"
 #include "../preference_ops.h"
-#include "kernels.cuh"
+#include "../launch.h"
 
 namespace {
 

@@ -1,8 +1,10 @@
-// kernels.cuh — the contract between the device-independent op code (ops.cpp) and the kernels.
+// launch.h — the contract between the device-independent op code (ops.cpp) and the kernels.
 //
 // Plain parameter structs and launcher declarations, no torch headers, so the .cu files compile
-// with bare nvcc on a machine without a GPU. The same launchers exist twice: pama::cpu (ops.cpp)
-// and pama::cuda (cuda/*.cu); ops.cpp picks one table per device and runs the same stages on it.
+// with bare nvcc on a machine without a GPU. The same launchers exist twice: pama::cpu
+// (cpu/<stage>.cpp, tables in cpu/tables.cpp) and pama::cuda (cuda/<stage>.cu, tables in
+// cuda/ops_cuda.cpp); the op bodies (ops.cpp, preference_ops.cpp) pick one table per device and
+// run the same stages on it.
 //
 // Conventions
 // - Tensors are contiguous. [n, B, T] is objective-first; [B, T] per token; mask is bool [B, T].

@@ -1,0 +1,171 @@
+// cpu/preference.cpp — §7 preference ops: per-objective DPO losses (forward, backward), the Gram of
+// per-objective gradients, their combination, and the Gram methods (pama::gram_weights).
+// The CPU twin of cuda/preference.cu. Gram and combine run one task per fixed block of elements
+// (at::parallel_for), so partials and results do not depend on the thread count; small reductions
+// run sequentially.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "../checks.h"
+#include "../pama_math.h"
+#include "kernels.h"
+
+namespace pama {
+namespace cpu {
+void dpo_loss_forward(const DpoLossParams& p, void*) {
+  dispatch(p.dtype, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc = acc_of<scalar_t>;
+    auto* pc = static_cast<const scalar_t*>(p.policy_chosen);
+    auto* pr = static_cast<const scalar_t*>(p.policy_rejected);
+    auto* rc = static_cast<const scalar_t*>(p.ref_chosen);
+    auto* rr = static_cast<const scalar_t*>(p.ref_rejected);
+    auto* lab = static_cast<const acc*>(p.labels);
+    auto* lc = static_cast<const acc*>(p.chosen_lengths);
+    auto* lr = static_cast<const acc*>(p.rejected_lengths);
+    auto* losses = static_cast<acc*>(p.losses);
+    auto* coef = static_cast<acc*>(p.coef);
+    const acc beta = static_cast<acc>(p.beta);
+    const acc inv_b = acc(1) / static_cast<acc>(std::max<int64_t>(p.B, 1));
+    for (int64_t i = 0; i < p.n; ++i) {
+      acc sum = 0;
+      for (int64_t b = 0; b < p.B; ++b) {
+        const acc h = dpo_margin(static_cast<acc>(pc[b]), static_cast<acc>(pr[b]), static_cast<acc>(rc[b]),
+                                 static_cast<acc>(rr[b]), dpo_length(lc, b), dpo_length(lr, b));
+        sum += dpo_pair_loss(beta, label_sign(lab[i * p.B + b]), h, inv_b, coef[i * p.B + b]);
+      }
+      losses[i] = sum * inv_b;
+    }
+  });
+}
+
+void dpo_loss_backward(const DpoLossBackwardParams& p, void*) {
+  dispatch(p.dtype, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc = acc_of<scalar_t>;
+    auto* g = static_cast<const acc*>(p.grad_losses);
+    auto* coef = static_cast<const acc*>(p.coef);
+    auto* lc = static_cast<const acc*>(p.chosen_lengths);
+    auto* lr = static_cast<const acc*>(p.rejected_lengths);
+    auto* gc = static_cast<scalar_t*>(p.grad_chosen);
+    auto* gr = static_cast<scalar_t*>(p.grad_rejected);
+    for (int64_t b = 0; b < p.B; ++b) {
+      acc gh = 0;
+      for (int64_t i = 0; i < p.n; ++i) gh += g[i] * coef[i * p.B + b];
+      gc[b] = static_cast<scalar_t>(gh / dpo_length(lc, b));
+      gr[b] = static_cast<scalar_t>(gh / dpo_length(lr, b));
+    }
+  });
+}
+
+// Parameter k and block c of task `task` (part_offset is non-decreasing, [K + 1]).
+inline void task_block(const int64_t* part_offset, int64_t K, int64_t task, int64_t& k, int64_t& c) {
+  k = std::upper_bound(part_offset, part_offset + K + 1, task) - part_offset - 1;
+  c = task - part_offset[k];
+}
+
+void gradient_gram(const GradGramParams& p, void*) {
+  dispatch(p.dtype, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc = acc_of<scalar_t>;
+    const int n = static_cast<int>(p.n);
+    const int P = gram_pairs(n);
+    const int64_t ntasks = p.part_offset[p.K];
+    auto* part = static_cast<acc*>(p.partials);
+    at::parallel_for(0, ntasks, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<acc> buf(static_cast<size_t>(n) * kTile), sums(P);
+      std::vector<char> live(n);
+      for (int64_t task = t0; task < t1; ++task) {
+        int64_t k, c;
+        task_block(p.part_offset, p.K, task, k, c);
+        const int64_t e0 = c * p.block, e1 = std::min(p.numel[k], e0 + p.block);
+        std::fill(sums.begin(), sums.end(), acc(0));
+        for (int64_t base = e0; base < e1; base += kTile) {
+          const int len = static_cast<int>(std::min<int64_t>(kTile, e1 - base));
+          const int padded = (len + kLanes - 1) / kLanes * kLanes;
+          for (int i = 0; i < n; ++i) {
+            auto* g = static_cast<const scalar_t*>(p.ptrs[i * p.K + k]);
+            live[i] = g != nullptr;
+            if (!live[i]) continue;
+            acc* row = buf.data() + static_cast<size_t>(i) * kTile;
+            for (int e = 0; e < len; ++e) row[e] = static_cast<acc>(g[base + e]);
+            for (int e = len; e < padded; ++e) row[e] = acc(0);
+          }
+          int q = 0;
+          for (int i = 0; i < n; ++i) {
+            for (int j = i; j < n; ++j, ++q) {
+              if (!live[i] || !live[j]) continue;
+              const acc* x = buf.data() + static_cast<size_t>(i) * kTile;
+              const acc* y = buf.data() + static_cast<size_t>(j) * kTile;
+              acc lanes[kLanes] = {};
+              for (int e = 0; e < padded; e += kLanes)
+                for (int l = 0; l < kLanes; ++l) lanes[l] += x[e + l] * y[e + l];
+              acc s = 0;
+              for (int l = 0; l < kLanes; ++l) s += lanes[l];
+              sums[q] += s;
+            }
+          }
+        }
+        std::copy(sums.begin(), sums.end(), part + task * P);
+      }
+    });
+    finalize_gram(part, ntasks, n, static_cast<acc*>(p.gram), 0, 1);
+  });
+}
+
+template <typename G, typename O>
+void combine_typed(const CombineGradsParams& p) {
+  using acc = std::conditional_t<std::is_same_v<G, double> || std::is_same_v<O, double>, double, float>;
+  const auto* coeffs = static_cast<const acc*>(p.coeffs);
+  std::vector<int64_t> offset(p.K + 1, 0);
+  for (int64_t k = 0; k < p.K; ++k) offset[k + 1] = offset[k] + (p.numel[k] + kGramBlockCpu - 1) / kGramBlockCpu;
+  at::parallel_for(0, offset[p.K], 1, [&](int64_t t0, int64_t t1) {
+    acc tmp[kTile];
+    for (int64_t task = t0; task < t1; ++task) {
+      int64_t k, c;
+      task_block(offset.data(), p.K, task, k, c);
+      O* out = static_cast<O*>(p.outs[k]);
+      const int64_t e0 = c * kGramBlockCpu, e1 = std::min(p.numel[k], e0 + kGramBlockCpu);
+      for (int64_t base = e0; base < e1; base += kTile) {
+        const int len = static_cast<int>(std::min<int64_t>(kTile, e1 - base));
+        for (int e = 0; e < len; ++e) tmp[e] = acc(0);
+        for (int64_t i = 0; i < p.n; ++i) {
+          auto* g = static_cast<const G*>(p.ptrs[i * p.K + k]);
+          if (g == nullptr) continue;
+          const acc ci = coeffs[i];
+          for (int e = 0; e < len; ++e) tmp[e] += ci * static_cast<acc>(g[base + e]);
+        }
+        if (p.accumulate) {
+          for (int e = 0; e < len; ++e) out[base + e] = static_cast<O>(static_cast<acc>(out[base + e]) + tmp[e]);
+        } else {
+          for (int e = 0; e < len; ++e) out[base + e] = static_cast<O>(tmp[e]);
+        }
+      }
+    }
+  });
+}
+
+void combine_gradients(const CombineGradsParams& p, void*) {
+  dispatch(p.dtype, [&](auto gtag) {
+    dispatch(p.out_dtype, [&](auto otag) { combine_typed<decltype(gtag), decltype(otag)>(p); });
+  });
+}
+
+void gram_weights(const GramWeightsParams& p, void*) {
+  auto run = [&](auto tag) {
+    using acc = decltype(tag);
+    pama::gram_weights(static_cast<const acc*>(p.gram), static_cast<const acc*>(p.prefs), p.n, p.method,
+                       static_cast<acc>(p.c), static_cast<acc*>(p.weights));
+  };
+  if (p.acc_is_double)
+    run(double{});
+  else
+    run(float{});
+}
+
+}  // namespace cpu
+}  // namespace pama

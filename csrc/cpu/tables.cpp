@@ -1,0 +1,33 @@
+// cpu/tables.cpp — the CPU launcher tables (pama::Backend, pama::PreferenceBackend), the CPU
+// counterpart of cuda/ops_cuda.cpp's tables.
+#include "kernels.h"
+
+namespace pama {
+namespace cpu {
+
+const Backend& table() {
+  static const Backend t{"cpu",
+                         kChunkLen,
+                         &token_rewards,
+                         &multi_gae,
+                         &multi_gae_backward,
+                         &stats_moments,
+                         &stats_indicators,
+                         &pareto_weights,
+                         &policy_loss_forward,
+                         &policy_loss_backward,
+                         &value_loss_forward,
+                         &value_loss_backward};
+  return t;
+}
+
+
+const PreferenceBackend& preference_table() {
+  static const PreferenceBackend t{"cpu", kGramBlockCpu, &dpo_loss_forward, &dpo_loss_backward, &gradient_gram,
+                                   &combine_gradients, &gram_weights};
+  return t;
+}
+
+
+}  // namespace cpu
+}  // namespace pama
