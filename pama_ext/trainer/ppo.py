@@ -45,20 +45,13 @@ from torch import Tensor
 from .. import distributed as dp
 from .. import ops, pareto
 from .. import reference
+from ..lm.policy import PolicyWithValueHeads
+from ..lm.rewards import Objective, score_all
+from ..lm.rollout import GenSettings, Rollout, collect_rollout
+from ..lm.seeding import EpochSampler, derive_seed
 from .config import TrainConfig
-from .policy import PolicyWithValueHeads
-from .rewards import Objective, score_all
-from .rollout import GenSettings, Rollout, collect_rollout
 
-__all__ = ["AdaptiveKLController", "PPOTrainer", "masked_whiten", "derive_seed"]
-
-
-def derive_seed(seed: int, purpose: str, step: int) -> int:
-    """A 63-bit seed that depends only on (run seed, purpose, step)."""
-    h = 1469598103934665603
-    for ch in f"{seed}/{purpose}/{step}":
-        h = ((h ^ ord(ch)) * 1099511628211) & 0xFFFFFFFFFFFFFFFF
-    return h & 0x7FFFFFFFFFFFFFFF
+__all__ = ["AdaptiveKLController", "PPOTrainer", "masked_whiten"]
 
 
 class AdaptiveKLController:
@@ -103,10 +96,9 @@ class PPOTrainer:
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
         self.kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon, cfg.adaptive_kl)
         self.gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "data", 0))
+        self.prompt_order = EpochSampler(len(self.train_prompts), self.gen)
         self.step_idx = 0
         self.skipped_total = 0
-        self._order: List[int] = []
-        self._pos = 0
         self.gen_settings = GenSettings(cfg.max_new_tokens, True, cfg.temperature, cfg.top_k, cfg.top_p)
         self.group = group
         self.world = dp.world_size(group)
@@ -128,8 +120,7 @@ class PPOTrainer:
             "optimizer": self.optimizer.state_dict(),
             "kl_ctl": self.kl_ctl.state_dict(),
             "data_generator": self.gen.get_state(),
-            "order": list(self._order),
-            "pos": self._pos,
+            **self.prompt_order.state_dict(),  # order, pos
         }
 
     def load_state_dict(self, s: Dict) -> None:
@@ -138,22 +129,9 @@ class PPOTrainer:
         self.optimizer.load_state_dict(s["optimizer"])
         self.kl_ctl.load_state_dict(s["kl_ctl"])
         self.gen.set_state(s["data_generator"])
-        self._order = list(s["order"])
-        self._pos = int(s["pos"])
+        self.prompt_order.load_state_dict(s)
 
     # --------------------------------------------------------------------------------------------
-    def _next_prompts(self, k: int) -> List[str]:
-        """Epochs over the training prompts in a seeded random order."""
-        out = []
-        while len(out) < k:
-            if self._pos >= len(self._order):
-                self._order = torch.randperm(len(self.train_prompts), generator=self.gen).tolist()
-                self._pos = 0
-            take = min(k - len(out), len(self._order) - self._pos)
-            out += [self.train_prompts[i] for i in self._order[self._pos:self._pos + take]]
-            self._pos += take
-        return out
-
     def _loss_kwargs(self) -> Dict:
         c = self.cfg
         return dict(eps_lo=c.cliprange, eps_hi=c.eps_hi, dual_clip=c.dual_clip, agg=c.agg, check_finite=False,
@@ -241,7 +219,7 @@ class PPOTrainer:
         self.policy.eval()  # dropout off, as TRL/verl do for PPO
         per = c.batch_size // self.world  # this rank's rows: [lo, lo + per) of the global batch
         lo = self.rank * per
-        prompts = self._next_prompts(c.batch_size)[lo:lo + per]
+        prompts = [self.train_prompts[i] for i in self.prompt_order.take(c.batch_size)][lo:lo + per]
         bar = bars.get("rollout") if bars else None
         if bar is not None:
             bar.reset(total=per)
