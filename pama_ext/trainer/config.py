@@ -7,6 +7,9 @@ YAML file < explicit flag. :meth:`TrainConfig.validate` checks every value up fr
 ``--method: expected one of pama, morlhf, linear, mgda-ub, mgda; got 'foo'``. The plumbing (fields,
 flags, YAML, coercion) is :mod:`pama_ext.lm.config`, shared with ``pama-ext dpo``.
 
+The methods are one table, :data:`METHOD_TABLE`: what each passes to ``pama_policy_loss`` and how it
+combines the objectives otherwise (see :mod:`pama_ext.trainer.ppo`).
+
 This module imports nothing heavy (no torch, no transformers), so ``pama-ext --help`` stays fast.
 """
 from __future__ import annotations
@@ -22,11 +25,39 @@ from ..lm.config import (DEVICES, OBJECTIVE_FORMS, TINY, ConfigError, check_numb
                          check_run_fields, coerce_fields, config_dict, dump_yaml, flag, normalize_keys,
                          normalized_weights, option)
 
-__all__ = ["TrainConfig", "METHODS", "GRANULARITIES", "AGGS", "WHITEN_SCOPES",
+__all__ = ["TrainConfig", "Method", "METHOD_TABLE", "METHODS", "GRANULARITIES", "AGGS", "WHITEN_SCOPES",
            "ConfigError", "load_config", "load_yaml", "dump_yaml", "flag"]
 
 
-METHODS = ("pama", "morlhf", "linear", "mgda-ub", "mgda")
+@dataclass(frozen=True)
+class Method:
+    """How a ``--method`` combines the objectives.
+
+    ``op_method``: the weighting method of ``pama_policy_loss`` (one fused loss over the n objectives),
+    or None for the MGDA methods (n per-objective losses, combined with the min-norm weights of the Gram
+    of their gradients). ``granularity``: passes ``--granularity`` to the op. ``prefs``: passes the
+    preference weights ``--weights`` to the op. ``scalarised``: the rewards are scalarised to
+    ``sum_i w_i R_i`` before GAE (one value head). ``noon``: Noon clipping always (True), never (False) or
+    as ``--noon`` says (None, default off). ``mgda_gradients``: what MGDA differentiates the losses with
+    respect to, ``"hidden"`` (the final hidden states) or ``"parameters"`` (every trainable parameter).
+    """
+    op_method: Optional[str]
+    noon: Optional[bool] = False
+    granularity: bool = False
+    prefs: bool = False
+    scalarised: bool = False
+    mgda_gradients: Optional[str] = None
+
+
+#: every --method, in the order of the help text
+METHOD_TABLE: Dict[str, Method] = {
+    "pama": Method("pama", noon=True, granularity=True),
+    "morlhf": Method("linear", scalarised=True),
+    "linear": Method("linear", noon=None, prefs=True),
+    "mgda-ub": Method(None, mgda_gradients="hidden"),
+    "mgda": Method(None, mgda_gradients="parameters"),
+}
+METHODS = tuple(METHOD_TABLE)
 GRANULARITIES = ("token", "sequence", "batch")
 AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 WHITEN_SCOPES = ("batch", "minibatch", "none")
@@ -147,17 +178,18 @@ class TrainConfig:
         return len(self.objectives)
 
     @property
+    def method_spec(self) -> "Method":
+        return METHOD_TABLE[self.method]
+
+    @property
     def n_heads(self) -> int:
-        """Value heads: one per objective, one for morlhf (the scalarised reward)."""
-        return 1 if self.method == "morlhf" else len(self.objectives)
+        """Value heads: one per objective, one for a scalarised method (morlhf)."""
+        return 1 if self.method_spec.scalarised else len(self.objectives)
 
     @property
     def use_noon(self) -> bool:
-        if self.method == "pama":
-            return True
-        if self.method == "linear":
-            return bool(self.noon) if self.noon is not None else False
-        return False
+        noon = self.method_spec.noon
+        return noon if noon is not None else bool(self.noon)
 
     @property
     def eps_hi(self) -> float:
@@ -193,7 +225,7 @@ class TrainConfig:
         if per_rank % chunk:
             raise ConfigError(f"--rollout-chunk: must divide --batch-size / ranks ({per_rank}) under torchrun; "
                               f"got {self.rollout_chunk}")
-        if self.method in ("mgda", "mgda-ub"):
+        if self.method_spec.mgda_gradients is not None:
             raise ConfigError(f"--method: {self.method} computes its weights from per-rank gradients and is not "
                               f"supported under torchrun; use pama, linear or morlhf")
 
@@ -243,7 +275,7 @@ class TrainConfig:
                 raise ConfigError(f"--hv-ref: expected {n} values (one per objective); got {len(self.hv_ref)}")
             if any(not math.isfinite(x) for x in self.hv_ref):
                 raise ConfigError(f"--hv-ref: expected finite values; got {self.hv_ref}")
-        if self.noon is not None and self.method != "linear" and self.noon != (self.method == "pama"):
+        if self.noon is not None and self.method_spec.noon not in (None, self.noon):
             raise ConfigError(f"--noon: only configurable for --method linear (pama always uses Noon; "
                               f"{self.method} never does); got {self.noon} with --method {self.method}")
         for name, path in (("train_prompts", self.train_prompts), ("eval_prompts", self.eval_prompts)):

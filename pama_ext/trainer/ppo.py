@@ -8,7 +8,7 @@ One step::
          recompute logp and values with grad; policy loss (per method) + vf_coef * value loss;
          AdamW step after clip_grad_norm  ->  KL controller update (one host scalar per step)
 
-Methods (``--method``):
+Methods (``--method``; what each passes to the op is its row of :data:`~pama_ext.trainer.config.METHOD_TABLE`):
 
 - ``pama``:    ``pama_policy_loss(noon=True, method="pama", granularity=...)`` (Noon PPO + Theorem 1).
 - ``linear``:  ``pama_policy_loss(method="linear", prefs=w)``, Noon configurable (default off).
@@ -144,17 +144,17 @@ class PPOTrainer:
                     hidden: Tensor, whiten_in_op: bool):
         """(loss, metrics, per-objective losses or None). For mgda the caller does the backward."""
         c = self.cfg
+        spec = c.method_spec
         kw = self._loss_kwargs()
-        if c.method in ("pama", "linear", "morlhf"):
-            if c.method == "pama":
-                extra = dict(noon=True, method="pama", granularity=c.granularity)
-            elif c.method == "linear":
-                extra = dict(noon=c.use_noon, method="linear", prefs=self.prefs)
-            else:
-                extra = dict(noon=False, method="linear")
+        if spec.op_method is not None:  # one fused loss over the objectives
+            extra = dict(noon=c.use_noon, method=spec.op_method)
+            if spec.granularity:
+                extra["granularity"] = c.granularity
+            if spec.prefs:
+                extra["prefs"] = self.prefs
             loss, m = ops.pama_policy_loss(logp, old_logp, adv, mask, ref_logp, whiten=whiten_in_op,
                                            beta_loss=c.kl_loss_coef, **extra, **kw)
-            if c.method == "morlhf":
+            if spec.scalarised:
                 m = dict(m, weights=self.prefs)
             return loss, m, None
         # mgda-ub / mgda: standard per-objective PPO losses
@@ -164,7 +164,7 @@ class PPOTrainer:
                                           method="linear", **dict(kw, group=None))
             losses.append(li)
             mets.append(mi)
-        if c.method == "mgda-ub":
+        if spec.mgda_gradients == "hidden":
             grads = [torch.autograd.grad(li, hidden, retain_graph=True)[0].reshape(-1) for li in losses]
             g = torch.stack(grads).double()
             weights = pareto.mgda_weights(g @ g.T).to(logp.dtype).detach()
@@ -232,7 +232,7 @@ class PPOTrainer:
         t2 = time.perf_counter()
 
         mask = ro.mask
-        train_scores = (self.prefs[:, None] * scores).sum(0, keepdim=True) if c.method == "morlhf" else scores
+        train_scores = (self.prefs[:, None] * scores).sum(0, keepdim=True) if c.method_spec.scalarised else scores
         kl_coef = self.kl_ctl.value
         rewards = ops.token_rewards(train_scores, ro.old_logp, ro.ref_logp, mask, kl_coef)
         adv, ret = ops.multi_gae(rewards, ro.values, mask, c.gamma, c.lam)
