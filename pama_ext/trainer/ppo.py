@@ -15,10 +15,10 @@ Methods (``--method``; what each passes to the op is its row of :data:`~pama_ext
 - ``morlhf``:  rewards scalarised to ``sum_i w_i R_i`` (n = 1), one value head, standard PPO
                (``pama_policy_loss`` with n = 1, ``noon=False``, ``method="linear"``).
 - ``mgda-ub``: per-objective standard PPO losses L_i; their gradients w.r.t. the final hidden states
-               give the Gram matrix, ``c = mgda_weights(G)`` and the update backpropagates
-               ``sum_i c_i L_i`` (c detached).
+               give the Gram matrix (``gradient_gram``), ``c = pareto.mgda_weights(G)`` (the native
+               exact solver) and the update backpropagates ``sum_i c_i L_i`` (c detached).
 - ``mgda``:    the same with full parameter gradients (n backward passes; O(n^2 d); slow by design):
-               ``sum_i c_i g_i`` is written into ``.grad``.
+               ``combine_gradients`` adds ``sum_i c_i g_i`` into ``.grad`` (no n x d buffer).
 
 A non-finite loss or gradient norm skips that optimizer update with a warning and is counted in
 the step's metrics (``skipped``); the parameters are never touched by it.
@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from .. import distributed as dp
-from .. import ops, pareto
+from .. import combine_gradients, gradient_gram, ops, pareto
 from .. import reference
 from ..lm.policy import PolicyWithValueHeads
 from ..lm.rewards import Objective, score_all
@@ -165,9 +165,8 @@ class PPOTrainer:
             losses.append(li)
             mets.append(mi)
         if spec.mgda_gradients == "hidden":
-            grads = [torch.autograd.grad(li, hidden, retain_graph=True)[0].reshape(-1) for li in losses]
-            g = torch.stack(grads).double()
-            weights = pareto.mgda_weights(g @ g.T).to(logp.dtype).detach()
+            grads = [torch.autograd.grad(li, hidden, retain_graph=True) for li in losses]
+            weights = pareto.mgda_weights(gradient_gram(grads)).to(logp.dtype).detach()
         else:
             weights = None  # computed by the caller from full parameter gradients
         m = {
@@ -193,23 +192,13 @@ class PPOTrainer:
 
     # --------------------------------------------------------------------------------------------
     def _mgda_backward(self, losses: List[Tensor], other: Tensor) -> Tensor:
-        """Full MGDA: n parameter-gradient passes, Gram, min-norm weights, write sum c_i g_i into .grad."""
+        """Full MGDA: n parameter-gradient passes, their Gram, the min-norm weights c; backpropagates
+        ``other`` and adds ``sum_i c_i g_i`` into ``.grad``."""
         params = self.lm_params
-        flat = []
-        for li in losses:
-            gs = torch.autograd.grad(li, params, retain_graph=True, allow_unused=True)
-            flat.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
-                                   for g, p in zip(gs, params)]))
-        g = torch.stack(flat)
-        weights = pareto.mgda_weights((g.double() @ g.double().T)).to(g.dtype)
+        grads = [torch.autograd.grad(li, params, retain_graph=True, allow_unused=True) for li in losses]
+        weights = pareto.mgda_weights(gradient_gram(grads)).to(params[0].dtype)
         other.backward()
-        combined = weights @ g
-        off = 0
-        for p in params:
-            k = p.numel()
-            gp = combined[off:off + k].view_as(p)
-            p.grad = gp.clone() if p.grad is None else p.grad + gp
-            off += k
+        combine_gradients(grads, weights, params, accumulate=True)
         return weights
 
     def step(self, bars: Optional[Dict] = None) -> Dict:
