@@ -994,9 +994,9 @@ def e2e_trainer(args, device) -> Dict[str, object]:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from pama_ext.trainer.config import TrainConfig
-    from pama_ext.trainer.policy import PolicyWithValueHeads, frozen_copy
+    from pama_ext.lm.policy import PolicyWithValueHeads, frozen_copy
     from pama_ext.trainer.ppo import PPOTrainer
-    from pama_ext.trainer.rewards import LengthReward, Objective
+    from pama_ext.lm.rewards import LengthReward, Objective
 
     torch.manual_seed(args.seed)
     spec = MODELS["gpt2-small"]

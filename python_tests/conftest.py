@@ -62,7 +62,7 @@ def _restore_global_state():
 @pytest.fixture(scope="session")
 def world_cache(tmp_path_factory):
     """A small tiny world (500 reviews, a few pretraining steps, a smaller GPT-2) in a session cache."""
-    from pama_ext.trainer import tiny_world as tw
+    from pama_ext import tiny_world as tw
 
     cache = tmp_path_factory.mktemp("pama_cache")
     try:

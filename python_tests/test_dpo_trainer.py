@@ -22,7 +22,7 @@ from pama_ext import gradient_gram, multi_dpo_loss  # noqa: E402
 from pama_testutils import all_finite  # noqa: E402
 from pama_ext.dpo.config import DPOConfig  # noqa: E402
 from pama_ext.pareto import cagrad_weights  # noqa: E402
-from pama_ext.trainer.config import ConfigError  # noqa: E402
+from pama_ext.lm.config import ConfigError  # noqa: E402
 
 METHODS = ["raco", "cagrad", "dpo-lw", "modpo", "mopo"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,24 +46,24 @@ def _cfg(world_cache, tmp_path, **kw):
 def setup(world_cache, tmp_path_factory):
     """(world, judges, tokenizer, reference, data) shared by the step tests."""
     from pama_ext.dpo.train import load_data, prepare_world
-    from pama_ext.trainer.policy import frozen_copy
-    from pama_ext.trainer.rewards import build_objectives
-    from pama_ext.trainer.train import _load_lm, _load_tokenizer
+    from pama_ext.lm.policy import frozen_copy
+    from pama_ext.lm.rewards import build_objectives
+    from pama_ext.lm.hf import load_lm, load_tokenizer
 
     cfg = _cfg(world_cache, tmp_path_factory.mktemp("x"))
     world = prepare_world(cfg)
     judges = build_objectives(cfg)
-    tok = _load_tokenizer(world["model_path"])
-    ref = frozen_copy(_load_lm(world["model_path"], "cpu"))
+    tok = load_tokenizer(world["model_path"])
+    ref = frozen_copy(load_lm(world["model_path"], "cpu"))
     data = load_data(cfg, world, ref, tok, judges)
     return world, judges, tok, ref, data
 
 
 def _policy(world):
-    from pama_ext.trainer.policy import PolicyWithValueHeads
-    from pama_ext.trainer.train import _load_lm
+    from pama_ext.lm.policy import PolicyWithValueHeads
+    from pama_ext.lm.hf import load_lm
 
-    return PolicyWithValueHeads(_load_lm(world["model_path"], "cpu"), 1)
+    return PolicyWithValueHeads(load_lm(world["model_path"], "cpu"), 1)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -116,7 +116,7 @@ def test_gradient_buffers_hold_the_full_batch_gradients(method, setup, world_cac
         tr.step()
     finally:
         Mth.combine_gradients = orig
-    idx = tr._order[:5]
+    idx = tr.sampler.order[:5]
     # independent: the full batch in one forward, one backward per objective
     t = torch.tensor(idx)
     prompts = [tr.data.prompts[i] for i in idx]
@@ -144,7 +144,7 @@ def test_modpo_is_dpo_on_the_target_with_judge_margins(setup, world_cache, tmp_p
     with h length-normalised under --length-normalize."""
     from pama_ext.dpo import methods as Mth
     from pama_ext.dpo.data import encode_responses
-    from pama_ext.trainer.rewards import score_all
+    from pama_ext.lm.rewards import score_all
 
     world, judges, tok, ref, data = setup
     cfg = _cfg(world_cache, tmp_path, method="modpo", weights=[0.6, 0.4], beta=0.3, length_normalize=length_normalize)

@@ -38,7 +38,7 @@ NUM_GEN = 2
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A small tiny world (the trainer tests' size) in a module cache."""
-    from pama_ext.trainer import tiny_world as tw
+    from pama_ext import tiny_world as tw
 
     cache = tmp_path_factory.mktemp("pama_trl_cache")
     with warnings.catch_warnings():

@@ -1,4 +1,4 @@
-"""The embedded tiny world (pama_ext.trainer.tiny_world): generator, tokenizer, build, cache.
+"""The embedded tiny world (pama_ext.tiny_world): generator, tokenizer, build, cache.
 
 Fast by construction: one tiny build per module (a 1,500-review corpus and a few seconds of
 pretraining) shared by the tests that need a built world.
@@ -17,7 +17,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from pama_ext.trainer import tiny_world as tw  # noqa: E402
+from pama_ext import tiny_world as tw  # noqa: E402
 
 # Small everything except the generator's own defaults.
 SMALL = tw.TinyWorldConfig(n_eval_reviews=64, n_train_prompts=60, n_eval_prompts=20, n_build_samples=1)
@@ -69,7 +69,7 @@ def test_prompts_are_sentiment_free_openings():
     for p in train + ev:
         words = p.split()
         assert 2 <= len(words) <= 5, p
-        assert not {w.lower().strip(",") for w in words} & tw._OPINION_WORDS, p
+        assert not {w.lower().strip(",") for w in words} & tw.corpus.OPINION_WORDS, p
     assert "This movie" in train or any(p.startswith("This movie") for p in train)
 
 
@@ -156,7 +156,7 @@ def test_second_call_loads_from_cache(small_world, monkeypatch):
     def no_training(*a, **k):
         raise AssertionError("a cached world must not be rebuilt")
 
-    monkeypatch.setattr(tw, "_train", no_training)
+    monkeypatch.setattr(tw.build, "pretrain_model", no_training)
     t0 = time.perf_counter()
     again = tw.build_tiny_world(cache_dir=parent, train_seconds=4.0, seed=0, progress=False,
                                 n_reviews=1500, config=SMALL)
@@ -187,7 +187,7 @@ def test_interrupted_build_leaves_nothing(tmp_path, monkeypatch):
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(tw, "_train", interrupted)
+    monkeypatch.setattr(tw.build, "pretrain_model", interrupted)
     with pytest.raises(KeyboardInterrupt):
         tw.build_tiny_world(cache_dir=tmp_path, train_seconds=1.0, progress=False, n_reviews=200,
                             config=SMALL)
@@ -205,7 +205,7 @@ def test_concurrent_builder_uses_the_winners_world(small_world, tmp_path, monkey
         shutil.copytree(world.path, target)  # the winner lands while we are still building
         return {}
 
-    monkeypatch.setattr(tw, "_build_into", racing_build)
+    monkeypatch.setattr(tw.build, "build_into", racing_build)
     got = tw.build_tiny_world(cache_dir=tmp_path, progress=False, n_reviews=1500, config=SMALL)
     assert got.path == target and "loser" not in got.info and got.info["n_params"] == world.n_params
     assert sorted(p.name for p in tmp_path.iterdir()) == [tw.WORLD_DIRNAME]

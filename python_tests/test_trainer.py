@@ -31,8 +31,8 @@ from pama_testutils import all_finite  # noqa: E402
 from pama_ext.trainer import config as tconfig  # noqa: E402
 from pama_ext.trainer.config import ConfigError, TrainConfig  # noqa: E402
 from pama_ext.trainer.evaluate import hypervolume  # noqa: E402
-from pama_ext.trainer.rewards import LengthReward, RewardError, sentiment_reward  # noqa: E402
-from pama_ext.trainer.rollout import response_mask  # noqa: E402
+from pama_ext.lm.rewards import LengthReward, RewardError, sentiment_reward  # noqa: E402
+from pama_ext.lm.rollout import response_mask  # noqa: E402
 
 METHODS = ["pama", "morlhf", "linear", "mgda-ub", "mgda"]
 
@@ -166,7 +166,7 @@ def test_reward_errors_name_the_objective(tmp_path, monkeypatch):
         def good(prompts, responses):
             return [float(len(r)) for r in responses]
     """)
-    from pama_ext.trainer.rewards import build_objectives
+    from pama_ext.lm.rewards import build_objectives
 
     cfg = TrainConfig(objectives=["py:my_bad_rewards:boom", "py:my_bad_rewards:wrong_shape", "py:my_bad_rewards:nan",
                                   "py:my_bad_rewards:good"]).validate()
@@ -200,8 +200,8 @@ def test_failing_reward_in_training_names_the_objective(base_cfg, tmp_path, monk
 def test_hf_classifier_reward(world_cache, tmp_path):
     from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
 
-    from pama_ext.trainer.rewards import build_objectives
-    from pama_ext.trainer.tiny_world import world_path
+    from pama_ext.lm.rewards import build_objectives
+    from pama_ext.tiny_world import world_path
 
     tok = AutoTokenizer.from_pretrained(str(world_path(world_cache)))
     torch.manual_seed(0)
@@ -338,7 +338,7 @@ def test_every_method_runs_with_finite_metrics(base_cfg, method, extra):
 
 
 def test_checkpoint_reloads_and_generates(base_cfg):
-    from pama_ext.trainer.rollout import GenSettings, decode, generate_responses, tokenize_prompts
+    from pama_ext.lm.rollout import GenSettings, decode, generate_responses, tokenize_prompts
     from pama_ext.trainer.train import load_checkpoint, train
 
     r = train(base_cfg(plots=True, eval_every=1, steps=2))

@@ -361,7 +361,7 @@ def test_hub_id_is_checked_once_up_front_online(tmp_path, prompts_file, capsys, 
     import huggingface_hub
 
     from pama_ext.cli import main
-    from pama_ext.trainer.train import HUB_CHECK_TIMEOUT
+    from pama_ext.lm.hf import HUB_CHECK_TIMEOUT
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
@@ -403,7 +403,7 @@ def test_failed_runs_leave_nothing_that_blocks_a_corrected_rerun(base_cfg, tmp_p
     import textwrap
 
     from pama_ext.cli import main
-    from pama_ext.trainer.rewards import RewardError
+    from pama_ext.lm.rewards import RewardError
     from pama_ext.trainer.train import train
 
     # a validation error found after the output directory was prepared
@@ -491,7 +491,8 @@ def test_cliprange_of_one_or_more_names_the_flag():
 
 def test_demo_ctrl_c_is_one_line(monkeypatch, tmp_path, capsys):
     """Ctrl-C during `make demo` (TrainingStopped from a run) ends with one line and exit 130."""
-    from pama_ext.trainer import demo, tiny_world, train as train_mod
+    from pama_ext import tiny_world
+    from pama_ext.trainer import demo, train as train_mod
 
     class World:
         def describe(self):

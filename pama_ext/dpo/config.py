@@ -1,10 +1,10 @@
 """Configuration of ``pama-ext dpo``: one dataclass, every field a documented flag and YAML key.
 
 Precedence: dataclass default < ``--config FILE.yaml`` < explicit flag. :meth:`DPOConfig.validate`
-checks every value up front and raises :class:`~pama_ext.trainer.config.ConfigError` whose message
+checks every value up front and raises :class:`~pama_ext.lm.config.ConfigError` whose message
 starts with the flag, e.g. ``--method: expected one of raco, cagrad, dpo-lw, modpo, mopo; got 'x'``.
-The field helpers, the type coercion and the objective syntax are the PPO trainer's
-(:mod:`pama_ext.trainer.config`). Imports nothing heavy.
+The field helpers, the type coercion, the YAML loader and the objective syntax are shared with the PPO
+trainer (:mod:`pama_ext.lm.config`). Imports nothing heavy.
 """
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional
 
-from ..trainer.config import (DEVICES, OBJECTIVE_FORMS, TINY, ConfigError, _f, _plain, check_number,
-                              check_objectives_and_weights, check_run_fields, coerce_fields, flag,
-                              normalize_keys)
+from ..lm import config as lmc
+from ..lm.config import (DEVICES, OBJECTIVE_FORMS, TINY, ConfigError, check_number, check_objectives_and_weights,
+                         check_run_fields, coerce_fields, config_dict, flag, normalize_keys, normalized_weights, option)
 
 METHODS = ("raco", "cagrad", "dpo-lw", "modpo", "mopo")
 #: the micro-batch size when --micro-batch-size is not given (capped at --batch-size for the pair methods)
@@ -30,105 +30,102 @@ class DPOConfig:
     """Every setting of a preference-data run (see docs/dpo.md)."""
 
     # --- model and data --------------------------------------------------------------------------
-    model: str = _f(TINY, "Hugging Face causal LM (local path or hub id), or 'tiny' for the embedded tiny world",
+    model: str = option(TINY, "Hugging Face causal LM (local path or hub id), or 'tiny' for the embedded tiny world",
                     group="model and data")
-    tokenizer: Optional[str] = _f(None, "tokenizer path or id (default: the model's)", group="model and data")
-    tiny_world_cache: Optional[str] = _f(None, "parent directory of the tiny-world cache (default: $PAMA_EXT_CACHE "
+    tokenizer: Optional[str] = option(None, "tokenizer path or id (default: the model's)", group="model and data")
+    tiny_world_cache: Optional[str] = option(None, "parent directory of the tiny-world cache (default: $PAMA_EXT_CACHE "
                                                "or ~/.cache/pama_ext)", group="model and data")
-    tiny_world_seconds: float = _f(120.0, "pretraining wall time of the tiny world when it has to be built",
+    tiny_world_seconds: float = option(120.0, "pretraining wall time of the tiny world when it has to be built",
                                    group="model and data")
-    data: str = _f(TINY, "preference pairs: a JSONL file (see docs/dpo.md), hf:<dataset>[:<split>] for a local "
+    data: str = option(TINY, "preference pairs: a JSONL file (see docs/dpo.md), hf:<dataset>[:<split>] for a local "
                          "Hugging Face dataset, or 'tiny' to sample and judge pairs from the model on the tiny "
                          "world's prompts", group="model and data")
-    eval_prompts: Optional[str] = _f(None, "evaluation prompts: .txt (one per line), .json list or .jsonl with a "
+    eval_prompts: Optional[str] = option(None, "evaluation prompts: .txt (one per line), .json list or .jsonl with a "
                                            "'prompt' field (default: the tiny world's held-out prompts)",
                                      group="model and data")
-    max_prompt_tokens: int = _f(64, "prompts longer than this many tokens are cut on the left", group="model and data")
-    max_response_tokens: int = _f(64, "responses longer than this many tokens (with EOS) are cut",
+    max_prompt_tokens: int = option(64, "prompts longer than this many tokens are cut on the left", group="model and data")
+    max_response_tokens: int = option(64, "responses longer than this many tokens (with EOS) are cut",
                                   group="model and data")
-    pool_prompts: int = _f(128, "--data tiny: number of training prompts to sample responses for",
+    pool_prompts: int = option(128, "--data tiny: number of training prompts to sample responses for",
                            group="model and data")
-    responses_per_prompt: int = _f(4, "--data tiny: responses sampled per prompt (every distinct pair is labelled)",
+    responses_per_prompt: int = option(4, "--data tiny: responses sampled per prompt (every distinct pair is labelled)",
                                    group="model and data")
-    tie_margin: float = _f(0.02, "two judge scores closer than this are a tie (label 0; also the tie rule of the "
+    tie_margin: float = option(0.02, "two judge scores closer than this are a tie (label 0; also the tie rule of the "
                                  "win rates)", group="model and data")
 
     # --- objectives ------------------------------------------------------------------------------
-    objectives: List[str] = _f(["sentiment", "length"], f"objectives = label keys and judges: {OBJECTIVE_FORMS}",
+    objectives: List[str] = option(["sentiment", "length"], f"objectives = label keys and judges: {OBJECTIVE_FORMS}",
                                group="objectives", metavar="OBJ")
-    weights: Optional[List[float]] = _f(None, "preference weights w (normalised to sum 1; default uniform): the "
+    weights: Optional[List[float]] = option(None, "preference weights w (normalised to sum 1; default uniform): the "
                                               "user weights of raco / cagrad, the scalarisation of dpo-lw, the "
                                               "margin weights of modpo", group="objectives", metavar="W")
-    length_l0: float = _f(160.0, "length judge: clip(len_chars / L0, lo, hi); this is L0 (characters)",
+    length_l0: float = option(160.0, "length judge: clip(len_chars / L0, lo, hi); this is L0 (characters)",
                           group="objectives")
-    length_lo: float = _f(0.0, "length judge: lower clip bound lo", group="objectives")
-    length_hi: float = _f(1.0, "length judge: upper clip bound hi", group="objectives")
+    length_lo: float = option(0.0, "length judge: lower clip bound lo", group="objectives")
+    length_hi: float = option(1.0, "length judge: upper clip bound hi", group="objectives")
 
     # --- method ----------------------------------------------------------------------------------
-    method: str = _f("raco", "raco (CAGrad-clip on per-objective DPO gradients), cagrad (the same, unclipped), "
+    method: str = option("raco", "raco (CAGrad-clip on per-objective DPO gradients), cagrad (the same, unclipped), "
                              "dpo-lw (sum of w_i L_i), modpo (DPO on one objective with margins from the others' "
                              "judges), mopo (constrained importance-weighted behaviour cloning)",
                      choices=METHODS, group="method")
-    beta: Optional[float] = _f(None, "DPO temperature beta of raco, cagrad, dpo-lw and modpo (default: 0.2 for raco "
+    beta: Optional[float] = option(None, "DPO temperature beta of raco, cagrad, dpo-lw and modpo (default: 0.2 for raco "
                                      "and cagrad, RACO's setting in SPEC §7; 0.1 otherwise)", group="method")
-    cagrad_c: float = _f(0.4, "raco / cagrad: conflict-averse radius c", group="method")
-    length_normalize: bool = _f(False, "divide each response log-prob by its token count in the DPO margin",
+    cagrad_c: float = option(0.4, "raco / cagrad: conflict-averse radius c", group="method")
+    length_normalize: bool = option(False, "divide each response log-prob by its token count in the DPO margin",
                                 group="method")
-    modpo_target: Optional[str] = _f(None, "modpo: the objective whose labels are trained on (default: the first)",
+    modpo_target: Optional[str] = option(None, "modpo: the objective whose labels are trained on (default: the first)",
                                      group="method")
-    mopo_primary: Optional[str] = _f(None, "mopo: the primary (maximised) objective; the others are constrained "
+    mopo_primary: Optional[str] = option(None, "mopo: the primary (maximised) objective; the others are constrained "
                                            "(default: the first)", group="method")
-    mopo_tau: float = _f(0.08, "mopo: KL temperature tau of the closed-form tilt", group="method")
-    mopo_epsilon: float = _f(0.0, "mopo: radius of the robust lower bound (0 = plain mean; the paper's 0.15 can "
+    mopo_tau: float = option(0.08, "mopo: KL temperature tau of the closed-form tilt", group="method")
+    mopo_epsilon: float = option(0.0, "mopo: radius of the robust lower bound (0 = plain mean; the paper's 0.15 can "
                                   "make lambda diverge on small pools)", group="method")
-    mopo_threshold_beta: float = _f(0.9995, "mopo: threshold factor beta, b = beta * (secondary values of the "
+    mopo_threshold_beta: float = option(0.9995, "mopo: threshold factor beta, b = beta * (secondary values of the "
                                             "lagged policy)", group="method")
-    mopo_t0: int = _f(500, "mopo: every t0 steps update the thresholds and the reference to the policy of t0 "
+    mopo_t0: int = option(500, "mopo: every t0 steps update the thresholds and the reference to the policy of t0 "
                            "steps before (0 = never)", group="method")
-    mopo_dual_lr: float = _f(0.5, "mopo: step size eta of the lambda / chi updates", group="method")
+    mopo_dual_lr: float = option(0.5, "mopo: step size eta of the lambda / chi updates", group="method")
 
     # --- optimisation ----------------------------------------------------------------------------
-    steps: int = _f(60, "optimizer steps", group="optimisation")
-    batch_size: int = _f(32, "pairs per optimizer step (mopo: prompts per step, each with its stored responses)",
+    steps: int = option(60, "optimizer steps", group="optimisation")
+    batch_size: int = option(32, "pairs per optimizer step (mopo: prompts per step, each with its stored responses)",
                          group="optimisation")
-    micro_batch_size: Optional[int] = _f(None, "pairs (mopo: responses) per forward/backward; gradients accumulate "
+    micro_batch_size: Optional[int] = option(None, "pairs (mopo: responses) per forward/backward; gradients accumulate "
                                                "over the micro-batches of a step (default: min(--batch-size, "
                                                f"{MICRO_BATCH_DEFAULT}); mopo: {MICRO_BATCH_DEFAULT})",
                                          group="optimisation")
-    lr: float = _f(2e-4, "AdamW learning rate (constant)", group="optimisation")
-    weight_decay: float = _f(0.0, "AdamW weight decay", group="optimisation")
-    adam_eps: float = _f(1e-8, "AdamW epsilon", group="optimisation")
-    max_grad_norm: float = _f(1.0, "gradient clipping by global norm (0 disables)", group="optimisation")
+    lr: float = option(2e-4, "AdamW learning rate (constant)", group="optimisation")
+    weight_decay: float = option(0.0, "AdamW weight decay", group="optimisation")
+    adam_eps: float = option(1e-8, "AdamW epsilon", group="optimisation")
+    max_grad_norm: float = option(1.0, "gradient clipping by global norm (0 disables)", group="optimisation")
 
     # --- generation and evaluation ---------------------------------------------------------------
-    max_new_tokens: int = _f(40, "response length limit when sampling (tiny pairs and evaluation)",
+    max_new_tokens: int = option(40, "response length limit when sampling (tiny pairs and evaluation)",
                              group="evaluation")
-    temperature: float = _f(1.0, "sampling temperature (tiny pairs and evaluation)", group="evaluation")
-    eval_size: Optional[int] = _f(64, "number of evaluation prompts (default: all)", group="evaluation")
-    eval_samples: int = _f(2, "responses per evaluation prompt, for the policy and for the reference",
+    temperature: float = option(1.0, "sampling temperature (tiny pairs and evaluation)", group="evaluation")
+    eval_size: Optional[int] = option(64, "number of evaluation prompts (default: all)", group="evaluation")
+    eval_samples: int = option(2, "responses per evaluation prompt, for the policy and for the reference",
                            group="evaluation")
-    eval_batch_size: int = _f(128, "responses per generate call during evaluation", group="evaluation")
-    eval_seed: int = _f(1234, "seed of the evaluation sampling (the same for every method and for the reference)",
+    eval_batch_size: int = option(128, "responses per generate call during evaluation", group="evaluation")
+    eval_seed: int = option(1234, "seed of the evaluation sampling (the same for every method and for the reference)",
                         group="evaluation")
 
     # --- run -------------------------------------------------------------------------------------
-    output_dir: str = _f("runs/dpo", "output directory (config, data, metrics, evaluation, plot, model)", group="run")
-    overwrite: bool = _f(False, "replace a run already in --output-dir", group="run")
-    save_model: bool = _f(True, "save the trained model and tokenizer under <output-dir>/model", group="run")
-    seed: int = _f(0, "seed of everything (data sampling, batch order)", group="run")
-    device: str = _f("cpu", "cpu, cuda or auto", choices=DEVICES, group="run")
-    threads: Optional[int] = _f(None, "torch CPU threads (default: torch's choice)", group="run")
-    progress: bool = _f(True, "tqdm progress bars (shown when stderr is a terminal)", group="run")
-    log_every: int = _f(10, "read the step metrics back and print a summary every k steps (0: only at the end)",
+    output_dir: str = option("runs/dpo", "output directory (config, data, metrics, evaluation, plot, model)", group="run")
+    overwrite: bool = option(False, "replace a run already in --output-dir", group="run")
+    save_model: bool = option(True, "save the trained model and tokenizer under <output-dir>/model", group="run")
+    seed: int = option(0, "seed of everything (data sampling, batch order)", group="run")
+    device: str = option("cpu", "cpu, cuda or auto", choices=DEVICES, group="run")
+    threads: Optional[int] = option(None, "torch CPU threads (default: torch's choice)", group="run")
+    progress: bool = option(True, "tqdm progress bars (shown when stderr is a terminal)", group="run")
+    log_every: int = option(10, "read the step metrics back and print a summary every k steps (0: only at the end)",
                         group="run")
-    plots: bool = _f(True, "write a PNG plot at the end (needs matplotlib)", group="run")
+    plots: bool = option(True, "write a PNG plot at the end (needs matplotlib)", group="run")
 
     # ---------------------------------------------------------------------------------------------
     def normalized_weights(self) -> List[float]:
-        n = len(self.objectives)
-        w = [1.0] * n if self.weights is None else [float(x) for x in self.weights]
-        s = sum(w)
-        return [x / s for x in w]
+        return normalized_weights(self.weights, len(self.objectives))
 
     @property
     def dpo_beta(self) -> float:
@@ -153,7 +150,7 @@ class DPOConfig:
         return self.objectives.index(self.mopo_primary) if self.mopo_primary else 0
 
     def to_dict(self) -> Dict[str, Any]:
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return config_dict(self)
 
     def replace(self, **changes) -> "DPOConfig":
         return dataclasses.replace(self, **changes)
@@ -220,20 +217,4 @@ def normalize_dpo_keys(data: Mapping[str, Any], source: str) -> Dict[str, Any]:
 
 def load_dpo_config(path: Optional[str] = None, overrides: Optional[Mapping[str, Any]] = None) -> DPOConfig:
     """Defaults < YAML file < ``overrides``; validated."""
-    import yaml
-
-    data: Dict[str, Any] = {}
-    if path:
-        try:
-            with open(path) as fh:
-                raw = yaml.safe_load(fh)
-        except OSError as e:
-            raise ConfigError(f"--config: cannot read {path!r}: {e}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--config: {path!r} is not valid YAML: {e}") from None
-        if raw is not None and not isinstance(raw, dict):
-            raise ConfigError(f"--config: {path!r} must hold a mapping of settings; got {type(raw).__name__}")
-        data.update(normalize_dpo_keys(raw or {}, f"--config {path}"))
-    if overrides:
-        data.update(normalize_dpo_keys(overrides, "overrides"))
-    return DPOConfig(**data).validate()
+    return lmc.load_config(DPOConfig, path, overrides)

@@ -14,7 +14,7 @@ that is not +1/-1/0). :func:`load_hf_dataset` reads the same fields from a Huggi
 dataset that is available locally (a saved dataset directory or a cached dataset name).
 
 :func:`build_tiny_pairs` is the embedded default: it samples several responses per prompt from the
-tiny-world model, scores them with the objectives' judges (:mod:`pama_ext.trainer.rewards`) and
+tiny-world model, scores them with the objectives' judges (:mod:`pama_ext.lm.rewards`) and
 labels every pair of distinct responses per objective with :func:`compare` (a difference within
 ``tie_margin`` is a tie). The default objectives -- ``sentiment`` and ``length`` -- disagree on a
 share of the pairs (longer tiny-world reviews are more often mixed or neutral); that share is the
@@ -191,7 +191,7 @@ def load_hf_dataset(name: str, split: str = "train", objectives: Optional[Sequen
 
 
 def write_jsonl(data: PrefData, path: str) -> None:
-    from ..trainer.train import atomic_write_text
+    from ..lm.files import atomic_write_text
 
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in data.rows()))
 
@@ -220,8 +220,8 @@ def conflict_rate(labels: Tensor) -> float:
 @torch.no_grad()
 def sample_responses(lm, tokenizer, prompts: Sequence[str], k: int, gen, seed: int, max_prompt_tokens: int,
                      bar=None) -> List[List[str]]:
-    """``k`` sampled responses per prompt (``gen``: :class:`pama_ext.trainer.rollout.GenSettings`)."""
-    from ..trainer.rollout import decode, generate_responses, tokenize_prompts
+    """``k`` sampled responses per prompt (``gen``: :class:`pama_ext.lm.rollout.GenSettings`)."""
+    from ..lm.rollout import decode, generate_responses, tokenize_prompts
 
     device = next(lm.parameters()).device
     flat = [p for p in prompts for _ in range(k)]
@@ -263,7 +263,7 @@ def build_tiny_pairs(lm, tokenizer, prompts: Sequence[str], judges: Sequence, k:
                      tie_margin: float, max_prompt_tokens: int = 64, bar=None) -> PrefData:
     """Sample ``k`` responses per prompt, score them with the judges and label all pairs (see the module
     docstring). ``info`` reports the conflict rate, the tie rate per objective and the judges' means."""
-    from ..trainer.rewards import score_all
+    from ..lm.rewards import score_all
 
     responses = sample_responses(lm, tokenizer, prompts, k, gen, seed, max_prompt_tokens, bar=bar)
     flat_p = [p for p in prompts for _ in range(k)]
@@ -350,9 +350,9 @@ def response_pool(data: PrefData) -> ResponsePool:
 def encode_responses(tokenizer, prompts: Sequence[str], responses: Sequence[str], max_prompt_tokens: int,
                      max_response_tokens: int, device) -> Tuple[Tensor, Tensor, Tensor]:
     """``(input_ids [B, P+T], attention_mask [B, P+T], response_mask [B, T] bool)``: the prompt left-padded
-    (as :func:`pama_ext.trainer.rollout.tokenize_prompts`), then the response's tokens (encoded without
+    (as :func:`pama_ext.lm.rollout.tokenize_prompts`), then the response's tokens (encoded without
     special tokens) followed by EOS, right-padded, cut to ``max_response_tokens``."""
-    from ..trainer.rollout import pad_id, tokenize_prompts
+    from ..lm.rollout import pad_id, tokenize_prompts
 
     p_ids, p_mask = tokenize_prompts(tokenizer, prompts, max_prompt_tokens, device)
     enc = tokenizer(list(responses), add_special_tokens=False)["input_ids"]

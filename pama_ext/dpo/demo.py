@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..trainer.config import split_list
+from ..lm.config import split_list
 
 #: the demo's budget: all runs in about five minutes on a free 2-core CPU (one thread)
 DEMO_DEFAULTS = dict(
@@ -76,7 +76,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     t0 = time.perf_counter()
     from tqdm.auto import tqdm
 
-    from ..trainer.train import atomic_write_text
+    from ..lm.files import atomic_write_text
     from .config import DPOConfig
     from .data import write_jsonl
     from .evaluate import format_results, results_table

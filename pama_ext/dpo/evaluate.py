@@ -27,7 +27,7 @@ __all__ = ["reference_samples", "evaluate_policy", "results_table", "format_resu
 
 
 def _settings(cfg: DPOConfig):
-    from ..trainer.rollout import GenSettings
+    from ..lm.rollout import GenSettings
 
     return GenSettings(max_new_tokens=cfg.max_new_tokens, do_sample=True, temperature=cfg.temperature)
 
@@ -39,8 +39,8 @@ def _flat_prompts(prompts: Sequence[str], k: int) -> List[str]:
 @torch.no_grad()
 def reference_samples(ref_lm, tokenizer, judges, prompts: Sequence[str], cfg: DPOConfig, device) -> Dict:
     """The reference's evaluation responses and their judge scores ``[n, N]``."""
-    from ..trainer.ppo import derive_seed
-    from ..trainer.rewards import score_all
+    from ..lm.seeding import derive_seed
+    from ..lm.rewards import score_all
     from .data import sample_responses
 
     resp: List[str] = []
@@ -57,9 +57,9 @@ def reference_samples(ref_lm, tokenizer, judges, prompts: Sequence[str], cfg: DP
 @torch.no_grad()
 def evaluate_policy(policy, ref_lm, tokenizer, judges, prompts: Sequence[str], cfg: DPOConfig, ref: Mapping) -> Dict:
     """Win rates and judge means of ``policy`` (a PolicyWithValueHeads) against the reference samples ``ref``."""
-    from ..trainer.ppo import derive_seed
-    from ..trainer.rewards import score_all
-    from ..trainer.rollout import collect_rollout
+    from ..lm.seeding import derive_seed
+    from ..lm.rewards import score_all
+    from ..lm.rollout import collect_rollout
 
     was = policy.training
     policy.eval()
@@ -97,7 +97,7 @@ def evaluate_policy(policy, ref_lm, tokenizer, judges, prompts: Sequence[str], c
 
 def results_table(rows: Sequence[Mapping], names: Sequence[str]) -> List[Dict]:
     """Plain rows for the comparison table: method, setting, win rates, means, KL, ESS (mopo)."""
-    from ..trainer.rewards import short_name
+    from ..lm.rewards import short_name
 
     out = []
     for r in rows:

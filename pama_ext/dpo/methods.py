@@ -30,9 +30,10 @@ import torch
 from torch import Tensor
 
 from .. import combine_gradients, gradient_gram, multi_dpo_loss
+from ..lm.config import ConfigError
+from ..lm.seeding import EpochSampler, derive_seed
 from ..pareto import cagrad_weights
 from . import mopo as M
-from ..trainer.config import ConfigError
 from .config import DPOConfig
 from .data import PrefData, ResponsePool, encode_responses, response_pool
 
@@ -50,7 +51,7 @@ def reference_sequence_logps(ref_lm, tokenizer, prompts: Sequence[str], response
                              device, chunk: int = 128, cache: Optional[Dict] = None):
     """(summed log-probs [N], token counts [N]) of ``responses`` under the frozen reference. ``cache`` (a dict
     keyed by (prompt, response), shared by runs with the same reference and token limits) skips known ones."""
-    from ..trainer.policy import reference_logp
+    from ..lm.policy import reference_logp
 
     cache = {} if cache is None else cache
     todo = sorted({(p, r) for p, r in zip(prompts, responses) if (p, r) not in cache})
@@ -71,26 +72,11 @@ class _Base:
         self.cfg, self.policy, self.ref_lm, self.tokenizer, self.device = cfg, policy, ref_lm, tokenizer, device
         self.params = [p for p in policy.lm.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
-        from ..trainer.ppo import derive_seed
-
         self.gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "dpo-data", 0))
+        self.sampler: Optional[EpochSampler] = None  # the epochs over the pairs / prompts (set by the subclass)
         self.step_idx = 0
-        self._order: List[int] = []
-        self._pos = 0
         self._pending: List[Dict[str, Tensor]] = []
         self.w = torch.tensor(cfg.normalized_weights(), dtype=torch.float32, device=device)
-
-    def _next(self, n_items: int, k: int) -> List[int]:
-        """Epochs over ``n_items`` in a seeded random order (host-side indices)."""
-        out: List[int] = []
-        while len(out) < k:
-            if self._pos >= len(self._order):
-                self._order = torch.randperm(n_items, generator=self.gen).tolist()
-                self._pos = 0
-            take = min(k - len(out), len(self._order) - self._pos)
-            out += self._order[self._pos:self._pos + take]
-            self._pos += take
-        return out
 
     def _finish_step(self, metrics: Dict[str, Tensor]) -> None:
         gnorm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0
@@ -140,7 +126,7 @@ class PairTrainer(_Base):
         self.ref_c, self.ref_r, self.len_c, self.len_r = rc, rr, lc, lr
         self.margin = None
         if cfg.method == "modpo":
-            from ..trainer.rewards import score_all
+            from ..lm.rewards import score_all
 
             k = cfg.modpo_index
             sc = score_all(judges, self.data.prompts, self.data.chosen).to(device)
@@ -149,6 +135,7 @@ class PairTrainer(_Base):
             wj[k] = 0.0
             self.margin = (wj[:, None] * (sc - sr)).sum(0)  # [N]: Σ_{j≠k} w_j (r_j(chosen) − r_j(rejected))
         self.n_pairs = n
+        self.sampler = EpochSampler(n, self.gen)
         n_obj = len(cfg.objectives)
         if cfg.method in ("raco", "cagrad"):
             self.bufs = [[torch.zeros_like(p) for p in self.params] for _ in range(n_obj)]
@@ -178,7 +165,7 @@ class PairTrainer(_Base):
 
     def step(self) -> None:
         c = self.cfg
-        idx = self._next(self.n_pairs, c.batch_size)
+        idx = self.sampler.take(c.batch_size)
         B = len(idx)
         self.policy.eval()  # dropout off, as the PPO trainer does (deterministic updates)
         loss_sum, acc = None, None
@@ -226,6 +213,7 @@ class MopoTrainer(_Base):
         super().__init__(cfg, policy, ref_lm, tokenizer, device)
         pool: ResponsePool = response_pool(data)
         self.pool = pool
+        self.sampler = EpochSampler(pool.n_prompts, self.gen)
         k = cfg.mopo_index
         others = [j for j in range(len(cfg.objectives)) if j != k]
         self.primary = pool.winrate[k].to(device)
@@ -274,7 +262,7 @@ class MopoTrainer(_Base):
         c = self.cfg
         if c.mopo_t0 and self.step_idx > 0 and self.step_idx % c.mopo_t0 == 0:
             self._ratchet()
-        prompts = self._next(self.pool.n_prompts, min(c.batch_size, self.pool.n_prompts))
+        prompts = self.sampler.take(min(c.batch_size, self.pool.n_prompts))
         idx_l, grp_l = [], []
         for j, g in enumerate(prompts):
             idx_l += self.members[g]

@@ -1,13 +1,13 @@
 """The fronts of a preference-method sweep as a PNG: one panel with the per-objective win rates against
 the reference, one with the judges' mean scores (the reference marked), one line per method through its
-settings (the sweep over w, or MOPO's primary / thresholds). Uses the PPO trainer's plotting helpers;
+settings (the sweep over w, or MOPO's primary / thresholds). Uses the shared plotting helpers (:mod:`pama_ext.lm.plots`);
 without matplotlib it warns and returns None."""
 from __future__ import annotations
 
 from typing import Mapping, Optional, Sequence
 
-from ..trainer.plots import _plt, _save
-from ..trainer.rewards import short_name
+from ..lm.plots import pyplot, save_figure
+from ..lm.rewards import short_name
 
 __all__ = ["plot_fronts"]
 
@@ -16,7 +16,7 @@ COLORS = {"raco": "#d62728", "cagrad": "#ff7f0e", "dpo-lw": "#1f77b4", "modpo": 
 
 def plot_fronts(results: Sequence[Mapping], names: Sequence[str], path: str, title: str = "") -> Optional[str]:
     """``results``: rows with ``method``, ``setting`` and ``eval`` (win_rate, mean, ref_mean per objective)."""
-    plt = _plt()
+    plt = pyplot()
     if plt is None or len(names) < 2:
         return None
     a, b = names[0], names[1]
@@ -46,6 +46,6 @@ def plot_fronts(results: Sequence[Mapping], names: Sequence[str], path: str, tit
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    out = _save(fig, path)
+    out = save_figure(fig, path)
     plt.close(fig)
     return out

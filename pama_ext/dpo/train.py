@@ -18,52 +18,31 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import random
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Union
 
-from ..trainer.config import TINY, ConfigError, add_config_flags, flag_overrides, resolve_device
-from ..trainer.files import discard_run, new_dirs, remove_stale_temporaries
+from ..lm.config import TINY, ConfigError, add_config_flags, flag_overrides, resolve_device
+from ..lm.files import atomic_write_text, discard_run, jsonl_text, new_dirs, prepare_output_dir
+from ..lm.hf import check_pretrained, hf_quiet, load_lm, load_tokenizer
+from ..lm.prompts import load_prompts
+from ..lm.seeding import derive_seed, seed_everything
 from .config import DPOConfig, load_dpo_config, normalize_dpo_keys
 
 __all__ = ["train_dpo", "prepare_world", "load_data", "add_dpo_subcommand", "cmd_dpo"]
 
 RUN_FILES = ("config.yaml", "pairs.jsonl", "data.json", "metrics.jsonl", "eval.json", "samples.jsonl", "final.md",
              "front.png")
-
-
-def _jsonl(rows: Sequence[Mapping]) -> str:
-    return "".join(json.dumps(r) + "\n" for r in rows)
-
-
-def _prepare_output_dir(cfg: DPOConfig) -> Path:
-    import shutil
-
-    out = Path(cfg.output_dir)
-    has_run = out.is_dir() and (any((out / f).exists() for f in RUN_FILES) or (out / "model").exists())
-    if has_run and not cfg.overwrite:
-        raise ConfigError(f"--output-dir: {str(out)!r} already holds a run; pass --overwrite to replace it")
-    if has_run:
-        for f in RUN_FILES:
-            if (out / f).exists():
-                (out / f).unlink()
-        if (out / "model").exists():
-            shutil.rmtree(out / "model")
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out, subdirs=())
-    return out
+RUN_DIRS = ("model",)
 
 
 def prepare_world(cfg: DPOConfig) -> Dict[str, Any]:
     """Model path, training prompts (for --data tiny) and evaluation prompts."""
-    from ..trainer.train import load_prompts
-
     eval_p = load_prompts(cfg.eval_prompts, "--eval-prompts") if cfg.eval_prompts else None
     train_p: List[str] = []
     if cfg.model == "tiny":
-        from ..trainer.tiny_world import build_tiny_world
+        from ..tiny_world import build_tiny_world
 
         world = build_tiny_world(cache_dir=cfg.tiny_world_cache, train_seconds=cfg.tiny_world_seconds, seed=0,
                                  progress=cfg.progress)
@@ -85,10 +64,9 @@ def load_data(cfg: DPOConfig, world: Mapping, ref_lm=None, tokenizer=None, judge
 
     try:
         if cfg.data == "tiny":
-            from ..trainer.ppo import derive_seed
-            from ..trainer.rollout import GenSettings
-
             from tqdm.auto import tqdm
+
+            from ..lm.rollout import GenSettings
 
             prompts = world["train_prompts"][:cfg.pool_prompts]
             gen = GenSettings(max_new_tokens=cfg.max_new_tokens, do_sample=True, temperature=cfg.temperature)
@@ -114,29 +92,25 @@ def train_dpo(config: Union[DPOConfig, Dict[str, Any]], shared: Optional[Dict[st
     runs skip loading and sampling them again. The caller owns it; it is filled on first use."""
     cfg = config if isinstance(config, DPOConfig) else DPOConfig(**normalize_dpo_keys(config, "config"))
     cfg = dataclasses.replace(cfg).validate()
-    from ..trainer.train import check_pretrained
-
     if cfg.model != TINY:
         check_pretrained(cfg.model, "--model")
     if cfg.tokenizer:
         check_pretrained(cfg.tokenizer, "--tokenizer", need=None)
     created = new_dirs(cfg.output_dir)
-    out = _prepare_output_dir(cfg)
+    out = prepare_output_dir(cfg.output_dir, RUN_FILES, RUN_DIRS, cfg.overwrite, stale_subdirs=())
     try:
         return _train_dpo(cfg, out, shared)
     except BaseException:
-        discard_run(out, RUN_FILES, ("model",), created)
+        discard_run(out, RUN_FILES, RUN_DIRS, created)
         raise
 
 
 def _train_dpo(cfg: DPOConfig, out: Path, shared: Optional[Dict[str, Any]]) -> Dict[str, Any]:
-    import numpy as np
     import torch
     from tqdm.auto import tqdm
 
-    from ..trainer.policy import PolicyWithValueHeads, frozen_copy
-    from ..trainer.rewards import build_objectives
-    from ..trainer.train import _load_lm, _load_tokenizer, atomic_write_text
+    from ..lm.policy import PolicyWithValueHeads, frozen_copy
+    from ..lm.rewards import build_objectives
     from .evaluate import evaluate_policy, reference_samples
     from .methods import make_trainer
 
@@ -144,9 +118,7 @@ def _train_dpo(cfg: DPOConfig, out: Path, shared: Optional[Dict[str, Any]]) -> D
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed % 2**32)
-    torch.manual_seed(cfg.seed)
+    seed_everything(cfg.seed)
 
     import yaml
 
@@ -156,11 +128,11 @@ def _train_dpo(cfg: DPOConfig, out: Path, shared: Optional[Dict[str, Any]]) -> D
     if "world" not in sh:
         sh["world"] = prepare_world(cfg)
         sh["judges"] = build_objectives(cfg, device=str(device))
-        sh["tokenizer"] = _load_tokenizer(cfg.tokenizer or sh["world"]["model_path"])
-        sh["ref_lm"] = frozen_copy(_load_lm(sh["world"]["model_path"], device))
+        sh["tokenizer"] = load_tokenizer(cfg.tokenizer or sh["world"]["model_path"])
+        sh["ref_lm"] = frozen_copy(load_lm(sh["world"]["model_path"], device))
         sh["ref_logp"] = {}
     world, judges, tokenizer, ref_lm = sh["world"], sh["judges"], sh["tokenizer"], sh["ref_lm"]
-    lm = _load_lm(world["model_path"], device)
+    lm = load_lm(world["model_path"], device)
     policy = PolicyWithValueHeads(lm, 1).to(device)
     for p in policy.value_heads.parameters():
         p.requires_grad_(False)
@@ -170,7 +142,7 @@ def _train_dpo(cfg: DPOConfig, out: Path, shared: Optional[Dict[str, Any]]) -> D
     data = sh["data"]
     if list(data.objectives) != list(cfg.objectives):
         raise ConfigError(f"--objectives: the data labels {data.objectives}; got {cfg.objectives}")
-    atomic_write_text(out / "pairs.jsonl", _jsonl(data.rows()))
+    atomic_write_text(out / "pairs.jsonl", jsonl_text(data.rows()))
     t_data = time.perf_counter()
     trainer = make_trainer(cfg, policy, ref_lm, tokenizer, data, judges, device, ref_cache=sh["ref_logp"])
     info = dict(data.info, pairs=len(data), trained_pairs=getattr(trainer, "n_pairs", None))
@@ -191,7 +163,7 @@ def _train_dpo(cfg: DPOConfig, out: Path, shared: Optional[Dict[str, Any]]) -> D
             if (cfg.log_every and k % cfg.log_every == 0) or k == cfg.steps:
                 rows = trainer.flush_metrics()
                 metrics += rows
-                atomic_write_text(out / "metrics.jsonl", _jsonl(metrics))
+                atomic_write_text(out / "metrics.jsonl", jsonl_text(metrics))
                 if cfg.log_every:
                     tqdm.write(_summary(cfg, rows[-1]), file=sys.stderr)
     finally:
@@ -201,7 +173,7 @@ def _train_dpo(cfg: DPOConfig, out: Path, shared: Optional[Dict[str, Any]]) -> D
     if "reference_eval" not in sh:
         sh["reference_eval"] = reference_samples(ref_lm, tokenizer, judges, world["eval_prompts"], cfg, device)
     ev = evaluate_policy(policy, ref_lm, tokenizer, judges, world["eval_prompts"], cfg, sh["reference_eval"])
-    atomic_write_text(out / "samples.jsonl", _jsonl(ev.pop("samples")))
+    atomic_write_text(out / "samples.jsonl", jsonl_text(ev.pop("samples")))
     ess = None
     if cfg.method == "mopo":
         ess = sum(m["ess"] for m in metrics) / max(1, len(metrics))
@@ -210,9 +182,7 @@ def _train_dpo(cfg: DPOConfig, out: Path, shared: Optional[Dict[str, Any]]) -> D
         ev["final_lambda"] = metrics[-1]["lam"] if metrics else None
     atomic_write_text(out / "eval.json", json.dumps(ev, indent=1))
     if cfg.save_model:
-        from ..trainer.train import _hf_quiet
-
-        with _hf_quiet():
+        with hf_quiet():
             policy.lm.save_pretrained(str(out / "model"))
             tokenizer.save_pretrained(str(out / "model"))
     result = {"method": cfg.method, "setting": setting_label(cfg), "eval": ev, "ess": ess, "metrics": metrics,

@@ -1,8 +1,13 @@
-"""The small multi-objective PPO trainer of pama_ext.
+"""The small multi-objective PPO trainer of pama_ext (``pama-ext train``).
 
-``pama_ext.trainer.tiny_world`` holds the embedded, download-free default world: a seeded generator of
-movie-review-like texts, a word-level tokenizer built on them and a tiny GPT-2 pretrained on them on
-CPU, built once and cached (``build_tiny_world()``).
+- :mod:`.config`: ``TrainConfig`` and the method table; :mod:`.ppo`: ``PPOTrainer`` (one step, the five
+  methods); :mod:`.train`: ``train(config)``, the run directory and the ``train`` subcommand;
+- :mod:`.checkpoint`: crash-safe checkpoints; :mod:`.evaluate`: evaluations, hypervolume, tables;
+- :mod:`.plots`: reward curves and the Pareto plot; :mod:`.demo`: ``make demo``.
+
+The language-model pieces it shares with :mod:`pama_ext.dpo` (policy with value heads, rollout,
+rewards, HF loading, config plumbing) are in :mod:`pama_ext.lm`; the embedded offline default model
+is :mod:`pama_ext.tiny_world`.
 
 Submodules are imported lazily: importing this package does not import transformers.
 """

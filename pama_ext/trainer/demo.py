@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .config import TrainConfig, split_list
+from ..lm.config import split_list
+from .config import TrainConfig
 
 #: The demo's budget: three runs in about four minutes on a free 2-core CPU.
 DEMO_DEFAULTS = dict(
@@ -54,10 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     a = build_parser().parse_args(argv)
     t0 = time.perf_counter()
+    from ..lm.files import atomic_write_text
+    from ..tiny_world import build_tiny_world
     from .evaluate import comparison_table, default_hv_ref, format_table, hypervolume, means
     from .plots import plot_pareto, plot_reward_curves
-    from .tiny_world import build_tiny_world
-    from .train import atomic_write_text, train
+    from .train import train
 
     world = build_tiny_world(cache_dir=a.cache_dir, progress=not a.no_progress)
     print(world.describe(), file=sys.stderr)

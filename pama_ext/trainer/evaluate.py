@@ -18,10 +18,11 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from ..lm.policy import PolicyWithValueHeads
+from ..lm.rewards import Objective, score_all, short_name
+from ..lm.rollout import GenSettings, collect_rollout
+from ..lm.seeding import derive_seed
 from .config import TrainConfig
-from .policy import PolicyWithValueHeads
-from .rewards import Objective, score_all, short_name
-from .rollout import GenSettings, collect_rollout
 
 __all__ = ["evaluate", "hypervolume", "default_hv_ref", "comparison_table", "format_table"]
 
@@ -30,8 +31,6 @@ __all__ = ["evaluate", "hypervolume", "default_hv_ref", "comparison_table", "for
 def evaluate(policy: PolicyWithValueHeads, ref_lm, tokenizer, objectives: Sequence[Objective],
              prompts: Sequence[str], cfg: TrainConfig, step: int) -> Tuple[Dict, List[Dict]]:
     """(summary, samples) for ``prompts``; the global RNG state is left untouched."""
-    from .ppo import derive_seed
-
     was_training = policy.training
     policy.eval()
     s = GenSettings(cfg.max_new_tokens, not cfg.eval_greedy, cfg.temperature, cfg.top_k, cfg.top_p)

@@ -2,46 +2,15 @@
 per-objective means. matplotlib is optional: without it the functions warn and return None."""
 from __future__ import annotations
 
-import os
-import tempfile
-import warnings
 from typing import List, Mapping, Optional, Sequence
 
-from .rewards import short_name
+from ..lm.plots import pyplot, save_figure
+from ..lm.rewards import short_name
 
 __all__ = ["plot_reward_curves", "plot_pareto"]
 
 _COLORS = {"untrained": "#7f7f7f", "pama": "#d62728", "morlhf": "#1f77b4", "mgda-ub": "#2ca02c",
            "mgda": "#9467bd", "linear": "#ff7f0e"}
-
-
-def _plt():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-        return plt
-    except Exception as e:  # noqa: BLE001
-        warnings.warn(f"plots skipped: matplotlib is not available ({e}); pip install matplotlib")
-        return None
-
-
-def _save(fig, path: str) -> str:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=d)
-    os.close(fd)
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o666 & ~mask)
-    try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
 
 
 def _ema(xs: List[float], alpha: float = 0.2) -> List[float]:
@@ -56,7 +25,7 @@ def plot_reward_curves(runs: Mapping[str, Sequence[Mapping]], evals: Mapping[str
                        names: Sequence[str], path: str) -> Optional[str]:
     """One panel per objective: training reward per step (faint: raw, solid: EMA) and evaluation means
     (markers) for every method; a last panel with the KL to the reference."""
-    plt = _plt()
+    plt = pyplot()
     if plt is None:
         return None
     k = len(names) + 1
@@ -85,7 +54,7 @@ def plot_reward_curves(runs: Mapping[str, Sequence[Mapping]], evals: Mapping[str
             ax.set_ylabel("mean reward")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    out = _save(fig, path)
+    out = save_figure(fig, path)
     plt.close(fig)
     return out
 
@@ -95,7 +64,7 @@ def plot_pareto(points: Mapping[str, Sequence[float]], names: Sequence[str], pat
                 trajectories: Optional[Mapping[str, Sequence[Sequence[float]]]] = None) -> Optional[str]:
     """Scatter of the final per-objective means of each method (one panel per pair of objectives),
     with the hypervolume reference point and optional evaluation trajectories."""
-    plt = _plt()
+    plt = pyplot()
     if plt is None or len(names) < 2:
         return None
     pairs = [(a, b) for a in range(len(names)) for b in range(a + 1, len(names))]
@@ -115,6 +84,6 @@ def plot_pareto(points: Mapping[str, Sequence[float]], names: Sequence[str], pat
     axes[0][0].legend(fontsize=7)
     axes[0][0].set_title("final per-objective means (eval)")
     fig.tight_layout()
-    out = _save(fig, path)
+    out = save_figure(fig, path)
     plt.close(fig)
     return out

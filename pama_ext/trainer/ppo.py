@@ -8,17 +8,17 @@ One step::
          recompute logp and values with grad; policy loss (per method) + vf_coef * value loss;
          AdamW step after clip_grad_norm  ->  KL controller update (one host scalar per step)
 
-Methods (``--method``):
+Methods (``--method``; what each passes to the op is its row of :data:`~pama_ext.trainer.config.METHOD_TABLE`):
 
 - ``pama``:    ``pama_policy_loss(noon=True, method="pama", granularity=...)`` (Noon PPO + Theorem 1).
 - ``linear``:  ``pama_policy_loss(method="linear", prefs=w)``, Noon configurable (default off).
 - ``morlhf``:  rewards scalarised to ``sum_i w_i R_i`` (n = 1), one value head, standard PPO
                (``pama_policy_loss`` with n = 1, ``noon=False``, ``method="linear"``).
 - ``mgda-ub``: per-objective standard PPO losses L_i; their gradients w.r.t. the final hidden states
-               give the Gram matrix, ``c = mgda_weights(G)`` and the update backpropagates
-               ``sum_i c_i L_i`` (c detached).
+               give the Gram matrix (``gradient_gram``), ``c = pareto.mgda_weights(G)`` (the native
+               exact solver) and the update backpropagates ``sum_i c_i L_i`` (c detached).
 - ``mgda``:    the same with full parameter gradients (n backward passes; O(n^2 d); slow by design):
-               ``sum_i c_i g_i`` is written into ``.grad``.
+               ``combine_gradients`` adds ``sum_i c_i g_i`` into ``.grad`` (no n x d buffer).
 
 A non-finite loss or gradient norm skips that optimizer update with a warning and is counted in
 the step's metrics (``skipped``); the parameters are never touched by it.
@@ -43,22 +43,15 @@ import torch
 from torch import Tensor
 
 from .. import distributed as dp
-from .. import ops, pareto
+from .. import combine_gradients, gradient_gram, ops, pareto
 from .. import reference
+from ..lm.policy import PolicyWithValueHeads
+from ..lm.rewards import Objective, score_all
+from ..lm.rollout import GenSettings, Rollout, collect_rollout
+from ..lm.seeding import EpochSampler, derive_seed
 from .config import TrainConfig
-from .policy import PolicyWithValueHeads
-from .rewards import Objective, score_all
-from .rollout import GenSettings, Rollout, collect_rollout
 
-__all__ = ["AdaptiveKLController", "PPOTrainer", "masked_whiten", "derive_seed"]
-
-
-def derive_seed(seed: int, purpose: str, step: int) -> int:
-    """A 63-bit seed that depends only on (run seed, purpose, step)."""
-    h = 1469598103934665603
-    for ch in f"{seed}/{purpose}/{step}":
-        h = ((h ^ ord(ch)) * 1099511628211) & 0xFFFFFFFFFFFFFFFF
-    return h & 0x7FFFFFFFFFFFFFFF
+__all__ = ["AdaptiveKLController", "PPOTrainer", "masked_whiten"]
 
 
 class AdaptiveKLController:
@@ -103,10 +96,9 @@ class PPOTrainer:
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
         self.kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon, cfg.adaptive_kl)
         self.gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "data", 0))
+        self.prompt_order = EpochSampler(len(self.train_prompts), self.gen)
         self.step_idx = 0
         self.skipped_total = 0
-        self._order: List[int] = []
-        self._pos = 0
         self.gen_settings = GenSettings(cfg.max_new_tokens, True, cfg.temperature, cfg.top_k, cfg.top_p)
         self.group = group
         self.world = dp.world_size(group)
@@ -128,8 +120,7 @@ class PPOTrainer:
             "optimizer": self.optimizer.state_dict(),
             "kl_ctl": self.kl_ctl.state_dict(),
             "data_generator": self.gen.get_state(),
-            "order": list(self._order),
-            "pos": self._pos,
+            **self.prompt_order.state_dict(),  # order, pos
         }
 
     def load_state_dict(self, s: Dict) -> None:
@@ -138,22 +129,9 @@ class PPOTrainer:
         self.optimizer.load_state_dict(s["optimizer"])
         self.kl_ctl.load_state_dict(s["kl_ctl"])
         self.gen.set_state(s["data_generator"])
-        self._order = list(s["order"])
-        self._pos = int(s["pos"])
+        self.prompt_order.load_state_dict(s)
 
     # --------------------------------------------------------------------------------------------
-    def _next_prompts(self, k: int) -> List[str]:
-        """Epochs over the training prompts in a seeded random order."""
-        out = []
-        while len(out) < k:
-            if self._pos >= len(self._order):
-                self._order = torch.randperm(len(self.train_prompts), generator=self.gen).tolist()
-                self._pos = 0
-            take = min(k - len(out), len(self._order) - self._pos)
-            out += [self.train_prompts[i] for i in self._order[self._pos:self._pos + take]]
-            self._pos += take
-        return out
-
     def _loss_kwargs(self) -> Dict:
         c = self.cfg
         return dict(eps_lo=c.cliprange, eps_hi=c.eps_hi, dual_clip=c.dual_clip, agg=c.agg, check_finite=False,
@@ -166,17 +144,17 @@ class PPOTrainer:
                     hidden: Tensor, whiten_in_op: bool):
         """(loss, metrics, per-objective losses or None). For mgda the caller does the backward."""
         c = self.cfg
+        spec = c.method_spec
         kw = self._loss_kwargs()
-        if c.method in ("pama", "linear", "morlhf"):
-            if c.method == "pama":
-                extra = dict(noon=True, method="pama", granularity=c.granularity)
-            elif c.method == "linear":
-                extra = dict(noon=c.use_noon, method="linear", prefs=self.prefs)
-            else:
-                extra = dict(noon=False, method="linear")
+        if spec.op_method is not None:  # one fused loss over the objectives
+            extra = dict(noon=c.use_noon, method=spec.op_method)
+            if spec.granularity:
+                extra["granularity"] = c.granularity
+            if spec.prefs:
+                extra["prefs"] = self.prefs
             loss, m = ops.pama_policy_loss(logp, old_logp, adv, mask, ref_logp, whiten=whiten_in_op,
                                            beta_loss=c.kl_loss_coef, **extra, **kw)
-            if c.method == "morlhf":
+            if spec.scalarised:
                 m = dict(m, weights=self.prefs)
             return loss, m, None
         # mgda-ub / mgda: standard per-objective PPO losses
@@ -186,10 +164,9 @@ class PPOTrainer:
                                           method="linear", **dict(kw, group=None))
             losses.append(li)
             mets.append(mi)
-        if c.method == "mgda-ub":
-            grads = [torch.autograd.grad(li, hidden, retain_graph=True)[0].reshape(-1) for li in losses]
-            g = torch.stack(grads).double()
-            weights = pareto.mgda_weights(g @ g.T).to(logp.dtype).detach()
+        if spec.mgda_gradients == "hidden":
+            grads = [torch.autograd.grad(li, hidden, retain_graph=True) for li in losses]
+            weights = pareto.mgda_weights(gradient_gram(grads)).to(logp.dtype).detach()
         else:
             weights = None  # computed by the caller from full parameter gradients
         m = {
@@ -215,23 +192,13 @@ class PPOTrainer:
 
     # --------------------------------------------------------------------------------------------
     def _mgda_backward(self, losses: List[Tensor], other: Tensor) -> Tensor:
-        """Full MGDA: n parameter-gradient passes, Gram, min-norm weights, write sum c_i g_i into .grad."""
+        """Full MGDA: n parameter-gradient passes, their Gram, the min-norm weights c; backpropagates
+        ``other`` and adds ``sum_i c_i g_i`` into ``.grad``."""
         params = self.lm_params
-        flat = []
-        for li in losses:
-            gs = torch.autograd.grad(li, params, retain_graph=True, allow_unused=True)
-            flat.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
-                                   for g, p in zip(gs, params)]))
-        g = torch.stack(flat)
-        weights = pareto.mgda_weights((g.double() @ g.double().T)).to(g.dtype)
+        grads = [torch.autograd.grad(li, params, retain_graph=True, allow_unused=True) for li in losses]
+        weights = pareto.mgda_weights(gradient_gram(grads)).to(params[0].dtype)
         other.backward()
-        combined = weights @ g
-        off = 0
-        for p in params:
-            k = p.numel()
-            gp = combined[off:off + k].view_as(p)
-            p.grad = gp.clone() if p.grad is None else p.grad + gp
-            off += k
+        combine_gradients(grads, weights, params, accumulate=True)
         return weights
 
     def step(self, bars: Optional[Dict] = None) -> Dict:
@@ -241,7 +208,7 @@ class PPOTrainer:
         self.policy.eval()  # dropout off, as TRL/verl do for PPO
         per = c.batch_size // self.world  # this rank's rows: [lo, lo + per) of the global batch
         lo = self.rank * per
-        prompts = self._next_prompts(c.batch_size)[lo:lo + per]
+        prompts = [self.train_prompts[i] for i in self.prompt_order.take(c.batch_size)][lo:lo + per]
         bar = bars.get("rollout") if bars else None
         if bar is not None:
             bar.reset(total=per)
@@ -254,7 +221,7 @@ class PPOTrainer:
         t2 = time.perf_counter()
 
         mask = ro.mask
-        train_scores = (self.prefs[:, None] * scores).sum(0, keepdim=True) if c.method == "morlhf" else scores
+        train_scores = (self.prefs[:, None] * scores).sum(0, keepdim=True) if c.method_spec.scalarised else scores
         kl_coef = self.kl_ctl.value
         rewards = ops.token_rewards(train_scores, ro.old_logp, ro.ref_logp, mask, kl_coef)
         adv, ret = ops.multi_gae(rewards, ro.values, mask, c.gamma, c.lam)

@@ -35,8 +35,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import random
-import shutil
 import signal
 import sys
 import threading
@@ -47,12 +45,16 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 from .checkpoint import (CHECKPOINT, CORRUPT, PREVIOUS, STATE_FORMAT, CheckpointError, read_tensor_file, rng_states,
                          select_checkpoint, set_rng_states, verify_checkpoint, write_checkpoint)
-from .config import (TINY, ConfigError, TrainConfig, add_config_flags, dump_yaml, flag, flag_overrides, load_config,
-                     load_yaml, resolve_device)
-from .files import atomic_write_text, discard_run, new_dirs, remove_stale_temporaries
+from ..lm.config import TINY, ConfigError, add_config_flags, flag, flag_overrides, resolve_device
+from ..lm.files import (atomic_write_text, discard_run, jsonl_text, new_dirs, prepare_output_dir, read_jsonl,
+                        remove_stale_temporaries)
+from ..lm.hf import check_pretrained, hf_quiet, load_lm, load_tokenizer
+from ..lm.prompts import load_prompts
+from ..lm.seeding import seed_everything
+from .config import TrainConfig, dump_yaml, load_config, load_yaml
 
-__all__ = ["train", "add_train_subcommand", "cmd_train", "load_checkpoint", "save_checkpoint", "atomic_write_text",
-           "check_pretrained", "TrainingStopped", "CheckpointError", "deferred_sigint"]
+__all__ = ["train", "add_train_subcommand", "cmd_train", "load_checkpoint", "save_checkpoint", "TrainingStopped",
+           "CheckpointError", "deferred_sigint"]
 
 #: settings that may differ between a run and its --resume
 RESUME_MAY_CHANGE = {"steps", "eval_every", "save_every", "progress", "log_every", "plots", "output_dir", "resume",
@@ -64,77 +66,15 @@ RUN_FILES = ("config.yaml", "metrics.jsonl", "eval.jsonl", "final.md", "final.js
 RUN_DIRS = (CHECKPOINT, PREVIOUS, CORRUPT, ".checkpoint.old", "samples")
 
 
-def _jsonl(rows: Sequence[Dict]) -> str:
-    return "".join(json.dumps(r) + "\n" for r in rows)
-
-
-def _read_jsonl(path: Path) -> List[Dict]:
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line:
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-    return out
-
-
 # -------------------------------------------------------------------------------------------------
 # model and data
 # -------------------------------------------------------------------------------------------------
-def load_prompts(path: str, what: str = "--train-prompts") -> List[str]:
-    """Prompts from a .txt file (one per non-blank line), a .json list (or {"prompts": [...]}) or a .jsonl
-    file with a "prompt" field per line. UTF-8; lines end at ``\n`` only (U+2028 / U+2029 / U+0085 are
-    text). A file that cannot be read is a :class:`ConfigError` naming ``what``, the file and the line."""
-    p = Path(path)
-    try:
-        raw = p.read_bytes()
-    except OSError as e:
-        raise ConfigError(f"{what}: cannot read {path!r}: {e}") from None
-    if raw.startswith(b"\xef\xbb\xbf"):
-        raw = raw[3:]
-    lines = []
-    for i, bline in enumerate(raw.split(b"\n"), start=1):
-        try:
-            lines.append(bline.decode("utf-8").rstrip("\r"))
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{what}: {path}:{i}: not valid UTF-8 (byte 0x{bline[e.start]:02x} at column "
-                              f"{e.start + 1})") from None
-    if p.suffix == ".json":
-        try:
-            data = json.loads("\n".join(lines))
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{what}: {path}:{e.lineno}: not valid JSON ({e.msg})") from None
-        if isinstance(data, dict):
-            data = data.get("prompts", data.get("train", []))
-        if not isinstance(data, list):
-            raise ConfigError(f"{what}: {path}: expected a JSON list of prompts (or {{\"prompts\": [...]}})")
-        return [str(x) for x in data]
-    if p.suffix == ".jsonl":
-        out = []
-        for i, line in enumerate(lines, start=1):
-            if not line.strip(" \t"):
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{what}: {path}:{i}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict) or "prompt" not in row:
-                raise ConfigError(f"{what}: {path}:{i}: expected an object with a 'prompt' field")
-            out.append(str(row["prompt"]))
-        return out
-    return [l for l in lines if l.strip()]
-
-
 def _resolve_model(cfg: TrainConfig):
     """(model path, train prompts, eval prompts)."""
     train_p = load_prompts(cfg.train_prompts) if cfg.train_prompts else None
     eval_p = load_prompts(cfg.eval_prompts, "--eval-prompts") if cfg.eval_prompts else None
     if cfg.model == "tiny":
-        from .tiny_world import build_tiny_world
+        from ..tiny_world import build_tiny_world
 
         world = build_tiny_world(cache_dir=cfg.tiny_world_cache, train_seconds=cfg.tiny_world_seconds,
                                  seed=0, progress=cfg.progress)
@@ -156,104 +96,6 @@ def _resolve_model(cfg: TrainConfig):
     return path, list(train_p), list(eval_p)
 
 
-def _truthy_env(name: str) -> bool:
-    return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
-
-
-#: seconds the up-front hub lookup of a --model id may take (one request, no retries)
-HUB_CHECK_TIMEOUT = 10.0
-
-
-def check_pretrained(name: str, what: str = "--model", need: Optional[str] = "config.json") -> None:
-    """Fail fast, before the output directory is touched, when ``name`` (a ``--model`` or ``--tokenizer``
-    value) names nothing loadable; a :class:`ConfigError` naming ``what`` otherwise.
-
-    - an existing directory must hold ``need`` (``config.json`` for a model; pass ``need=None`` to skip);
-    - a name that is not a valid Hugging Face hub id (an absolute or relative path, ``a/b/c``) and does
-      not exist is an error at once;
-    - a hub id is looked up in the local Hugging Face cache; when it is not there and ``HF_HUB_OFFLINE``
-      (or ``TRANSFORMERS_OFFLINE``) is set it is an error at once; otherwise the hub is asked about it
-      once (:data:`HUB_CHECK_TIMEOUT` seconds, no retries) and a missing repository, a repository without
-      ``need`` or no answer is an error naming ``what``.
-    """
-    p = Path(name).expanduser()
-    if p.is_dir():
-        if need and not (p / need).is_file():
-            raise ConfigError(f"{what}: {name!r} is a directory without {need} (not a Hugging Face model directory)")
-        return
-    if p.exists():
-        raise ConfigError(f"{what}: {name!r} is a file; expected a model directory or a Hugging Face hub id")
-    try:
-        from huggingface_hub import HfApi, try_to_load_from_cache
-        from huggingface_hub.utils import HFValidationError, validate_repo_id
-    except ImportError:  # pragma: no cover - transformers depends on huggingface_hub
-        raise ConfigError(f"{what}: no such directory: {name!r}") from None
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        raise ConfigError(f"{what}: no such directory: {name!r}") from None
-    probe = need or "config.json"
-    if isinstance(try_to_load_from_cache(name, probe), str):
-        return
-    if need is None:
-        return  # a tokenizer id: which files it has varies; transformers reports a bad one
-    if _truthy_env("HF_HUB_OFFLINE") or _truthy_env("TRANSFORMERS_OFFLINE"):
-        raise ConfigError(f"{what}: {name!r} is not a local directory and not in the Hugging Face cache, and "
-                          f"HF_HUB_OFFLINE is set (no download)")
-    try:
-        info = HfApi().model_info(name, timeout=HUB_CHECK_TIMEOUT)
-    except Exception as e:  # noqa: BLE001 - every failure here means: not loadable now
-        text = str(e).strip().splitlines()
-        raise ConfigError(f"{what}: {name!r} is not a local directory and the Hugging Face hub did not provide it "
-                          f"({type(e).__name__}{': ' + text[0] if text else ''}); set HF_HUB_OFFLINE=1 to use "
-                          f"only the local cache") from None
-    files = {s.rfilename for s in (info.siblings or [])}
-    if files and probe not in files:
-        raise ConfigError(f"{what}: the hub repository {name!r} has no {probe} (not a transformers model)")
-
-
-@contextlib.contextmanager
-def _hf_quiet():
-    """No transformers progress bars ("Loading weights", "Writing model shards") inside the block."""
-    try:
-        from transformers.utils import logging as hf_logging
-    except ImportError:  # pragma: no cover
-        yield
-        return
-    was = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was:
-            hf_logging.enable_progress_bar()
-
-
-def _load_lm(path: str, device):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with _hf_quiet():
-        try:
-            lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        except TypeError:  # older transformers
-            lm = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
-    return lm.to(device)
-
-
-def _load_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(path)
-    tok.padding_side = "left"
-    tok.truncation_side = "left"
-    if tok.pad_token is None:
-        if tok.eos_token is None:
-            raise ConfigError(f"--tokenizer: {path!r} has neither a pad nor an eos token")
-        tok.pad_token = tok.eos_token
-    return tok
-
-
 # -------------------------------------------------------------------------------------------------
 # checkpoints
 # -------------------------------------------------------------------------------------------------
@@ -269,7 +111,7 @@ def save_checkpoint(out: Path, policy, tokenizer, trainer, cfg: TrainConfig, ext
             return False
 
     def write(tmp: Path) -> Dict[str, Any]:
-        with _hf_quiet():
+        with hf_quiet():
             policy.lm.save_pretrained(str(tmp))
             tokenizer.save_pretrained(str(tmp))
         torch.save(policy.value_heads.state_dict(), tmp / "value_heads.pt")
@@ -287,16 +129,16 @@ def load_checkpoint(path: Union[str, Path], device: str = "cpu"):
     """``(policy, tokenizer, info)`` from a run directory or its ``checkpoint/``: the trained LM with its
     value heads (a :class:`PolicyWithValueHeads`) and the tokenizer. The files are checked against the
     checkpoint's manifest first (a :class:`CheckpointError` names a missing, truncated or corrupt one)."""
-    from .policy import PolicyWithValueHeads
+    from ..lm.policy import PolicyWithValueHeads
 
     p = Path(path)
     if (p / CHECKPOINT / "checkpoint.json").is_file():
         p = p / CHECKPOINT
     info = verify_checkpoint(p)
-    lm = _load_lm(str(p), device)
+    lm = load_lm(str(p), device)
     policy = PolicyWithValueHeads(lm, int(info["value_heads"]), check=False)
     policy.value_heads.load_state_dict(read_tensor_file(p / "value_heads.pt", map_location=device))
-    return policy, _load_tokenizer(str(p)), info
+    return policy, load_tokenizer(str(p)), info
 
 
 def read_trainer_state(ck: Path) -> Dict[str, Any]:
@@ -362,7 +204,7 @@ def deferred_sigint(enabled: bool = True, notice: str = "interrupt: finishing th
 # the run
 # -------------------------------------------------------------------------------------------------
 def _summary_line(cfg: TrainConfig, m: Dict) -> str:
-    from .rewards import short_name
+    from ..lm.rewards import short_name
 
     parts = [f"[{cfg.method}] step {m['step']}/{cfg.steps}"]
     parts.append(" ".join(f"{short_name(k)} {v:+.3f}" for k, v in m["rewards"].items()))
@@ -387,21 +229,8 @@ def _prepare_output_dir(cfg: TrainConfig) -> Path:
         if found is None:
             raise ConfigError(f"--resume: no checkpoint in {str(out)!r} (nothing to resume)")
         return out
-    has_run = out.is_dir() and (any((out / f).exists() for f in RUN_FILES) or (out / CHECKPOINT).exists()
-                                or (out / PREVIOUS).exists())
-    if has_run and not cfg.overwrite:
-        raise ConfigError(f"--output-dir: {str(out)!r} already holds a run; pass --resume to continue it or "
-                          f"--overwrite to start afresh")
-    if has_run:
-        for f in RUN_FILES:
-            if (out / f).exists():
-                (out / f).unlink()
-        for d in RUN_DIRS:
-            if (out / d).exists():
-                shutil.rmtree(out / d)
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out)
-    return out
+    return prepare_output_dir(out, RUN_FILES, RUN_DIRS, cfg.overwrite, markers=(CHECKPOINT, PREVIOUS),
+                              advice="pass --resume to continue it or --overwrite to start afresh")
 
 
 def train(config: Union[TrainConfig, Dict[str, Any]]) -> Dict[str, Any]:
@@ -453,13 +282,12 @@ def _train_in_group(cfg: TrainConfig, out: Optional[Path]) -> Dict[str, Any]:
 
 
 def _train(cfg: TrainConfig, out: Optional[Path], device, group, t_start: float) -> Dict[str, Any]:
-    import numpy as np
     import torch
 
+    from ..lm.policy import PolicyWithValueHeads, frozen_copy
+    from ..lm.rewards import build_objectives
     from .evaluate import default_hv_ref, evaluate, means
-    from .policy import PolicyWithValueHeads, frozen_copy
     from .ppo import PPOTrainer
-    from .rewards import build_objectives
 
     main = group is None or torch.distributed.get_rank(group) == 0  # evaluates and writes the run directory
     out = out if out is not None else Path(cfg.output_dir)
@@ -477,16 +305,14 @@ def _train(cfg: TrainConfig, out: Optional[Path], device, group, t_start: float)
         if state["trainer"]["step"] > cfg.steps:
             raise ConfigError(f"--steps: the checkpoint is at step {state['trainer']['step']}, beyond {cfg.steps}")
 
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed % 2**32)
-    torch.manual_seed(cfg.seed)
+    seed_everything(cfg.seed)
 
     model_path, train_prompts, eval_prompts = _resolve_model(cfg)
     objectives = build_objectives(cfg, device=str(device))
     names = [o.name for o in objectives]
-    tokenizer = _load_tokenizer(cfg.tokenizer or model_path)
-    ref_lm = frozen_copy(_load_lm(model_path, device))
-    lm = _load_lm(str(ck), device) if cfg.resume else _load_lm(model_path, device)
+    tokenizer = load_tokenizer(cfg.tokenizer or model_path)
+    ref_lm = frozen_copy(load_lm(model_path, device))
+    lm = load_lm(str(ck), device) if cfg.resume else load_lm(model_path, device)
     policy = PolicyWithValueHeads(lm, cfg.n_heads).to(device)
     trainer = PPOTrainer(cfg, policy, ref_lm, tokenizer, objectives, train_prompts, device, group=group)
     if main:
@@ -499,8 +325,8 @@ def _train(cfg: TrainConfig, out: Optional[Path], device, group, t_start: float)
         trainer.load_state_dict(state["trainer"])
         set_rng_states(state["rng"])
         step0 = trainer.step_idx
-        metrics = [m for m in _read_jsonl(out / "metrics.jsonl") if m.get("step", 0) <= step0]
-        evals = [e for e in _read_jsonl(out / "eval.jsonl") if e.get("step", 0) <= step0]
+        metrics = [m for m in read_jsonl(out / "metrics.jsonl") if m.get("step", 0) <= step0]
+        evals = [e for e in read_jsonl(out / "eval.jsonl") if e.get("step", 0) <= step0]
         init_eval = state["init_eval"]
         print(f"[{cfg.method}] resuming {out} at step {step0}/{cfg.steps}", file=sys.stderr)
     else:
@@ -508,9 +334,9 @@ def _train(cfg: TrainConfig, out: Optional[Path], device, group, t_start: float)
 
     def run_eval(step: int) -> Dict:
         summ, samples = evaluate(policy, ref_lm, tokenizer, objectives, eval_prompts, cfg, step)
-        atomic_write_text(out / "samples" / f"step_{step:06d}.jsonl", _jsonl(samples))
+        atomic_write_text(out / "samples" / f"step_{step:06d}.jsonl", jsonl_text(samples))
         evals.append(summ)
-        atomic_write_text(out / "eval.jsonl", _jsonl(evals))
+        atomic_write_text(out / "eval.jsonl", jsonl_text(evals))
         return summ
 
     if not main:  # the other ranks train in step with rank 0 and leave the rest to it
@@ -558,7 +384,7 @@ def _train_loop(cfg, out, trainer, metrics, evals, names, run_eval, checkpoint, 
             while trainer.step_idx < cfg.steps:
                 m = trainer.step(bars)
                 metrics.append(m)
-                atomic_write_text(out / "metrics.jsonl", _jsonl(metrics))
+                atomic_write_text(out / "metrics.jsonl", jsonl_text(metrics))
                 k = trainer.step_idx
                 if cfg.log_every and (k % cfg.log_every == 0 or k == cfg.steps):
                     tqdm.write(_summary_line(cfg, m), file=sys.stderr)

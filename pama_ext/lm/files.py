@@ -10,20 +10,27 @@
 - :func:`new_dirs` / :func:`discard_run`: a run that fails before it saved anything removes what it
   wrote, including the output directory (and its parents) when it created them, so a corrected rerun
   is not blocked.
+- :func:`prepare_output_dir`: an output directory made ready for a fresh run (a run already there is
+  an error unless ``--overwrite``, which removes that run's files).
+- :func:`jsonl_text` / :func:`read_jsonl`: the JSON-lines files of a run (metrics, evaluations, samples).
 
 Imports nothing heavy.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterable, List, Optional, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+
+from .config import ConfigError
 
 __all__ = ["atomic_write_text", "fsync_file", "fsync_dir", "fsync_tree", "tmp_prefix", "is_temporary",
-           "remove_stale_temporaries", "new_dirs", "discard_run", "umask"]
+           "remove_stale_temporaries", "new_dirs", "discard_run", "umask", "prepare_output_dir", "jsonl_text",
+           "read_jsonl"]
 
 #: names of the temporaries this package creates: ``.<name>.tmp-<mkstemp/mkdtemp suffix>``
 _TMP_NAME = re.compile(r"^\..+\.tmp-[A-Za-z0-9_]+$")
@@ -155,3 +162,48 @@ def discard_run(out: Union[str, Path], files: Iterable[str], dirs: Iterable[str]
         if p == stop or p.parent == p:
             return
         p = p.parent
+
+
+def prepare_output_dir(out: Union[str, Path], run_files: Sequence[str], run_dirs: Sequence[str], overwrite: bool,
+                       markers: Optional[Sequence[str]] = None, advice: str = "pass --overwrite to replace it",
+                       stale_subdirs: Iterable[str] = ("samples",)) -> Path:
+    """``out``, created if needed and ready for a fresh run. It holds a run when one of ``run_files`` or
+    of ``markers`` (default: ``run_dirs``) exists in it: that is a :class:`ConfigError` naming
+    ``--output-dir`` (with ``advice``) unless ``overwrite``, which removes the run's files and
+    directories. Stale temporaries in ``out`` and ``stale_subdirs`` are removed."""
+    out = Path(out)
+    found = list(run_files) + list(run_dirs if markers is None else markers)
+    has_run = out.is_dir() and any((out / f).exists() for f in found)
+    if has_run and not overwrite:
+        raise ConfigError(f"--output-dir: {str(out)!r} already holds a run; {advice}")
+    if has_run:
+        for f in run_files:
+            if (out / f).exists():
+                (out / f).unlink()
+        for d in run_dirs:
+            if (out / d).exists():
+                shutil.rmtree(out / d)
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out, subdirs=stale_subdirs)
+    return out
+
+
+def jsonl_text(rows: Sequence[Mapping[str, Any]]) -> str:
+    """One JSON object per line."""
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+def read_jsonl(path: Path) -> List[Dict]:
+    """The rows of a JSON-lines file up to its first unreadable line (a run killed mid-write); [] when
+    there is no file."""
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return out

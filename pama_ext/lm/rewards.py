@@ -23,7 +23,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from .config import ConfigError, TrainConfig, check_objective_spec
+from .config import ConfigError, check_objective_spec
 
 __all__ = ["RewardError", "Objective", "build_objectives", "score_all", "sentiment_reward", "LengthReward",
            "HFClassifierReward"]
@@ -139,7 +139,7 @@ class HFClassifierReward:
         return torch.cat(out) if out else torch.zeros(0)
 
 
-def _resolve(spec: str, cfg: TrainConfig, device: str) -> RewardFn:
+def _resolve(spec: str, cfg, device: str) -> RewardFn:
     check_objective_spec(spec)
     if spec == "sentiment":
         _vader()  # fail early when the package is missing
@@ -167,8 +167,9 @@ def _resolve(spec: str, cfg: TrainConfig, device: str) -> RewardFn:
     return fn
 
 
-def build_objectives(cfg: TrainConfig, device: str = "cpu") -> List[Objective]:
-    """The configured objectives, resolved and wrapped (raises ConfigError naming a bad one)."""
+def build_objectives(cfg, device: str = "cpu") -> List[Objective]:
+    """The objectives of a config (a TrainConfig or DPOConfig: ``objectives``, ``length_l0`` / ``_lo`` / ``_hi``),
+    resolved and wrapped (raises ConfigError naming a bad one)."""
     return [Objective(spec, _resolve(spec, cfg, device)) for spec in cfg.objectives]
 
 
