@@ -13,6 +13,7 @@ import sys
 
 import pytest
 
+from pama_ext import cli
 from pama_ext.benchmarks import SUITES, bench_gpu, bench_ops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -111,6 +112,32 @@ def test_bench_gpu_cpu_defaults():
     gpu = bench_gpu.parse_args([])
     assert gpu.sections == list(bench_gpu.SECTIONS) and gpu.models == ["gpt2-small", "gpt2-1b"]
     assert gpu.headline_bt == bench_gpu.HEADLINE_BT and gpu.e2e_batch == 32
+
+
+def test_cli_bench_help_shows_the_suites_and_their_options(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+    out = capsys.readouterr().out
+    for suite in SUITES:
+        assert suite in out
+    assert "passed through" not in out
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "ops", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("--quick", "--ops", "--sizes", "--no-compile", "--gae-compile-max-t"):
+        assert flag in out
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "gpu", "--help"])
+    assert "--only" in capsys.readouterr().out
+
+
+def test_cli_bench_runs_a_suite(tmp_path, capsys):
+    assert cli.main(["bench", "gram-solvers", "--quick", "--ns", "2", "--methods", "mgda", "--out",
+                     str(tmp_path)]) == 0
+    assert (tmp_path / "bench_gram_solvers_cpu.csv").is_file()
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "ops", "--ops", "nope"])
+    assert "--ops: unknown op" in capsys.readouterr().err
 
 
 def test_no_benchmark_imports_a_private_name_from_another_module():
