@@ -8,7 +8,7 @@
 #   make verl-deps       opt-in: verl's registry module (no GPU stack) so the verl adapter tests also use real verl
 #   make demo            PAMA vs MORLHF vs MGDA-UB on the embedded tiny world (CPU; prints the table, writes runs/demo)
 #   make demo-dpo        preference data: raco, cagrad, dpo-lw, modpo, mopo on the tiny world (table + fronts in runs/demo-dpo)
-#   make bench           CPU benchmark of the fused ops (benchmarks/bench_ops.py)
+#   make bench           CPU benchmark of the fused ops (pama_ext/benchmarks/bench_ops.py: pama-ext bench ops)
 #   make info            versions, compiled archs, kernels per device
 #   make gpu-report      ptxas registers/spills and SASS load widths per kernel, sm_80 and sm_90 (no GPU needed)
 #   make wheel           a wheel for the installed torch into dist/ (CPU here; CUDA sm_80+sm_90 with a CUDA torch)
@@ -106,7 +106,7 @@ demo-dpo: install
 	$(PY) -m pama_ext.dpo.demo
 
 bench: install
-	$(PY) benchmarks/bench_ops.py
+	$(PY) -m pama_ext.benchmarks.bench_ops
 
 wheel: install
 	PYTHON=$(PY) bash tools/build_wheel.sh

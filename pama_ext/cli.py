@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import subprocess
 import sys
 from typing import List, Optional
 
@@ -71,12 +70,34 @@ def cmd_info(_args) -> int:
 
 
 def cmd_bench(args) -> int:
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench_ops.py")
-    if not os.path.exists(script):
-        print("pama-ext bench: benchmarks/bench_ops.py is part of the source tree; run it from a checkout.",
-              file=sys.stderr)
+    if args.suite is None:
+        args.bench_parser.print_help()
         return 2
-    return subprocess.call([sys.executable, script, *args.rest])
+    module = args.bench_module
+    if getattr(module, "check_args", None) is not None:
+        module.check_args(args, args.suite_parser)
+    return module.run(args)
+
+
+def add_bench_subcommand(sub) -> None:
+    """`pama-ext bench SUITE [options]`: the benchmarks that ship with the package
+    (pama_ext/benchmarks), each suite's own options under `pama-ext bench SUITE --help`."""
+    import importlib
+
+    from .benchmarks import SUITES
+
+    p_bench = sub.add_parser(
+        "bench", help="run a benchmark suite (pama-ext bench SUITE --help for its options)",
+        description="Benchmarks of the fused ops against their baselines (reference eager, torch.compile, the "
+                    "peers' formulations). Results go to --out (default: a source checkout's benchmarks/results, "
+                    "else ./bench_results). `pama-ext bench SUITE --help` lists a suite's options.")
+    p_bench.set_defaults(func=cmd_bench, suite=None, bench_parser=p_bench)
+    suites = p_bench.add_subparsers(dest="suite", metavar="SUITE")
+    for name, (module_name, summary) in SUITES.items():
+        module = importlib.import_module(f".benchmarks.{module_name}", __package__)
+        sp = suites.add_parser(name, help=summary, description=(module.__doc__ or summary).split("\n\n")[0])
+        module.add_arguments(sp)
+        sp.set_defaults(bench_module=module, suite_parser=sp)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -84,9 +105,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_info = sub.add_parser("info", help="print versions, compiled CUDA archs and kernels per op")
     p_info.set_defaults(func=cmd_info)
-    p_bench = sub.add_parser("bench", help="run benchmarks/bench_ops.py (arguments are passed through)")
-    p_bench.add_argument("rest", nargs=argparse.REMAINDER)
-    p_bench.set_defaults(func=cmd_bench)
+    add_bench_subcommand(sub)
     from .trainer.train import add_train_subcommand  # imports no transformers
 
     add_train_subcommand(sub)

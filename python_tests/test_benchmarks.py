@@ -1,53 +1,86 @@
-"""The benchmark scripts still run: every GPU benchmark section on tiny CPU shapes (bench_gpu.py's
-developer smoke mode), so a broken script is found here rather than in a lent GPU session, and the
-argument rules of bench_gpu.py --cpu."""
+"""The benchmarks (pama_ext/benchmarks, shipped with the package) still run: every GPU benchmark section
+on tiny CPU shapes (bench_gpu's developer smoke mode), every op family of the bench_ops sweep, the
+other suites' smoke runs, the argument rules of bench_gpu --cpu, and `pama-ext bench`'s options, so a
+broken script is found here rather than in a lent GPU session."""
 from __future__ import annotations
 
+import ast
 import csv
 import os
+import pathlib
 import subprocess
 import sys
 
 import pytest
 
+from pama_ext import cli
+from pama_ext.benchmarks import SUITES, bench_gpu, bench_ops
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BENCH = os.path.join(ROOT, "benchmarks")
-SECTIONS = ("bandwidth", "policy_loss", "gae", "stats", "headline", "e2e")
-
-pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(BENCH, "bench_gpu.py")),
-                                reason="benchmarks/ is not next to the tests (installed-wheel run)")
+BENCH_DIR = pathlib.Path(bench_ops.__file__).parent
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+           PYTHONPATH=os.pathsep.join(p for p in (str(BENCH_DIR.parent.parent), os.environ.get("PYTHONPATH")) if p))
 
 
-def _bench_gpu():
-    sys.path.insert(0, BENCH)
-    try:
-        import bench_gpu
-    finally:
-        sys.path.remove(BENCH)
-    return bench_gpu
+def _run(module, *argv, timeout=600):
+    r = subprocess.run([sys.executable, "-m", f"pama_ext.benchmarks.{module}", *argv], capture_output=True, text=True,
+                       timeout=timeout, cwd=ROOT, env=ENV)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def _rows(path):
+    assert path.is_file(), f"no {path.name}"
+    rows = list(csv.DictReader(open(path)))
+    assert rows, f"{path.name} is empty"
+    return rows
 
 
 def test_bench_gpu_runs_every_section(tmp_path):
     pytest.importorskip("transformers")  # the e2e trainer mode
     out = tmp_path / "results"
-    r = subprocess.run(
-        [sys.executable, os.path.join(BENCH, "bench_gpu.py"), "--smoke-cpu", "--quick", "--no-compile", "--no-plot",
-         "--out", str(out)],
-        capture_output=True, text=True, timeout=600, cwd=ROOT,
-        env=dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"),
-    )
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    for section in SECTIONS:
-        path = out / f"bench_gpu_{section}_cpu_smoke.csv"
-        assert path.is_file(), f"no {path.name}; stdout tail: {r.stdout[-1500:]}"
-        rows = list(csv.DictReader(open(path)))
-        assert rows, f"{path.name} is empty"
+    r = _run("bench_gpu", "--smoke-cpu", "--quick", "--no-compile", "--no-plot", "--out", str(out))
+    for section in bench_gpu.SECTIONS:
+        rows = _rows(out / f"bench_gpu_{section}_cpu_smoke.csv")
         statuses = {row.get("status") for row in rows} - {None}
         # "skipped" rows are the torch.compile baselines (--no-compile); an error is a broken script
-        assert statuses <= {"ok", "skipped"}, f"{path.name}: {statuses}: {rows}"
+        assert statuses <= {"ok", "skipped"}, f"{section}: {statuses}: {rows}"
         if section != "bandwidth":
-            assert "ok" in statuses, f"{path.name} measured nothing"
+            assert "ok" in statuses, f"{section} measured nothing; stdout tail: {r.stdout[-1500:]}"
     assert (out / "bench_gpu_cpu_smoke.md").is_file()
+
+
+def test_bench_ops_runs_every_op_family(tmp_path):
+    out = tmp_path / "results"
+    _run("bench_ops", "--quick", "--no-compile", "--no-plot", "--ops", ",".join(bench_ops.FAMILIES), "--out", str(out))
+    rows = _rows(out / "bench_ops_cpu.csv")
+    assert {r["op"] for r in rows} == set(bench_ops.FAMILIES)
+    for r in rows:
+        assert r["status"] in ("ok", "skipped"), r
+        if r["impl"] == "fused":
+            assert r["status"] == "ok" and float(r["max_abs_err_vs_eager"]) < 1e-3, r
+    assert (out / "bench_ops_cpu.md").is_file()
+
+
+@pytest.mark.parametrize("module,argv,files", [
+    ("gradient_gram", ["--quick", "--no-plot", "--max-repeats", "3", "--budget", "0.05"],
+     ["bench_gradient_gram_cpu.csv", "bench_gradient_gram_cpu.md"]),
+    ("gram_solvers", ["--quick"], ["bench_gram_solvers_cpu.csv", "bench_gram_solvers_cpu.md"]),
+    ("distributed", ["--quick", "--repeats", "2"], ["bench_distributed_cpu.csv", "bench_distributed_cpu.md"]),
+])
+def test_other_suites_run(module, argv, files, tmp_path):
+    _run(module, *argv, "--out", str(tmp_path))
+    for name in files:
+        assert (tmp_path / name).is_file(), name
+    rows = _rows(tmp_path / files[0])
+    assert all(r.get("status", "ok") == "ok" for r in rows)
+
+
+def test_plot_ops_redraws(tmp_path):
+    pytest.importorskip("matplotlib")
+    _run("bench_ops", "--quick", "--no-compile", "--no-plot", "--ns", "2", "--sizes", "4x64", "--out", str(tmp_path))
+    _run("plot_ops", str(tmp_path / "bench_ops_cpu.csv"), str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -57,14 +90,20 @@ def test_bench_gpu_runs_every_section(tmp_path):
     (["--models", "gpt2-huge"], "unknown"),
 ])
 def test_bench_gpu_rejects_bad_arguments(argv, message, capsys):
-    bench_gpu = _bench_gpu()
     with pytest.raises(SystemExit):
         bench_gpu.parse_args(argv)
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv,message", [(["--ops", "nope"], "--ops: unknown op"),
+                                          (["--dtype", "floaty"], "--dtype: not a torch dtype")])
+def test_bench_ops_rejects_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        bench_ops.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
 def test_bench_gpu_cpu_defaults():
-    bench_gpu = _bench_gpu()
     args = bench_gpu.parse_args(["--cpu"])
     assert args.sections == ["headline", "e2e"]
     assert args.models == ["gpt2-small"]
@@ -73,3 +112,40 @@ def test_bench_gpu_cpu_defaults():
     gpu = bench_gpu.parse_args([])
     assert gpu.sections == list(bench_gpu.SECTIONS) and gpu.models == ["gpt2-small", "gpt2-1b"]
     assert gpu.headline_bt == bench_gpu.HEADLINE_BT and gpu.e2e_batch == 32
+
+
+def test_cli_bench_help_shows_the_suites_and_their_options(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+    out = capsys.readouterr().out
+    for suite in SUITES:
+        assert suite in out
+    assert "passed through" not in out
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "ops", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("--quick", "--ops", "--sizes", "--no-compile", "--gae-compile-max-t"):
+        assert flag in out
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "gpu", "--help"])
+    assert "--only" in capsys.readouterr().out
+
+
+def test_cli_bench_runs_a_suite(tmp_path, capsys):
+    assert cli.main(["bench", "gram-solvers", "--quick", "--ns", "2", "--methods", "mgda", "--out",
+                     str(tmp_path)]) == 0
+    assert (tmp_path / "bench_gram_solvers_cpu.csv").is_file()
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "ops", "--ops", "nope"])
+    assert "--ops: unknown op" in capsys.readouterr().err
+
+
+def test_no_benchmark_imports_a_private_name_from_another_module():
+    for path in BENCH_DIR.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                bad = [a.name for a in node.names if a.name.startswith("_") and a.name != "__version__"]
+                assert not bad, f"{path.name} imports {bad} from {node.module}"
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.attr.startswith("_") \
+                    and not node.attr.startswith("__") and node.value.id not in ("torch", "self", "os", "sys"):
+                pytest.fail(f"{path.name} uses {node.value.id}.{node.attr}")

@@ -23,9 +23,9 @@
 #   gpu_tests    test_cuda_graphs.py + the CUDA cases of test_invariants.py (sync, graphs)     (240)
 #   tests        the whole suite, PAMA_EXT_REQUIRE_NATIVE=1 PAMA_EXT_REQUIRE_CUDA=1; trainer and
 #                tiny-world tests are left to `trainer_tests`                                  (540)
-#   bench_ops    benchmarks/bench_gpu.py --only bandwidth,policy_loss,gae,stats (full sweeps)  (540)
-#   bench_models benchmarks/bench_gpu.py --only headline,e2e (124M and 1B models)              (480)
-#   bench_gram   benchmarks/bench_gradient_gram.py --device cuda, fp32 and bf16 gradients      (300)
+#   bench_ops    pama_ext.benchmarks.bench_gpu --only bandwidth,policy_loss,gae,stats (full sweeps)  (540)
+#   bench_models pama_ext.benchmarks.bench_gpu --only headline,e2e (124M and 1B models)           (480)
+#   bench_gram   pama_ext.benchmarks.gradient_gram --device cuda, fp32 and bf16 gradients   (300)
 #   wheel        tools/build_wheel.sh: CUDA wheel, TORCH_CUDA_ARCH_LIST=8.0;9.0                 (420)
 #   verify       tools/verify_wheel.sh on that wheel, PAMA_EXT_REQUIRE_CUDA=1, the CUDA cases
 #                of the op tests (VERIFY_PYTEST_ARGS; the full suite ran in `tests`)           (420)
@@ -33,7 +33,7 @@
 #                benchmarks/results/ptxas_sm90.txt, sass_summary_sm90.txt (also runs without a
 #                GPU; the committed sm_80 and sm_90 files come from the CPU machine)          (150)
 #   trainer_tests test_trainer.py + test_tiny_world.py when transformers is importable         (420)
-# On demand only (name it): bench_quick  benchmarks/bench_gpu.py --quick -> build/gpu_session/bench_quick
+# On demand only (name it): bench_quick  pama_ext.benchmarks.bench_gpu --quick -> build/gpu_session/bench_quick
 #
 # Output: logs and results under ${OUT:-/tmp/out}: gpu_session_summary.txt (stage table + the tail
 # of each log of this call) and gpu_session_results.tar.gz (benchmarks/results/, the logs, the
@@ -124,7 +124,7 @@ stage_gpu_tests() {
 }
 
 stage_bench_quick() {
-  "$PY" benchmarks/bench_gpu.py --quick --out "$QUICK_OUT" --time-limit $(( $1 - 60 ))
+  "$PY" -m pama_ext.benchmarks.bench_gpu --quick --out "$QUICK_OUT" --time-limit $(( $1 - 60 ))
 }
 
 stage_gpu_report() { ARCH=90 PYTHON="$PY" bash tools/gpu_report.sh; }
@@ -150,17 +150,17 @@ stage_verify() {
 
 # bench_gpu's --time-limit stops starting new configs; the margin covers the config in flight
 stage_bench_ops() {
-  "$PY" benchmarks/bench_gpu.py --only bandwidth,policy_loss,gae,stats --time-limit $(( $1 - 100 ))
+  "$PY" -m pama_ext.benchmarks.bench_gpu --only bandwidth,policy_loss,gae,stats --time-limit $(( $1 - 100 ))
 }
 
 # the Gram / combine ops of the preference trainers against concatenate-then-matmul, on the GPU
 stage_bench_gram() {
-  "$PY" benchmarks/bench_gradient_gram.py --device cuda --budget 0.5 --max-repeats 20 &&
-    "$PY" benchmarks/bench_gradient_gram.py --device cuda --dtype bfloat16 --budget 0.5 --max-repeats 20
+  "$PY" -m pama_ext.benchmarks.gradient_gram --device cuda --budget 0.5 --max-repeats 20 &&
+    "$PY" -m pama_ext.benchmarks.gradient_gram --device cuda --dtype bfloat16 --budget 0.5 --max-repeats 20
 }
 
 stage_bench_models() {
-  "$PY" benchmarks/bench_gpu.py --only headline,e2e --time-limit $(( $1 - 150 ))
+  "$PY" -m pama_ext.benchmarks.bench_gpu --only headline,e2e --time-limit $(( $1 - 150 ))
 }
 
 stage_trainer_tests() {

@@ -3,22 +3,19 @@
 Two panels (policy loss fwd+bwd, GAE), log-x and log-y; colour = n, line style = baseline
 (eager reference, torch.compile(reference), per-timestep Python loop for GAE).
 
-    python benchmarks/plot_ops.py benchmarks/results/bench_ops_cpu.csv [out.png]
+    python -m pama_ext.benchmarks.plot_ops benchmarks/results/bench_ops_cpu.csv [out.png]
+    pama-ext bench plot benchmarks/results/bench_ops_cpu.csv
+
+The other op families of bench_ops (value_loss, token_rewards, dpo_loss) are in its CSV and table only.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections import defaultdict
 
-import matplotlib
-import matplotlib.ticker
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+from . import common
 
 PANELS = [("policy_loss", "pama_policy_loss fwd+bwd"), ("gae", "multi_gae fwd")]
 STYLES = {"eager": ("-", "o", "vs eager reference"), "compile": ("--", "s", "vs torch.compile(reference)"),
@@ -26,6 +23,13 @@ STYLES = {"eager": ("-", "o", "vs eager reference"), "compile": ("--", "s", "vs 
 
 
 def plot(csv_path: str, png_path: str, title: str = "") -> str:
+    """Draws the PNG (raises ImportError where matplotlib is missing)."""
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     rows = [r for r in common.read_csv(csv_path) if r.get("status") == "ok" and r["impl"] != "fused"]
     series = defaultdict(list)  # (op, impl, n) -> [(tokens, speedup)]
     for r in rows:
@@ -63,25 +67,31 @@ def plot(csv_path: str, png_path: str, title: str = "") -> str:
     def write(tmp: str) -> None:
         fig.savefig(tmp, format="png", dpi=120)
 
-    common._atomic_write(png_path, write)
+    common.atomic_write(png_path, write)
     plt.close(fig)
     return png_path
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv:
-        print(__doc__)
-        return 2
-    csv_path = argv[0]
-    png = argv[1] if len(argv) > 1 else os.path.splitext(csv_path)[0] + ".png"
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("csv", help="a bench_ops CSV, e.g. benchmarks/results/bench_ops_cpu.csv")
+    p.add_argument("png", nargs="?", default=None, help="output PNG (default: the CSV's name with .png)")
+    return p
+
+
+def run(args) -> int:
+    png = args.png or os.path.splitext(args.csv)[0] + ".png"
     title = ""
-    md = os.path.splitext(csv_path)[0] + ".md"  # bench_ops.py writes the device line there
+    md = os.path.splitext(args.csv)[0] + ".md"  # bench_ops writes the device line there
     if os.path.exists(md):
         with open(md) as f:
             title = next((ln[len("- device: "):].strip() for ln in f if ln.startswith("- device: ")), "")
-    print(plot(csv_path, png, title=title))
+    print(plot(args.csv, png, title=title))
     return 0
+
+
+def main(argv=None) -> int:
+    p = add_arguments(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
+    return run(p.parse_args(argv))
 
 
 if __name__ == "__main__":

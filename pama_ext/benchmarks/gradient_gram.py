@@ -14,9 +14,10 @@ p20/p80 time, achieved bandwidth of the gradient reads (n·d·bytes for ``gram``
 machine's copy bandwidth, and peak extra memory of one call (CUDA: max_memory_allocated; CPU: the
 process's peak resident set above its size before the call, via /proc/self/clear_refs + VmHWM).
 
-    python benchmarks/bench_gradient_gram.py --threads 1              # CPU, d up to 100M
-    python benchmarks/bench_gradient_gram.py --device cuda --max-d 1e9
-    python benchmarks/bench_gradient_gram.py --quick --out /tmp/bench # smoke run
+    python -m pama_ext.benchmarks.gradient_gram --threads 1              # CPU, d up to 100M
+    python -m pama_ext.benchmarks.gradient_gram --device cuda --max-d 1e9
+    python -m pama_ext.benchmarks.gradient_gram --quick --out /tmp/bench # smoke run
+    pama-ext bench gradient-gram ...                                     # the same
 
 Writes ``<out>/bench_gradient_gram_<device>.csv``, ``.md`` (the table) and ``.png``.
 """
@@ -29,10 +30,9 @@ from typing import Dict, List
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402  (benchmarks/common.py)
+import pama_ext
 
-import pama_ext  # noqa: E402
+from . import common
 
 DS = [10_000_000, 30_000_000, 100_000_000, 300_000_000, 1_000_000_000]
 NS = [2, 3, 4, 8]
@@ -73,18 +73,18 @@ def fused_step(grads, coeffs, params):
     return G
 
 
-def _concat(grads):
+def concat_rows(grads):
     return torch.stack([torch.cat([g.reshape(-1) for g in row]) for row in grads])
 
 
 def concat_gram(grads, coeffs, params):
-    M = _concat(grads)
+    M = concat_rows(grads)
     acc = torch.float64 if M.dtype == torch.float64 else torch.float32
     return (M @ M.T).to(acc)
 
 
 def concat_step(grads, coeffs, params):
-    M = _concat(grads)
+    M = concat_rows(grads)
     acc = torch.float64 if M.dtype == torch.float64 else torch.float32
     G = (M @ M.T).to(acc)
     combined = coeffs.to(M.dtype) @ M
@@ -97,8 +97,7 @@ IMPLS = {("fused", "gram"): fused_gram, ("fused", "gram+combine"): fused_step,
          ("concat", "gram"): concat_gram, ("concat", "gram+combine"): concat_step}
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--ds", default=None, help="comma list of d (overrides the sweep), e.g. 1e7,3e7")
@@ -110,10 +109,14 @@ def parse_args(argv=None):
     p.add_argument("--max-repeats", type=int, default=10)
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     p.add_argument("--quick", action="store_true", help="smoke run: d = 1e6, 3e6, n = 2, 3")
-    p.add_argument("--out", default=common.RESULTS_DIR)
+    p.add_argument("--out", default=common.RESULTS_DIR, help=f"output folder (default {common.RESULTS_DIR})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-plot", action="store_true")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return add_arguments(argparse.ArgumentParser(description=__doc__.split("\n")[0])).parse_args(argv)
 
 
 def plot(rows: List[Dict[str, object]], path: str, title: str) -> str:
@@ -149,7 +152,10 @@ def plot(rows: List[Dict[str, object]], path: str, title: str) -> str:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    return run(parse_args(argv))
+
+
+def run(args) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = common.resolve_device(args.device)

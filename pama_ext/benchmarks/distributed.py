@@ -11,8 +11,9 @@ rank makes the same collectives):
 Forward + backward, median and p20/p80 over the repeats, milliseconds. The collective overhead is
 ``group - shard``; the scaling against one process is ``whole / group``.
 
-usage: python benchmarks/bench_distributed.py [--world 2] [--repeats 20] [--device cpu]
-Writes benchmarks/results/bench_distributed_<device>.csv and .md.
+usage: python -m pama_ext.benchmarks.distributed [--world 2] [--repeats 20] [--device cpu]
+       (or pama-ext bench distributed ...)
+Writes <out>/bench_distributed_<device>.csv and .md (default out: benchmarks/results/).
 """
 from __future__ import annotations
 
@@ -24,15 +25,13 @@ import tempfile
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-
-from common import RESULTS_DIR, TimingPlan, device_description, make_policy_inputs, time_fn, write_csv  # noqa: E402
+from .common import (PACKAGE_PARENT, RESULTS_DIR, TimingPlan, device_description, make_policy_inputs, time_fn,
+                     write_csv, write_text)
 
 SIZES = [(16, 512, 2), (32, 1024, 4), (64, 1024, 4), (64, 2048, 8)]  # (B global, T, n)
 
 
-def _bench_rank(rank: int, world: int, init: str, out: str, repeats: int, device_name: str) -> None:
+def _bench_rank(rank: int, world: int, init: str, out: str, repeats: int, device_name: str, sizes) -> None:
     import torch.distributed as dist
 
     import pama_ext
@@ -46,7 +45,7 @@ def _bench_rank(rank: int, world: int, init: str, out: str, repeats: int, device
     group = dist.group.WORLD
     plan = TimingPlan(warmup=2, min_repeats=repeats, max_repeats=repeats, budget_s=0.0)
     rows = []
-    for B, T, n in SIZES:
+    for B, T, n in sizes:
         sets = [make_policy_inputs(n, B, T, seed=s, device=device) for s in range(2)]
         for s, x in enumerate(sets):  # value-loss inputs: heads' values and returns of the same shape
             g = torch.Generator().manual_seed(100 + s)
@@ -79,44 +78,56 @@ def _bench_rank(rank: int, world: int, init: str, out: str, repeats: int, device
     dist.destroy_process_group()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--world", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=20)
+def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    ap.add_argument("--world", type=int, default=2, help="ranks (processes)")
+    ap.add_argument("--repeats", type=int, default=20, help="timed calls per measurement")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--out", default=RESULTS_DIR, help=f"output folder (default {RESULTS_DIR})")
+    ap.add_argument("--quick", action="store_true", help="smoke run: the smallest size only")
     ap.add_argument("--rank", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--init", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
-    a = ap.parse_args()
+    ap.add_argument("--rank-out", default=None, help=argparse.SUPPRESS)
+    return ap
+
+
+def main(argv=None) -> int:
+    return run(add_arguments(argparse.ArgumentParser(description=__doc__.split("\n\n")[0])).parse_args(argv))
+
+
+def run(a) -> int:
+    sizes = SIZES[:1] if a.quick else SIZES
     if a.rank is not None:
-        _bench_rank(a.rank, a.world, a.init, a.out, a.repeats, a.device)
-        return
+        _bench_rank(a.rank, a.world, a.init, a.rank_out, a.repeats, a.device, sizes)
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--world", str(a.world), "--repeats",
-                                   str(a.repeats), "--device", a.device, "--rank", str(r), "--init",
-                                   os.path.join(tmp, "init"), "--out", tmp], env=env) for r in range(a.world)]
+        # the ranks import the same pama_ext as this process
+        env = dict(os.environ, OMP_NUM_THREADS="1",
+                   PYTHONPATH=os.pathsep.join(p for p in (PACKAGE_PARENT, os.environ.get("PYTHONPATH")) if p))
+        cmd = [sys.executable, "-m", "pama_ext.benchmarks.distributed", "--world", str(a.world), "--repeats",
+               str(a.repeats), "--device", a.device, "--init", os.path.join(tmp, "init"), "--rank-out", tmp]
+        cmd += ["--quick"] if a.quick else []
+        procs = [subprocess.Popen(cmd + ["--rank", str(r)], env=env) for r in range(a.world)]
         if any(p.wait() != 0 for p in procs):
             raise SystemExit("bench_distributed: a rank failed")
         res = torch.load(os.path.join(tmp, "rows.pt"))
     rows, device = res["rows"], res["device"]
-    path = write_csv(rows, "bench_distributed", a.device)
+    path = write_csv(rows, "bench_distributed", a.device, a.out)
     by = {(r["B"], r["T"], r["n"], r["impl"]): r for r in rows}
     lines = [f"Device: {device}; {a.world} ranks (gloo on CPU, nccl on GPU), 1 thread each; policy + value "
              f"loss forward+backward, median ms (p20-p80).", "",
              "| B×T (global), n | shard (no group) | group | collective overhead | whole batch, 1 process | "
              "whole / group |", "|---|---|---|---|---|---|"]
-    for B, T, n in SIZES:
+    for B, T, n in sizes:
         s, g, w = (by[(B, T, n, k)] for k in ("shard", "group", "whole batch"))
         fmt = lambda r: f"{r['median_ms']:.2f} ({r['p20_ms']:.2f}-{r['p80_ms']:.2f})"  # noqa: E731
         lines.append(f"| {B}×{T}, {n} | {fmt(s)} | {fmt(g)} | {g['median_ms'] - s['median_ms']:+.2f} | {fmt(w)} | "
                      f"{w['median_ms'] / g['median_ms']:.2f}× |")
     md = "\n".join(lines) + "\n"
-    with open(os.path.join(RESULTS_DIR, f"bench_distributed_{a.device}.md"), "w") as fh:
-        fh.write(md)
+    write_text(os.path.join(a.out, f"bench_distributed_{a.device}.md"), md)
     print(md)
     print(f"wrote {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,0 +1,23 @@
+"""pama_ext's benchmarks: each op family against its baselines (pama_ext.reference eager,
+torch.compile(reference), the peers' formulations), shipped with the package.
+
+Run a suite with ``pama-ext bench SUITE [options]`` or ``python -m pama_ext.benchmarks.<module>``;
+``pama-ext bench SUITE --help`` lists its options. Results go to ``--out`` (default: a source
+checkout's benchmarks/results/, else ./bench_results/). Layout: common.py (timing, inputs, rows,
+files), baselines.py (the baselines, defined once), one module per op family (policy_loss, gae,
+stats, value_loss, token_rewards, dpo_loss, gradient_gram, gram_solvers, headline, e2e; models.py
+holds the GPT-2 of the last two) and the drivers below.
+"""
+from __future__ import annotations
+
+# suite name (pama-ext bench SUITE): (module under pama_ext.benchmarks, one-line description)
+SUITES = {
+    "ops": ("bench_ops", "sweep of the fused ops vs reference eager / torch.compile / Python loop (CPU default): "
+                         "policy_loss, gae, value_loss, token_rewards, dpo_loss"),
+    "gpu": ("bench_gpu", "GPU suite: bandwidth, policy_loss, gae, stats + weights, headline (PAMA vs "
+                         "full-gradient MGDA), e2e (share of a PPO step); --cpu for the model sections"),
+    "gradient-gram": ("gradient_gram", "gradient_gram + combine_gradients vs the concatenate-and-matmul step"),
+    "gram-solvers": ("gram_solvers", "the native Gram solvers (mgda, cagrad, pcgrad) vs the reference solvers"),
+    "distributed": ("distributed", "policy + value loss across ranks (gloo / nccl): collective overhead"),
+    "plot": ("plot_ops", "re-draw the bench_ops plot from its CSV"),
+}
