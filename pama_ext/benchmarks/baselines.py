@@ -14,7 +14,7 @@ from typing import Callable, Dict, List
 import torch
 
 from pama_ext import ops, reference
-from pama_ext.reference import METRIC_SCALARS
+from pama_ext.vocab import METRIC_SCALARS
 
 
 def reference_policy_loss_flat(logp, old_logp, advantages, mask):

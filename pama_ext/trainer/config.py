@@ -20,6 +20,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional
 
+from .. import vocab
 from ..lm import config as lmc
 from ..lm.config import (DEVICES, OBJECTIVE_FORMS, TINY, ConfigError, check_number, check_objectives_and_weights,
                          check_run_fields, coerce_fields, config_dict, dump_yaml, flag, normalize_keys,
@@ -58,8 +59,8 @@ METHOD_TABLE: Dict[str, Method] = {
     "mgda": Method(None, mgda_gradients="parameters"),
 }
 METHODS = tuple(METHOD_TABLE)
-GRANULARITIES = ("token", "sequence", "batch")
-AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+GRANULARITIES = vocab.GRANULARITIES
+AGGS = vocab.AGG_MODES
 WHITEN_SCOPES = ("batch", "minibatch", "none")
 
 

@@ -44,7 +44,8 @@ from torch import Tensor
 
 from .. import distributed as dp
 from .. import combine_gradients, gradient_gram, ops, pareto
-from .. import reference
+from .. import functional
+from ..vocab import stats_layout
 from ..lm.policy import PolicyWithValueHeads
 from ..lm.rewards import Objective, score_all
 from ..lm.rollout import GenSettings, Rollout, collect_rollout
@@ -75,7 +76,7 @@ class AdaptiveKLController:
 
 
 # Whitening of each objective over the masked tokens of the rollout batch (SPEC §3).
-masked_whiten = reference.masked_whiten
+masked_whiten = functional.masked_whiten
 
 
 class PPOTrainer:
@@ -138,7 +139,7 @@ class PPOTrainer:
                     group=self.group)
 
     def _k3_loss(self, logp: Tensor, ref_logp: Tensor, mask: Tensor) -> Tensor:
-        return reference.agg_loss(reference.k3_kl(logp, ref_logp), mask, self.cfg.agg)
+        return functional.agg_loss(functional.k3_kl(logp, ref_logp), mask, self.cfg.agg)
 
     def policy_loss(self, logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, ref_logp: Tensor,
                     hidden: Tensor, whiten_in_op: bool):
@@ -229,7 +230,8 @@ class PPOTrainer:
         if c.whiten == "batch":  # over the global batch
             n = adv.shape[0]
             mom = ops.objective_moments(adv, mask, group=self.group)
-            adv = reference.whiten_with(adv, mom[2:2 + n], mom[2 + n:2 + 2 * n])
+            lay = stats_layout(n)
+            adv = functional.whiten_with(adv, mom[lay["mean"]], mom[lay["var"]])
 
         B, T = mask.shape
         mets: Dict[str, List[Tensor]] = {}
@@ -256,7 +258,7 @@ class PPOTrainer:
 
         # one read-back of the step's numbers
         with torch.no_grad():
-            seq_kl = self._gather_rows(reference.zero_padding(ro.old_logp - ro.ref_logp, mask).sum(-1))
+            seq_kl = self._gather_rows(functional.zero_padding(ro.old_logp - ro.ref_logp, mask).sum(-1))
             scalars = {k: torch.stack(v).float().mean(0) for k, v in mets.items()}
             scores = self._gather_rows(scores)
             resp_len = self._gather_rows(mask.sum(-1).float())
