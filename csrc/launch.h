@@ -136,7 +136,7 @@ struct PolicyLossBackwardParams {
 
 // §5 multi-head clipped value loss. partials = value_partial_size(n) per chunk; then
 // finalize_value_loss writes row_scale, loss and metrics [clipfrac, head_loss(n)]. With
-// `denominators` (global token and sequence counts of a data-parallel group, SPEC §8) the
+// `denominators` (global token and sequence counts of a data-parallel group, algorithms §8) the
 // aggregation and clipfrac use them, so loss and metrics are this shard's contributions.
 struct ValueLossParams {
   const void* values;        // dtype [n, B, T]

@@ -81,10 +81,10 @@ at::Tensor bool_mask(const at::Tensor& mask, int64_t B, int64_t T, const at::Ten
   return (mask.scalar_type() == at::kBool ? mask : mask.ne(0)).contiguous();
 }
 
-// Non-finite values on masked-in positions are an error naming the argument (SPEC §9). `checks`
+// Non-finite values on masked-in positions are an error naming the argument (algorithms §9). `checks`
 // lists (name, tensor, kind) entries (undefined tensors are skipped):
 //   kFinite    [..., B, T] tensors are checked where `mask_b` is set, 1-d ones everywhere;
-//   kPrefs     a 1-d prefs vector: finite, and then >= 0 and not all 0 (SPEC §4 linear weights,
+//   kPrefs     a 1-d prefs vector: finite, and then >= 0 and not all 0 (algorithms §4 linear weights,
 //              used as given: no normalisation, so the loss scales with them);
 //   kVariance  the per-objective variances of the statistics: +inf means the float32 (acc)
 //              variance of the advantages overflowed, and whitening would divide them to 0.
@@ -318,7 +318,7 @@ PolicyInputs policy_inputs(const at::Tensor& logp, const at::Tensor& old_logp, c
 }
 
 // Runs the two statistics stages; returns (stats, row_count, seq_weights). With `moments` (the global
-// [count, num_seqs, mean(n), var(n)] of a data-parallel group, SPEC §8) the moments stage is not
+// [count, num_seqs, mean(n), var(n)] of a data-parallel group, algorithms §8) the moments stage is not
 // run: its first 2+2n entries are the supplied ones and the per-row token counts (its other
 // output, exact integers) come from one sum over the mask. Whitening then uses the global moments
 // and every indicator entry (abar, pos, ctok, cseq, gram) is this shard's contribution to the
@@ -358,7 +358,7 @@ at::Tensor run_weights(const Launch& L, const at::Tensor& stats, const at::Tenso
   return weights;
 }
 
-// A statistics vector (or its moments prefix) supplied by the caller (data parallelism, SPEC §8):
+// A statistics vector (or its moments prefix) supplied by the caller (data parallelism, algorithms §8):
 // `len` entries of the accumulation dtype of `like`, on its device. Returns a contiguous view.
 at::Tensor supplied_stats(const c10::optional<at::Tensor>& t, int64_t len, const at::Tensor& like, const char* op,
                           const char* name, const char* meaning) {

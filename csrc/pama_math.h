@@ -1,4 +1,4 @@
-// pama_math.h — the scalar math of SPEC.md, shared by the CPU kernels (ops.cpp) and the CUDA
+// pama_math.h — the scalar math of docs/algorithms.md, shared by the CPU kernels (ops.cpp) and the CUDA
 // kernels (cuda/*.cu). One source of truth per formula: every kernel calls these functions and
 // none re-derives them. Plain C++ with no torch headers; `acc` is the accumulation type
 // (float for fp32/fp16/bf16 inputs, double for float64 inputs).
@@ -19,8 +19,8 @@ namespace pama {
 
 constexpr int kMaxObjectives = 64;
 static_assert(gram::kMaxN == kMaxObjectives, "gram_solvers.h sizes its scratch for kMaxObjectives");
-constexpr double kWhitenEps = 1e-8;       // SPEC §3: sqrt(var + 1e-8)
-constexpr double kLogRatioClamp = 20.0;   // SPEC §4: exp(clamp(logp - old_logp, -20, 20))
+constexpr double kWhitenEps = 1e-8;       // algorithms §3: sqrt(var + 1e-8)
+constexpr double kLogRatioClamp = 20.0;   // algorithms §4: exp(clamp(logp - old_logp, -20, 20))
 
 // Combination modes of the policy loss (resolved from method x granularity on the host).
 enum Combine : int {
@@ -45,7 +45,7 @@ constexpr const char* kMethodNames[kNumMethods] = {"pama", "linear", "mgda", "ca
 PAMA_HD bool method_uses_gram(int m) { return m >= kMethodMgda; }
 enum Granularity : int { kGranToken = 0, kGranSequence = 1, kGranBatch = 2 };
 
-// Layout of the flat statistics vector (SPEC §3), (n+3)^2 - 7 entries:
+// Layout of the flat statistics vector (algorithms §3), (n+3)^2 - 7 entries:
 // [count, num_seqs, mean(n), var(n), abar(n), pos(n), ctok(n), cseq(n), gram(n*n)]
 struct StatsLayout {
   int n;
@@ -182,7 +182,7 @@ PAMA_HD void moments_merge(T& count, T& mean, T& msd, T c_cnt, T c_mean, T c_msd
   msd = fa * msd + fb * c_msd + (delta * fa) * (delta * fb);
   count = total;
 }
-// Unbiased variance msd·count/(count − 1), 0 when count <= 1 (SPEC §3).
+// Unbiased variance msd·count/(count − 1), 0 when count <= 1 (algorithms §3).
 template <typename T>
 PAMA_HD T unbiased_var(T msd, T count) {
   return count > T(1) ? msd * (count / (count - T(1))) : T(0);
@@ -457,7 +457,7 @@ PAMA_HD void finalize_policy_loss(const T* part, int n, int64_t B, int64_t cpr, 
 }
 
 // Value loss (single thread): row_scale, loss = ½ Σ_i Σ_b scale_b Σ_t m·l_i, metrics [clipfrac, head_loss(n)].
-// `denominators` (nullptr: this batch's own) are the global [token count, sequence count] (SPEC §8).
+// `denominators` (nullptr: this batch's own) are the global [token count, sequence count] (algorithms §8).
 template <typename T>
 PAMA_HD void finalize_value_loss(const T* part, int n, int64_t B, int64_t cpr, int agg, const T* denominators,
                                  T* row_scale, T* loss, T* metrics) {
@@ -548,7 +548,7 @@ PAMA_HD void finalize_gram(const T* part, int64_t nparts, int n, T* G, int64_t t
 }
 
 // ---- §6 solvers on a Gram matrix ---------------------------------------------------------------
-// PCGrad in Gram form (SPEC §6): v_i = e_i; for j != i in order, if (G v_i)_j < 0 (and G_jj > 0),
+// PCGrad in Gram form (algorithms §6): v_i = e_i; for j != i in order, if (G v_i)_j < 0 (and G_jj > 0),
 // v_i[j] -= (G v_i)_j / G_jj; out = Σ_i v_i.
 template <typename T>
 PAMA_HD void pcgrad_weights(const T* G, int n, T* out) {

@@ -2,10 +2,10 @@
 // bodies (run on a PreferenceBackend launcher table). Schemas: registration.cpp; CPU kernels:
 // cpu/preference.cpp.
 //
-//   multi_dpo_loss (+ backward)  per-objective DPO losses on shared pairs, and dL_i/dh (SPEC §7)
+//   multi_dpo_loss (+ backward)  per-objective DPO losses on shared pairs, and dL_i/dh (algorithms §7)
 //   gradient_gram                G = [<g_i, g_j>] over lists of per-parameter gradients, one pass
 //   combine_gradients            p.grad = Σ_i a_i g_i over the same lists, one pass, in place
-//   gram_weights                 linear / MGDA / CAGrad / RACO / PCGrad weights from G (SPEC §6)
+//   gram_weights                 linear / MGDA / CAGrad / RACO / PCGrad weights from G (algorithms §6)
 #include "preference_ops.h"
 
 #include <ATen/ATen.h>

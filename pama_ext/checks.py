@@ -4,7 +4,7 @@
 - the reference fallback, used when pama_ext._C cannot be loaded: :mod:`pama_ext.ops` and
   :mod:`pama_ext.preference` run the ``*_args`` check of the op and :func:`finite` before calling
   :mod:`pama_ext.reference`, so the fallback raises the errors of the compiled path (same
-  exception types, the argument named) and keeps ``check_finite`` (SPEC §9);
+  exception types, the argument named) and keeps ``check_finite`` (algorithms §9);
 - the fake (meta) kernels: a call mixing a ``meta`` tensor with real ones dispatches to them and
   never reaches the compiled checks, so every fake kernel starts with :func:`same_device`.
 

@@ -1,7 +1,7 @@
-"""Data parallelism for the batch-statistic ops (SPEC §8).
+"""Data parallelism for the batch-statistic ops (algorithms §8).
 
 When a batch is sharded over the ranks of a ``torch.distributed`` process group, every statistic of
-SPEC §3 and every aggregation denominator of §4-§5 must be taken over the *global* batch. The ops of
+algorithms §3 and every aggregation denominator of §4-§5 must be taken over the *global* batch. The ops of
 :mod:`pama_ext.ops` accept ``group=`` and then run these steps, all on device (no host read):
 
 1. **Moments** (count, sequence count, mean, variance per objective): each rank computes its own
@@ -15,7 +15,7 @@ SPEC §3 and every aggregation denominator of §4-§5 must be taken over the *gl
    token and sequence counts as denominators), which makes its loss and metric sums this shard's
    share of the global ones; one more all-reduce of those few scalars returns the global values.
 
-Whitening makes step 2 depend on step 1, so two collectives precede the loss (SPEC §8's "one
+Whitening makes step 2 depend on step 1, so two collectives precede the loss (algorithms §8's "one
 all-reduce" holds only without whitening; see docs/distributed.md). The returned loss has the global
 value on every rank, and its gradient with respect to a rank's inputs is the gradient of the global
 loss with respect to that shard: the shards' gradients concatenated equal the gradient of one

@@ -30,7 +30,7 @@ def zero_padding(x: Tensor, mask: Tensor) -> Tensor:
 
     A select, not a product: NaN/Inf padding times 0 is still NaN, and it would leak into the
     sums (and, through the backward of a product, into the gradients). Every function below that
-    takes [B, T]-shaped data (here and in pama_ext.reference) passes it through here first, so padding never matters (SPEC §9).
+    takes [B, T]-shaped data (here and in pama_ext.reference) passes it through here first, so padding never matters (algorithms §9).
     """
     return torch.where(mask != 0, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
@@ -64,13 +64,13 @@ def agg_loss(loss_mat: Tensor, mask: Tensor, agg: str) -> Tensor:
 
 
 def k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
-    """Per-token k3 estimator of KL(pi_theta || pi_ref): exp(ref - logp) - (ref - logp) - 1 (SPEC §4)."""
+    """Per-token k3 estimator of KL(pi_theta || pi_ref): exp(ref - logp) - (ref - logp) - 1 (algorithms §4)."""
     d = ref_logp - logp
     return torch.exp(d) - d - 1
 
 
 def masked_moments(advantages: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """(count, mean [n], var [n]) of each objective over the masked tokens (SPEC §3: unbiased
+    """(count, mean [n], var [n]) of each objective over the masked tokens (algorithms §3: unbiased
     variance, 0 when count <= 1).
 
     Scaled as the kernels (pama_math.h moments_chunk_scales): the mean sums a / count and the

@@ -4,7 +4,7 @@ Each function calls ``torch.ops.pama_ext.<name>`` (C++/CUDA kernels) and has a t
 name and signature in :mod:`pama_ext.reference`, which is used instead when the compiled library is
 not available (:data:`pama_ext._native.NATIVE_AVAILABLE`, read at every call); on that path the
 argument checks and ``check_finite`` of :mod:`pama_ext.checks` run first, so both paths keep one
-contract (SPEC §9). This module also registers the fake (meta) implementations used by
+contract (algorithms §9). This module also registers the fake (meta) implementations used by
 torch.compile, which reject mixed devices, and the autograd formulas (fused backward kernels; no
 op supports double backward).
 
@@ -95,7 +95,7 @@ def _split_metrics(metrics: Tensor, n: int) -> Dict[str, Tensor]:
 def token_rewards(
     scores: Tensor, old_logp: Tensor, ref_logp: Tensor, mask: Tensor, beta_kl: float = 0.0
 ) -> Tensor:
-    """Per-token rewards ``[n, B, T]`` from sequence scores ``[n, B]`` (SPEC §1).
+    """Per-token rewards ``[n, B, T]`` from sequence scores ``[n, B]`` (algorithms §1).
 
     ``r_i[b,t] = -beta_kl * mask * (old_logp - ref_logp) + [t is the last masked-in t of row b] * scores[i,b]``.
     Differentiable w.r.t. scores, old_logp and ref_logp.
@@ -109,7 +109,7 @@ def token_rewards(
 def multi_gae(
     rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95
 ) -> Tuple[Tensor, Tensor]:
-    """Generalised advantage estimation for every objective and row in one launch (SPEC §2).
+    """Generalised advantage estimation for every objective and row in one launch (algorithms §2).
 
     Returns ``(advantages, returns)``, both ``[n, B, T]``; masked positions do not break the
     recursion. ``gamma`` and ``lam`` are finite numbers in [0, 1]. Differentiable w.r.t. rewards
@@ -149,7 +149,7 @@ def objective_stats(
     *,
     group: Optional[Any] = None,
 ) -> Tensor:
-    """The flat per-objective statistics vector of SPEC §3.
+    """The flat per-objective statistics vector of algorithms §3.
 
     Layout (:func:`stats_layout`): ``[count, num_seqs, mean(n), var(n), abar(n), pos(n), ctok(n),
     cseq(n), gram(n*n)]``; ``eps_hi`` finite and >= 0. Statistics carry no gradient (inputs are
@@ -171,7 +171,7 @@ def pareto_weights(
     stats: Tensor, method: str = "pama", granularity: str = "batch", prefs: Optional[Tensor] = None,
     cagrad_c: float = CAGRAD_C,
 ) -> Tensor:
-    """Objective weights ``[n]`` from a statistics vector (SPEC §4), computed on device.
+    """Objective weights ``[n]`` from a statistics vector (algorithms §4), computed on device.
 
     ``method`` is one of :data:`pama_ext.vocab.METHODS`. ``pama``: Theorem 1 on ``abar`` (batch),
     or the mean per-token / per-sequence Theorem-1 weights (token / sequence); ``linear``: ``prefs``
@@ -206,7 +206,7 @@ def pama_policy_loss(
     group: Optional[Any] = None,
     cagrad_c: float = CAGRAD_C,
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
-    """Fused Noon-PPO / PAMA policy loss (SPEC §3-§4). Returns ``(loss, metrics)``.
+    """Fused Noon-PPO / PAMA policy loss (algorithms §3-§4). Returns ``(loss, metrics)``.
 
     Args:
         logp: ``[B, T]`` log-probs of the current policy (the only input that gets a gradient).
@@ -230,7 +230,7 @@ def pama_policy_loss(
         check_finite: raise if a masked-in input is NaN/Inf, if ``prefs`` is NaN/Inf, negative or all 0,
             or if the whitening variance of the advantages overflows the accumulation dtype (float32
             for |advantages| around 1e19); on CUDA these read one flag vector back.
-        group: ``torch.distributed`` process group over which the batch is sharded (SPEC §8):
+        group: ``torch.distributed`` process group over which the batch is sharded (algorithms §8):
             statistics, weights and denominators are those of the global batch, the loss and
             metrics have their global values on every rank, and the gradient is that of the global
             loss w.r.t. this shard (see :mod:`pama_ext.distributed`; under DDP multiply the loss by
@@ -283,7 +283,7 @@ def multi_value_loss(
     *,
     group: Optional[Any] = None,
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
-    """Clipped value loss summed over n value heads (SPEC §5). Returns ``(loss, metrics)``.
+    """Clipped value loss summed over n value heads (algorithms §5). Returns ``(loss, metrics)``.
 
     ``values``, ``old_values``, ``returns``: ``[n, B, T]``; ``clip=None`` disables clipping.
     Metrics: ``clipfrac`` (over heads and tokens) and ``head_loss`` ``[n]``. Differentiable w.r.t.

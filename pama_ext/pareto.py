@@ -93,6 +93,6 @@ def cagrad_weights(G: Tensor, w: Optional[Tensor] = None, c: float = CAGRAD_C, c
 
 
 def pcgrad_weights(G: Tensor) -> Tensor:
-    """PCGrad in Gram form (SPEC §6): coefficients ``sum_i v_i`` of the projected gradients, with
+    """PCGrad in Gram form (algorithms §6): coefficients ``sum_i v_i`` of the projected gradients, with
     objectives projected in the fixed order j = 0..n-1."""
     return gram_weights(G, None, "pcgrad")

@@ -1,4 +1,4 @@
-"""Python entry points of the preference-data ops (SPEC §6-§7): per-objective DPO losses, the Gram
+"""Python entry points of the preference-data ops (algorithms §6-§7): per-objective DPO losses, the Gram
 matrix of per-objective parameter gradients and their weighted combination.
 
 Each function calls ``torch.ops.pama_ext.<name>`` (C++/CUDA kernels) and has a twin of the same name
@@ -47,7 +47,7 @@ def multi_dpo_loss(
     chosen_lengths: Optional[Tensor] = None,
     rejected_lengths: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
-    """Per-objective DPO losses on shared preference pairs (SPEC §7). Returns ``(losses, coef)``.
+    """Per-objective DPO losses on shared preference pairs (algorithms §7). Returns ``(losses, coef)``.
 
     Args:
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps: ``[B]``

@@ -265,7 +265,7 @@ def pama_policy_loss(
     check_finite: bool = True,
     cagrad_c: float = CAGRAD_C,
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
-    """(loss, metrics). Differentiable w.r.t. ``logp`` only (SPEC §4)."""
+    """(loss, metrics). Differentiable w.r.t. ``logp`` only (algorithms §4)."""
     del check_finite  # the checks are pama_ext.checks' (ops.py runs them on the fallback path)
     logp, old_logp, advantages = (zero_padding(x, mask) for x in (logp, old_logp, advantages.detach()))
     if ref_logp is not None:
@@ -373,7 +373,7 @@ def multi_dpo_loss(
     chosen_lengths: Optional[Tensor] = None,
     rejected_lengths: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
-    """Per-objective DPO losses (SPEC §7): ``(losses [n], coef [n, B])``.
+    """Per-objective DPO losses (algorithms §7): ``(losses [n], coef [n, B])``.
 
     losses[i] = mean_b -log sigmoid(beta * s_ib * h_b) (a tie s = 0 gives log 2 and no gradient);
     coef[i, b] = dL_i/dh_b = -(beta/B) * s_ib * sigmoid(-beta * s_ib * h_b) (detached). An empty
@@ -617,7 +617,7 @@ def _simplex_solve(gram: Tensor, w: Optional[Tensor], c: float) -> Tuple[Tensor,
 
 
 def cagrad_weights(gram: Tensor, w: Optional[Tensor] = None, c: float = 0.4, clip: bool = True) -> Tensor:
-    """CAGrad (clip=False) / CAGrad-clip as in RACO (clip=True) final coefficients a [n] (SPEC §6).
+    """CAGrad (clip=False) / CAGrad-clip as in RACO (clip=True) final coefficients a [n] (algorithms §6).
 
     b = G w, s = c * sqrt(w^T G w), p* = argmin_{p in simplex} p^T b + s * sqrt(p^T G p) (exact, see
     :func:`_simplex_solve`); p~ = min(p*, w) (clip) or p*; a = w + s / sqrt(p~^T G p~) * p~, with
@@ -634,7 +634,7 @@ def cagrad_weights(gram: Tensor, w: Optional[Tensor] = None, c: float = 0.4, cli
 
 
 def pcgrad_weights(gram: Tensor) -> Tensor:
-    """PCGrad in Gram form (SPEC §6): v_i = e_i; for j != i in order, if (G v_i)_j < 0 (and G_jj > 0),
+    """PCGrad in Gram form (algorithms §6): v_i = e_i; for j != i in order, if (G v_i)_j < 0 (and G_jj > 0),
     v_i[j] -= (G v_i)_j / G_jj; returns sum_i v_i."""
     G = gram
     n = G.shape[0]

@@ -72,7 +72,7 @@ def resolve_device(name: str) -> str:
 
 
 LOWP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-#: absolute floor of the tolerance rule, per kernel dtype (SPEC: kernels accumulate in float32)
+#: absolute floor of the tolerance rule, per kernel dtype (docs/algorithms.md: kernels accumulate in float32)
 FLOORS = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}
 #: float64 kernels against the float64 reference: both accumulate in double, only the order of
 #: the additions differs (and Chan vs two-pass variance), so agreement is ~1e-14 relative.

@@ -4,7 +4,7 @@ positions; non-contiguous inputs give the same results as contiguous ones.
 
 Every test runs twice: on the compiled ops ("native") and on the reference fallback that
 pama_ext uses when the compiled library cannot be loaded ("fallback", forced by clearing
-pama_ext._native.NATIVE_AVAILABLE): both paths keep one contract (SPEC §9).
+pama_ext._native.NATIVE_AVAILABLE): both paths keep one contract (algorithms §9).
 """
 from __future__ import annotations
 

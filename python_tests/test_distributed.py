@@ -1,4 +1,4 @@
-"""Data parallelism (SPEC §8): sharded ops equal one process holding the concatenated batch.
+"""Data parallelism (algorithms §8): sharded ops equal one process holding the concatenated batch.
 
 The module fixture spawns 2 and 3 gloo processes (dist_worker.py) once each; every rank runs all
 cases on its shard (uneven shards; with 3 ranks one shard is fully masked). The tests compare the

@@ -140,7 +140,7 @@ def test_gradient_buffers_hold_the_full_batch_gradients(method, setup, world_cac
 
 @pytest.mark.parametrize("length_normalize", [False, True])
 def test_modpo_is_dpo_on_the_target_with_judge_margins(setup, world_cache, tmp_path, length_normalize):
-    """MODPO's loss equals −log σ((1/w_k)(β h − Σ_{j≠k} w_j Δr_j)) oriented by the target label (SPEC §7),
+    """MODPO's loss equals −log σ((1/w_k)(β h − Σ_{j≠k} w_j Δr_j)) oriented by the target label (algorithms §7),
     with h length-normalised under --length-normalize."""
     from pama_ext.dpo import methods as Mth
     from pama_ext.dpo.data import encode_responses

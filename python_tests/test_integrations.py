@@ -5,7 +5,7 @@ that mirrors verl's (the same decorators and the keyword call its actor makes), 
 module never imports OpenRLHF. Where verl itself can be imported (see docs/integrations.md), the
 tests at the end also register into its real registry and compare with its own functions.
 
-The default-path checks (SPEC §9) compare with the vanilla PPO loss written out here from the
+The default-path checks (algorithms §9) compare with the vanilla PPO loss written out here from the
 frameworks' documented math, not with pama_ext's own reference.
 """
 from __future__ import annotations
@@ -170,7 +170,7 @@ def test_register_into_registry():
 @pytest.mark.parametrize("info", GLOBAL_INFOS, ids=["local", "dp2", "global"])
 @pytest.mark.parametrize("shape", ["BT", "BT1"])
 def test_verl_default_path_is_vanilla_ppo(vanilla_options, dtype, agg, info, shape):
-    """SPEC §9 through verl: n=1, linear, noon=False, whiten=False is verl's vanilla PPO loss."""
+    """algorithms §9 through verl: n=1, linear, noon=False, whiten=False is verl's vanilla PPO loss."""
     reg = pverl.register(make_registry())
     logp, old, adv, mask = _batch(dtype=dtype)
     adv_in = adv[..., 0] if shape == "BT" else adv
@@ -394,7 +394,7 @@ ORL_INFOS = [{}, {"dp_size": 4, "batch_num_tokens": 80.0, "global_batch_size": 1
 @pytest.mark.parametrize("dual_clip", [None, 3.0])
 @pytest.mark.parametrize("info", ORL_INFOS, ids=["local", "global"])
 def test_openrlhf_default_path_is_vanilla_ppo(dtype, token_level, dual_clip, info):
-    """SPEC §9 through OpenRLHF: same constructor, same call, same return tuple, same numbers."""
+    """algorithms §9 through OpenRLHF: same constructor, same call, same return tuple, same numbers."""
     logp, old, adv, mask = _batch(dtype=dtype, seed=7, spread=0.6)
     fn = porl.PolicyLoss(clip_eps_low=0.2, clip_eps_high=0.3, dual_clip=dual_clip, token_level_loss=token_level,
                          noon=False, method="linear", whiten=False)

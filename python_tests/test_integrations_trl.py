@@ -165,7 +165,7 @@ def zero_rows(inputs, rows):
     ("dapo", 0.1, 1, (2,)),
 ])
 def test_default_path_is_trl_grpo_loss(world, tmp_path, loss_type, beta, grad_accum, empty):
-    """SPEC §9 through TRL: one reward function, linear, no Noon, no whitening = TRL's GRPO loss,
+    """algorithms §9 through TRL: one reward function, linear, no Noon, no whitening = TRL's GRPO loss,
     also with fully masked (truncated) completions."""
     trainer = make_trainer(world, tmp_path, [chars_reward], loss_type=loss_type, beta=beta, grad_accum=grad_accum,
                            mask_truncated_completions=empty == "truncated", method="linear", noon=False,

@@ -1,6 +1,6 @@
-"""SPEC §9 invariants and other properties whose expected values are written here from the
+"""algorithms §9 invariants and other properties whose expected values are written here from the
 formulas, without pama_ext.reference. Each test runs on the kernels (``ops``) and, where it applies,
-on the reference too (a check of the reference against SPEC).
+on the reference too (a check of the reference against docs/algorithms.md).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def verl_agg(loss_mat, mask, agg):
     m = mask.to(loss_mat.dtype)
     if agg == "token-mean":
         return (loss_mat * m).sum() / m.sum()
-    keep = m.sum(-1) > 0  # CHOICE of SPEC §4: empty rows are not sequences
+    keep = m.sum(-1) > 0  # CHOICE of algorithms §4: empty rows are not sequences
     if agg == "seq-mean-token-mean":
         per_seq = (loss_mat * m).sum(-1)[keep] / m.sum(-1)[keep]
     else:
@@ -60,7 +60,7 @@ def _nonempty_mask(B, T, seed):
 @pytest.mark.parametrize("agg", AGGS)
 @pytest.mark.parametrize("method,granularity", COMBOS)
 def test_single_objective_is_vanilla_ppo(device, impl, method, granularity, agg):
-    """SPEC §9: n = 1, noon=False, whiten=False is verl's vanilla PPO loss (dual clip 3, linear:
+    """algorithms §9: n = 1, noon=False, whiten=False is verl's vanilla PPO loss (dual clip 3, linear:
     token-mean; every combiner reduces to the identity for one objective, except CAGrad / RACO,
     whose single coefficient is a = w + c (d = g0 + c |g0| g0/|g0|): the loss scaled by 1 + c)."""
     mod = IMPLS[impl]
@@ -148,7 +148,7 @@ def test_token_granularity_closed_form(device, impl, n, noon):
     loss.backward()
     N = whiten_noon(x.advantages, x.mask, noon=noon)
     if noon:
-        a_tilde = N.min(0).values  # SPEC §4: min_i N_i
+        a_tilde = N.min(0).values  # algorithms §4: min_i N_i
     else:  # projection of 0 onto [min_i, max_i]
         a_tilde = torch.minimum(torch.maximum(torch.zeros(()), N.min(0).values), N.max(0).values)
     lp = x.logp.clone().requires_grad_(True)
@@ -180,7 +180,7 @@ def test_token_granularity_closed_form(device, impl, n, noon):
 
 @pytest.mark.parametrize("impl", ["ops", "reference"])
 def test_batch_granularity_n2_closed_form(device, impl):
-    """PAMA batch, n = 2: c_1 = clip(abar_2 / (abar_2 - abar_1), 0, 1) (SPEC §4, n = 2)."""
+    """PAMA batch, n = 2: c_1 = clip(abar_2 / (abar_2 - abar_1), 0, 1) (algorithms §4, n = 2)."""
     mod = IMPLS[impl]
     x = make_inputs(2, 5, 40, seed=90, mask="holes")
     x.advantages[1] = -x.advantages[1] + 0.3  # make the two objectives conflict
@@ -208,7 +208,7 @@ def test_batch_granularity_n2_closed_form(device, impl):
 
 
 # ----------------------------------------------------------------------------------------------
-# fully masked batch (SPEC §9)
+# fully masked batch (algorithms §9)
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("impl", ["ops", "reference"])
 @pytest.mark.parametrize("noon,whiten", [(True, True), (False, False)])
@@ -509,7 +509,7 @@ def test_gae_closed_forms(device, impl):
 
 
 # ----------------------------------------------------------------------------------------------
-# determinism (SPEC §9)
+# determinism (algorithms §9)
 # ----------------------------------------------------------------------------------------------
 def test_deterministic_repeated_calls(device):
     x = make_inputs(4, 8, 300, seed=190, mask="holes").to(torch.float32, device)
@@ -544,7 +544,7 @@ def test_deterministic_across_thread_counts():
 
 
 # ----------------------------------------------------------------------------------------------
-# no host synchronisation (SPEC §9), CUDA only
+# no host synchronisation (algorithms §9), CUDA only
 # ----------------------------------------------------------------------------------------------
 def test_no_host_sync_on_cuda():
     from pama_testutils import resolve_device

@@ -41,7 +41,7 @@ def _pool(dtype, device, seed=0):
     pool.update(OPTIONS)
     st = ops.objective_stats(x.advantages, x.logp, x.old_logp, x.mask)
     pool["stats"] = st
-    pool["global_stats"] = None  # the data-parallel inputs (SPEC §8) are None here; see test_opcheck_global_inputs
+    pool["global_stats"] = None  # the data-parallel inputs (algorithms §8) are None here; see test_opcheck_global_inputs
     pool["moments"] = None
     pool["denominators"] = None
     pool["with_gram"] = True

@@ -1,4 +1,4 @@
-"""Weighting methods on a Gram matrix (pama_ext.pareto, SPEC §4/§6): MGDA, CAGrad / RACO's
+"""Weighting methods on a Gram matrix (pama_ext.pareto, algorithms §4/§6): MGDA, CAGrad / RACO's
 CAGrad-clip, PCGrad, linear.
 
 Gram matrices are built from explicit gradients g [n, d] (G = g g^T), including singular, rank-1,
@@ -310,7 +310,7 @@ def certify_nonnegative(g: torch.Tensor, w: torch.Tensor, c: float, seed: int, s
 @pytest.mark.parametrize("n", [2, 3, 5, 8])
 def test_cagrad_conflict_averse_guarantee(device, n):
     """CAGrad (clip=False), c < 1: whenever F* > 0 (certified independently of the solver; then the
-    minimiser has g_p* != 0, since g_p = 0 gives F(p) = 0, and SPEC §6's d = g0 + s g_p*/|g_p*| is
+    minimiser has g_p* != 0, since g_p = 0 gives F(p) = 0, and algorithms §6's d = g0 + s g_p*/|g_p*| is
     CAGrad's max-min direction), the update d = sum_i a_i g_i satisfies <d, g_i> >= F* > 0 for every
     objective. For both clip settings, <d, g0> >= (1 - c)|g0|^2 (d stays in the ball around g0).
     F* = 0 with g_p* = 0 is the degenerate case of test_cagrad_stationary_fallback_can_conflict."""
@@ -336,7 +336,7 @@ def test_cagrad_conflict_averse_guarantee(device, n):
 
 
 def test_raco_clip_does_not_keep_the_guarantee(device):
-    """SPEC §6's clip (p~ = min(p*, w)) can make d conflict with an objective where plain CAGrad
+    """algorithms §6's clip (p~ = min(p*, w)) can make d conflict with an objective where plain CAGrad
     does not (documented in the preference-ops report): a fixed counterexample."""
     require_native()
     g = torch.tensor([[0.6142703209420908, -0.10592365023833446, -0.6801430519747544, -1.3718088499542105,
@@ -392,9 +392,9 @@ def test_raco_keeps_the_guarantee_for_two_objectives(device):
 
 
 def test_cagrad_stationary_fallback_can_conflict(device):
-    """SPEC §6's fallback a = w when |g_p~| = 0 (the minimiser is a Pareto-stationary point, F* = 0):
+    """algorithms §6's fallback a = w when |g_p~| = 0 (the minimiser is a Pareto-stationary point, F* = 0):
     d = g0 can conflict with an objective although a non-conflicting d in the ball exists
-    (documented in the preference-ops report): a fixed counterexample, implemented as SPEC says."""
+    (documented in the preference-ops report): a fixed counterexample, implemented as docs/algorithms.md §6 says."""
     require_native()
     g = torch.tensor([[0.0, 0.0], [-1.0, -3.0], [-2.0, 3.0]], dtype=F64)
     w = torch.tensor([0.2, 0.2, 0.6], dtype=F64)

@@ -1,4 +1,4 @@
-"""Preference-data ops (SPEC §6-§7): multi_dpo_loss, gradient_gram, combine_gradients.
+"""Preference-data ops (algorithms §6-§7): multi_dpo_loss, gradient_gram, combine_gradients.
 
 Kernels against the float64 reference (pama_ext.reference) on odd batch sizes, every n of the grid,
 labels with ties, length normalisation and the low-precision dtypes (DESIGN tolerance rule);

@@ -68,7 +68,7 @@ def batches(draw, max_n=6, max_b=6, max_t=40):
 
 
 def _noon_whitened(x, noon, whiten):
-    """N_i of SPEC §3 in float64 (for the conditioning checks below)."""
+    """N_i of algorithms §3 in float64 (for the conditioning checks below)."""
     m = x.mask
     out = []
     for a in x.advantages:

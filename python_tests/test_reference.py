@@ -1,8 +1,8 @@
-"""Self-checks of pama_ext.reference against SPEC.md, independent of the compiled kernels.
+"""Self-checks of pama_ext.reference against docs/algorithms.md, independent of the compiled kernels.
 
 The reference is the ground truth of every other test, so here it is checked against brute force
 (Theorem 1 and MGDA over a simplex grid) and against per-element Python loops written from the
-SPEC formulas (GAE, token rewards, statistics, aggregation, the policy loss).
+docs/algorithms.md formulas (GAE, token rewards, statistics, aggregation, the policy loss).
 """
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def test_thm1_matches_simplex_brute_force(n):
 
 
 def test_thm1_ties_share_uniformly():
-    # expected values from SPEC §4 ("ties -> uniform over the tied objectives")
+    # expected values from algorithms §4 ("ties -> uniform over the tied objectives")
     cases = [
         ([1.0, 1.0, 2.0], [0.5, 0.5, 0.0]),  # all positive, two minima
         ([0.0, 0.0, 3.0], [0.5, 0.5, 0.0]),  # Noon: min 0, tied zeros share
@@ -201,7 +201,7 @@ def test_mgda_weights_n1_and_larger_n():
 
 
 # ----------------------------------------------------------------------------------------------
-# GAE and token rewards against per-row Python loops of SPEC §1/§2
+# GAE and token rewards against per-row Python loops of algorithms §1/§2
 # ----------------------------------------------------------------------------------------------
 def gae_loop(rewards, values, mask, gamma, lam):
     n, B, T = values.shape
@@ -248,7 +248,7 @@ def test_token_rewards_reference_matches_spec(mask_kind, beta):
     for b in range(5):
         valid = [t for t in range(19) if m[b][t]]
         last = valid[-1] if valid else None
-        for t in valid:  # SPEC §1 on the masked-in positions
+        for t in valid:  # algorithms §1 on the masked-in positions
             want = -beta * (x.old_logp[b, t] - x.ref_logp[b, t]) + (x.scores[:, b] if t == last else 0.0)
             torch.testing.assert_close(r[:, b, t], want * torch.ones(3, dtype=F64), rtol=1e-13, atol=1e-13)
         # the score is placed nowhere else
@@ -258,10 +258,10 @@ def test_token_rewards_reference_matches_spec(mask_kind, beta):
 
 
 # ----------------------------------------------------------------------------------------------
-# statistics, aggregation and the policy loss against loops written from SPEC §3/§4
+# statistics, aggregation and the policy loss against loops written from algorithms §3/§4
 # ----------------------------------------------------------------------------------------------
 def spec_stats(adv, logp, old_logp, mask, eps_hi, whiten, noon):
-    """Per-token loops of SPEC §3 (n, B, T small). Returns dict of float lists/tensors."""
+    """Per-token loops of algorithms §3 (n, B, T small). Returns dict of float lists/tensors."""
     n, B, T = adv.shape
     toks = [(b, t) for b in range(B) for t in range(T) if mask[b, t]]
     cnt = len(toks)
@@ -298,7 +298,7 @@ def spec_stats(adv, logp, old_logp, mask, eps_hi, whiten, noon):
 
 
 def thm1_loop(v):
-    """Theorem 1 written from SPEC §4 with ties shared uniformly: (c list, s)."""
+    """Theorem 1 written from algorithms §4 with ties shared uniformly: (c list, s)."""
     n = len(v)
     mn, mx = min(v), max(v)
     jmin = [i for i in range(n) if v[i] == mn]
@@ -404,7 +404,7 @@ def test_agg_loss_reference(agg, mask_kind):
 
 def spec_policy_loss(x, *, method, granularity, agg, noon, whiten, eps_lo=0.2, eps_hi=0.2,
                      dual_clip=3.0, prefs=None, beta_loss=0.0):
-    """SPEC §3/§4 with per-token loops (mgda only for n <= 2). Returns (loss, grad_logp, metrics)."""
+    """algorithms §3/§4 with per-token loops (mgda only for n <= 2). Returns (loss, grad_logp, metrics)."""
     n, B, T = x.advantages.shape
     st = spec_stats(x.advantages, x.logp, x.old_logp, x.mask, eps_hi, whiten, noon)
     N, I = st["N"], st["I"]

@@ -28,7 +28,7 @@ inline void for_chunks(int64_t B, int64_t T, int64_t chunk_len, int64_t cpr, F&&
   });
 }
 
-// N_i for one token of row b at position t (SPEC §3): whitened (optionally) and Noon-clipped.
+// N_i for one token of row b at position t (algorithms §3): whitened (optionally) and Noon-clipped.
 template <typename scalar_t, typename acc>
 inline void token_noon(const scalar_t* adv, int n, int64_t BT, int64_t idx, const acc* mean, const acc* istd,
                        bool whiten, bool noon, acc* N) {

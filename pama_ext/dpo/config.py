@@ -70,7 +70,7 @@ class DPOConfig:
                              "judges), mopo (constrained importance-weighted behaviour cloning)",
                      choices=METHODS, group="method")
     beta: Optional[float] = option(None, "DPO temperature beta of raco, cagrad, dpo-lw and modpo (default: 0.2 for raco "
-                                     "and cagrad, RACO's setting in SPEC §7; 0.1 otherwise)", group="method")
+                                     "and cagrad, RACO's setting in algorithms §7; 0.1 otherwise)", group="method")
     cagrad_c: float = option(0.4, "raco / cagrad: conflict-averse radius c", group="method")
     length_normalize: bool = option(False, "divide each response log-prob by its token count in the DPO margin",
                                 group="method")

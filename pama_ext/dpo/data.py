@@ -22,7 +22,7 @@ share of the pairs (longer tiny-world reviews are more often mixed or neutral); 
 
 :func:`response_pool` turns pairs into MOPO's view of the data: per prompt the distinct stored
 responses and, per objective, each response's mean win-rate against the others it was compared
-with (win 1, tie 0.5, loss 0) -- the estimate of ``p̄(x, y) = E_{y'~μ} p(y ≻ y' | x)`` of SPEC_MOPO.
+with (win 1, tie 0.5, loss 0) -- the estimate of ``p̄(x, y) = E_{y'~μ} p(y ≻ y' | x)`` of docs/dpo.md (MOPO).
 """
 from __future__ import annotations
 

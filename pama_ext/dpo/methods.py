@@ -3,9 +3,9 @@
 
 Every loss goes through the pama_ext ops: ``multi_dpo_loss`` (per-objective DPO losses on shared
 pairs), ``gradient_gram`` / ``combine_gradients`` (the n x n Gram of the per-objective gradients and
-the combined update) and ``pama_ext.pareto.cagrad_weights`` (SPEC §6 CAGrad-clip / RACO coefficients).
+the combined update) and ``pama_ext.pareto.cagrad_weights`` (algorithms §6 CAGrad-clip / RACO coefficients).
 
-raco / cagrad, per optimizer step (SPEC §7, "solve per optimizer step"):
+raco / cagrad, per optimizer step (algorithms §7, "solve per optimizer step"):
 
 1. for each micro-batch: the n per-objective losses (one forward over chosen + rejected), then n
    backward passes (``autograd.grad``) added into n gradient buffers, each scaled by the micro-batch's
@@ -13,7 +13,7 @@ raco / cagrad, per optimizer step (SPEC §7, "solve per optimizer step"):
 2. ``G = gradient_gram(buffers)``; ``a = cagrad_weights(G, w, c, clip)`` (clip on for raco, off for cagrad);
 3. ``combine_gradients(buffers, a, params)`` writes Σ_i a_i g_i into ``.grad``; clip; optimizer step.
 
-MODPO (SPEC §7): L = −log σ((1/w_k)·[β h − Σ_{j≠k} w_j (r_j(x, y_w) − r_j(x, y_l))]) on objective k's
+MODPO (algorithms §7): L = −log σ((1/w_k)·[β h − Σ_{j≠k} w_j (r_j(x, y_w) − r_j(x, y_l))]) on objective k's
 labels, with r_j the judges' scores. It is ``multi_dpo_loss`` with temperature β/w_k on a margin
 shifted by m/β (m = Σ_{j≠k} w_j Δr_j, oriented as the pair is stored; the label's sign then orients
 the whole argument) -- the shift enters through the chosen log-probs, so no DPO formula is repeated.
@@ -206,7 +206,7 @@ class PairTrainer(_Base):
 
 
 class MopoTrainer(_Base):
-    """MOPO (SPEC_MOPO.md) on the stored responses of a :class:`ResponsePool`."""
+    """MOPO (docs/dpo.md, "mopo") on the stored responses of a :class:`ResponsePool`."""
 
     def __init__(self, cfg: DPOConfig, policy, ref_lm, tokenizer, data: PrefData, device,
                  ref_cache: Optional[Dict] = None):

@@ -1,4 +1,4 @@
-"""MOPO (SPEC_MOPO.md): the closed-form tilt, the robust lower bound, the dual updates and the
+"""MOPO (docs/dpo.md, "mopo"): the closed-form tilt, the robust lower bound, the dual updates and the
 importance-weighted behaviour-cloning weights -- all tensor code that stays on the device.
 
 Notation (per stored response r of prompt ``group[r]``):
@@ -16,7 +16,7 @@ The dual variables live in :class:`MopoDuals` (tensors on the training device); 
 performs Algorithm 1's χ and λ updates and returns the recomputed tilt, without reading anything back
 to the host.
 
-Reconstructed parts (SPEC_MOPO.md gives their quoted form only): the exact dual objectives behind
+Reconstructed parts (the MOPO paper gives their quoted form only; docs/dpo.md): the exact dual objectives behind
 the χ and λ updates (Eqs. 8-9), and the reading of "G(ρ from step t−t0)" in the threshold update.
 pama_ext evaluates G as the secondary win-rates of the lagged policy π_ψ^(t−t0) on the stored
 responses (E_{π_ref⁰}[ratio · q̄], the same quantity as b⁰ = β·G(π_ref) at t = 0); see docs/dpo.md.

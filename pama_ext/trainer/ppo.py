@@ -1,4 +1,4 @@
-"""The multi-objective PPO step and the five methods (SPEC.md §1-§6).
+"""The multi-objective PPO step and the five methods (docs/algorithms.md §1-§6).
 
 One step::
 
@@ -75,7 +75,7 @@ class AdaptiveKLController:
         self.value = float(s["value"])
 
 
-# Whitening of each objective over the masked tokens of the rollout batch (SPEC §3).
+# Whitening of each objective over the masked tokens of the rollout batch (algorithms §3).
 masked_whiten = functional.masked_whiten
 
 
