@@ -36,6 +36,14 @@ void dispatch(int dtype, F&& f) {
     default: TORCH_CHECK(false, "pama_ext: unsupported dtype code ", dtype);
   }
 }
+// The same for a stage that works in the accumulation type only: f(double{}) or f(float{}).
+template <typename F>
+void dispatch_acc(bool acc_is_double, F&& f) {
+  if (acc_is_double)
+    f(double{});
+  else
+    f(float{});
+}
 
 // Accumulation type of an element type (C++), the counterpart of acc_type below.
 template <typename scalar_t>

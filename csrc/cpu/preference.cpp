@@ -156,15 +156,11 @@ void combine_gradients(const CombineGradsParams& p, void*) {
 }
 
 void gram_weights(const GramWeightsParams& p, void*) {
-  auto run = [&](auto tag) {
+  dispatch_acc(p.acc_is_double, [&](auto tag) {
     using acc = decltype(tag);
     pama::gram_weights(static_cast<const acc*>(p.gram), static_cast<const acc*>(p.prefs), p.n, p.method,
                        static_cast<acc>(p.c), static_cast<acc*>(p.weights));
-  };
-  if (p.acc_is_double)
-    run(double{});
-  else
-    run(float{});
+  });
 }
 
 }  // namespace cpu

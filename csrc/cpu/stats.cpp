@@ -107,15 +107,11 @@ void stats_indicators(const StatsParams& p, void*) {
 }
 
 void pareto_weights(const WeightsParams& p, void*) {
-  auto run = [&](auto tag) {
+  dispatch_acc(p.acc_is_double, [&](auto tag) {
     using acc = decltype(tag);
     finalize_weights(static_cast<const acc*>(p.stats), p.n, p.method, p.granularity,
                      static_cast<const acc*>(p.prefs), static_cast<acc>(p.cagrad_c), static_cast<acc*>(p.weights));
-  };
-  if (p.acc_is_double)
-    run(double{});
-  else
-    run(float{});
+  });
 }
 
 }  // namespace cpu
