@@ -583,6 +583,7 @@ def _two_rank_rescale(rank, init_file, result_file):
             out[agg + "/nocount"] = float(rescale_to_global(group_mean, m, agg, group=dist.group.WORLD))
             out[agg + "/mean"] = float(group_mean)
         torch.save(out, f"{result_file}.{rank}")
+        dist.barrier()  # both ranks are done with the group before either tears it down
     finally:
         dist.destroy_process_group()
 
@@ -640,7 +641,13 @@ def _two_rank_verl(rank, init_file, result_file):
                                                  ActorCfg(global_batch_info=info))
         loss.backward()
         torch.save({"loss": loss.detach(), "grad": lp.grad}, f"{result_file}.{rank}")
+        dist.barrier()  # both ranks are done with the group before either tears it down
     finally:
+        # The module-level options held the group: a ProcessGroupGloo that outlives
+        # destroy_process_group is destroyed during interpreter shutdown, when its worker threads can no
+        # longer be joined cleanly ("terminate called without an active exception", SIGABRT). Drop the
+        # reference first, so the group dies here, with the process still fully alive.
+        pverl.configure(group=None)
         dist.destroy_process_group()
 
 
