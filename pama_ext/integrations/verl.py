@@ -3,7 +3,7 @@
 Importing this module registers both with ``verl.trainer.ppo.core_algos`` when verl can be imported
 (it is imported lazily, so this module also imports without verl); :func:`register` does the same
 explicitly, or into any object that has verl's two decorators ``register_policy_loss(name)`` and
-``register_adv_est(name)``.
+``register_adv_est(name)``. Registering is idempotent, also across ``importlib.reload``.
 
 How per-objective advantages reach the loss
 -------------------------------------------
@@ -21,6 +21,15 @@ two ways:
   estimator normalises each objective within its prompt group (GRPO, per objective, no summing);
 - critic-based PPO with one value head per objective: :func:`compute_multi_gae_advantage_return`
   runs :func:`pama_ext.multi_gae` on ``[B, T, n]`` rewards and values and whitens each objective.
+
+verl's stock trainer (``main_ppo`` with ``trainer.use_v1=False``) carries one scalar reward per
+response and computes its data metrics on ``[B, T]`` advantages. Where verl's trainer imports, this
+module therefore also registers the reward manager ``"pama_multi"``
+(:mod:`pama_ext.integrations.verl_reward`: one score per objective, as reward extra info under the keys
+of ``algorithm.gdpo_reward_keys``) and wraps ``compute_advantage`` and ``compute_data_metrics`` in
+``verl.trainer.ppo.ray_trainer`` (:func:`install_trainer_hooks`): ``"pama_grpo"`` then gets ``[B, T, n]``
+token rewards built from those scores, and the metrics see the objective mean of ``[B, T, n]``
+advantages (plus one entry per objective). The recipe is in docs/integrations.md.
 
 Options of the combination (method, granularity, Noon, whitening, preferences, process group) are
 set with :func:`configure` (verl's actor config has no free-form keys for them), or, for every
