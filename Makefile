@@ -5,7 +5,9 @@
 #   make test VENV=      use the current python3 as is (e.g. a GPU machine with torch preinstalled)
 #   make nvcc-check      compile every csrc/cuda/*.cu with bare nvcc for sm_80 and sm_90 (skipped, with a
 #                        message, where $(NVCC) is not found; PAMA_EXT_REQUIRE_NVCC=1 makes that an error)
-#   make verl-deps       opt-in: verl's registry module (no GPU stack) so the verl adapter tests also use real verl
+#   make verl-deps       a separate venv ($(VERL_VENV)) with verl 0.9.1 and all it requires, pip-resolved with
+#                        $(TORCH_SPEC) (`pip check` clean), plus what verl's trainer modules import; the extension built
+#   make test-verl       the verl tests against that real verl (PAMA_EXT_REQUIRE_VERL=1: no skips), on CPU; CI runs it
 #   make demo            PAMA vs MORLHF vs MGDA-UB on the embedded tiny world (CPU; prints the table, writes runs/demo)
 #   make demo-dpo        preference data: raco, cagrad, dpo-lw, modpo, mopo on the tiny world (table + fronts in runs/demo-dpo)
 #   make bench           CPU benchmark of the fused ops (pama_ext/benchmarks/bench_ops.py: pama-ext bench ops)
@@ -31,9 +33,14 @@ PYTEST_ARGS ?=
 TRAIN_DEPS ?= transformers tokenizers vaderSentiment pyyaml tqdm matplotlib
 # the TRL adapter's tests run trl itself (its own deps: accelerate, datasets; torch and transformers are kept)
 INTEGRATION_DEPS ?= trl==1.16.0
-# opt-in (make verl-deps): verl's registry module on CPU without its GPU stack; ray is most of the ~300 MB
-VERL_DEPS ?= verl==0.9.1 ray tensordict omegaconf antlr4-python3-runtime==4.9.3 hydra-core codetiming msgpack \
-	protobuf pyyaml jsonschema jsonschema-specifications referencing rpds-py attrs filelock click pyvers cloudpickle orjson
+# make verl-deps / test-verl: verl in a venv of its own, because verl 0.9.1 pins transformers<5.11 (and
+# tensordict<=0.10, omegaconf<2.4 through hydra-core) while the project's venv has newer ones. verl's own
+# requirements are resolved by pip together with TORCH_SPEC; the rest of VERL_DEPS are the packages of verl's
+# `verl-core` extra that its trainer modules (ray_trainer, ppo.v1, the reward loop) import at import time.
+VERL_VENV ?= .venv-verl
+VERL_DEPS ?= verl==0.9.1 TransferQueue>=0.1.10 cachetools fastapi uvicorn
+VERL_TEST_DEPS ?= pytest hypothesis expecttest numpy scipy ninja setuptools wheel
+VERL_TESTS ?= python_tests/test_integrations.py python_tests/test_integrations_verl_e2e.py
 
 ifeq ($(strip $(VENV)),)
 PY := $(PYTHON)
@@ -48,7 +55,7 @@ CU_OBJECTS := $(patsubst csrc/cuda/%.cu,build/nvcc/%.o,$(CU_SOURCES))
 CU_HEADERS := $(wildcard csrc/*.h) $(wildcard csrc/cuda/*.cuh)
 
 .PHONY: test install build nvcc-check bench info clean demo demo-dpo wheel verify-wheel gpu-report verl-deps \
-	wheel-cuda verify-wheel-cuda
+	test-verl wheel-cuda verify-wheel-cuda
 
 test: install
 	$(MAKE) -j4 nvcc-check VENV="$(VENV)" PYTHON="$(PYTHON)"
@@ -72,14 +79,26 @@ install: $(VENV_STAMP)
 		echo "make: WARNING: could not install trl; the TRL integration tests will be skipped"
 	$(MAKE) build VENV="$(VENV)" PYTHON="$(PYTHON)"
 
-build:
-	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+# the extension, built in place and installed editable into the interpreter given (here and in verl-deps)
+BUILD_ARGS := -m pip install -q --no-build-isolation --no-deps -e .
 
-# verl's full install pins transformers<5.11 and pulls its GPU stack; --no-deps keeps torch/transformers
-verl-deps: install
-	@$(PY) -c "import verl.trainer.ppo.core_algos" 2>/dev/null || \
-		$(PY) -m pip install -q --no-deps $(VERL_DEPS) || \
-		echo "make: WARNING: could not install verl; the real-verl tests will be skipped"
+build:
+	$(PY) $(BUILD_ARGS)
+
+$(VERL_VENV)/.created:
+	$(PYTHON) -m venv $(VERL_VENV)
+	touch $@
+
+# One pip resolve for torch, verl and the test tools (nothing installed with --no-deps), then `pip check`.
+verl-deps: $(VERL_VENV)/.created
+	@$(VERL_VENV)/bin/python -c "import torch, pytest, hypothesis, verl.trainer.ppo.ray_trainer, verl.trainer.ppo.v1" \
+		2>/dev/null || $(VERL_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" $(foreach d,$(VERL_DEPS),"$(d)") \
+		$(VERL_TEST_DEPS)
+	$(VERL_VENV)/bin/python -m pip check
+	$(VERL_VENV)/bin/python $(BUILD_ARGS)
+
+test-verl: verl-deps
+	PAMA_EXT_REQUIRE_NATIVE=1 PAMA_EXT_REQUIRE_VERL=1 $(VERL_VENV)/bin/python -m pytest $(VERL_TESTS) -q $(PYTEST_ARGS)
 
 # The CUDA sources must compile even where no GPU is present (launch.h and pama_math.h have no torch headers).
 # Without nvcc (a CPU-only machine) the check is skipped with a message, so that `make test` still runs
@@ -137,4 +156,4 @@ info: install
 	$(PY) -m pama_ext.cli info
 
 clean:
-	rm -rf build dist *.egg-info pama_ext/_C*.so pama_ext/_build_info.py $(CUDA_VENV)
+	rm -rf build dist *.egg-info pama_ext/_C*.so pama_ext/_build_info.py $(CUDA_VENV) $(VERL_VENV)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 
 import numpy as np
@@ -62,6 +63,18 @@ def vanilla_token_losses(logp, old, adv, eps_lo, eps_hi, dual_clip):
     if dual_clip is None:
         return clipped, (l2 > l1)
     return torch.where(adv < 0, torch.minimum(clipped, -adv * dual_clip), clipped), (l2 > l1)
+
+
+def vanilla_kl_and_lower(logp, old, adv, mask, eps_lo, eps_hi, dual_clip):
+    """verl's vanilla metrics: ppo_kl (log-ratio clamped to ±20) and pg_clipfrac_lower (the dual clip
+    bounds a negative advantage), masked means with verl's ``+ 1e-8`` denominator."""
+    m = mask.to(logp.dtype)
+    denom = m.sum() + 1e-8
+    neg_kl = torch.clamp(logp - old, -20.0, 20.0)
+    ratio = torch.exp(neg_kl)
+    clipped = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1 - eps_lo, 1 + eps_hi))
+    lower = ((clipped > -adv * dual_clip) & (adv < 0)).to(logp.dtype)
+    return (-neg_kl * m).sum() / denom, (lower * m).sum() / denom
 
 
 def vanilla_agg(loss_mat, mask, mode, dp_size=1, batch_num_tokens=None, global_batch_size=None, scale=None):
@@ -165,6 +178,30 @@ def test_register_into_registry():
         reg.register_adv_est("pama_grpo")(lambda **kw: None)
 
 
+def test_register_after_reload():
+    """A reloaded module (importlib.reload, autoreload) registers its new functions in place of the old
+    ones, without verl's clash error or a warning; VERL_AVAILABLE is computed afresh."""
+    import importlib
+    import warnings
+
+    reg = pverl.register(make_registry())
+    old_fn = reg.get_adv_estimator_fn("pama_grpo")
+    available = pverl.VERL_AVAILABLE
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            mod = importlib.reload(pverl)
+        assert mod.compute_pama_grpo_advantage is not old_fn
+        mod.register(reg)
+        assert reg.get_adv_estimator_fn("pama_grpo") is mod.compute_pama_grpo_advantage
+        assert reg.get_policy_loss_fn("pama") is mod.compute_policy_loss_pama
+        assert mod.VERL_AVAILABLE == available
+        with pytest.raises(ValueError):  # a foreign function under the name is still a clash
+            reg.register_adv_est("pama_grpo")(lambda **kw: None)
+    finally:
+        importlib.reload(pverl)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("agg", VERL_AGGS)
 @pytest.mark.parametrize("info", GLOBAL_INFOS, ids=["local", "dp2", "global"])
@@ -189,7 +226,27 @@ def test_verl_default_path_is_vanilla_ppo(vanilla_options, dtype, agg, info, sha
     m = mask.to(dtype)
     torch.testing.assert_close(metrics["actor/pg_clipfrac"].to(dtype), (clipped.to(dtype) * m).sum() / m.sum(),
                                **_tol(dtype))
-    torch.testing.assert_close(metrics["actor/ppo_kl"].to(dtype), ((old - logp) * m).sum() / m.sum(), **_tol(dtype))
+    kl, lower = vanilla_kl_and_lower(logp, old, adv[..., 0], mask, cfg.clip_ratio_low, cfg.clip_ratio_high,
+                                     cfg.clip_ratio_c)
+    torch.testing.assert_close(metrics["actor/ppo_kl"].to(dtype), kl, **_tol(dtype))
+    torch.testing.assert_close(metrics["actor/pg_clipfrac_lower"].to(dtype), lower, **_tol(dtype))
+
+
+def test_verl_metrics_clamped_like_vanilla(vanilla_options):
+    """Extreme log-ratios: ppo_kl uses verl's ±20 clamp; pg_clipfrac_lower counts the dual-clipped tokens
+    (for n objectives: averaged over the objectives)."""
+    reg = pverl.register(make_registry())
+    logp, old, adv, mask = _batch(n=2, spread=30.0, seed=9)
+    assert bool(((logp - old).abs() > 20).any())
+    pverl.configure(prefs=[0.5, 0.5])
+    _, metrics = actor_call(reg, logp, old, adv, mask, "token-mean", ActorCfg())
+    kl, lower0 = vanilla_kl_and_lower(logp, old, adv[..., 0], mask, 0.2, 0.28, 3.0)
+    _, lower1 = vanilla_kl_and_lower(logp, old, adv[..., 1], mask, 0.2, 0.28, 3.0)
+    torch.testing.assert_close(metrics["actor/ppo_kl"], kl, **_tol(torch.float64))
+    torch.testing.assert_close(metrics["actor/pg_clipfrac_lower"], (lower0 + lower1) / 2, **_tol(torch.float64))
+    assert float(lower0) > 0
+    _, no_dual = actor_call(reg, logp, old, adv, mask, "token-mean", dataclasses.replace(ActorCfg(), clip_ratio_c=None))
+    assert float(no_dual["actor/pg_clipfrac_lower"]) == 0.0
 
 
 def test_verl_metrics_are_scalar_device_tensors():
@@ -456,14 +513,17 @@ def test_openrlhf_bad_input():
 # ------------------------------------------------------------------------------------------------
 def _real_verl():
     if not pverl.VERL_AVAILABLE:
+        if os.environ.get("PAMA_EXT_REQUIRE_VERL") == "1":  # make test-verl: no silent skips
+            pytest.fail(f"PAMA_EXT_REQUIRE_VERL=1 but verl cannot be imported ({pverl.VERL_IMPORT_ERROR!r})")
         pytest.skip(f"verl cannot be imported here ({pverl.VERL_IMPORT_ERROR}); see docs/integrations.md")
     from verl.trainer.ppo import core_algos
 
     return core_algos
 
 
+@pytest.mark.parametrize("spread", [0.4, 30.0], ids=["ratios", "extreme-ratios"])
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
-def test_real_verl_registry_and_vanilla(vanilla_options, agg):
+def test_real_verl_registry_and_vanilla(vanilla_options, agg, spread):
     ca = _real_verl()
     from verl.workers.config import ActorConfig
 
@@ -471,7 +531,7 @@ def test_real_verl_registry_and_vanilla(vanilla_options, agg):
     assert ca.get_adv_estimator_fn("pama_grpo") is pverl.compute_pama_grpo_advantage
     cfg = ActorConfig(strategy="fsdp", rollout_n=1, ppo_mini_batch_size=4, ppo_micro_batch_size_per_gpu=2,
                       clip_ratio_high=0.28)
-    logp, old, adv, mask = _batch(dtype=torch.float32, seed=11)
+    logp, old, adv, mask = _batch(dtype=torch.float32, seed=11, spread=spread)
     want, want_metrics = ca.get_policy_loss_fn("vanilla")(old_log_prob=old, log_prob=logp, advantages=adv[..., 0],
                                                           response_mask=mask, loss_agg_mode=agg, config=cfg,
                                                           rollout_is_weights=None)
@@ -479,7 +539,8 @@ def test_real_verl_registry_and_vanilla(vanilla_options, agg):
                                                  response_mask=mask, loss_agg_mode=agg, config=cfg,
                                                  rollout_is_weights=None)
     torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-6)
-    assert math.isclose(float(metrics["actor/pg_clipfrac"]), want_metrics["actor/pg_clipfrac"], abs_tol=1e-6)
+    for key in ("actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"):
+        assert math.isclose(float(metrics[key]), want_metrics[key], abs_tol=1e-6), key
 
 
 def test_real_verl_grpo_per_objective():
@@ -583,6 +644,7 @@ def _two_rank_rescale(rank, init_file, result_file):
             out[agg + "/nocount"] = float(rescale_to_global(group_mean, m, agg, group=dist.group.WORLD))
             out[agg + "/mean"] = float(group_mean)
         torch.save(out, f"{result_file}.{rank}")
+        dist.barrier()  # both ranks are done with the group before either tears it down
     finally:
         dist.destroy_process_group()
 
@@ -640,7 +702,13 @@ def _two_rank_verl(rank, init_file, result_file):
                                                  ActorCfg(global_batch_info=info))
         loss.backward()
         torch.save({"loss": loss.detach(), "grad": lp.grad}, f"{result_file}.{rank}")
+        dist.barrier()  # both ranks are done with the group before either tears it down
     finally:
+        # The module-level options held the group: a ProcessGroupGloo that outlives
+        # destroy_process_group is destroyed during interpreter shutdown, when its worker threads can no
+        # longer be joined cleanly ("terminate called without an active exception", SIGABRT). Drop the
+        # reference first, so the group dies here, with the process still fully alive.
+        pverl.configure(group=None)
         dist.destroy_process_group()
 
 

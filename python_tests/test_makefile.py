@@ -79,3 +79,26 @@ def test_make_test_reaches_pytest_without_nvcc(tree, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert SKIP_MESSAGE in r.stdout
     assert "-m pytest python_tests" in log.read_text()
+
+
+def test_make_test_verl_uses_a_venv_of_its_own(tree, tmp_path):
+    """``make test-verl``: verl, torch and the test tools in one pip resolve inside $(VERL_VENV) (never
+    the project's venv), then ``pip check``, the extension build and the verl tests with no skips."""
+    venv = tmp_path / "verl-venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / ".created").touch()
+    log = tmp_path / "python.log"
+    py = venv / "bin" / "python"  # records its command line; `python -c` (the "already installed?" probe) fails
+    py.write_text(f'#!/bin/sh\necho "PAMA_EXT_REQUIRE_VERL=$PAMA_EXT_REQUIRE_VERL $*" >> "{log}"\n'
+                  '[ "$1" = -c ] && exit 1\nexit 0\n')
+    py.chmod(0o755)
+    r = make(tree, "test-verl", f"VERL_VENV={venv}", f"PYTHON={tmp_path / 'no-python'}")
+    assert r.returncode == 0, r.stdout + r.stderr
+    calls = [c.split(" ", 1)[1] for c in log.read_text().splitlines() if not c.split(" ", 1)[1].startswith("-c ")]
+    install, check, build, tests = calls
+    assert install.startswith("-m pip install") and "verl==0.9.1" in install and "torch==2.13.0" in install
+    assert "--no-deps" not in install and "pytest" in install
+    assert check == "-m pip check"
+    assert build.startswith("-m pip install") and build.endswith("-e .")
+    assert tests.startswith("-m pytest python_tests/test_integrations.py python_tests/test_integrations_verl_e2e.py")
+    assert log.read_text().splitlines()[-1].startswith("PAMA_EXT_REQUIRE_VERL=1 ")
