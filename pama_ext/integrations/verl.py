@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import ops, reference
+from .. import functional, ops
 from ._common import (
     check_pama_options,
     call_policy_loss,
@@ -345,7 +345,7 @@ def compute_multi_gae_advantage_return(
     with torch.no_grad():
         adv, ret = ops.multi_gae(r, v, response_mask, gamma, lam)
         if whiten:
-            adv = reference.masked_whiten(adv, response_mask)
+            adv = functional.masked_whiten(adv, response_mask)
         adv, ret = adv.permute(1, 2, 0).contiguous(), ret.permute(1, 2, 0).contiguous()
     return adv, ret
 
