@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, fields
 from typing import Dict, Optional
 
 import pytest
 import torch
+
 from pama_ext import ops, reference as ref_impl
 
 REQUIRE_CUDA = os.environ.get("PAMA_EXT_REQUIRE_CUDA", "") == "1"
@@ -398,3 +400,32 @@ def thm1_loop(v):
     for i in jmax:
         c[i] += (1 - w_min) / len(jmax)
     return c, s
+
+
+ERRORS = (RuntimeError, ValueError)
+
+
+# ----------------------------------------------------------------------------------------------
+# scalar options and the KL loss
+# ----------------------------------------------------------------------------------------------
+BAD_UNIT = [-0.1, 1.5, float("nan"), float("inf")]
+
+
+BAD_NONNEG = [-0.1, float("nan"), float("inf")]
+
+
+def names_arg(msg: str, arg: str) -> bool:
+    """``arg`` appears as a word of its own ("logp" does not match inside "old_logp")."""
+    return re.search(rf"(?<![A-Za-z0-9_]){re.escape(arg)}(?![A-Za-z0-9_])", msg) is not None
+
+
+def expect_error(arg: str, fn, *args, **kwargs):
+    with pytest.raises(ERRORS) as ei:
+        fn(*args, **kwargs)
+    msg = str(ei.value)
+    assert names_arg(msg, arg), f"error message does not name {arg!r}: {msg!r}"
+    return msg
+
+
+def bad_input_batch(device, n=3, B=4, T=11, dtype=F64, mask="holes", seed=0):
+    return make_inputs(n, B, T, seed=seed, mask=mask).to(dtype, device)

@@ -12,7 +12,8 @@ import torch
 
 from pama_ext import ops, reference as ref
 from op_runners import run_multi_gae
-from pama_testutils import GC, IMPLS, LOWP_DTYPES, NS, SHAPES, check_dtypes, compare_all, make_inputs
+from pama_testutils import (BAD_UNIT, GC, IMPLS, LOWP_DTYPES, NS, SHAPES, bad_input_batch, check_dtypes,
+                            compare_all, expect_error, make_inputs)
 
 F64 = torch.float64
 
@@ -120,3 +121,25 @@ def test_gae_reference_closed_form_full_mask():
     want = x.rewards.flip(-1).cumsum(-1).flip(-1) - x.values
     torch.testing.assert_close(adv, want, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(ret, want + x.values, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.usefixtures("path")  # native and fallback (conftest.py)
+def test_wrong_num_objectives_gae(device):
+    x = bad_input_batch(device)
+    expect_error("values", ops.multi_gae, x.rewards, x.values[:2], x.mask)
+
+
+@pytest.mark.usefixtures("path")  # native and fallback (conftest.py)
+@pytest.mark.parametrize("value", BAD_UNIT, ids=str)
+@pytest.mark.parametrize("arg", ["gamma", "lam"])
+def test_gae_gamma_lam_out_of_range(device, arg, value):
+    x = bad_input_batch(device)
+    expect_error(arg, ops.multi_gae, x.rewards, x.values, x.mask, **{arg: value})
+
+
+@pytest.mark.usefixtures("path")  # native and fallback (conftest.py)
+def test_gae_gamma_lam_bounds_are_accepted(device):
+    x = bad_input_batch(device)
+    for gamma, lam in ((0.0, 1.0), (1.0, 0.0)):
+        adv, ret = ops.multi_gae(x.rewards, x.values, x.mask, gamma=gamma, lam=lam)
+        assert torch.isfinite(adv).all() and torch.isfinite(ret).all()

@@ -17,24 +17,9 @@ import pama_ext
 from pama_ext import ops, reference as ref
 from pama_ext.vocab import CAGRAD_C
 from op_runners import run_multi_gae, run_objective_stats, run_policy_loss, run_value_loss
-from pama_testutils import (
-    AGGS,
-    COMBOS,
-    GC,
-    IMPLS,
-    LOWP_DTYPES,
-    NS,
-    SHAPES,
-    check_dtypes,
-    compare_all,
-    make_inputs,
-    make_prefs,
-    nonempty_mask,
-    spec_stats,
-    thm1_loop,
-    verl_agg,
-    widen_ratio,
-)
+from pama_testutils import (AGGS, BAD_NONNEG, COMBOS, GC, IMPLS, LOWP_DTYPES, NS, SHAPES, bad_input_batch,
+                            check_dtypes, compare_all, expect_error, make_inputs, make_prefs, names_arg,
+                            nonempty_mask, spec_stats, thm1_loop, verl_agg, widen_ratio)
 
 F64 = torch.float64
 
@@ -630,3 +615,107 @@ def test_policy_module_bad_option_is_an_error():
     x = make_inputs(2, 3, 7, seed=204)
     with pytest.raises((RuntimeError, ValueError), match="method"):
         pama_ext.PamaPolicyLoss(method="nope")(x.logp, x.old_logp, x.advantages, x.mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# string options and prefs
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.usefixtures("path")  # native and fallback (conftest.py)
+@pytest.mark.parametrize("opt,value", [("method", "pareto"), ("method", "PAMA"), ("method", ""),
+                                       ("granularity", "row"), ("granularity", "tokens"),
+                                       ("agg", "mean"), ("agg", "seq-mean-token-max")])
+def test_unknown_options_policy(device, opt, value):
+    x = bad_input_batch(device)
+    expect_error(opt, ops.pama_policy_loss, x.logp, x.old_logp, x.advantages, x.mask, **{opt: value})
+
+
+@pytest.mark.usefixtures("path")  # native and fallback (conftest.py)
+@pytest.mark.parametrize("shape", [(2,), (4,), (1, 3), (3, 1)])
+def test_prefs_wrong_shape(device, shape):
+    x = bad_input_batch(device)
+    prefs = torch.full(shape, 1 / 3, dtype=F64, device=device)
+    expect_error("prefs", ops.pama_policy_loss, x.logp, x.old_logp, x.advantages, x.mask, method="linear",
+                 prefs=prefs)
+
+
+@pytest.mark.usefixtures("path")  # native and fallback (conftest.py)
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_prefs_is_an_error(device, value):
+    """prefs has no mask: every entry is checked, in the same single check as the [B, T] inputs."""
+    x = bad_input_batch(device)
+    prefs = torch.full((x.advantages.shape[0],), 0.5, dtype=x.logp.dtype, device=device)
+    prefs[-1] = value
+    expect_error("prefs", ops.pama_policy_loss, x.logp, x.old_logp, x.advantages, x.mask, method="linear",
+                 prefs=prefs)
+
+
+@pytest.mark.usefixtures("path")  # native and fallback (conftest.py)
+def test_prefs_non_contiguous(device):
+    x = bad_input_batch(device)
+    prefs = torch.tensor([[0.2, 0.0], [0.5, 0.0], [0.3, 0.0]], dtype=F64, device=device)[:, 0]
+    assert not prefs.is_contiguous()
+    a = run_policy_loss(ops, x, method="linear", prefs=prefs)
+    b = run_policy_loss(ops, x, method="linear", prefs=prefs.contiguous())
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.usefixtures("path")  # native and fallback (conftest.py)
+@pytest.mark.parametrize("value", BAD_NONNEG, ids=str)
+def test_eps_hi_out_of_range(device, value):
+    x = bad_input_batch(device)
+    expect_error("eps_hi", ops.objective_stats, x.advantages, x.logp, x.old_logp, x.mask, eps_hi=value)
+    expect_error("eps_hi", ops.pama_policy_loss, x.logp, x.old_logp, x.advantages, x.mask, eps_hi=value)
+
+
+@pytest.mark.usefixtures("path")  # native and fallback (conftest.py)
+@pytest.mark.parametrize("value", BAD_NONNEG, ids=str)
+def test_beta_loss_out_of_range(device, value):
+    x = bad_input_batch(device)
+    expect_error("beta_loss", ops.pama_policy_loss, x.logp, x.old_logp, x.advantages, x.mask, x.ref_logp,
+                 beta_loss=value)
+
+
+@pytest.mark.usefixtures("path")  # native and fallback (conftest.py)
+def test_beta_loss_without_ref_logp_is_an_error(device):
+    """beta_loss > 0 with ref_logp=None used to drop the KL term silently."""
+    x = bad_input_batch(device)
+    msg = expect_error("ref_logp", ops.pama_policy_loss, x.logp, x.old_logp, x.advantages, x.mask, None,
+                       beta_loss=0.1)
+    assert names_arg(msg, "beta_loss"), msg
+    loss, _ = ops.pama_policy_loss(x.logp, x.old_logp, x.advantages, x.mask, None, beta_loss=0.0)  # no KL: fine
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.usefixtures("path")  # native and fallback (conftest.py)
+@pytest.mark.parametrize("prefs", [[0.5, -0.1, 0.6], [0.0, 0.0, 0.0]], ids=["negative", "zero"])
+def test_prefs_negative_or_all_zero_is_an_error(device, prefs):
+    """prefs are weights used as given (not normalised): they must be >= 0 and not all 0, which
+    check_finite checks in its single host read. Without the check they are used as given."""
+    x = bad_input_batch(device)
+    p = torch.tensor(prefs, dtype=F64, device=device)
+    msg = expect_error("prefs", ops.pama_policy_loss, x.logp, x.old_logp, x.advantages, x.mask, method="linear",
+                       prefs=p)
+    assert ">= 0" in msg, msg
+    loss, m = ops.pama_policy_loss(x.logp, x.old_logp, x.advantages, x.mask, method="linear", prefs=p,
+                                   check_finite=False)
+    torch.testing.assert_close(m["weights"], p, rtol=0, atol=0)
+    assert torch.isfinite(loss)
+
+
+# ----------------------------------------------------------------------------------------------
+# whitening variance that overflows float32
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.usefixtures("path")  # native and fallback (conftest.py)
+def test_variance_overflow_is_an_error(device):
+    """|advantages| ~ 1e20 in float32: the variance (~1e40) does not fit in float32, whitening would
+    divide every advantage to 0 (loss 0, gradient 0): an error naming advantages by default."""
+    x = bad_input_batch(device, dtype=torch.float32)
+    big = x.advantages * 1e20
+    assert torch.isfinite(big).all()
+    msg = expect_error("advantages", ops.pama_policy_loss, x.logp, x.old_logp, big, x.mask)
+    assert "overflow" in msg, msg
+    loss, _ = ops.pama_policy_loss(x.logp, x.old_logp, big, x.mask, whiten=False)  # nothing to whiten
+    assert torch.isfinite(loss)
+    var = ops.objective_moments(big, x.mask)[2 + 3:]  # the overflowed variances are +inf, not garbage
+    assert torch.isinf(var).all()

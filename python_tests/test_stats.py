@@ -12,21 +12,9 @@ import torch
 
 from pama_ext import ops, reference as ref
 from op_runners import run_objective_stats
-from pama_testutils import (
-    COMBOS,
-    LOWP_DTYPES,
-    NS,
-    SHAPES,
-    assert_on_simplex,
-    check_dtypes,
-    compare,
-    compare_all,
-    make_inputs,
-    make_prefs,
-    simplex_grid,
-    spec_stats,
-    thm1_loop,
-)
+from pama_testutils import (COMBOS, ERRORS, LOWP_DTYPES, NS, SHAPES, assert_on_simplex, bad_input_batch,
+                            check_dtypes, compare, compare_all, expect_error, make_inputs, make_prefs,
+                            names_arg, simplex_grid, spec_stats, thm1_loop)
 
 F64 = torch.float64
 
@@ -242,3 +230,20 @@ def test_stats_layout_size():
     for bad in (0, 1, 8, 10, 17):
         with pytest.raises(ValueError, match="stats"):
             ref.stats_num_objectives(bad)
+
+
+@pytest.mark.usefixtures("path")  # native and fallback (conftest.py)
+def test_pareto_weights_bad_stats(device):
+    x = bad_input_batch(device)
+    st = ops.objective_stats(x.advantages, x.logp, x.old_logp, x.mask)
+    expect_error("stats", ops.pareto_weights, st[:-1])
+    expect_error("stats", ops.pareto_weights, st.reshape(1, -1))
+    expect_error("stats", ops.pareto_weights, torch.zeros(0, dtype=F64, device=device))
+    n65 = torch.zeros((65 + 3) ** 2 - 7, dtype=F64, device=device)
+    with pytest.raises(ERRORS) as ei:
+        ops.pareto_weights(n65)
+    assert names_arg(str(ei.value), "n") or names_arg(str(ei.value), "stats"), str(ei.value)
+    expect_error("method", ops.pareto_weights, st, "pareto")
+    expect_error("granularity", ops.pareto_weights, st, "pama", "row")
+    expect_error("prefs", ops.pareto_weights, st, "linear", "batch", torch.ones(4, dtype=F64, device=device))
+    expect_error("prefs", ops.pareto_weights, st, "linear", "batch", torch.ones(1, 3, dtype=F64, device=device))

@@ -11,7 +11,8 @@ import torch
 
 from pama_ext import ops, reference as ref
 from op_runners import run_token_rewards
-from pama_testutils import GC, IMPLS, LOWP_DTYPES, NS, SHAPES, check_dtypes, compare_all, make_inputs
+from pama_testutils import (GC, IMPLS, LOWP_DTYPES, NS, SHAPES, bad_input_batch, check_dtypes, compare_all,
+                            make_inputs)
 
 F64 = torch.float64
 
@@ -92,3 +93,15 @@ def test_token_rewards_reference_matches_spec(mask_kind, beta):
         others = [t for t in range(19) if t != last]
         if others and beta == 0.0:
             assert (r[:, b, others] == 0).all()
+
+
+@pytest.mark.usefixtures("path")  # native and fallback (conftest.py)
+def test_non_finite_padding_token_rewards(device):
+    x = bad_input_batch(device)
+    dirty = x.to()
+    for name in ("old_logp", "ref_logp"):
+        getattr(dirty, name)[~x.mask] = float("nan")
+    a, b = run_token_rewards(ops, x, beta_kl=0.1), run_token_rewards(ops, dirty, beta_kl=0.1)
+    m = x.mask.bool()
+    torch.testing.assert_close(b["rewards"][:, m], a["rewards"][:, m], rtol=0, atol=0)
+    assert torch.isfinite(b["rewards"]).all()

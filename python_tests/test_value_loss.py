@@ -14,19 +14,8 @@ from torch import nn
 import pama_ext
 from pama_ext import ops, reference as ref
 from op_runners import run_value_loss
-from pama_testutils import (
-    AGGS,
-    GC,
-    IMPLS,
-    LOWP_DTYPES,
-    NS,
-    SHAPES,
-    check_dtypes,
-    compare_all,
-    make_inputs,
-    nonempty_mask,
-    verl_agg,
-)
+from pama_testutils import (AGGS, GC, IMPLS, LOWP_DTYPES, NS, SHAPES, bad_input_batch, check_dtypes,
+                            compare_all, expect_error, make_inputs, nonempty_mask, verl_agg)
 
 F64 = torch.float64
 
@@ -183,3 +172,10 @@ def test_value_module_defaults():
     l1, _ = pama_ext.MultiValueLoss()(x.values, x.old_values, x.returns, x.mask)
     l2, _ = ops.multi_value_loss(x.values, x.old_values, x.returns, x.mask)
     assert torch.equal(l1, l2)
+
+
+@pytest.mark.usefixtures("path")  # native and fallback (conftest.py)
+@pytest.mark.parametrize("value", ["mean", "sum", "token-sum"])
+def test_unknown_agg_value_loss(device, value):
+    x = bad_input_batch(device)
+    expect_error("agg", ops.multi_value_loss, x.values, x.old_values, x.returns, x.mask, agg=value)
