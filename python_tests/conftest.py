@@ -6,8 +6,9 @@
 - The compiled library is required by default: without it, importing pama_ext fails and so does
   the suite (a plain ``pytest`` must never compare the reference with itself and pass). Set
   ``PAMA_EXT_REQUIRE_NATIVE=0`` to run the suite on the reference fallback on purpose; the tests
-  that need the library then skip. The fallback path itself is tested explicitly
-  (test_bad_input.py switches it on per test).
+  that need the library then skip. The fallback path itself is tested explicitly: the ``path``
+  fixture runs a test on the compiled ops and on the fallback (test_bad_input.py and the bad-input
+  cases of the per-op files use it).
 - ``inputs`` fixture: the seeded input factory of pama_testutils.
 """
 from __future__ import annotations
@@ -42,6 +43,20 @@ def device(request) -> str:
 def native():
     require_native()
     return True
+
+
+@pytest.fixture(params=["native", "fallback"])
+def path(request, monkeypatch):
+    """The compiled ops (skipped without them, failed under PAMA_EXT_REQUIRE_NATIVE=1), or the
+    reference fallback with its Python argument checks (pama_ext.checks). Used by the bad-input
+    tests (test_bad_input.py and the per-op files) so that both paths keep one contract."""
+    from pama_ext import _native
+
+    if request.param == "native":
+        require_native()
+    else:
+        monkeypatch.setattr(_native, "NATIVE_AVAILABLE", False)
+    return request.param
 
 
 @pytest.fixture

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, fields
 from typing import Dict, Optional
 
 import pytest
 import torch
+
+from pama_ext import ops, reference as ref_impl
 
 REQUIRE_CUDA = os.environ.get("PAMA_EXT_REQUIRE_CUDA", "") == "1"
 REQUIRE_NATIVE = os.environ.get("PAMA_EXT_REQUIRE_NATIVE", "") == "1"
@@ -252,3 +255,177 @@ def compare(name, out, ref64, ref_lowp=None, dtype=torch.float64):
 
 
 METRIC_KEYS = ("pg_loss", "kl_loss", "clipfrac", "approx_kl", "active", "abar", "pos", "weights")
+
+
+# ----------------------------------------------------------------------------------------------
+# shared by the per-op test files (test_token_rewards.py, test_gae.py, test_stats.py,
+# test_policy_loss.py, test_value_loss.py) and the cross-op checks
+# ----------------------------------------------------------------------------------------------
+F64 = torch.float64
+# gradcheck (float64, CPU)
+GC = dict(eps=1e-6, atol=1e-7, rtol=1e-5)
+IMPLS = {"ops": ops, "reference": ref_impl}
+AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+
+
+def compare_all(got: dict, want64: dict, want_lowp: dict = None, dtype=F64, skip=()):
+    assert set(want64) <= set(got), f"missing outputs: {set(want64) - set(got)}"
+    for k, w in want64.items():
+        if k in skip:
+            continue
+        g = got[k]
+        assert g is not None, f"{k}: no gradient from the kernel"
+        compare(k, g, w, None if want_lowp is None else want_lowp[k], dtype)
+
+
+def check_dtypes(got: dict, dtype, device, acc_keys=(), io_keys=()):
+    for k in acc_keys:
+        assert got[k].dtype == acc_dtype(dtype), f"{k}: dtype {got[k].dtype}, want {acc_dtype(dtype)}"
+        assert got[k].device.type == torch.device(device).type, f"{k} on {got[k].device}"
+    for k in io_keys:
+        assert got[k].dtype == dtype, f"{k}: dtype {got[k].dtype}, want {dtype}"
+        assert got[k].device.type == torch.device(device).type, f"{k} on {got[k].device}"
+
+
+def make_prefs(n, dtype=F64):
+    return torch.linspace(1.0, 2.0, n, dtype=dtype) / n  # not uniform, not summing to 1
+
+
+def widen_ratio(x, scale=0.3, seed=1):
+    """logp further from old_logp, so both PPO clips (and the dual clip) are exercised."""
+    g = torch.Generator().manual_seed(seed)
+    x.logp = (x.old_logp.double() + scale * torch.randn(x.logp.shape, generator=g, dtype=F64)).to(x.logp.dtype)
+    return x
+
+
+# ----------------------------------------------------------------------------------------------
+# vanilla PPO, written from verl's compute_policy_loss / agg_loss
+# ----------------------------------------------------------------------------------------------
+def verl_agg(loss_mat, mask, agg):
+    m = mask.to(loss_mat.dtype)
+    if agg == "token-mean":
+        return (loss_mat * m).sum() / m.sum()
+    keep = m.sum(-1) > 0  # CHOICE of algorithms §4: empty rows are not sequences
+    if agg == "seq-mean-token-mean":
+        per_seq = (loss_mat * m).sum(-1)[keep] / m.sum(-1)[keep]
+    else:
+        per_seq = (loss_mat * m).sum(-1)[keep]
+    return per_seq.mean()
+
+
+def nonempty_mask(B, T, seed):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, T + 1, (B,), generator=g)
+    return torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# simplex grids
+# ----------------------------------------------------------------------------------------------
+def simplex_grid(n: int, steps: int) -> torch.Tensor:
+    """All points of the simplex with coordinates in {0, 1/steps, ..., 1} ([P, n], float64)."""
+    if n == 1:
+        return torch.ones(1, 1, dtype=F64)
+    if n == 2:
+        a = torch.linspace(0, 1, steps + 1, dtype=F64)
+        return torch.stack([a, 1 - a], 1)
+    if n == 3:
+        i, j = torch.meshgrid(torch.arange(steps + 1), torch.arange(steps + 1), indexing="ij")
+        keep = (i + j) <= steps
+        i, j = i[keep].to(F64), j[keep].to(F64)
+        return torch.stack([i, j, steps - i - j], 1) / steps
+    raise NotImplementedError
+
+
+def assert_on_simplex(c: torch.Tensor, tol: float = 1e-12):
+    assert (c >= -tol).all(), c
+    assert abs(c.sum().item() - 1.0) <= tol * max(1, c.numel()), c
+
+
+# ----------------------------------------------------------------------------------------------
+# statistics, aggregation and the policy loss against loops written from algorithms §3/§4
+# ----------------------------------------------------------------------------------------------
+def spec_stats(adv, logp, old_logp, mask, eps_hi, whiten, noon):
+    """Per-token loops of algorithms §3 (n, B, T small). Returns dict of float lists/tensors."""
+    n, B, T = adv.shape
+    toks = [(b, t) for b in range(B) for t in range(T) if mask[b, t]]
+    cnt = len(toks)
+    mean, var = [], []
+    for i in range(n):
+        xs = [adv[i, b, t].item() for b, t in toks]
+        mu = sum(xs) / cnt if cnt else 0.0
+        v = sum((x - mu) ** 2 for x in xs) / (cnt - 1) if cnt > 1 else 0.0
+        mean.append(mu)
+        var.append(v)
+
+    def N(i, b, t):
+        a = adv[i, b, t].item()
+        if whiten:
+            a = (a - mean[i]) / math.sqrt(var[i] + 1e-8)
+        return max(a, 0.0) if noon else a
+
+    def ind(b, t):
+        u = math.exp(min(max(logp[b, t].item() - old_logp[b, t].item(), -20), 20))
+        return 1.0 if u <= 1 + eps_hi else 0.0
+
+    Nv = torch.zeros(n, B, T, dtype=F64)
+    I = torch.zeros(n, B, T, dtype=F64)
+    for b in range(B):
+        for t in range(T):
+            for i in range(n):
+                Nv[i, b, t] = N(i, b, t)
+                I[i, b, t] = Nv[i, b, t] * ind(b, t)
+    den = max(cnt, 1)
+    abar = [sum(I[i, b, t].item() for b, t in toks) / den for i in range(n)]
+    pos = [sum(1.0 for b, t in toks if Nv[i, b, t] > 0) / den for i in range(n)]
+    gram = [[sum(I[i, b, t].item() * I[j, b, t].item() for b, t in toks) / den for j in range(n)] for i in range(n)]
+    return dict(count=cnt, mean=mean, var=var, N=Nv, I=I, abar=abar, pos=pos, gram=gram, toks=toks)
+
+
+def thm1_loop(v):
+    """Theorem 1 written from algorithms §4 with ties shared uniformly: (c list, s)."""
+    n = len(v)
+    mn, mx = min(v), max(v)
+    jmin = [i for i in range(n) if v[i] == mn]
+    jmax = [i for i in range(n) if v[i] == mx]
+    c = [0.0] * n
+    if mn > 0:
+        w_min, s = 1.0, mn
+    elif mx < 0:
+        w_min, s = 0.0, mx
+    else:
+        w_min, s = (mx / (mx - mn) if mx > mn else 0.0), 0.0
+    for i in jmin:
+        c[i] += w_min / len(jmin)
+    for i in jmax:
+        c[i] += (1 - w_min) / len(jmax)
+    return c, s
+
+
+ERRORS = (RuntimeError, ValueError)
+
+
+# ----------------------------------------------------------------------------------------------
+# scalar options and the KL loss
+# ----------------------------------------------------------------------------------------------
+BAD_UNIT = [-0.1, 1.5, float("nan"), float("inf")]
+
+
+BAD_NONNEG = [-0.1, float("nan"), float("inf")]
+
+
+def names_arg(msg: str, arg: str) -> bool:
+    """``arg`` appears as a word of its own ("logp" does not match inside "old_logp")."""
+    return re.search(rf"(?<![A-Za-z0-9_]){re.escape(arg)}(?![A-Za-z0-9_])", msg) is not None
+
+
+def expect_error(arg: str, fn, *args, **kwargs):
+    with pytest.raises(ERRORS) as ei:
+        fn(*args, **kwargs)
+    msg = str(ei.value)
+    assert names_arg(msg, arg), f"error message does not name {arg!r}: {msg!r}"
+    return msg
+
+
+def bad_input_batch(device, n=3, B=4, T=11, dtype=F64, mask="holes", seed=0):
+    return make_inputs(n, B, T, seed=seed, mask=mask).to(dtype, device)

@@ -4,11 +4,12 @@ positions; non-contiguous inputs give the same results as contiguous ones.
 
 Every test runs twice: on the compiled ops ("native") and on the reference fallback that
 pama_ext uses when the compiled library cannot be loaded ("fallback", forced by clearing
-pama_ext._native.NATIVE_AVAILABLE): both paths keep one contract (algorithms §9).
+pama_ext._native.NATIVE_AVAILABLE, the ``path`` fixture of conftest.py): both paths keep one
+contract (algorithms §9). The cases here are parametrised over every op (or compare the two paths
+call by call); the bad-input cases of a single op live in its file (test_gae.py, test_stats.py,
+test_policy_loss.py, test_value_loss.py, test_token_rewards.py).
 """
 from __future__ import annotations
-
-import re
 
 import pytest
 import torch
@@ -16,38 +17,12 @@ import torch
 import pama_ext
 from pama_ext import _native, ops, pareto
 from op_runners import run_multi_gae, run_objective_stats, run_policy_loss, run_token_rewards, run_value_loss
-from pama_testutils import make_inputs, require_native, resolve_device
+from pama_testutils import (BAD_NONNEG, BAD_UNIT, ERRORS, bad_input_batch, expect_error, names_arg,
+                            resolve_device)
 
 F64 = torch.float64
-ERRORS = (RuntimeError, ValueError)
-
-
-@pytest.fixture(params=["native", "fallback"], autouse=True)
-def path(request, monkeypatch):
-    """The compiled ops (skipped without them, failed under PAMA_EXT_REQUIRE_NATIVE=1), or the
-    reference fallback with its Python argument checks (pama_ext.checks)."""
-    if request.param == "native":
-        require_native()
-    else:
-        monkeypatch.setattr(_native, "NATIVE_AVAILABLE", False)
-    return request.param
-
-
-def names_arg(msg: str, arg: str) -> bool:
-    """``arg`` appears as a word of its own ("logp" does not match inside "old_logp")."""
-    return re.search(rf"(?<![A-Za-z0-9_]){re.escape(arg)}(?![A-Za-z0-9_])", msg) is not None
-
-
-def expect_error(arg: str, fn, *args, **kwargs):
-    with pytest.raises(ERRORS) as ei:
-        fn(*args, **kwargs)
-    msg = str(ei.value)
-    assert names_arg(msg, arg), f"error message does not name {arg!r}: {msg!r}"
-    return msg
-
-
-def X(device, n=3, B=4, T=11, dtype=F64, mask="holes", seed=0):
-    return make_inputs(n, B, T, seed=seed, mask=mask).to(dtype, device)
+# every test here runs twice, on the compiled ops and on the fallback (the path fixture, conftest.py)
+pytestmark = pytest.mark.usefixtures("path")
 
 
 # every op, called with keyword-free positional tensors so a single argument can be swapped
@@ -78,6 +53,8 @@ OPS = {
     "pama_policy_loss": (call_policy, ("logp", "old_logp", "advantages", "mask", "ref_logp")),
     "multi_value_loss": (call_value, ("values", "old_values", "returns", "mask")),
 }
+
+
 PER_OBJECTIVE = {"scores", "rewards", "values", "advantages", "old_values", "returns"}
 
 
@@ -99,7 +76,7 @@ CASES = [(op, arg) for op, (_, names) in OPS.items() for arg in names]
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("op,arg", CASES)
 def test_wrong_rank(device, op, arg):
-    x = X(device)
+    x = bad_input_batch(device)
     fn, a = args_of(x, op)
     a[arg] = a[arg].unsqueeze(0)  # one dimension too many
     expect_error(arg, _call, fn, a)
@@ -110,7 +87,7 @@ def test_wrong_rank(device, op, arg):
 
 @pytest.mark.parametrize("op,arg", CASES)
 def test_wrong_shape(device, op, arg):
-    x = X(device)
+    x = bad_input_batch(device)
     fn, a = args_of(x, op)
     t = a[arg]
     a[arg] = torch.cat([t, t[..., :1]], -1)  # T + 1
@@ -122,21 +99,16 @@ def test_wrong_shape(device, op, arg):
 
 @pytest.mark.parametrize("op,arg", [(op, arg) for op, arg in CASES if arg in ("old_values", "returns")])
 def test_wrong_num_objectives(device, op, arg):
-    x = X(device)
+    x = bad_input_batch(device)
     fn, a = args_of(x, op)
     a[arg] = a[arg][:2]
     expect_error(arg, _call, fn, a)
 
 
-def test_wrong_num_objectives_gae(device):
-    x = X(device)
-    expect_error("values", ops.multi_gae, x.rewards, x.values[:2], x.mask)
-
-
 @pytest.mark.parametrize("bad_dtype", [torch.int64, torch.int32], ids=str)
 @pytest.mark.parametrize("op,arg", [(op, arg) for op, arg in CASES if arg != "mask"])
 def test_integer_float_argument(device, op, arg, bad_dtype):
-    x = X(device)
+    x = bad_input_batch(device)
     fn, a = args_of(x, op)
     a[arg] = (a[arg] * 10).to(bad_dtype)
     expect_error(arg, _call, fn, a)
@@ -144,7 +116,7 @@ def test_integer_float_argument(device, op, arg, bad_dtype):
 
 @pytest.mark.parametrize("op,arg", [(op, arg) for op, arg in CASES if arg != "mask"])
 def test_dtype_mismatch(device, op, arg):
-    x = X(device)
+    x = bad_input_batch(device)
     fn, a = args_of(x, op)
     a[arg] = a[arg].float()  # float32 among float64 arguments
     expect_error(arg, _call, fn, a)
@@ -152,7 +124,7 @@ def test_dtype_mismatch(device, op, arg):
 
 @pytest.mark.parametrize("op,arg", [(op, arg) for op, arg in CASES if arg != "mask"])
 def test_complex_argument(device, op, arg):
-    x = X(device)
+    x = bad_input_batch(device)
     fn, a = args_of(x, op)
     a[arg] = a[arg].to(torch.complex128)
     expect_error(arg, _call, fn, a)
@@ -162,7 +134,7 @@ def test_complex_argument(device, op, arg):
 @pytest.mark.parametrize("op", ["token_rewards", "multi_gae", "objective_stats", "pama_policy_loss",
                                 "multi_value_loss"])
 def test_bad_number_of_objectives(device, op, n):
-    x = X(device, n=max(n, 1) if n <= 64 else n, B=2, T=3)
+    x = bad_input_batch(device, n=max(n, 1) if n <= 64 else n, B=2, T=3)
     if n == 0:
         for k in PER_OBJECTIVE:
             setattr(x, k, getattr(x, k)[:0])
@@ -174,50 +146,9 @@ def test_bad_number_of_objectives(device, op, n):
 
 
 def test_max_objectives_is_accepted(device):
-    x = X(device, n=64, B=2, T=5)
+    x = bad_input_batch(device, n=64, B=2, T=5)
     loss, m = ops.pama_policy_loss(x.logp, x.old_logp, x.advantages, x.mask, method="mgda")
     assert torch.isfinite(loss) and m["weights"].shape == (64,)
-
-
-def test_pareto_weights_bad_stats(device):
-    x = X(device)
-    st = ops.objective_stats(x.advantages, x.logp, x.old_logp, x.mask)
-    expect_error("stats", ops.pareto_weights, st[:-1])
-    expect_error("stats", ops.pareto_weights, st.reshape(1, -1))
-    expect_error("stats", ops.pareto_weights, torch.zeros(0, dtype=F64, device=device))
-    n65 = torch.zeros((65 + 3) ** 2 - 7, dtype=F64, device=device)
-    with pytest.raises(ERRORS) as ei:
-        ops.pareto_weights(n65)
-    assert names_arg(str(ei.value), "n") or names_arg(str(ei.value), "stats"), str(ei.value)
-    expect_error("method", ops.pareto_weights, st, "pareto")
-    expect_error("granularity", ops.pareto_weights, st, "pama", "row")
-    expect_error("prefs", ops.pareto_weights, st, "linear", "batch", torch.ones(4, dtype=F64, device=device))
-    expect_error("prefs", ops.pareto_weights, st, "linear", "batch", torch.ones(1, 3, dtype=F64, device=device))
-
-
-# ----------------------------------------------------------------------------------------------
-# string options and prefs
-# ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("opt,value", [("method", "pareto"), ("method", "PAMA"), ("method", ""),
-                                       ("granularity", "row"), ("granularity", "tokens"),
-                                       ("agg", "mean"), ("agg", "seq-mean-token-max")])
-def test_unknown_options_policy(device, opt, value):
-    x = X(device)
-    expect_error(opt, ops.pama_policy_loss, x.logp, x.old_logp, x.advantages, x.mask, **{opt: value})
-
-
-@pytest.mark.parametrize("value", ["mean", "sum", "token-sum"])
-def test_unknown_agg_value_loss(device, value):
-    x = X(device)
-    expect_error("agg", ops.multi_value_loss, x.values, x.old_values, x.returns, x.mask, agg=value)
-
-
-@pytest.mark.parametrize("shape", [(2,), (4,), (1, 3), (3, 1)])
-def test_prefs_wrong_shape(device, shape):
-    x = X(device)
-    prefs = torch.full(shape, 1 / 3, dtype=F64, device=device)
-    expect_error("prefs", ops.pama_policy_loss, x.logp, x.old_logp, x.advantages, x.mask, method="linear",
-                 prefs=prefs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,7 +157,7 @@ def test_prefs_wrong_shape(device, shape):
 @pytest.mark.parametrize("op,arg", CASES)
 def test_mixed_devices(op, arg):
     resolve_device("cuda")
-    x = X("cuda")
+    x = bad_input_batch("cuda")
     fn, a = args_of(x, op)
     a[arg] = a[arg].cpu()
     expect_error(arg, _call, fn, a)
@@ -268,23 +199,13 @@ def _finite_call(op, x, arg, value, inside, check_finite=True):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("op,arg", FINITE_CASES)
 def test_non_finite_masked_in_is_an_error(device, op, arg, dtype, value):
-    x = X(device, dtype=dtype)
+    x = bad_input_batch(device, dtype=dtype)
     expect_error(arg, _finite_call, op, x, arg, value, True)
-
-
-@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
-def test_non_finite_prefs_is_an_error(device, value):
-    """prefs has no mask: every entry is checked, in the same single check as the [B, T] inputs."""
-    x = X(device)
-    prefs = torch.full((x.advantages.shape[0],), 0.5, dtype=x.logp.dtype, device=device)
-    prefs[-1] = value
-    expect_error("prefs", ops.pama_policy_loss, x.logp, x.old_logp, x.advantages, x.mask, method="linear",
-                 prefs=prefs)
 
 
 def test_first_non_finite_argument_is_named(device):
     """With several bad inputs the error names the first in argument order (logp before advantages)."""
-    x = X(device)
+    x = bad_input_batch(device)
     logp = _poison(x.logp, x.mask, float("nan"), True)
     adv = _poison(x.advantages, x.mask, float("inf"), True)
     with pytest.raises(ValueError, match=r"pama_policy_loss: logp has NaN or Inf"):
@@ -293,7 +214,7 @@ def test_first_non_finite_argument_is_named(device):
 
 @pytest.mark.parametrize("op,arg", FINITE_CASES)
 def test_check_finite_false_skips_the_check(device, op, arg):
-    x = X(device)
+    x = bad_input_batch(device)
     loss, _ = _finite_call(op, x, arg, float("nan"), True, check_finite=False)  # no error
     assert loss.shape == ()
 
@@ -302,7 +223,7 @@ def test_check_finite_false_skips_the_check(device, op, arg):
 @pytest.mark.parametrize("op,arg", FINITE_CASES)
 def test_non_finite_masked_out_is_ignored(device, op, arg, value):
     """NaN/Inf padding changes nothing: same loss, metrics and gradient as finite padding."""
-    x = X(device)
+    x = bad_input_batch(device)
     clean = x.to()
     for name in ("logp", "old_logp", "ref_logp"):
         getattr(clean, name)[~x.mask] = 0.5
@@ -348,7 +269,7 @@ def _noncontig(t, kind):
 
 @pytest.mark.parametrize("kind", ["transposed", "strided", "objective_last", "expanded"])
 def test_non_contiguous_inputs(device, kind):
-    x = X(device, B=5, T=13, seed=3)
+    x = bad_input_batch(device, B=5, T=13, seed=3)
     if kind == "expanded":
         for k in ("advantages", "rewards", "values", "old_values", "returns", "scores"):
             setattr(x, k, getattr(x, k)[:1].expand_as(getattr(x, k)).contiguous())
@@ -368,7 +289,7 @@ def test_non_contiguous_inputs(device, kind):
 
 def test_expanded_mask(device):
     """A broadcast [1, T] -> [B, T] mask (stride 0) is a valid mask."""
-    x = X(device, B=4, T=9, mask="full")
+    x = bad_input_batch(device, B=4, T=9, mask="full")
     row = torch.arange(9, device=device) < 6
     x.mask = row.unsqueeze(0).expand(4, 9)
     y = x.to()
@@ -377,16 +298,6 @@ def test_expanded_mask(device):
         a, b = runner(ops, x), runner(ops, y)
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
-
-
-def test_prefs_non_contiguous(device):
-    x = X(device)
-    prefs = torch.tensor([[0.2, 0.0], [0.5, 0.0], [0.3, 0.0]], dtype=F64, device=device)[:, 0]
-    assert not prefs.is_contiguous()
-    a = run_policy_loss(ops, x, method="linear", prefs=prefs)
-    b = run_policy_loss(ops, x, method="linear", prefs=prefs.contiguous())
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -420,7 +331,7 @@ def _combine(a):
 
 
 def _tensors_of(op):
-    x = X("cpu")
+    x = bad_input_batch("cpu")
     base = {k: getattr(x, k) for k in ("scores", "logp", "old_logp", "ref_logp", "advantages", "rewards", "values",
                                         "old_values", "returns", "mask")}
     base["prefs"] = torch.tensor([0.2, 0.5, 0.3], dtype=F64)
@@ -487,99 +398,11 @@ def test_combine_gradients_failure_leaves_grad_untouched():
 
 
 # ----------------------------------------------------------------------------------------------
-# scalar options and the KL loss
-# ----------------------------------------------------------------------------------------------
-BAD_UNIT = [-0.1, 1.5, float("nan"), float("inf")]
-BAD_NONNEG = [-0.1, float("nan"), float("inf")]
-
-
-@pytest.mark.parametrize("value", BAD_UNIT, ids=str)
-@pytest.mark.parametrize("arg", ["gamma", "lam"])
-def test_gae_gamma_lam_out_of_range(device, arg, value):
-    x = X(device)
-    expect_error(arg, ops.multi_gae, x.rewards, x.values, x.mask, **{arg: value})
-
-
-def test_gae_gamma_lam_bounds_are_accepted(device):
-    x = X(device)
-    for gamma, lam in ((0.0, 1.0), (1.0, 0.0)):
-        adv, ret = ops.multi_gae(x.rewards, x.values, x.mask, gamma=gamma, lam=lam)
-        assert torch.isfinite(adv).all() and torch.isfinite(ret).all()
-
-
-@pytest.mark.parametrize("value", BAD_NONNEG, ids=str)
-def test_eps_hi_out_of_range(device, value):
-    x = X(device)
-    expect_error("eps_hi", ops.objective_stats, x.advantages, x.logp, x.old_logp, x.mask, eps_hi=value)
-    expect_error("eps_hi", ops.pama_policy_loss, x.logp, x.old_logp, x.advantages, x.mask, eps_hi=value)
-
-
-@pytest.mark.parametrize("value", BAD_NONNEG, ids=str)
-def test_beta_loss_out_of_range(device, value):
-    x = X(device)
-    expect_error("beta_loss", ops.pama_policy_loss, x.logp, x.old_logp, x.advantages, x.mask, x.ref_logp,
-                 beta_loss=value)
-
-
-def test_beta_loss_without_ref_logp_is_an_error(device):
-    """beta_loss > 0 with ref_logp=None used to drop the KL term silently."""
-    x = X(device)
-    msg = expect_error("ref_logp", ops.pama_policy_loss, x.logp, x.old_logp, x.advantages, x.mask, None,
-                       beta_loss=0.1)
-    assert names_arg(msg, "beta_loss"), msg
-    loss, _ = ops.pama_policy_loss(x.logp, x.old_logp, x.advantages, x.mask, None, beta_loss=0.0)  # no KL: fine
-    assert torch.isfinite(loss)
-
-
-@pytest.mark.parametrize("prefs", [[0.5, -0.1, 0.6], [0.0, 0.0, 0.0]], ids=["negative", "zero"])
-def test_prefs_negative_or_all_zero_is_an_error(device, prefs):
-    """prefs are weights used as given (not normalised): they must be >= 0 and not all 0, which
-    check_finite checks in its single host read. Without the check they are used as given."""
-    x = X(device)
-    p = torch.tensor(prefs, dtype=F64, device=device)
-    msg = expect_error("prefs", ops.pama_policy_loss, x.logp, x.old_logp, x.advantages, x.mask, method="linear",
-                       prefs=p)
-    assert ">= 0" in msg, msg
-    loss, m = ops.pama_policy_loss(x.logp, x.old_logp, x.advantages, x.mask, method="linear", prefs=p,
-                                   check_finite=False)
-    torch.testing.assert_close(m["weights"], p, rtol=0, atol=0)
-    assert torch.isfinite(loss)
-
-
-# ----------------------------------------------------------------------------------------------
-# whitening variance that overflows float32
-# ----------------------------------------------------------------------------------------------
-def test_variance_overflow_is_an_error(device):
-    """|advantages| ~ 1e20 in float32: the variance (~1e40) does not fit in float32, whitening would
-    divide every advantage to 0 (loss 0, gradient 0): an error naming advantages by default."""
-    x = X(device, dtype=torch.float32)
-    big = x.advantages * 1e20
-    assert torch.isfinite(big).all()
-    msg = expect_error("advantages", ops.pama_policy_loss, x.logp, x.old_logp, big, x.mask)
-    assert "overflow" in msg, msg
-    loss, _ = ops.pama_policy_loss(x.logp, x.old_logp, big, x.mask, whiten=False)  # nothing to whiten
-    assert torch.isfinite(loss)
-    var = ops.objective_moments(big, x.mask)[2 + 3:]  # the overflowed variances are +inf, not garbage
-    assert torch.isinf(var).all()
-
-
-def test_non_finite_padding_token_rewards(device):
-    x = X(device)
-    dirty = x.to()
-    for name in ("old_logp", "ref_logp"):
-        getattr(dirty, name)[~x.mask] = float("nan")
-    a, b = run_token_rewards(ops, x, beta_kl=0.1), run_token_rewards(ops, dirty, beta_kl=0.1)
-    m = x.mask.bool()
-    torch.testing.assert_close(b["rewards"][:, m], a["rewards"][:, m], rtol=0, atol=0)
-    assert torch.isfinite(b["rewards"]).all()
-
-
-# ----------------------------------------------------------------------------------------------
 # the two paths raise the same errors, word for word
 # ----------------------------------------------------------------------------------------------
 def _bad_calls():
     """(label, thunk) pairs: every argument of every op broken in each way, and the value checks."""
-    x = X("cpu")
+    x = bad_input_batch("cpu")
     breakers = {"rank": lambda t: t.unsqueeze(0), "flat": lambda t: t.reshape(-1),
                 "T+1": lambda t: torch.cat([t, t[..., :1]], -1), "dtype": lambda t: t.float(),
                 "int": lambda t: (t * 10).long(), "complex": lambda t: t.to(torch.complex128)}

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from pama_ext import ops, pareto, reference
-from pama_testutils import NS, require_native
+from pama_ext import reference as ref
+from pama_testutils import NS, assert_on_simplex, require_native, simplex_grid
 
 F64 = torch.float64
 KINDS = ["random", "singular", "rank1", "collinear", "conflict", "zero_row"]
@@ -697,3 +698,81 @@ def test_reference_fallback_agrees(device):
     w = simplex_w(4, 9).to(device)
     torch.testing.assert_close(reference.cagrad_weights(G, w), pareto.cagrad_weights(G, w), rtol=1e-9, atol=1e-12)
     assert reference.cagrad_weights(G, w).device == G.device
+
+
+# ----------------------------------------------------------------------------------------------
+# MGDA min-norm weights
+# ----------------------------------------------------------------------------------------------
+def _gram_cases(n: int):
+    g = torch.Generator().manual_seed(200 + n)
+
+    def rn(*s):
+        return torch.randn(*s, generator=g, dtype=F64)
+
+    out = []
+    for k in (1, 2, n, 5):  # rank-1, rank-deficient, full-rank PSD
+        for _ in range(4):
+            X = rn(n, k)
+            out.append((f"rank{min(k, n)}", X @ X.T))
+    for scale in (1e-3, 1e-6):  # near-collinear gradients
+        for _ in range(3):
+            X = rn(1, 6) + scale * rn(n, 6)
+            out.append((f"collinear{scale:g}", X @ X.T))
+    for _ in range(3):  # conflicting (opposite) directions
+        base = rn(1, 4)
+        sign = torch.tensor([1.0, -0.5, 2.0][:n], dtype=F64).unsqueeze(1)
+        X = sign * base + 0.1 * rn(n, 4)
+        out.append(("conflicting", X @ X.T))
+    out.append(("diagonal", torch.diag(torch.rand(n, generator=g, dtype=F64) + 0.1)))
+    out.append(("zero", torch.zeros(n, n, dtype=F64)))
+    X = rn(1, 3).expand(n, 3)
+    out.append(("identical", X @ X.T))
+    return out
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_mgda_weights_near_grid_minimum(n):
+    steps = 20000 if n == 2 else 300
+    grid = simplex_grid(n, steps)
+    for kind, G in _gram_cases(n):
+        c = ref.mgda_weights(G)
+        assert c.shape == (n,), kind
+        assert_on_simplex(c, 1e-10)
+        f = (c @ G @ c).item()
+        fgrid = torch.einsum("pi,ij,pj->p", grid, G, grid).min().item()
+        lam_max = torch.linalg.eigvalsh(G).max().clamp(min=0).item()
+        # exact (face enumeration): at least as good as every grid point, up to rounding
+        tol = 1e-12 * (1 + lam_max)
+        assert f <= fgrid + tol, (kind, G, c, f, fgrid)
+        # never worse than the uniform starting point (line search is monotone)
+        u = torch.full((n,), 1.0 / n, dtype=F64)
+        assert f <= (u @ G @ u).item() + 1e-12, (kind, f)
+
+
+def test_mgda_weights_n2_closed_form_spec():
+    # min_c c^T G c on the segment: c_1 = clip((G22 - G12) / (G11 + G22 - 2 G12), 0, 1)
+    g = torch.Generator().manual_seed(9)
+    for _ in range(100):
+        X = torch.randn(2, 3, generator=g, dtype=F64)
+        G = X @ X.T
+        c = ref.mgda_weights(G)
+        den = (G[0, 0] + G[1, 1] - 2 * G[0, 1]).item()
+        c1 = min(max((G[1, 1] - G[0, 1]).item() / den, 0.0), 1.0)
+        assert c[0].item() == pytest.approx(c1, abs=1e-12)
+        assert c[1].item() == pytest.approx(1 - c1, abs=1e-12)
+    # equal gradients: every c is optimal; the tie rule takes the first face, the vertex e_0
+    G = torch.ones(2, 2, dtype=F64)
+    assert ref.mgda_weights(G).tolist() == [1.0, 0.0]
+
+
+def test_mgda_weights_n1_and_larger_n():
+    assert ref.mgda_weights(torch.eye(1, dtype=F64) * 3).tolist() == [1.0]
+    # orthogonal gradients of norms d_i: min-norm weights are proportional to 1/d_i^2
+    d = torch.tensor([1.0, 2.0, 4.0, 0.5, 1.5], dtype=F64)
+    c = ref.mgda_weights(torch.diag(d**2))
+    want = (1 / d**2) / (1 / d**2).sum()
+    f, fstar = (c @ torch.diag(d**2) @ c).item(), (want @ torch.diag(d**2) @ want).item()
+    assert_on_simplex(c, 1e-10)
+    lam_max = (d**2).max().item()
+    # the optimum up to rounding (pairwise Frank-Wolfe converges linearly; it can land an ulp below fstar)
+    assert fstar - 1e-12 * lam_max <= f <= fstar + 1e-9 * lam_max
