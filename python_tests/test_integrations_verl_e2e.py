@@ -46,7 +46,7 @@ from verl.workers.utils.padding import left_right_2_no_padding, no_padding_2_pad
 
 from pama_ext import ops  # noqa: E402
 from pama_ext.integrations import verl_reward  # noqa: E402
-from pama_ext.trainer import tiny_world as tw  # noqa: E402
+from pama_ext import tiny_world as tw  # noqa: E402
 
 KEYS = ["length", "positive"]
 REWARD_FN = textwrap.dedent('''
