@@ -30,6 +30,7 @@ __all__ = [
     "flat_grads_named",
     "finite",
     "token_rewards_args",
+    "per_objective_values",
     "multi_gae_args",
     "moments_args",
     "stats_args",
@@ -200,13 +201,20 @@ def token_rewards_args(scores, old_logp, ref_logp, mask, beta_kl) -> None:
     mask_arg(op, mask, B, T, old_logp, "old_logp")
 
 
-def multi_gae_args(rewards, values, mask, gamma, lam) -> None:
-    op = "multi_gae"
+def per_objective_values(op: str, values, **same_shape) -> None:
+    """``values`` a floating [n, B, T] tensor, and each of ``same_shape`` (name -> tensor) like it
+    (the order of the compiled checks: values first, then the others in argument order)."""
     floating(op, "values", values)
     rank(op, "values", values, 3, "[n, B, T]")
     num_objectives(op, "values", values.shape[0])
-    like(op, "rewards", rewards, "values", values)
-    shape(op, "rewards", rewards, values.shape, "[n, B, T] (the shape of values)")
+    for name, t in same_shape.items():
+        like(op, name, t, "values", values)
+        shape(op, name, t, values.shape, "[n, B, T] (the shape of values)")
+
+
+def multi_gae_args(rewards, values, mask, gamma, lam) -> None:
+    op = "multi_gae"
+    per_objective_values(op, values, rewards=rewards)
     unit_interval(op, "gamma", float(gamma))
     unit_interval(op, "lam", float(lam))
     mask_arg(op, mask, values.shape[1], values.shape[2], values, "values")
@@ -299,13 +307,7 @@ def policy_loss_args(logp, old_logp, advantages, mask, ref_logp, prefs, eps_lo, 
 
 def value_loss_args(values, old_values, returns, mask, clip, agg) -> None:
     op = "multi_value_loss"
-    floating(op, "values", values)
-    rank(op, "values", values, 3, "[n, B, T]")
-    num_objectives(op, "values", values.shape[0])
-    like(op, "old_values", old_values, "values", values)
-    shape(op, "old_values", old_values, values.shape, "[n, B, T] (the shape of values)")
-    like(op, "returns", returns, "values", values)
-    shape(op, "returns", returns, values.shape, "[n, B, T] (the shape of values)")
+    per_objective_values(op, values, old_values=old_values, returns=returns)
     mask_arg(op, mask, values.shape[1], values.shape[2], values, "values")
     choice(op, "agg", agg, vocab.AGG_MODES)
     if not clip >= 0:
