@@ -1,13 +1,22 @@
 """nn.Module front ends of the fused losses."""
 from __future__ import annotations
 
+import inspect
 from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from . import ops
-from .vocab import CAGRAD_C
+
+
+def policy_loss_options() -> Dict[str, Any]:
+    """The options of :func:`pama_ext.ops.pama_policy_loss` with their defaults, read from its signature
+    (its keyword-only parameters but ``prefs`` and ``group``): the one list the module front end and
+    the adapters take."""
+    sig = inspect.signature(ops.pama_policy_loss)
+    return {k: p.default for k, p in sig.parameters.items()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and k not in ("prefs", "group")}
 
 
 class PamaPolicyLoss(nn.Module):
@@ -23,29 +32,15 @@ class PamaPolicyLoss(nn.Module):
         loss.backward()
     """
 
-    def __init__(
-        self,
-        *,
-        eps_lo: float = 0.2,
-        eps_hi: float = 0.2,
-        dual_clip: Optional[float] = 3.0,
-        noon: bool = True,
-        whiten: bool = True,
-        method: str = "pama",
-        granularity: str = "token",
-        prefs: Optional[Tensor] = None,
-        agg: str = "token-mean",
-        beta_loss: float = 0.0,
-        check_finite: bool = True,
-        group: Optional[Any] = None,
-        cagrad_c: float = CAGRAD_C,
-    ) -> None:
+    def __init__(self, *, prefs: Optional[Tensor] = None, group: Optional[Any] = None, **options: Any) -> None:
         super().__init__()
+        known = policy_loss_options()
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise TypeError(f"PamaPolicyLoss: unknown option(s) {unknown}; the options of pama_policy_loss are "
+                            f"{sorted(known)} (and prefs, group)")
         self.group = group  # torch.distributed process group of a sharded batch (docs/distributed.md)
-        self.options = dict(
-            eps_lo=eps_lo, eps_hi=eps_hi, dual_clip=dual_clip, noon=noon, whiten=whiten, method=method,
-            granularity=granularity, agg=agg, beta_loss=beta_loss, check_finite=check_finite, cagrad_c=cagrad_c,
-        )
+        self.options = {**known, **options}
         self.register_buffer("prefs", None if prefs is None else torch.as_tensor(prefs), persistent=False)
 
     def extra_repr(self) -> str:

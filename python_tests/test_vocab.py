@@ -88,3 +88,21 @@ def test_cagrad_c_reaches_the_weights():
         assert not torch.allclose(seen[0], seen[1]), m
     with pytest.raises(ValueError, match="cagrad_c"):
         pama_ext.pama_policy_loss(logp, logp, adv, mask, method="cagrad", cagrad_c=-1.0)
+
+
+def test_policy_loss_options_are_one_list():
+    """The module front end takes exactly pama_policy_loss's options, with its defaults, and the
+    reference implementation has the same options with the same defaults."""
+    import inspect
+
+    from pama_ext.losses import policy_loss_options
+
+    opts = policy_loss_options()
+    assert {"method", "granularity", "agg", "noon", "whiten", "cagrad_c", "beta_loss"} <= set(opts)
+    ref = {k: p.default for k, p in inspect.signature(reference.pama_policy_loss).parameters.items()
+           if p.kind is inspect.Parameter.KEYWORD_ONLY and k != "prefs"}
+    assert ref == opts
+    assert pama_ext.PamaPolicyLoss().options == opts
+    assert pama_ext.PamaPolicyLoss(cagrad_c=0.9).options["cagrad_c"] == 0.9
+    with pytest.raises(TypeError, match="unknown option.*'granulatiry'"):
+        pama_ext.PamaPolicyLoss(granulatiry="token")
