@@ -169,20 +169,6 @@ struct ValueLossBackwardParams {
 };
 
 // One table of launchers per device.
-struct Backend {
-  const char* name;
-  int64_t chunk_len;  // tokens per chunk for the chunked passes
-  void (*token_rewards)(const TokenRewardsParams&, void* stream);
-  void (*multi_gae)(const GaeParams&, void* stream);
-  void (*multi_gae_backward)(const GaeBackwardParams&, void* stream);
-  void (*stats_moments)(const StatsParams&, void* stream);
-  void (*stats_indicators)(const StatsParams&, void* stream);
-  void (*pareto_weights)(const WeightsParams&, void* stream);
-  void (*policy_loss_forward)(const PolicyLossParams&, void* stream);
-  void (*policy_loss_backward)(const PolicyLossBackwardParams&, void* stream);
-  void (*value_loss_forward)(const ValueLossParams&, void* stream);
-  void (*value_loss_backward)(const ValueLossBackwardParams&, void* stream);
-};
 
 namespace cuda {
 constexpr int64_t kChunkLen = 1024;
@@ -271,9 +257,24 @@ struct GramWeightsParams {
   int acc_is_double;
 };
 
-struct PreferenceBackend {
+// The one launcher table: every stage of both op families, for one device. pama::cpu (cpu/tables.cpp)
+// and pama::cuda (cuda/ops_cuda.cpp) each fill one; the op bodies pick the table of the inputs' device.
+struct Backend {
   const char* name;
-  int64_t gram_block;  // elements per Gram partial
+  int64_t chunk_len;   // tokens per chunk for the chunked passes
+  int64_t gram_block;  // elements per Gram partial / combine task
+  // RL ops (ops.cpp)
+  void (*token_rewards)(const TokenRewardsParams&, void* stream);
+  void (*multi_gae)(const GaeParams&, void* stream);
+  void (*multi_gae_backward)(const GaeBackwardParams&, void* stream);
+  void (*stats_moments)(const StatsParams&, void* stream);
+  void (*stats_indicators)(const StatsParams&, void* stream);
+  void (*pareto_weights)(const WeightsParams&, void* stream);
+  void (*policy_loss_forward)(const PolicyLossParams&, void* stream);
+  void (*policy_loss_backward)(const PolicyLossBackwardParams&, void* stream);
+  void (*value_loss_forward)(const ValueLossParams&, void* stream);
+  void (*value_loss_backward)(const ValueLossBackwardParams&, void* stream);
+  // preference ops (preference_ops.cpp)
   void (*dpo_loss_forward)(const DpoLossParams&, void* stream);
   void (*dpo_loss_backward)(const DpoLossBackwardParams&, void* stream);
   void (*gradient_gram)(const GradGramParams&, void* stream);

@@ -40,21 +40,18 @@ void set_cuda_backend(const Backend* table, StreamGetter stream) {
 bool has_cuda_backend() { return g_cuda_table != nullptr; }
 
 
-namespace {
-
-struct Launch {
-  const Backend& be;
-  void* stream;
-};
-
-Launch backend_for(const at::Tensor& t, const char* op) {
-  if (t.is_cpu()) return {cpu::table(), nullptr};
-  TORCH_CHECK(t.is_cuda(), op, ": tensors on device ", t.device(), " are not supported (cpu or cuda)");
+Launch backend_for_device(const at::Device& d, const char* op) {
+  if (d.is_cpu()) return {cpu::table(), nullptr};
+  TORCH_CHECK(d.is_cuda(), op, ": tensors on device ", d, " are not supported (cpu or cuda)");
   TORCH_CHECK(g_cuda_table != nullptr, op,
               ": pama_ext was built without CUDA kernels; rebuild with a CUDA-enabled torch "
               "(PAMA_EXT_CUDA=1) or move the inputs to the CPU");
   return {*g_cuda_table, g_cuda_stream()};
 }
+
+namespace {
+
+Launch backend_for(const at::Tensor& t, const char* op) { return backend_for_device(t.device(), op); }
 
 // =================================================================================================
 // Argument checks (shared by every device; the generic ones are in checks.h). Messages name the op

@@ -14,6 +14,14 @@ using StreamGetter = void* (*)();
 void set_cuda_backend(const Backend* table, StreamGetter stream);
 bool has_cuda_backend();
 
+// The launcher table of a device and the stream to launch on (nullptr on the CPU); an error naming
+// `op` for a device without kernels. Used by every op body (ops.cpp, preference_ops.cpp).
+struct Launch {
+  const Backend& be;
+  void* stream;
+};
+Launch backend_for_device(const at::Device& d, const char* op);
+
 // Registers every op implementation on a dispatch key (CPU in ops.cpp, CUDA in ops_cuda.cpp).
 void register_impls(torch::Library& m);
 

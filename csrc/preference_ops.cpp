@@ -1,12 +1,14 @@
 // preference_ops.cpp — §6-§7 preference-data ops: argument checks and the device-independent op
-// bodies (run on a PreferenceBackend launcher table). Schemas: registration.cpp; CPU kernels:
-// cpu/preference.cpp.
+// bodies (run on the launcher table of the inputs' device, see ops.h). Schemas: registration.cpp;
+// CPU kernels: cpu/preference.cpp.
 //
 //   multi_dpo_loss (+ backward)  per-objective DPO losses on shared pairs, and dL_i/dh (algorithms §7)
 //   gradient_gram                G = [<g_i, g_j>] over lists of per-parameter gradients, one pass
 //   combine_gradients            p.grad = Σ_i a_i g_i over the same lists, one pass, in place
 //   gram_weights                 linear / MGDA / CAGrad / RACO / PCGrad weights from G (algorithms §6)
 #include "preference_ops.h"
+
+#include "ops.h"
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
@@ -25,32 +27,9 @@
 
 namespace pama {
 
-namespace {
-const PreferenceBackend* g_cuda_pref = nullptr;
-void* (*g_cuda_pref_stream)() = nullptr;
-}  // namespace
-
-void set_cuda_preference_backend(const PreferenceBackend* table, void* (*stream)()) {
-  g_cuda_pref = table;
-  g_cuda_pref_stream = stream;
-}
-
 
 namespace {
 
-struct PrefLaunch {
-  const PreferenceBackend& be;
-  void* stream;
-};
-
-PrefLaunch pref_backend(const at::Device& d, const char* op) {
-  if (d.is_cpu()) return {cpu::preference_table(), nullptr};
-  TORCH_CHECK(d.is_cuda(), op, ": tensors on device ", d, " are not supported (cpu or cuda)");
-  TORCH_CHECK(g_cuda_pref != nullptr, op,
-              ": pama_ext was built without CUDA kernels; rebuild with a CUDA-enabled torch "
-              "(PAMA_EXT_CUDA=1) or move the inputs to the CPU");
-  return {*g_cuda_pref, g_cuda_pref_stream()};
-}
 
 // ---- argument checks (messages name the op and the argument) -----------------------------------
 void need_real(const at::Tensor& t, const char* op, const std::string& name, const char* what) {
@@ -111,7 +90,7 @@ std::tuple<at::Tensor, at::Tensor> multi_dpo_loss(const at::Tensor& pc, const at
   at::Tensor lab = labels.to(acc).contiguous();
   auto opts = pc.options().dtype(acc);
   at::Tensor losses = at::empty({n}, opts), coef = at::empty({n, B}, opts);
-  PrefLaunch L = pref_backend(dev, kDPO);
+  Launch L = backend_for_device(dev, kDPO);
   DpoLossParams p{c_pc.data_ptr(), c_pr.data_ptr(), c_rc.data_ptr(), c_rr.data_ptr(), lab.data_ptr(),
                   lc.defined() ? lc.data_ptr() : nullptr, lr.defined() ? lr.data_ptr() : nullptr,
                   n, B, beta, losses.data_ptr(), coef.data_ptr(), dtype_code(pc.scalar_type())};
@@ -141,7 +120,7 @@ std::tuple<at::Tensor, at::Tensor> multi_dpo_loss_backward(const at::Tensor& gra
   at::Tensor g = grad_losses.to(acc).contiguous(), cf = coef.contiguous();
   at::Tensor gc = at::empty({B}, pc.options()), gr = at::empty({B}, pc.options());
   if (B == 0) return {gc, gr};
-  PrefLaunch L = pref_backend(dev, kDPOB);
+  Launch L = backend_for_device(dev, kDPOB);
   DpoLossBackwardParams p{g.data_ptr(), cf.data_ptr(), lc.defined() ? lc.data_ptr() : nullptr,
                           lr.defined() ? lr.data_ptr() : nullptr, n, B, gc.data_ptr(), gr.data_ptr(),
                           dtype_code(pc.scalar_type())};
@@ -209,7 +188,7 @@ at::Tensor gradient_gram(const c10::List<c10::optional<at::Tensor>>& grads, int6
   if (!t.first.defined()) return at::zeros({n, n}, at::TensorOptions().dtype(at::kFloat));
   const at::Device dev = t.first.device();
   c10::OptionalDeviceGuard guard(dev);
-  PrefLaunch L = pref_backend(dev, kGG);
+  Launch L = backend_for_device(dev, kGG);
   const int64_t block = L.be.gram_block;
   std::vector<int64_t> offset(t.K + 1, 0);
   for (int64_t k = 0; k < t.K; ++k) offset[k + 1] = offset[k] + (t.numel[k] + block - 1) / block;
@@ -259,7 +238,7 @@ void combine_gradients(const c10::List<c10::optional<at::Tensor>>& grads, int64_
     outs[k] = dst[k].data_ptr();
     t.numel[k] = out[k].numel();
   }
-  PrefLaunch L = pref_backend(dev, kCG);
+  Launch L = backend_for_device(dev, kCG);
   CombineGradsParams p{t.ptrs.data(), outs.data(), t.numel.data(), c.data_ptr(), n, K, accumulate,
                        dtype_code(gdt), dtype_code(odt)};
   L.be.combine_gradients(p, L.stream);
@@ -290,7 +269,7 @@ at::Tensor gram_weights_op(const at::Tensor& gram, const c10::optional<at::Tenso
   }
   auto opts = gram.options().dtype(acc);
   at::Tensor out = at::empty({n}, opts);
-  PrefLaunch L = pref_backend(dev, kGW);
+  Launch L = backend_for_device(dev, kGW);
   GramWeightsParams p{G.data_ptr(), w.defined() ? w.data_ptr() : nullptr, static_cast<int>(n), m, c,
                       out.data_ptr(), acc == at::kDouble};
   L.be.gram_weights(p, L.stream);

@@ -1,5 +1,5 @@
 // cpu/kernels.h — the CPU launchers (one file per stage, mirroring cuda/<stage>.cu) and what they
-// share: the fixed chunking and the whitening of one token. The launcher tables are in cpu/tables.cpp.
+// share: the fixed chunking and the whitening of one token. The launcher table is in cpu/tables.cpp.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -65,9 +65,8 @@ void gradient_gram(const GradGramParams& p, void*);
 void combine_gradients(const CombineGradsParams& p, void*);
 void gram_weights(const GramWeightsParams& p, void*);
 
-// tables.cpp: the CPU launcher tables of the two op families
+// tables.cpp: the CPU launcher table (both op families)
 const Backend& table();
-const PreferenceBackend& preference_table();
 
 }  // namespace cpu
 }  // namespace pama

@@ -1,5 +1,5 @@
-// cpu/tables.cpp — the CPU launcher tables (pama::Backend, pama::PreferenceBackend), the CPU
-// counterpart of cuda/ops_cuda.cpp's tables.
+// cpu/tables.cpp — the CPU launcher table (pama::Backend, both op families), the counterpart of
+// cuda/ops_cuda.cpp's.
 #include "kernels.h"
 
 namespace pama {
@@ -8,6 +8,7 @@ namespace cpu {
 const Backend& table() {
   static const Backend t{"cpu",
                          kChunkLen,
+                         kGramBlockCpu,
                          &token_rewards,
                          &multi_gae,
                          &multi_gae_backward,
@@ -17,17 +18,14 @@ const Backend& table() {
                          &policy_loss_forward,
                          &policy_loss_backward,
                          &value_loss_forward,
-                         &value_loss_backward};
+                         &value_loss_backward,
+                         &dpo_loss_forward,
+                         &dpo_loss_backward,
+                         &gradient_gram,
+                         &combine_gradients,
+                         &gram_weights};
   return t;
 }
-
-
-const PreferenceBackend& preference_table() {
-  static const PreferenceBackend t{"cpu", kGramBlockCpu, &dpo_loss_forward, &dpo_loss_backward, &gradient_gram,
-                                   &combine_gradients, &gram_weights};
-  return t;
-}
-
 
 }  // namespace cpu
 }  // namespace pama

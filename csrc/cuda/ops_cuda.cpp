@@ -1,6 +1,7 @@
 // ops_cuda.cpp — registers the CUDA launchers (cuda/*.cu) as the CUDA implementation of every op.
-// The op bodies are the device-independent ones of ops.cpp; this file only supplies the launcher
-// table and the current stream, so tensors → structs → launch happens on the caller's stream.
+// The op bodies are the device-independent ones of ops.cpp and preference_ops.cpp; this file only
+// supplies the launcher table (both op families) and the current stream, so tensors → structs →
+// launch happens on the caller's stream.
 // c10/cuda/CUDAStream.h, not ATen/cuda/CUDAContext.h: the stream is all this file needs, and the
 // latter pulls in the cuBLAS/cuSPARSE/cuSOLVER headers, which a minimal CUDA toolkit lacks.
 #include <c10/cuda/CUDAStream.h>
@@ -16,6 +17,7 @@ void* current_stream() { return static_cast<void*>(c10::cuda::getCurrentCUDAStre
 
 const pama::Backend kCudaTable{"cuda",
                                pama::cuda::kChunkLen,
+                               pama::cuda::kGramBlock,
                                &pama::cuda::launch_token_rewards,
                                &pama::cuda::launch_multi_gae,
                                &pama::cuda::launch_multi_gae_backward,
@@ -25,20 +27,14 @@ const pama::Backend kCudaTable{"cuda",
                                &pama::cuda::launch_policy_loss_forward,
                                &pama::cuda::launch_policy_loss_backward,
                                &pama::cuda::launch_value_loss_forward,
-                               &pama::cuda::launch_value_loss_backward};
+                               &pama::cuda::launch_value_loss_backward,
+                               &pama::cuda::launch_dpo_loss_forward,
+                               &pama::cuda::launch_dpo_loss_backward,
+                               &pama::cuda::launch_gradient_gram,
+                               &pama::cuda::launch_combine_gradients,
+                               &pama::cuda::launch_gram_weights};
 
 const bool kRegistered = (pama::set_cuda_backend(&kCudaTable, &current_stream), true);
-
-const pama::PreferenceBackend kCudaPreferenceTable{"cuda",
-                                                   pama::cuda::kGramBlock,
-                                                   &pama::cuda::launch_dpo_loss_forward,
-                                                   &pama::cuda::launch_dpo_loss_backward,
-                                                   &pama::cuda::launch_gradient_gram,
-                                                   &pama::cuda::launch_combine_gradients,
-                                                   &pama::cuda::launch_gram_weights};
-
-const bool kPreferenceRegistered =
-    (pama::set_cuda_preference_backend(&kCudaPreferenceTable, &current_stream), true);
 
 }  // namespace
 
