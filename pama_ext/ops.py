@@ -16,6 +16,7 @@ No op reads a value back to the host, except the ``check_finite`` test on CUDA (
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Dict, Optional, Tuple
 
@@ -46,8 +47,10 @@ def _use_native() -> bool:
     return _native.NATIVE_AVAILABLE
 
 
+@functools.lru_cache(maxsize=None)
 def arg_names(op: str) -> Tuple[str, ...]:
-    """The argument names of ``torch.ops.pama_ext.<op>`` in schema order (the compiled library's)."""
+    """The argument names of ``torch.ops.pama_ext.<op>`` in schema order (the compiled library's);
+    read once per op, since the autograd glue asks on every call."""
     return tuple(a.name for a in getattr(torch.ops.pama_ext, op).default._schema.arguments)
 
 

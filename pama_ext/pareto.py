@@ -21,7 +21,7 @@ from torch import Tensor
 
 from . import _native, checks, reference
 from .functional import acc_dtype
-from .vocab import CAGRAD_C, GRAM_METHODS, METHODS
+from .vocab import CAGRAD_C, GRAM_METHODS, MAX_OBJECTIVES, METHODS
 
 __all__ = ["METHODS", "GRAM_METHODS", "gram_weights", "pama_weights", "linear_weights", "mgda_weights", "cagrad_weights",
            "pcgrad_weights"]
@@ -36,8 +36,8 @@ def _check_gram(G: Tensor, w: Optional[Tensor] = None) -> None:
     if not isinstance(G, Tensor) or G.dim() != 2 or G.shape[0] != G.shape[1] or not G.is_floating_point():
         shape = tuple(G.shape) if isinstance(G, Tensor) else type(G).__name__
         raise ValueError(f"G must be a floating [n, n] Gram matrix, got {shape}")
-    if not 1 <= G.shape[0] <= 64:
-        raise ValueError(f"G has n = {G.shape[0]} objectives; n must be in [1, 64]")
+    if not 1 <= G.shape[0] <= MAX_OBJECTIVES:
+        raise ValueError(f"G has n = {G.shape[0]} objectives; n must be in [1, {MAX_OBJECTIVES}]")
     checks.same_device("gram_weights", ("G", G), ("w", w))
 
 
