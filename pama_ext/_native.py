@@ -30,3 +30,9 @@ except (ImportError, OSError) as exc:  # not built, or built against another tor
         RuntimeWarning,
         stacklevel=2,
     )
+
+
+def available(op: str = "") -> bool:
+    """Whether the compiled library serves ``torch.ops.pama_ext.<op>`` (any op when empty). Reads
+    NATIVE_AVAILABLE at every call, so a test can switch the reference fallback on."""
+    return NATIVE_AVAILABLE and (not op or hasattr(torch.ops.pama_ext, op))

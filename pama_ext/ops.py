@@ -43,10 +43,6 @@ __all__ = [
 ]
 
 
-def _use_native() -> bool:
-    return _native.NATIVE_AVAILABLE
-
-
 @functools.lru_cache(maxsize=None)
 def arg_names(op: str) -> Tuple[str, ...]:
     """The argument names of ``torch.ops.pama_ext.<op>`` in schema order (the compiled library's);
@@ -56,7 +52,7 @@ def arg_names(op: str) -> Tuple[str, ...]:
 
 def has_cuda_kernels() -> bool:
     """True when the compiled library contains the CUDA kernels."""
-    return _use_native() and bool(torch.ops.pama_ext.has_cuda_kernels())
+    return _native.available() and bool(torch.ops.pama_ext.has_cuda_kernels())
 
 
 def _inf_if_none(x: Optional[float]) -> float:
@@ -64,7 +60,7 @@ def _inf_if_none(x: Optional[float]) -> float:
 
 
 def _needs_native(group, name: str) -> None:
-    if group is not None and not _use_native():
+    if group is not None and not _native.available():
         raise RuntimeError(
             f"pama_ext.{name}: group= (data parallelism) needs the compiled library pama_ext._C, which "
             "could not be loaded; rebuild with `pip install --no-build-isolation -e .`"
@@ -103,7 +99,7 @@ def token_rewards(
     ``r_i[b,t] = -beta_kl * mask * (old_logp - ref_logp) + [t is the last masked-in t of row b] * scores[i,b]``.
     Differentiable w.r.t. scores, old_logp and ref_logp.
     """
-    if not _use_native():
+    if not _native.available():
         checks.token_rewards_args(scores, old_logp, ref_logp, mask, beta_kl)
         return reference.token_rewards(scores, old_logp, ref_logp, mask, beta_kl)
     return torch.ops.pama_ext.token_rewards(scores, old_logp, ref_logp, mask, float(beta_kl))
@@ -118,7 +114,7 @@ def multi_gae(
     recursion. ``gamma`` and ``lam`` are finite numbers in [0, 1]. Differentiable w.r.t. rewards
     and values (a fused adjoint scan).
     """
-    if not _use_native():
+    if not _native.available():
         checks.multi_gae_args(rewards, values, mask, gamma, lam)
         return reference.multi_gae(rewards, values, mask, gamma, lam)
     return torch.ops.pama_ext.multi_gae(rewards, values, mask, float(gamma), float(lam))
@@ -135,7 +131,7 @@ def objective_moments(advantages: Tensor, mask: Tensor, *, group: Optional[Any] 
         _needs_native(group, "objective_moments")
         local = torch.ops.pama_ext.objective_moments(advantages.detach(), mask)
         return dp.combine_moments(dp.all_gather_rows(local, group))
-    if not _use_native():
+    if not _native.available():
         checks.moments_args(advantages, mask)
         return reference.objective_moments(advantages.detach(), mask)
     return torch.ops.pama_ext.objective_moments(advantages.detach(), mask)
@@ -164,7 +160,7 @@ def objective_stats(
     _needs_native(group, "objective_stats")
     if group is not None:
         return _global_stats(*args, eps_hi, whiten, noon, group)
-    if not _use_native():
+    if not _native.available():
         checks.stats_args(*args, eps_hi)
         return reference.objective_stats(*args, eps_hi, whiten, noon)
     return torch.ops.pama_ext.objective_stats(*args, float(eps_hi), bool(whiten), bool(noon))
@@ -182,7 +178,7 @@ def pareto_weights(
     :func:`pama_ext.pareto.gram_weights` on the statistics Gram (``prefs`` as CAGrad's w and
     ``cagrad_c`` as its c), exact up to float64 rounding (docs/algorithms.md §6).
     """
-    if not _use_native():
+    if not _native.available():
         checks.pareto_weights_args(stats, prefs, method, granularity, cagrad_c)
         return reference.pareto_weights(stats, method, granularity, prefs, cagrad_c)
     return torch.ops.pama_ext.pareto_weights(stats.detach(), prefs, method, granularity, float(cagrad_c))
@@ -245,7 +241,7 @@ def pama_policy_loss(
     and ``weights``.
     """
     _needs_native(group, "pama_policy_loss")
-    if not _use_native():
+    if not _native.available():
         checks.policy_loss_args(logp, old_logp, advantages, mask, ref_logp, prefs, eps_lo, eps_hi,
                                 _inf_if_none(dual_clip), method, granularity, agg, beta_loss, cagrad_c)
         if check_finite:
@@ -294,7 +290,7 @@ def multi_value_loss(
     and metrics have their global values on every rank (as in :func:`pama_policy_loss`).
     """
     _needs_native(group, "multi_value_loss")
-    if not _use_native():
+    if not _native.available():
         checks.value_loss_args(values, old_values, returns, mask, _inf_if_none(clip), agg)
         if check_finite:
             checks.finite("multi_value_loss", mask,

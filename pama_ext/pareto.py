@@ -27,11 +27,6 @@ __all__ = ["METHODS", "GRAM_METHODS", "gram_weights", "pama_weights", "linear_we
            "pcgrad_weights"]
 
 
-def _use_native() -> bool:
-    """Read at every call, as pama_ext.ops does (the fallback can be switched on in tests)."""
-    return _native.NATIVE_AVAILABLE and hasattr(torch.ops.pama_ext, "gram_weights")
-
-
 def _check_gram(G: Tensor, w: Optional[Tensor] = None) -> None:
     if not isinstance(G, Tensor) or G.dim() != 2 or G.shape[0] != G.shape[1] or not G.is_floating_point():
         shape = tuple(G.shape) if isinstance(G, Tensor) else type(G).__name__
@@ -55,7 +50,7 @@ def gram_weights(G: Tensor, w: Optional[Tensor] = None, method: str = "mgda", c:
     checks.method_arg("gram_weights", method, from_gram=True)
     if not (math.isfinite(c) and c >= 0):
         raise ValueError(f"gram_weights: c must be finite and >= 0, got {c}")
-    if not _use_native():
+    if not _native.available("gram_weights"):
         return reference.gram_weights(_acc(G), w, method, c)
     return torch.ops.pama_ext.gram_weights(G.detach(), None if w is None else w.detach(), method, float(c))
 

@@ -32,10 +32,6 @@ __all__ = ["multi_dpo_loss", "gradient_gram", "combine_gradients"]
 GradTable = Sequence[Sequence[Optional[Tensor]]]
 
 
-def _use_native(name: str) -> bool:
-    return _native.NATIVE_AVAILABLE and hasattr(torch.ops.pama_ext, name)
-
-
 def multi_dpo_loss(
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,
@@ -66,7 +62,7 @@ def multi_dpo_loss(
     log-prob tensors (fused backward kernel).
     """
     args = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    if not _use_native("multi_dpo_loss"):
+    if not _native.available("multi_dpo_loss"):
         checks.dpo_loss_args(*args, labels, beta, chosen_lengths, rejected_lengths)
         acc = acc_dtype(policy_chosen_logps.dtype)
         return reference.multi_dpo_loss(*(x.to(acc) for x in args), labels, beta,
@@ -87,7 +83,7 @@ def gradient_gram(grads: GradTable) -> Tensor:
     float32 result with float32 accumulation (float64 for float64 gradients); no n x d buffer is
     ever built. Deterministic: fixed blocks, fixed-order reduction.
     """
-    if not _use_native("gradient_gram"):
+    if not _native.available("gradient_gram"):
         checks.grad_table_args("gradient_gram", grads)
         return reference.gradient_gram(grads)
     flat, n, _ = _flatten(grads)
@@ -107,7 +103,7 @@ def combine_gradients(grads: GradTable, coeffs: Tensor, params: Sequence[Tensor]
     its checks leaves every ``.grad`` as it was.
     """
     params = list(params)
-    if not _use_native("combine_gradients"):
+    if not _native.available("combine_gradients"):
         checks.combine_args(grads, coeffs, params)
         return reference.combine_gradients(grads, coeffs, params, accumulate=accumulate)
     flat, n, K = _flatten(grads)
@@ -183,5 +179,5 @@ def _register() -> None:
     torch.library.register_autograd(lib + "multi_dpo_loss_backward", backward, setup_context=setup)
 
 
-if _use_native("multi_dpo_loss"):
+if _native.available("multi_dpo_loss"):
     _register()
