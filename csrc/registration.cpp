@@ -1,7 +1,7 @@
 // registration.cpp — the one registration file: every schema of torch.ops.pama_ext (the RL ops of
-// ops.cpp and the preference ops of preference_ops.cpp), their CPU implementations (the op bodies
-// run the CPU launcher tables of cpu/tables.cpp; cuda/ops_cuda.cpp registers the same bodies for
-// CUDA), the vocabulary ops that pama_ext.vocab is tested against, and the Python module init.
+// ops.cpp and the preference ops of preference_ops.cpp, listed in pama_ext/schemas.def), their CPU
+// implementations (the op bodies run the CPU launcher tables of cpu/tables.cpp; cuda/ops_cuda.cpp
+// registers the same bodies for CUDA), the vocabulary ops that pama_ext.vocab is tested against, and the Python module init.
 #include <torch/library.h>
 
 #include <string>
@@ -11,34 +11,12 @@
 #include "pama_math.h"
 #include "preference_ops.h"
 
+// Every op schema, from the one list pama_ext/schemas.def (which pama_ext/op_table.py parses too).
 TORCH_LIBRARY(pama_ext, m) {
-  m.def("token_rewards(Tensor scores, Tensor old_logp, Tensor ref_logp, Tensor mask, float beta_kl) -> Tensor");
-  m.def("multi_gae(Tensor rewards, Tensor values, Tensor mask, float gamma, float lam) -> (Tensor, Tensor)");
-  m.def(
-      "multi_gae_backward(Tensor grad_advantages, Tensor grad_returns, Tensor mask, float gamma, float lam) "
-      "-> (Tensor, Tensor)");
-  m.def(
-      "objective_stats(Tensor advantages, Tensor logp, Tensor old_logp, Tensor mask, float eps_hi, bool whiten, "
-      "bool noon, Tensor? moments=None, bool with_gram=True) -> Tensor");
-  m.def("objective_moments(Tensor advantages, Tensor mask) -> Tensor");
-  m.def("pareto_weights(Tensor stats, Tensor? prefs, str method, str granularity, float cagrad_c=0.4) -> Tensor");
-  m.def(
-      "pama_policy_loss(Tensor logp, Tensor old_logp, Tensor advantages, Tensor mask, Tensor? ref_logp, "
-      "Tensor? prefs, float eps_lo, float eps_hi, float dual_clip, bool noon, bool whiten, str method, "
-      "str granularity, str agg, float beta_loss, bool check_finite, Tensor? global_stats=None, "
-      "float cagrad_c=0.4) "
-      "-> (Tensor loss, Tensor metrics, Tensor a_tilde, Tensor row_scale)");
-  m.def(
-      "pama_policy_loss_backward(Tensor grad_loss, Tensor logp, Tensor old_logp, Tensor? ref_logp, Tensor mask, "
-      "Tensor a_tilde, Tensor row_scale, float eps_lo, float eps_hi, float dual_clip, float beta_loss) -> Tensor");
-  m.def(
-      "multi_value_loss(Tensor values, Tensor old_values, Tensor returns, Tensor mask, float clip, str agg, "
-      "bool check_finite, Tensor? denominators=None) -> (Tensor loss, Tensor metrics, Tensor row_scale)");
-  m.def(
-      "multi_value_loss_backward(Tensor grad_loss, Tensor values, Tensor old_values, Tensor returns, Tensor mask, "
-      "Tensor row_scale, float clip) -> Tensor");
+#define PAMA_EXT_OP(schema) m.def(schema);
+#include "../pama_ext/schemas.def"
+#undef PAMA_EXT_OP
 }
-
 
 // Which device kernels are compiled in (for `pama-ext info`).
 namespace {
@@ -58,21 +36,6 @@ TORCH_LIBRARY_FRAGMENT(pama_ext, m) {
   m.def("has_cuda_kernels() -> bool", [] { return has_cuda_kernels(); });
   m.def("weighting_methods() -> str[]", &weighting_methods);
   m.def("stats_layout(int n) -> int[]", &stats_layout);
-}
-
-TORCH_LIBRARY_FRAGMENT(pama_ext, m) {
-  m.def(
-      "multi_dpo_loss(Tensor policy_chosen_logps, Tensor policy_rejected_logps, Tensor ref_chosen_logps, "
-      "Tensor ref_rejected_logps, Tensor labels, float beta, Tensor? chosen_lengths, Tensor? rejected_lengths) "
-      "-> (Tensor losses, Tensor coef)");
-  m.def(
-      "multi_dpo_loss_backward(Tensor grad_losses, Tensor coef, Tensor policy_chosen_logps, "
-      "Tensor? chosen_lengths, Tensor? rejected_lengths) -> (Tensor grad_chosen, Tensor grad_rejected)");
-  m.def("gradient_gram(Tensor?[] grads, int num_objectives) -> Tensor");
-  m.def(
-      "combine_gradients(Tensor?[] grads, int num_objectives, Tensor coeffs, Tensor(a!)[] out, bool accumulate) "
-      "-> ()");
-  m.def("gram_weights(Tensor G, Tensor? w, str method, float c) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(pama_ext, CPU, m) {

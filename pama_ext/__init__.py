@@ -11,7 +11,7 @@ methods, granularities, aggregations, the statistics layout): :mod:`pama_ext.voc
 """
 from . import distributed, functional, vocab
 from ._native import NATIVE_AVAILABLE, NATIVE_ERROR
-from . import pareto
+from . import ops, pareto, preference
 from .losses import MultiValueLoss, PamaPolicyLoss
 from .ops import (
     has_cuda_kernels,
@@ -35,21 +35,11 @@ __all__ = [
     "distributed",
     "functional",
     "vocab",
+    "pareto",
     "NATIVE_AVAILABLE",
     "NATIVE_ERROR",
     "PamaPolicyLoss",
     "MultiValueLoss",
-    "token_rewards",
-    "multi_gae",
-    "objective_moments",
-    "objective_stats",
-    "pareto_weights",
-    "pama_policy_loss",
-    "multi_value_loss",
-    "stats_layout",
-    "has_cuda_kernels",
-    "multi_dpo_loss",
-    "gradient_gram",
-    "combine_gradients",
-    "pareto",
+    *ops.__all__,
+    *preference.__all__,
 ]

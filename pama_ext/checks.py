@@ -320,8 +320,10 @@ def _real(op: str, name: str, t, what: str) -> None:
         _fail(op, f"{name} must have an integer or floating dtype ({what}), got {_dt(t.dtype)}")
 
 
-def dpo_loss_args(pc, pr, rc, rr, labels, beta, chosen_lengths, rejected_lengths) -> None:
+def dpo_loss_args(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, labels, beta,
+                  chosen_lengths, rejected_lengths) -> None:
     op = "multi_dpo_loss"
+    pc, pr, rc, rr = policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
     floating(op, "policy_chosen_logps", pc)
     if pc.dim() != 1:
         _fail(op, f"policy_chosen_logps must be 1-D [B] (summed log-probs per pair), got shape {_shape(pc)}")

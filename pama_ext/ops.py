@@ -1,12 +1,12 @@
 """Python entry points of the fused ops: where the op schemas meet Python.
 
 Each function calls ``torch.ops.pama_ext.<name>`` (C++/CUDA kernels) and has a twin of the same
-name and signature in :mod:`pama_ext.reference`, which is used instead when the compiled library is
-not available (:data:`pama_ext._native.NATIVE_AVAILABLE`, read at every call); on that path the
-argument checks and ``check_finite`` of :mod:`pama_ext.checks` run first, so both paths keep one
-contract (algorithms §9). This module also registers the fake (meta) implementations used by
-torch.compile, which reject mixed devices, and the autograd formulas (fused backward kernels; no
-op supports double backward).
+name in :mod:`pama_ext.reference`, which is used instead when the compiled library is not available
+(:data:`pama_ext._native.NATIVE_AVAILABLE`, read at every call); on that path the argument checks and
+``check_finite`` of :mod:`pama_ext.checks` run first, so both paths keep one contract (algorithms §9).
+The arguments go to both paths by schema name, and the fakes (torch.compile) and the autograd
+formulas (fused backward kernels; no op supports double backward) are registered from the one op
+table, :mod:`pama_ext.op_table`.
 
 Conventions: per-objective tensors are ``[n, B, T]`` (objective first), per-token tensors ``[B, T]``,
 ``mask`` is ``[B, T]`` of any dtype (nonzero = in). All floating inputs of one call share one dtype
@@ -16,19 +16,17 @@ No op reads a value back to the host, except the ``check_finite`` test on CUDA (
 """
 from __future__ import annotations
 
-import functools
-import math
 from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from . import _native
-from . import checks
 from . import distributed as dp
-from . import reference
-from .functional import acc_dtype, last_valid_onehot, masked_moments
-from .vocab import CAGRAD_C, GRAM_BASED, METRIC_SCALARS, stats_layout, stats_num_objectives, stats_size
+from . import op_table
+from .functional import acc_dtype, last_valid_onehot
+from .op_table import arg_names, call_native, fallback, schema_args
+from .vocab import CAGRAD_C, GRAM_BASED, METRIC_SCALARS, stats_layout
 
 __all__ = [
     "token_rewards",
@@ -43,20 +41,9 @@ __all__ = [
 ]
 
 
-@functools.lru_cache(maxsize=None)
-def arg_names(op: str) -> Tuple[str, ...]:
-    """The argument names of ``torch.ops.pama_ext.<op>`` in schema order (the compiled library's);
-    read once per op, since the autograd glue asks on every call."""
-    return tuple(a.name for a in getattr(torch.ops.pama_ext, op).default._schema.arguments)
-
-
 def has_cuda_kernels() -> bool:
     """True when the compiled library contains the CUDA kernels."""
     return _native.available() and bool(torch.ops.pama_ext.has_cuda_kernels())
-
-
-def _inf_if_none(x: Optional[float]) -> float:
-    return math.inf if x is None else float(x)
 
 
 def _needs_native(group, name: str) -> None:
@@ -67,16 +54,15 @@ def _needs_native(group, name: str) -> None:
         )
 
 
-def _global_stats(advantages, logp, old_logp, mask, eps_hi, whiten, noon, group, with_gram=True) -> Tensor:
-    """The statistics vector of the global batch of a data-parallel group (pama_ext.distributed).
-    ``with_gram=False`` (the policy loss with a method other than mgda) leaves the Gram entries 0
-    and skips their n(n+1)/2 products per token."""
-    moments = objective_moments(advantages, mask, group=group)
-    local = torch.ops.pama_ext.objective_stats(
-        advantages, logp, old_logp, mask, float(eps_hi), bool(whiten), bool(noon), moments, bool(with_gram)
-    )
-    k = moments.numel()
-    return torch.cat([moments, dp.all_reduce_sum(local[k:], group)])
+def _global_stats(values: Dict[str, Any], group) -> Tensor:
+    """The statistics vector of the global batch of a data-parallel group (pama_ext.distributed), from
+    ``values`` holding objective_stats' arguments by name. ``with_gram=False`` (a policy loss whose
+    method needs no Gram) leaves the Gram entries 0 and skips their n(n+1)/2 products per token."""
+    args = schema_args("objective_stats", values, detach=("advantages", "logp", "old_logp"))
+    args["moments"] = objective_moments(args["advantages"], args["mask"], group=group)
+    local = call_native("objective_stats", args)
+    k = args["moments"].numel()
+    return torch.cat([args["moments"], dp.all_reduce_sum(local[k:], group)])
 
 
 def _split_metrics(metrics: Tensor, n: int) -> Dict[str, Tensor]:
@@ -99,10 +85,8 @@ def token_rewards(
     ``r_i[b,t] = -beta_kl * mask * (old_logp - ref_logp) + [t is the last masked-in t of row b] * scores[i,b]``.
     Differentiable w.r.t. scores, old_logp and ref_logp.
     """
-    if not _native.available():
-        checks.token_rewards_args(scores, old_logp, ref_logp, mask, beta_kl)
-        return reference.token_rewards(scores, old_logp, ref_logp, mask, beta_kl)
-    return torch.ops.pama_ext.token_rewards(scores, old_logp, ref_logp, mask, float(beta_kl))
+    args = schema_args("token_rewards", locals())
+    return call_native("token_rewards", args) if _native.available() else fallback("token_rewards", args)
 
 
 def multi_gae(
@@ -114,10 +98,8 @@ def multi_gae(
     recursion. ``gamma`` and ``lam`` are finite numbers in [0, 1]. Differentiable w.r.t. rewards
     and values (a fused adjoint scan).
     """
-    if not _native.available():
-        checks.multi_gae_args(rewards, values, mask, gamma, lam)
-        return reference.multi_gae(rewards, values, mask, gamma, lam)
-    return torch.ops.pama_ext.multi_gae(rewards, values, mask, float(gamma), float(lam))
+    args = schema_args("multi_gae", locals())
+    return call_native("multi_gae", args) if _native.available() else fallback("multi_gae", args)
 
 
 def objective_moments(advantages: Tensor, mask: Tensor, *, group: Optional[Any] = None) -> Tensor:
@@ -127,14 +109,12 @@ def objective_moments(advantages: Tensor, mask: Tensor, *, group: Optional[Any] 
     whenever it fits the accumulation dtype and +inf when it does not (float32, |A| ~ 1e19 or
     more). With ``group``, those of the global batch (the ranks' moments gathered and combined in
     rank order)."""
-    if group is not None:
-        _needs_native(group, "objective_moments")
-        local = torch.ops.pama_ext.objective_moments(advantages.detach(), mask)
-        return dp.combine_moments(dp.all_gather_rows(local, group))
+    _needs_native(group, "objective_moments")
+    args = schema_args("objective_moments", locals(), detach=("advantages",))
     if not _native.available():
-        checks.moments_args(advantages, mask)
-        return reference.objective_moments(advantages.detach(), mask)
-    return torch.ops.pama_ext.objective_moments(advantages.detach(), mask)
+        return fallback("objective_moments", args)
+    local = call_native("objective_moments", args)
+    return local if group is None else dp.combine_moments(dp.all_gather_rows(local, group))
 
 
 def objective_stats(
@@ -156,14 +136,11 @@ def objective_stats(
     sharded), the statistics of the global batch, identical on every rank
     (:mod:`pama_ext.distributed`).
     """
-    args = (advantages.detach(), logp.detach(), old_logp.detach(), mask)
     _needs_native(group, "objective_stats")
     if group is not None:
-        return _global_stats(*args, eps_hi, whiten, noon, group)
-    if not _native.available():
-        checks.stats_args(*args, eps_hi)
-        return reference.objective_stats(*args, eps_hi, whiten, noon)
-    return torch.ops.pama_ext.objective_stats(*args, float(eps_hi), bool(whiten), bool(noon))
+        return _global_stats(locals(), group)
+    args = schema_args("objective_stats", locals(), detach=("advantages", "logp", "old_logp"))
+    return call_native("objective_stats", args) if _native.available() else fallback("objective_stats", args)
 
 
 def pareto_weights(
@@ -178,10 +155,8 @@ def pareto_weights(
     :func:`pama_ext.pareto.gram_weights` on the statistics Gram (``prefs`` as CAGrad's w and
     ``cagrad_c`` as its c), exact up to float64 rounding (docs/algorithms.md §6).
     """
-    if not _native.available():
-        checks.pareto_weights_args(stats, prefs, method, granularity, cagrad_c)
-        return reference.pareto_weights(stats, method, granularity, prefs, cagrad_c)
-    return torch.ops.pama_ext.pareto_weights(stats.detach(), prefs, method, granularity, float(cagrad_c))
+    args = schema_args("pareto_weights", locals(), detach=("stats",))
+    return call_native("pareto_weights", args) if _native.available() else fallback("pareto_weights", args)
 
 
 def pama_policy_loss(
@@ -241,28 +216,12 @@ def pama_policy_loss(
     and ``weights``.
     """
     _needs_native(group, "pama_policy_loss")
+    args = schema_args("pama_policy_loss", locals(), detach=("advantages",))
     if not _native.available():
-        checks.policy_loss_args(logp, old_logp, advantages, mask, ref_logp, prefs, eps_lo, eps_hi,
-                                _inf_if_none(dual_clip), method, granularity, agg, beta_loss, cagrad_c)
-        if check_finite:
-            checks.finite("pama_policy_loss", mask,
-                          [("logp", logp), ("old_logp", old_logp), ("advantages", advantages), ("ref_logp", ref_logp)],
-                          prefs=prefs,
-                          variance=masked_moments(advantages.detach(), mask)[2] if whiten else None)
-        return reference.pama_policy_loss(
-            logp, old_logp, advantages, mask, ref_logp, eps_lo=eps_lo, eps_hi=eps_hi,
-            dual_clip=_inf_if_none(dual_clip), noon=noon, whiten=whiten, method=method,
-            granularity=granularity, prefs=prefs, agg=agg, beta_loss=beta_loss, cagrad_c=cagrad_c,
-        )
-    stats = None
+        return fallback("pama_policy_loss", args)
     if group is not None:
-        stats = _global_stats(advantages.detach(), logp.detach(), old_logp.detach(), mask, eps_hi, whiten, noon, group,
-                              with_gram=method in GRAM_BASED)
-    loss, metrics, _, _ = torch.ops.pama_ext.pama_policy_loss(
-        logp, old_logp, advantages.detach(), mask, ref_logp, prefs, float(eps_lo), float(eps_hi),
-        _inf_if_none(dual_clip), bool(noon), bool(whiten), method, granularity, agg, float(beta_loss),
-        bool(check_finite), stats, float(cagrad_c),
-    )
+        args["global_stats"] = _global_stats({**args, "with_gram": method in GRAM_BASED}, group)
+    loss, metrics, _, _ = call_native("pama_policy_loss", args)
     if group is not None:  # the loss and per-token metric sums are this shard's shares
         k = len(METRIC_SCALARS)
         total = dp.all_reduce_sum(torch.cat([loss.reshape(1), metrics[:k]]), group)
@@ -290,19 +249,12 @@ def multi_value_loss(
     and metrics have their global values on every rank (as in :func:`pama_policy_loss`).
     """
     _needs_native(group, "multi_value_loss")
+    args = schema_args("multi_value_loss", locals(), detach=("old_values", "returns"))
     if not _native.available():
-        checks.value_loss_args(values, old_values, returns, mask, _inf_if_none(clip), agg)
-        if check_finite:
-            checks.finite("multi_value_loss", mask,
-                          [("values", values), ("old_values", old_values), ("returns", returns)])
-        return reference.multi_value_loss(values, old_values, returns, mask, clip, agg)
-    denominators = None
+        return fallback("multi_value_loss", args)
     if group is not None:
-        denominators = dp.global_denominators(mask, acc_dtype(values.dtype), group)
-    loss, metrics, _ = torch.ops.pama_ext.multi_value_loss(
-        values, old_values.detach(), returns.detach(), mask, _inf_if_none(clip), agg, bool(check_finite),
-        denominators,
-    )
+        args["denominators"] = dp.global_denominators(mask, acc_dtype(values.dtype), group)
+    loss, metrics, _ = call_native("multi_value_loss", args)
     if group is not None:
         total = dp.all_reduce_sum(torch.cat([loss.reshape(1), metrics]), group)
         loss = dp.with_global_value(loss, total[0])
@@ -311,176 +263,24 @@ def multi_value_loss(
 
 
 # ------------------------------------------------------------------------------------------------
-# fake (meta) implementations and autograd, registered only when the library is loaded
+# autograd of the one op whose backward is a Python formula; every fake and every other autograd
+# formula is registered from the op table (pama_ext.op_table)
 # ------------------------------------------------------------------------------------------------
-def not_twice_differentiable(op: str):
-    """(backward, setup_context) to register for a backward op: the first derivative of ``op`` works as usual; a
-    second one (torch.autograd.grad(..., create_graph=True), then a grad of that) raises instead
-    of silently returning a gradient with no second-order term."""
-
-    def setup_context(ctx, inputs, output):
-        pass
-
-    def backward(ctx, *grads):
-        raise RuntimeError(
-            f"pama_ext.{op}: double backward is not supported (its backward is a fused kernel that is not "
-            "itself differentiable); compute higher-order derivatives with the pama_ext.reference "
-            "implementation instead"
-        )
-
-    return backward, setup_context
-
-
-def _register() -> None:
-    lib = "pama_ext::"
-    fake = torch.library.register_fake
-
-    # A call mixing a meta tensor with real ones dispatches here, not to the compiled checks:
-    # every fake starts with the device check, so it cannot hand back uninitialised memory.
-    @fake(lib + "token_rewards")
-    def _(scores, old_logp, ref_logp, mask, beta_kl):
-        checks.same_device("token_rewards", ("old_logp", old_logp), ("scores", scores), ("ref_logp", ref_logp),
-                           ("mask", mask))
-        return old_logp.new_empty((scores.shape[0], *old_logp.shape))
-
-    @fake(lib + "multi_gae")
-    def _(rewards, values, mask, gamma, lam):
-        checks.same_device("multi_gae", ("values", values), ("rewards", rewards), ("mask", mask))
-        return torch.empty_like(values), torch.empty_like(values)
-
-    @fake(lib + "multi_gae_backward")
-    def _(grad_advantages, grad_returns, mask, gamma, lam):
-        return torch.empty_like(grad_advantages), torch.empty_like(grad_advantages)
-
-    @fake(lib + "objective_moments")
-    def _(advantages, mask):
-        checks.same_device("objective_moments", ("advantages", advantages), ("mask", mask))
-        n = advantages.shape[0]
-        return advantages.new_empty((2 + 2 * n,), dtype=acc_dtype(advantages.dtype))
-
-    @fake(lib + "objective_stats")
-    def _(advantages, logp, old_logp, mask, eps_hi, whiten, noon, moments=None, with_gram=True):
-        checks.same_device("objective_stats", ("logp", logp), ("old_logp", old_logp), ("advantages", advantages),
-                           ("mask", mask), ("moments", moments))
-        n = advantages.shape[0]
-        return logp.new_empty((stats_size(n),), dtype=acc_dtype(logp.dtype))
-
-    @fake(lib + "pareto_weights")
-    def _(stats, prefs, method, granularity, cagrad_c=CAGRAD_C):
-        checks.same_device("pareto_weights", ("stats", stats), ("prefs", prefs))
-        n = stats_num_objectives(int(stats.shape[0]))
-        return stats.new_empty((n,), dtype=acc_dtype(stats.dtype))
-
-    @fake(lib + "pama_policy_loss")
-    def _(logp, old_logp, advantages, mask, ref_logp, prefs, eps_lo, eps_hi, dual_clip, noon, whiten,
-          method, granularity, agg, beta_loss, check_finite, global_stats=None, cagrad_c=CAGRAD_C):
-        checks.same_device("pama_policy_loss", ("logp", logp), ("old_logp", old_logp), ("advantages", advantages),
-                           ("mask", mask), ("ref_logp", ref_logp), ("prefs", prefs), ("global_stats", global_stats))
-        acc = acc_dtype(logp.dtype)
-        n = advantages.shape[0]
-        return (
-            logp.new_empty((), dtype=acc),
-            logp.new_empty((len(METRIC_SCALARS) + 3 * n,), dtype=acc),
-            logp.new_empty(logp.shape, dtype=acc),
-            logp.new_empty((logp.shape[0],), dtype=acc),
-        )
-
-    @fake(lib + "pama_policy_loss_backward")
-    def _(grad_loss, logp, old_logp, ref_logp, mask, a_tilde, row_scale, eps_lo, eps_hi, dual_clip, beta_loss):
-        return torch.empty_like(logp)
-
-    @fake(lib + "multi_value_loss")
-    def _(values, old_values, returns, mask, clip, agg, check_finite, denominators=None):
-        checks.same_device("multi_value_loss", ("values", values), ("old_values", old_values), ("returns", returns),
-                           ("mask", mask), ("denominators", denominators))
-        acc = acc_dtype(values.dtype)
-        return (
-            values.new_empty((), dtype=acc),
-            values.new_empty((1 + values.shape[0],), dtype=acc),
-            values.new_empty((values.shape[1],), dtype=acc),
-        )
-
-    @fake(lib + "multi_value_loss_backward")
-    def _(grad_loss, values, old_values, returns, mask, row_scale, clip):
-        return torch.empty_like(values)
-
-    # --- autograd ---------------------------------------------------------------------------
-    # Inputs are read by their schema names, and backward returns one entry per schema argument,
-    # so adding an argument to an op's schema needs no change here.
-    def named(op: str, inputs) -> Dict[str, Any]:
-        return dict(zip(arg_names(op), inputs))
-
-    def no_grads(op: str, *grads):
-        return tuple(grads) + (None,) * (len(arg_names(op)) - len(grads))
-
-    def tr_setup(ctx, inputs, output):
-        a = named("token_rewards", inputs)
+def _token_rewards_autograd():
+    def setup(ctx, inputs, output):
+        a = dict(zip(arg_names("token_rewards"), inputs))
         ctx.save_for_backward(a["mask"])
         ctx.beta_kl = a["beta_kl"]
 
-    def tr_backward(ctx, grad):
+    def backward(ctx, grad):
         (mask,) = ctx.saved_tensors
-        m = (mask != 0).to(grad.dtype)
-        g_kl = grad.sum(0) * m
-        grad_scores = (grad * last_valid_onehot(mask, grad.dtype)).sum(-1)
-        return no_grads("token_rewards", grad_scores, -ctx.beta_kl * g_kl, ctx.beta_kl * g_kl)
+        g_kl = grad.sum(0) * (mask != 0).to(grad.dtype)
+        grads = {"scores": (grad * last_valid_onehot(mask, grad.dtype)).sum(-1),
+                 "old_logp": -ctx.beta_kl * g_kl, "ref_logp": ctx.beta_kl * g_kl}
+        return tuple(grads.get(name) for name in arg_names("token_rewards"))
 
-    torch.library.register_autograd(lib + "token_rewards", tr_backward, setup_context=tr_setup)
-
-    def gae_setup(ctx, inputs, output):
-        a = named("multi_gae", inputs)
-        ctx.save_for_backward(a["mask"])
-        ctx.gamma, ctx.lam = a["gamma"], a["lam"]
-
-    def gae_backward(ctx, g_adv, g_ret):
-        (mask,) = ctx.saved_tensors
-        like = g_adv if g_adv is not None else g_ret
-        g_adv = torch.zeros_like(like) if g_adv is None else g_adv
-        g_ret = torch.zeros_like(like) if g_ret is None else g_ret
-        g_r, g_v = torch.ops.pama_ext.multi_gae_backward(g_adv, g_ret, mask, ctx.gamma, ctx.lam)
-        return no_grads("multi_gae", g_r, g_v)
-
-    torch.library.register_autograd(lib + "multi_gae", gae_backward, setup_context=gae_setup)
-
-    def pl_setup(ctx, inputs, output):
-        a = named("pama_policy_loss", inputs)
-        _, metrics, a_tilde, row_scale = output
-        ctx.mark_non_differentiable(metrics, a_tilde, row_scale)
-        ctx.save_for_backward(a["logp"], a["old_logp"], a["ref_logp"], a["mask"], a_tilde, row_scale)
-        ctx.consts = (a["eps_lo"], a["eps_hi"], a["dual_clip"], a["beta_loss"])
-
-    def pl_backward(ctx, g_loss, g_metrics, g_at, g_rs):
-        logp, old_logp, ref_logp, mask, a_tilde, row_scale = ctx.saved_tensors
-        grad = None
-        if g_loss is not None:
-            grad = torch.ops.pama_ext.pama_policy_loss_backward(
-                g_loss, logp, old_logp, ref_logp, mask, a_tilde, row_scale, *ctx.consts
-            )
-        return no_grads("pama_policy_loss", grad)
-
-    torch.library.register_autograd(lib + "pama_policy_loss", pl_backward, setup_context=pl_setup)
-
-    def vl_setup(ctx, inputs, output):
-        a = named("multi_value_loss", inputs)
-        ctx.mark_non_differentiable(output[1], output[2])
-        ctx.save_for_backward(a["values"], a["old_values"], a["returns"], a["mask"], output[2])
-        ctx.clip = a["clip"]
-
-    def vl_backward(ctx, g_loss, g_metrics, g_rs):
-        values, old_values, returns, mask, row_scale = ctx.saved_tensors
-        grad = None
-        if g_loss is not None:
-            grad = torch.ops.pama_ext.multi_value_loss_backward(
-                g_loss, values, old_values, returns, mask, row_scale, ctx.clip
-            )
-        return no_grads("multi_value_loss", grad)
-
-    torch.library.register_autograd(lib + "multi_value_loss", vl_backward, setup_context=vl_setup)
-
-    for name in ("multi_gae", "pama_policy_loss", "multi_value_loss"):
-        backward, setup = not_twice_differentiable(name)
-        torch.library.register_autograd(lib + name + "_backward", backward, setup_context=setup)
+    return backward, setup
 
 
 if _native.NATIVE_AVAILABLE:
-    _register()
+    op_table.register({"token_rewards": _token_rewards_autograd()})

@@ -24,8 +24,7 @@ from torch import Tensor
 from . import _native
 from . import checks
 from . import reference
-from .ops import not_twice_differentiable
-from .functional import acc_dtype
+from .op_table import call_native, fallback, schema_args
 
 __all__ = ["multi_dpo_loss", "gradient_gram", "combine_gradients"]
 
@@ -61,13 +60,8 @@ def multi_dpo_loss(
     Both in float32 (float64 for float64 inputs). ``losses`` is differentiable w.r.t. the four
     log-prob tensors (fused backward kernel).
     """
-    args = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    if not _native.available("multi_dpo_loss"):
-        checks.dpo_loss_args(*args, labels, beta, chosen_lengths, rejected_lengths)
-        acc = acc_dtype(policy_chosen_logps.dtype)
-        return reference.multi_dpo_loss(*(x.to(acc) for x in args), labels, beta,
-                                        chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
-    return torch.ops.pama_ext.multi_dpo_loss(*args, labels, float(beta), chosen_lengths, rejected_lengths)
+    args = schema_args("multi_dpo_loss", locals())
+    return call_native("multi_dpo_loss", args) if _native.available("multi_dpo_loss") else fallback("multi_dpo_loss", args)
 
 
 def _flatten(grads: GradTable) -> Tuple[List[Optional[Tensor]], int, int]:
@@ -89,7 +83,7 @@ def gradient_gram(grads: GradTable) -> Tensor:
     flat, n, _ = _flatten(grads)
     if all(g is None for g in flat):  # nothing to dispatch on: no gradient at all
         return reference.gradient_gram(grads)
-    return torch.ops.pama_ext.gradient_gram(flat, n)
+    return call_native("gradient_gram", {"grads": flat, "num_objectives": n})
 
 
 @torch.no_grad()
@@ -116,68 +110,8 @@ def combine_gradients(grads: GradTable, coeffs: Tensor, params: Sequence[Tensor]
            for k, p in enumerate(params) if p.grad is None}
     out = [new[k] if k in new else p.grad for k, p in enumerate(params)]
     if K:
-        torch.ops.pama_ext.combine_gradients(flat, n, coeffs.detach(), out, accumulate)
+        call_native("combine_gradients", {"grads": flat, "num_objectives": n, "coeffs": coeffs.detach(), "out": out,
+                                          "accumulate": accumulate})
     for k, g in new.items():
         params[k].grad = g
     return None
-
-
-# ------------------------------------------------------------------------------------------------
-# fake (meta) implementations and autograd, registered only when the compiled ops are present
-# ------------------------------------------------------------------------------------------------
-def _register() -> None:
-    lib = "pama_ext::"
-    fake = torch.library.register_fake
-
-    # as in ops.py: a meta tensor among real ones lands here, so every fake checks the devices
-    @fake(lib + "multi_dpo_loss")
-    def _(pc, pr, rc, rr, labels, beta, chosen_lengths, rejected_lengths):
-        checks.same_device("multi_dpo_loss", ("policy_chosen_logps", pc), ("policy_rejected_logps", pr),
-                           ("ref_chosen_logps", rc), ("ref_rejected_logps", rr), ("labels", labels),
-                           ("chosen_lengths", chosen_lengths), ("rejected_lengths", rejected_lengths))
-        acc = acc_dtype(pc.dtype)
-        return pc.new_empty((labels.shape[0],), dtype=acc), pc.new_empty(tuple(labels.shape), dtype=acc)
-
-    @fake(lib + "multi_dpo_loss_backward")
-    def _(grad_losses, coef, policy_chosen_logps, chosen_lengths, rejected_lengths):
-        return torch.empty_like(policy_chosen_logps), torch.empty_like(policy_chosen_logps)
-
-    @fake(lib + "gradient_gram")
-    def _(grads, num_objectives):
-        checks.same_device("gradient_gram", *checks.flat_grads_named(grads, num_objectives))
-        like = next((g for g in grads if g is not None), None)
-        if like is None:
-            return torch.empty((num_objectives, num_objectives), dtype=torch.float32)
-        return like.new_empty((num_objectives, num_objectives), dtype=acc_dtype(like.dtype))
-
-    @fake(lib + "combine_gradients")
-    def _(grads, num_objectives, coeffs, out, accumulate):
-        checks.same_device("combine_gradients", ("out", list(out)), *checks.flat_grads_named(grads, num_objectives),
-                           ("coeffs", coeffs))
-        return None
-
-    @fake(lib + "gram_weights")
-    def _(G, w, method, c):
-        checks.same_device("gram_weights", ("G", G), ("w", w))
-        return G.new_empty((G.shape[0],), dtype=acc_dtype(G.dtype))
-
-    def dpo_setup(ctx, inputs, output):
-        pc, _, _, _, _, _, lc, lr = inputs
-        ctx.mark_non_differentiable(output[1])
-        ctx.save_for_backward(output[1], pc, lc, lr)
-
-    def dpo_backward(ctx, g_losses, g_coef):
-        coef, pc, lc, lr = ctx.saved_tensors
-        if g_losses is None:
-            return (None,) * 8
-        gc, gr = torch.ops.pama_ext.multi_dpo_loss_backward(g_losses, coef, pc, lc, lr)
-        need = ctx.needs_input_grad
-        return (gc, -gr if need[1] else None, -gc if need[2] else None, gr, None, None, None, None)
-
-    torch.library.register_autograd(lib + "multi_dpo_loss", dpo_backward, setup_context=dpo_setup)
-    backward, setup = not_twice_differentiable("multi_dpo_loss")
-    torch.library.register_autograd(lib + "multi_dpo_loss_backward", backward, setup_context=setup)
-
-
-if _native.available("multi_dpo_loss"):
-    _register()

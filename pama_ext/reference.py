@@ -377,8 +377,12 @@ def multi_dpo_loss(
 
     losses[i] = mean_b -log sigmoid(beta * s_ib * h_b) (a tie s = 0 gives log 2 and no gradient);
     coef[i, b] = dL_i/dh_b = -(beta/B) * s_ib * sigmoid(-beta * s_ib * h_b) (detached). An empty
-    batch (B = 0) gives zero losses.
+    batch (B = 0) gives zero losses. Computed in the accumulation dtype of the log-probs (float32, or
+    float64 for float64 inputs), as the kernels do.
     """
+    acc = acc_dtype(policy_chosen_logps.dtype)
+    policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps = (
+        x.to(acc) for x in (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps))
     h = dpo_margins(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
                     chosen_lengths, rejected_lengths)
     s = label_signs(labels, h.dtype)
