@@ -13,6 +13,7 @@ from . import distributed, functional, vocab
 from ._native import NATIVE_AVAILABLE, NATIVE_ERROR
 from . import pareto
 from .losses import MultiValueLoss, PamaPolicyLoss
+from .fused_linear import fused_linear_logp, fused_linear_policy_loss
 from .ops import (
     has_cuda_kernels,
     multi_gae,
@@ -45,6 +46,8 @@ __all__ = [
     "objective_stats",
     "pareto_weights",
     "pama_policy_loss",
+    "fused_linear_logp",
+    "fused_linear_policy_loss",
     "multi_value_loss",
     "stats_layout",
     "has_cuda_kernels",
