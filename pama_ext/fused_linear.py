@@ -95,6 +95,12 @@ def _chunk_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], acc: torch.
 class _FusedLinearLogp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, ids, out_dtype, chunk, logit_scale, softcap):
+        # the inputs' dtype is the compute dtype: an enclosing autocast does not re-cast the chunks
+        with torch.autocast(hidden.device.type, enabled=False):
+            return _FusedLinearLogp._forward(ctx, hidden, weight, bias, ids, out_dtype, chunk, logit_scale, softcap)
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, bias, ids, out_dtype, chunk, logit_scale, softcap):
         N = hidden.shape[0]
         acc = acc_dtype(hidden.dtype)
         lse = hidden.new_empty((N,), dtype=acc)
@@ -116,6 +122,11 @@ class _FusedLinearLogp(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp):
+        with torch.autocast(grad_logp.device.type, enabled=False):
+            return _FusedLinearLogp._backward(ctx, grad_logp)
+
+    @staticmethod
+    def _backward(ctx, grad_logp):
         hidden, weight, bias, ids, lse = ctx.saved_tensors
         chunk, logit_scale, softcap = ctx.consts
         need_h, need_w, need_b = ctx.needs_input_grad[:3]

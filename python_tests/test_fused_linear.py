@@ -346,3 +346,14 @@ def test_triton_pin_is_one_version():
         pyproject = re.search(r'^triton = \["triton==([^"]+)"\]$', f.read(), re.M)
     assert make and pyproject
     assert make.group(1) == pyproject.group(1) == triton_kernels.TRITON_VERSION
+
+
+def test_autocast_does_not_recast_the_chunks():
+    """Under an enclosing autocast the op computes in its inputs' dtype (float32 here), so the result
+    is the float32 one, not a bf16 matmul's."""
+    c = make_case(2, 3, 6, 8, 40, dtype=torch.float32, seed=21)
+    plain = pama_ext.fused_linear_logp(c["hidden"], c["weight"], c["bias"], c["token_ids"], chunk_size=5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = pama_ext.fused_linear_logp(c["hidden"], c["weight"], c["bias"], c["token_ids"], chunk_size=5)
+    assert inside.dtype == torch.float32
+    torch.testing.assert_close(inside, plain, rtol=0, atol=0)

@@ -26,7 +26,7 @@ from ..lm.config import (DEVICES, OBJECTIVE_FORMS, TINY, ConfigError, check_numb
                          check_run_fields, coerce_fields, config_dict, dump_yaml, flag, normalize_keys,
                          normalized_weights, option)
 
-__all__ = ["TrainConfig", "Method", "METHOD_TABLE", "METHODS", "GRANULARITIES", "AGGS", "WHITEN_SCOPES",
+__all__ = ["TrainConfig", "Method", "METHOD_TABLE", "METHODS", "GRANULARITIES", "AGGS", "WHITEN_SCOPES", "DTYPES",
            "ConfigError", "load_config", "load_yaml", "dump_yaml", "flag"]
 
 
@@ -62,6 +62,8 @@ METHODS = tuple(METHOD_TABLE)
 GRANULARITIES = vocab.GRANULARITIES
 AGGS = vocab.AGG_MODES
 WHITEN_SCOPES = ("batch", "minibatch", "none")
+#: --dtype: the autocast dtype of the forward passes (fp32: no autocast)
+DTYPES = ("fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -137,6 +139,17 @@ class TrainConfig:
     kl_horizon: float = option(10000.0, "horizon of the adaptive KL controller (in responses)", group="PPO")
     kl_loss_coef: float = option(0.0, "weight of an extra k3 KL loss to the reference (GRPO style; 0 = off)",
                              group="PPO")
+
+    # --- memory and precision --------------------------------------------------------------------
+    dtype: str = option("fp32", "autocast dtype of the model's forward passes (rollout scoring and the update; "
+                              "generation too); the weights, optimizer state, losses and statistics stay float32",
+                    choices=DTYPES, group="memory and precision")
+    gradient_checkpointing: bool = option(False, "recompute each transformer block's activations in the backward "
+                                                 "instead of keeping them (the model's own checkpointing; dropout "
+                                                 "stays off)", group="memory and precision")
+    fused_linear: bool = option(False, "the policy's log-probs from pama_ext.fused_linear_logp: the [B, T, V] "
+                                       "logits are never materialised (chunks of tokens; one extra output-layer "
+                                       "matmul in the backward)", group="memory and precision")
 
     # --- generation ------------------------------------------------------------------------------
     max_new_tokens: int = option(32, "maximum response length in tokens", group="generation")
