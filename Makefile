@@ -30,7 +30,7 @@ CUDA_TORCH_SPEC ?= torch==2.11.0
 CUDA_VENV ?= .venv-cuda
 CUDA_HOME ?= $(shell NVCC=$(NVCC) bash tools/cuda_home.sh)
 PYTEST_ARGS ?=
-TRAIN_DEPS ?= transformers tokenizers vaderSentiment pyyaml tqdm matplotlib
+TRAIN_DEPS ?= transformers tokenizers vaderSentiment pyyaml tqdm matplotlib peft==0.21.2
 # the TRL adapter's tests run trl itself (its own deps: accelerate, datasets; torch and transformers are kept)
 INTEGRATION_DEPS ?= trl==1.16.0
 # the Triton epilogue of the fused output layer (pama_ext/triton_kernels.py): its tests run the kernels under
@@ -74,7 +74,7 @@ install: $(VENV_STAMP)
 	@$(PY) -c "import pytest, hypothesis, expecttest, numpy, scipy, ninja, setuptools, wheel" 2>/dev/null || \
 		$(PY) -m pip install -q pytest hypothesis expecttest numpy scipy ninja setuptools wheel || \
 		echo "make: WARNING: could not install the test dependencies (no package registry?); using what is installed"
-	@$(PY) -c "import transformers, tokenizers, vaderSentiment, yaml, tqdm, matplotlib" 2>/dev/null || \
+	@$(PY) -c "import transformers, tokenizers, vaderSentiment, yaml, tqdm, matplotlib, peft" 2>/dev/null || \
 		$(PY) -m pip install -q $(TRAIN_DEPS) || \
 		echo "make: WARNING: could not install the trainer dependencies; the trainer tests and make demo will not run"
 	@$(PY) -c "import trl, datasets, accelerate" 2>/dev/null || \

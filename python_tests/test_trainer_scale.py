@@ -34,6 +34,7 @@ def run(world_cache, tmp_path, monkeypatch):
         def init(self, cfg, policy, *a, **k):
             real_init(self, cfg, policy, *a, **k)
             seen["policy"] = policy
+            seen["trainer"] = self
             if probe is not None:
                 probe(policy, seen)
 
@@ -136,3 +137,59 @@ def test_dtype_names_are_one_list():
 def test_bad_dtype_names_the_flag():
     with pytest.raises(ConfigError, match="--dtype"):
         TrainConfig(dtype="fp8").validate()
+
+
+# ------------------------------------------------------------------------------------------------
+# LoRA (peft)
+# ------------------------------------------------------------------------------------------------
+def test_lora_trains_adapters_against_the_disabled_adapter_reference(run, world_cache, tmp_path):
+    pytest.importorskip("peft")
+    import pathlib
+
+    from pama_ext.lm.hf import load_lm
+    from pama_ext.lm.lora import AdapterDisabled, is_lora
+    from pama_ext.lm.policy import reference_logp
+
+    r, policy, seen = run(lora_r=4, lora_alpha=8.0, steps=2)
+    trainer = seen["trainer"]
+    assert isinstance(trainer.ref_lm, AdapterDisabled) and is_lora(policy.lm)
+    trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or n.startswith("value_heads") for n in trainable), trainable
+    base_path = next(pathlib.Path(world_cache).glob("*/config.json")).parent
+    base = load_lm(str(base_path), "cpu").eval()
+    base_sd = base.state_dict()
+    for n, p in policy.lm.named_parameters():  # the frozen weights are the base model's, untouched
+        if not p.requires_grad:
+            key = n.replace(".base_layer", "")
+            torch.testing.assert_close(p, base_sd[key], rtol=0, atol=0)
+    ro = trainer.last_rollout
+    T = ro.mask.shape[1]
+    with torch.no_grad():
+        ref = reference_logp(trainer.ref_lm, ro.input_ids, ro.attention_mask, T)
+        want = reference_logp(base, ro.input_ids, ro.attention_mask, T)
+        pol = policy(ro.input_ids, ro.attention_mask, T).logp
+    torch.testing.assert_close(ref, want, rtol=1e-5, atol=1e-5)  # the reference is the base model
+    assert (pol - want).abs().max() > 1e-4, "the adapters did not change the policy"
+    # the checkpoint is a plain LM with the adapters merged: it scores as the policy does
+    saved = load_lm(str(pathlib.Path(r["output_dir"]) / "checkpoint"), "cpu").eval()
+    assert not is_lora(saved)
+    with torch.no_grad():
+        torch.testing.assert_close(reference_logp(saved, ro.input_ids, ro.attention_mask, T), pol,
+                                   rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(lora_r=-1), "--lora-r"),
+    (dict(lora_r=4, lora_alpha=0.0), "--lora-alpha"),
+    (dict(lora_r=4, resume=True), "--resume: not supported with --lora-r"),
+    (dict(lora_targets=[]), "--lora-targets"),
+])
+def test_bad_lora_settings_name_the_flag(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**changes).validate()
+
+
+def test_lora_unknown_target_names_the_flag(run):
+    pytest.importorskip("peft")
+    with pytest.raises(ValueError, match="--lora-targets"):
+        run(lora_r=2, lora_targets=["no_such_module"])

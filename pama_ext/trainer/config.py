@@ -147,6 +147,13 @@ class TrainConfig:
     gradient_checkpointing: bool = option(False, "recompute each transformer block's activations in the backward "
                                                  "instead of keeping them (the model's own checkpointing; dropout "
                                                  "stays off)", group="memory and precision")
+    lora_r: int = option(0, "LoRA rank of the policy's adapters (through peft; 0: full fine-tuning). The reference "
+                            "policy is the same model with its adapters off (no copy of the weights)",
+                     group="memory and precision")
+    lora_alpha: float = option(16.0, "LoRA alpha (the adapters' scale is alpha / r)", group="memory and precision")
+    lora_targets: Optional[List[str]] = option(None, "module names the adapters go on (default: peft's for the "
+                                                     "architecture, e.g. c_attn for GPT-2)",
+                                               group="memory and precision", metavar="NAME")
     fused_linear: bool = option(False, "the policy's log-probs from pama_ext.fused_linear_logp: the [B, T, V] "
                                        "logits are never materialised (chunks of tokens; one extra output-layer "
                                        "matmul in the backward)", group="memory and precision")
@@ -278,6 +285,15 @@ class TrainConfig:
         if self.world_size > 1:
             self._validate_data_parallel()
         check_run_fields(self)
+        if self.lora_r < 0:
+            raise ConfigError(f"--lora-r: expected an integer >= 0 (0: no LoRA); got {self.lora_r!r}")
+        if self.lora_r:
+            positive("lora_alpha")
+            if self.resume:
+                raise ConfigError("--resume: not supported with --lora-r (the checkpoint holds the merged weights, "
+                                  "not the base model and its adapters)")
+        if self.lora_targets is not None and not self.lora_targets:
+            raise ConfigError("--lora-targets: expected at least one module name (or leave it unset)")
         if self.resume and self.overwrite:
             raise ConfigError("--resume: cannot be combined with --overwrite")
 
