@@ -69,7 +69,8 @@ def epilogue_backward(logits: Tensor, ids: Tensor, lse: Tensor, g: Tensor) -> Te
 
 
 def _use_triton(t: Tensor) -> bool:
-    if t.device.type != "cuda":
+    """The Triton epilogue for CUDA tensors with a float32 epilogue (float64 stays PyTorch)."""
+    if t.device.type != "cuda" or acc_dtype(t.dtype) != torch.float32:
         return False
     from . import triton_kernels
 
@@ -132,7 +133,7 @@ class _FusedLinearLogp(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         N = hidden.shape[0]
         acc = acc_dtype(hidden.dtype)
-        g = grad_logp.to(acc)
+        g = grad_logp.to(acc).contiguous()  # e.g. the expanded gradient of logp.sum()
         grad_h = torch.empty_like(hidden) if need_h else None
         # low-precision weights: a float32 accumulator, cast once at the end
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None

@@ -282,6 +282,7 @@ def test_triton_interpreter_epilogue(tmp_path):
     epilogue; then the whole fused op routed through them against the composition."""
     _subprocess("""
         import torch
+        import pama_ext
         from pama_ext import fused_linear as fl, triton_kernels as tk
         import test_fused_linear as t
         assert tk.AVAILABLE
@@ -307,6 +308,12 @@ def test_triton_interpreter_epilogue(tmp_path):
         torch.testing.assert_close(got[0].double(), want[0], rtol=1e-4, atol=1e-5)
         for k in got[2]:
             torch.testing.assert_close(got[2][k].double(), want[2][k], rtol=1e-4, atol=1e-5)
+        # logp.sum(): an expanded (stride 0) incoming gradient
+        h = c["hidden"].clone().requires_grad_(True)
+        pama_ext.fused_linear_logp(h, c["weight"], c["bias"], c["token_ids"], chunk_size=4).sum().backward()
+        h64 = c64["hidden"].clone().requires_grad_(True)
+        t.unfused_logp(h64, c64["weight"], c64["bias"], c["token_ids"]).sum().backward()
+        torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-4, atol=1e-5)
         print("ok")
     """, tmp_path, interpret=True)
 
