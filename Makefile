@@ -30,9 +30,12 @@ CUDA_TORCH_SPEC ?= torch==2.11.0
 CUDA_VENV ?= .venv-cuda
 CUDA_HOME ?= $(shell NVCC=$(NVCC) bash tools/cuda_home.sh)
 PYTEST_ARGS ?=
-TRAIN_DEPS ?= transformers tokenizers vaderSentiment pyyaml tqdm matplotlib
+TRAIN_DEPS ?= transformers tokenizers vaderSentiment pyyaml tqdm matplotlib peft==0.21.2
 # the TRL adapter's tests run trl itself (its own deps: accelerate, datasets; torch and transformers are kept)
 INTEGRATION_DEPS ?= trl==1.16.0
+# the Triton epilogue of the fused output layer (pama_ext/triton_kernels.py): its tests run the kernels under
+# TRITON_INTERPRET=1 on CPU tensors and compile them for sm_80 / sm_90 without a GPU (the pin is theirs)
+TRITON_VERSION ?= 3.9.0
 # make verl-deps / test-verl: verl in a venv of its own, because verl 0.9.1 pins transformers<5.11 (and
 # tensordict<=0.10, omegaconf<2.4 through hydra-core) while the project's venv has newer ones. verl's own
 # requirements are resolved by pip together with TORCH_SPEC; the rest of VERL_DEPS are the packages of verl's
@@ -71,12 +74,15 @@ install: $(VENV_STAMP)
 	@$(PY) -c "import pytest, hypothesis, expecttest, numpy, scipy, ninja, setuptools, wheel" 2>/dev/null || \
 		$(PY) -m pip install -q pytest hypothesis expecttest numpy scipy ninja setuptools wheel || \
 		echo "make: WARNING: could not install the test dependencies (no package registry?); using what is installed"
-	@$(PY) -c "import transformers, tokenizers, vaderSentiment, yaml, tqdm, matplotlib" 2>/dev/null || \
+	@$(PY) -c "import transformers, tokenizers, vaderSentiment, yaml, tqdm, matplotlib, peft" 2>/dev/null || \
 		$(PY) -m pip install -q $(TRAIN_DEPS) || \
 		echo "make: WARNING: could not install the trainer dependencies; the trainer tests and make demo will not run"
 	@$(PY) -c "import trl, datasets, accelerate" 2>/dev/null || \
 		$(PY) -m pip install -q $(INTEGRATION_DEPS) || \
 		echo "make: WARNING: could not install trl; the TRL integration tests will be skipped"
+	@$(PY) -c "import sys, triton; sys.exit(triton.__version__ != '$(TRITON_VERSION)')" 2>/dev/null || \
+		$(PY) -m pip install -q "triton==$(TRITON_VERSION)" || \
+		echo "make: WARNING: could not install triton==$(TRITON_VERSION); the Triton kernel tests will be skipped"
 	$(MAKE) build VENV="$(VENV)" PYTHON="$(PYTHON)"
 
 # the extension, built in place and installed editable into the interpreter given (here and in verl-deps)

@@ -13,6 +13,7 @@ from . import distributed, functional, vocab
 from ._native import NATIVE_AVAILABLE, NATIVE_ERROR
 from . import ops, pareto, preference
 from .losses import MultiValueLoss, PamaPolicyLoss
+from .fused_linear import fused_linear_logp, fused_linear_policy_loss
 from .ops import (
     has_cuda_kernels,
     multi_gae,
@@ -40,6 +41,8 @@ __all__ = [
     "NATIVE_ERROR",
     "PamaPolicyLoss",
     "MultiValueLoss",
+    "fused_linear_logp",
+    "fused_linear_policy_loss",
     *ops.__all__,
     *preference.__all__,
 ]

@@ -19,6 +19,16 @@ def policy_loss_options() -> Dict[str, Any]:
             if p.kind is inspect.Parameter.KEYWORD_ONLY and k not in ("prefs", "group")}
 
 
+def check_policy_loss_options(caller: str, options: Dict[str, Any]) -> None:
+    """Raise a TypeError naming the keys of ``options`` that are not options of
+    :func:`pama_ext.ops.pama_policy_loss` (:func:`policy_loss_options`)."""
+    known = policy_loss_options()
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise TypeError(f"{caller}: unknown option(s) {unknown}; the options of pama_policy_loss are "
+                        f"{sorted(known)} (and prefs, group)")
+
+
 class PamaPolicyLoss(nn.Module):
     """Multi-objective Noon-PPO / PAMA policy loss as a module.
 
@@ -34,11 +44,8 @@ class PamaPolicyLoss(nn.Module):
 
     def __init__(self, *, prefs: Optional[Tensor] = None, group: Optional[Any] = None, **options: Any) -> None:
         super().__init__()
+        check_policy_loss_options("PamaPolicyLoss", options)
         known = policy_loss_options()
-        unknown = sorted(set(options) - set(known))
-        if unknown:
-            raise TypeError(f"PamaPolicyLoss: unknown option(s) {unknown}; the options of pama_policy_loss are "
-                            f"{sorted(known)} (and prefs, group)")
         self.group = group  # torch.distributed process group of a sharded batch (docs/distributed.md)
         self.options = {**known, **options}
         self.register_buffer("prefs", None if prefs is None else torch.as_tensor(prefs), persistent=False)

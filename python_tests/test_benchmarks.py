@@ -149,3 +149,18 @@ def test_no_benchmark_imports_a_private_name_from_another_module():
             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.attr.startswith("_") \
                     and not node.attr.startswith("__") and node.value.id not in ("torch", "self", "os", "sys"):
                 pytest.fail(f"{path.name} uses {node.value.id}.{node.attr}")
+
+
+def test_fused_linear_suite_runs(tmp_path):
+    """pama-ext bench fused-linear on tiny shapes: every implementation measured (liger skipped with
+    its reason where liger-kernel is not installed), the table written."""
+    _run("fused_linear", "--hidden", "16", "--vocabs", "64", "--tokens", "32", "--seq-len", "16", "--ns", "1",
+         "--repeats", "1", "--out", str(tmp_path))
+    rows = _rows(tmp_path / "bench_fused_linear_cpu.csv")
+    assert {r["impl"] for r in rows} == {"unfused", "liger", "fused"}
+    for r in rows:
+        ok = r["status"] == "ok" or (r["impl"] == "liger" and "not installed" in r["reason"])
+        assert ok, r
+        if r["status"] == "ok":
+            assert float(r["median_ms"]) > 0 and float(r["peak_rss_mb"]) > 0
+    assert (tmp_path / "bench_fused_linear_cpu.md").is_file()

@@ -5,7 +5,7 @@ Run a suite with ``pama-ext bench SUITE [options]`` or ``python -m pama_ext.benc
 ``pama-ext bench SUITE --help`` lists its options. Results go to ``--out`` (default: a source
 checkout's benchmarks/results/, else ./bench_results/). Layout: common.py (timing, inputs, rows,
 files), baselines.py (the baselines, defined once), one module per op family (policy_loss, gae,
-stats, value_loss, token_rewards, dpo_loss, gradient_gram, gram_solvers, headline, e2e; models.py
+stats, value_loss, token_rewards, dpo_loss, gradient_gram, gram_solvers, fused_linear, headline, e2e; models.py
 holds the GPT-2 of the last two) and the drivers below.
 """
 from __future__ import annotations
@@ -18,6 +18,8 @@ SUITES = {
                          "full-gradient MGDA), e2e (share of a PPO step); --cpu for the model sections"),
     "gradient-gram": ("gradient_gram", "gradient_gram + combine_gradients vs the concatenate-and-matmul step"),
     "gram-solvers": ("gram_solvers", "the native Gram solvers (mgda, cagrad, pcgrad) vs the reference solvers"),
+    "fused-linear": ("fused_linear", "fused output layer + policy loss vs unfused logits vs Liger's "
+                                     "LigerFusedLinearGRPOLoss: time and peak memory (fresh process per case)"),
     "distributed": ("distributed", "policy + value loss across ranks (gloo / nccl): collective overhead"),
     "plot": ("plot_ops", "re-draw the bench_ops plot from its CSV"),
 }

@@ -50,6 +50,21 @@ def _response_logp(lm_head: nn.Module, h: Tensor, targets: Tensor, temperature: 
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
+def _fused_response_logp(lm_head: nn.Module, h: Tensor, targets: Tensor, temperature: float) -> Tensor:
+    """:func:`_response_logp` through :func:`pama_ext.fused_linear_logp` (no ``[B, T, V]`` logits), in the
+    autocast dtype when autocast is on (as the output layer would run there)."""
+    from ..fused_linear import fused_linear_logp
+
+    weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
+    if torch.is_autocast_enabled(h.device.type):
+        dt = torch.get_autocast_dtype(h.device.type)
+        h, weight = h.to(dt), weight.to(dt)
+        bias = None if bias is None else bias.to(dt)
+    elif h.dtype != weight.dtype:
+        h = h.to(weight.dtype)
+    return fused_linear_logp(h, weight, bias, targets, logit_scale=1.0 / temperature)
+
+
 def _trunk(lm: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     out = lm.base_model(input_ids=input_ids, attention_mask=attention_mask,
                         position_ids=position_ids_from_mask(attention_mask), use_cache=False)
@@ -66,8 +81,28 @@ class PolicyWithValueHeads(nn.Module):
         nn.init.zeros_(self.value_heads.weight)
         nn.init.zeros_(self.value_heads.bias)
         self.value_heads.to(next(lm.parameters()).device)
+        #: log-probs through pama_ext.fused_linear_logp (the logits never materialised); --fused-linear
+        self.fused_linear = False
+        self._checkpointed: list = []
         if check:
             self._check_logits()
+
+    def enable_gradient_checkpointing(self) -> None:
+        """The LM's own gradient checkpointing (``gradient_checkpointing_enable``), active whether or not
+        the policy is in training mode: :meth:`forward` sets ``training = True`` on the checkpointed blocks
+        themselves (their switch; their dropout submodules stay as they are, off under the trainer's
+        ``eval()``), since generation and ``eval()`` reset it."""
+        if not getattr(self.lm, "supports_gradient_checkpointing", False):
+            raise ValueError(f"--gradient-checkpointing: {type(self.lm).__name__} does not support gradient "
+                             "checkpointing")
+        kwargs = {"use_reentrant": False}
+        if hasattr(self.lm, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+            self.lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        self._checkpointed = [m for m in self.lm.modules() if getattr(m, "gradient_checkpointing", False) is True]
+        if not self._checkpointed:
+            raise ValueError(f"--gradient-checkpointing: no checkpointable block found in {type(self.lm).__name__}")
 
     @property
     def n_heads(self) -> int:
@@ -89,9 +124,12 @@ class PolicyWithValueHeads(nn.Module):
         """``input_ids``/``attention_mask``: ``[B, P + T]`` (prompt left-padded, then the response)."""
         T = response_len
         L = input_ids.shape[1]
+        for m in self._checkpointed:  # the blocks' checkpointing switch (only acts when gradients are on)
+            m.training = True
         h_all = _trunk(self.lm, input_ids, attention_mask)
         h = h_all[:, L - T - 1:L - 1]  # positions that predict the response tokens
-        logp = _response_logp(self.lm.get_output_embeddings(), h, input_ids[:, L - T:], temperature)
+        response_logp = _fused_response_logp if self.fused_linear else _response_logp
+        logp = response_logp(self.lm.get_output_embeddings(), h, input_ids[:, L - T:], temperature)
         values = self.value_heads(h).float().permute(2, 0, 1) if with_values else None
         return PolicyOutput(logp=logp, values=values, hidden=h)
 

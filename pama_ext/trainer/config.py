@@ -26,7 +26,7 @@ from ..lm.config import (DEVICES, OBJECTIVE_FORMS, TINY, ConfigError, check_numb
                          check_run_fields, coerce_fields, config_dict, dump_yaml, flag, normalize_keys,
                          normalized_weights, option)
 
-__all__ = ["TrainConfig", "Method", "METHOD_TABLE", "METHODS", "GRANULARITIES", "AGGS", "WHITEN_SCOPES",
+__all__ = ["TrainConfig", "Method", "METHOD_TABLE", "METHODS", "GRANULARITIES", "AGGS", "WHITEN_SCOPES", "DTYPES",
            "ConfigError", "load_config", "load_yaml", "dump_yaml", "flag"]
 
 
@@ -62,6 +62,8 @@ METHODS = tuple(METHOD_TABLE)
 GRANULARITIES = vocab.GRANULARITIES
 AGGS = vocab.AGG_MODES
 WHITEN_SCOPES = ("batch", "minibatch", "none")
+#: --dtype: the autocast dtype of the forward passes (fp32: no autocast)
+DTYPES = ("fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -137,6 +139,24 @@ class TrainConfig:
     kl_horizon: float = option(10000.0, "horizon of the adaptive KL controller (in responses)", group="PPO")
     kl_loss_coef: float = option(0.0, "weight of an extra k3 KL loss to the reference (GRPO style; 0 = off)",
                              group="PPO")
+
+    # --- memory and precision --------------------------------------------------------------------
+    dtype: str = option("fp32", "autocast dtype of the model's forward passes (rollout scoring and the update; "
+                              "generation too); the weights, optimizer state, losses and statistics stay float32",
+                    choices=DTYPES, group="memory and precision")
+    gradient_checkpointing: bool = option(False, "recompute each transformer block's activations in the backward "
+                                                 "instead of keeping them (the model's own checkpointing; dropout "
+                                                 "stays off)", group="memory and precision")
+    lora_r: int = option(0, "LoRA rank of the policy's adapters (through peft; 0: full fine-tuning). The reference "
+                            "policy is the same model with its adapters off (no copy of the weights)",
+                     group="memory and precision")
+    lora_alpha: float = option(16.0, "LoRA alpha (the adapters' scale is alpha / r)", group="memory and precision")
+    lora_targets: Optional[List[str]] = option(None, "module names the adapters go on (default: peft's for the "
+                                                     "architecture, e.g. c_attn for GPT-2)",
+                                               group="memory and precision", metavar="NAME")
+    fused_linear: bool = option(False, "the policy's log-probs from pama_ext.fused_linear_logp: the [B, T, V] "
+                                       "logits are never materialised (chunks of tokens; one extra output-layer "
+                                       "matmul in the backward)", group="memory and precision")
 
     # --- generation ------------------------------------------------------------------------------
     max_new_tokens: int = option(32, "maximum response length in tokens", group="generation")
@@ -265,6 +285,15 @@ class TrainConfig:
         if self.world_size > 1:
             self._validate_data_parallel()
         check_run_fields(self)
+        if self.lora_r < 0:
+            raise ConfigError(f"--lora-r: expected an integer >= 0 (0: no LoRA); got {self.lora_r!r}")
+        if self.lora_r:
+            positive("lora_alpha")
+            if self.resume:
+                raise ConfigError("--resume: not supported with --lora-r (the checkpoint holds the merged weights, "
+                                  "not the base model and its adapters)")
+        if self.lora_targets is not None and not self.lora_targets:
+            raise ConfigError("--lora-targets: expected at least one module name (or leave it unset)")
         if self.resume and self.overwrite:
             raise ConfigError("--resume: cannot be combined with --overwrite")
 

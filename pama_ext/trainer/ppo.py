@@ -34,6 +34,7 @@ stratified sample over the shards rather than one process's consecutive permutat
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -52,7 +53,10 @@ from ..lm.rollout import GenSettings, Rollout, collect_rollout
 from ..lm.seeding import EpochSampler, derive_seed
 from .config import TrainConfig
 
-__all__ = ["AdaptiveKLController", "PPOTrainer", "masked_whiten"]
+__all__ = ["AdaptiveKLController", "PPOTrainer", "masked_whiten", "AUTOCAST_DTYPES"]
+
+#: --dtype -> the autocast dtype (None: no autocast)
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class AdaptiveKLController:
@@ -104,6 +108,9 @@ class PPOTrainer:
         self.group = group
         self.world = dp.world_size(group)
         self.rank = 0 if group is None else torch.distributed.get_rank(group)
+        policy.fused_linear = bool(cfg.fused_linear)
+        if cfg.gradient_checkpointing:
+            policy.enable_gradient_checkpointing()
         self.model = policy  # what the update's forward runs through (DDP under torchrun)
         if group is not None:
             from torch.nn.parallel import DistributedDataParallel
@@ -133,6 +140,14 @@ class PPOTrainer:
         self.prompt_order.load_state_dict(s)
 
     # --------------------------------------------------------------------------------------------
+    def autocast(self):
+        """The forward passes' precision (``--dtype``): autocast to bf16 / fp16, nothing for fp32. The
+        parameters, optimizer and losses stay float32 (the policy returns float32 log-probs and values)."""
+        dt = AUTOCAST_DTYPES[self.cfg.dtype]
+        if dt is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dt)
+
     def _loss_kwargs(self) -> Dict:
         c = self.cfg
         return dict(eps_lo=c.cliprange, eps_hi=c.eps_hi, dual_clip=c.dual_clip, agg=c.agg, check_finite=False,
@@ -214,9 +229,10 @@ class PPOTrainer:
         if bar is not None:
             bar.reset(total=per)
         gen_chunk = min(c.rollout_chunk, per)
-        ro: Rollout = collect_rollout(self.policy, self.ref_lm, self.tokenizer, prompts, self.gen_settings,
-                                      derive_seed(c.seed, "rollout", self.step_idx), c.max_prompt_tokens,
-                                      c.minibatch_size, bar=bar, gen_chunk=gen_chunk, first_chunk=lo // gen_chunk)
+        with self.autocast():
+            ro: Rollout = collect_rollout(self.policy, self.ref_lm, self.tokenizer, prompts, self.gen_settings,
+                                          derive_seed(c.seed, "rollout", self.step_idx), c.max_prompt_tokens,
+                                          c.minibatch_size, bar=bar, gen_chunk=gen_chunk, first_chunk=lo // gen_chunk)
         t1 = time.perf_counter()
         scores = score_all(self.objectives, ro.prompts, ro.responses).to(dev)  # [n, B]
         t2 = time.perf_counter()
@@ -305,7 +321,8 @@ class PPOTrainer:
         ids, am, mask = ro.input_ids[idx], ro.attention_mask[idx], ro.mask[idx]
         old_logp, ref_logp = ro.old_logp[idx], ro.ref_logp[idx]
         temp = c.temperature
-        out = self.model(ids, am, T, temperature=temp, with_values=True)
+        with self.autocast():
+            out = self.model(ids, am, T, temperature=temp, with_values=True)
         pg, pm, mgda_parts = self.policy_loss(out.logp, old_logp, adv[:, idx], mask, ref_logp, out.hidden,
                                               whiten_in_op)
         vl, vm = ops.multi_value_loss(out.values, ro.values[:, idx], ret[:, idx], mask, clip=c.cliprange_value,

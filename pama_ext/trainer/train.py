@@ -112,7 +112,13 @@ def save_checkpoint(out: Path, policy, tokenizer, trainer, cfg: TrainConfig, ext
 
     def write(tmp: Path) -> Dict[str, Any]:
         with hf_quiet():
-            policy.lm.save_pretrained(str(tmp))
+            peft_model = getattr(trainer.ref_lm, "peft_model", None)  # a LoRA run (lm.lora.AdapterDisabled)
+            if peft_model is not None:  # a plain LM: the adapters merged into a copy of the weights
+                from ..lm.lora import merged_copy
+
+                merged_copy(peft_model).save_pretrained(str(tmp))
+            else:
+                policy.lm.save_pretrained(str(tmp))
             tokenizer.save_pretrained(str(tmp))
         torch.save(policy.value_heads.state_dict(), tmp / "value_heads.pt")
         torch.save({"format": STATE_FORMAT, "trainer": trainer.state_dict(), "rng": rng_states(),
@@ -311,8 +317,15 @@ def _train(cfg: TrainConfig, out: Optional[Path], device, group, t_start: float)
     objectives = build_objectives(cfg, device=str(device))
     names = [o.name for o in objectives]
     tokenizer = load_tokenizer(cfg.tokenizer or model_path)
-    ref_lm = frozen_copy(load_lm(model_path, device))
     lm = load_lm(str(ck), device) if cfg.resume else load_lm(model_path, device)
+    if cfg.lora_r:  # the reference is the same model with its adapters off
+        from ..lm import lora
+
+        peft_model = lora.add_lora(lm, cfg.lora_r, cfg.lora_alpha, cfg.lora_targets)
+        ref_lm = lora.AdapterDisabled(peft_model)
+        lm = peft_model.get_base_model()
+    else:
+        ref_lm = frozen_copy(load_lm(model_path, device))
     policy = PolicyWithValueHeads(lm, cfg.n_heads).to(device)
     trainer = PPOTrainer(cfg, policy, ref_lm, tokenizer, objectives, train_prompts, device, group=group)
     if main:

@@ -1,0 +1,230 @@
+"""Fused output layer + policy loss (``pama_ext.fused_linear_policy_loss``) against the unfused
+composition and Liger-Kernel's ``LigerFusedLinearGRPOLoss``, forward + backward, time and peak memory.
+
+Implementations (one fresh child process per case, so that each peak is that case's alone):
+
+* ``unfused``: ``logits = hidden @ weightᵀ`` ([B, T, V]), ``log_softmax``, gather, ``pama_policy_loss``;
+* ``liger`` (n = 1 only): ``LigerFusedLinearGRPOLoss(beta=0, use_ref_model=False, chunk_size=1,
+  compiled=--liger-compiled)``, sequence-level advantages ``[B]``, its default ``dapo`` loss (a token mean);
+* ``fused``: ``fused_linear_policy_loss`` (default chunk).
+
+At n = 1 the pama_ext losses run the single-objective PPO loss Liger runs (method linear, whiten and
+noon off, no dual clip, token-mean, the advantage of each row broadcast over its tokens); at n > 1
+the default PAMA options (token granularity, whitening, Noon).
+
+Peak memory: the child's resident-set high-water mark (``VmHWM``, reset through
+``/proc/self/clear_refs`` after the inputs exist) above its resident set before the first call, with
+glibc returning large blocks to the system (common.malloc_returns_large_blocks); ``peak_rss_mb`` is
+the child's whole ``ru_maxrss``. Time: median of ``--repeats`` calls after that first one.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from typing import Dict, List
+
+import torch
+
+from . import common
+
+IMPLS = ("unfused", "liger", "fused")
+MODULE = "pama_ext.benchmarks.fused_linear"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--hidden", type=int, default=768, help="H (default 768)")
+    p.add_argument("--vocabs", default="32768,131072", help="comma list of V (default 32768,131072)")
+    p.add_argument("--tokens", default="2048,4096,8192,16384,32768,65536",
+                   help="comma list of B·T (default 2k to 64k)")
+    p.add_argument("--seq-len", type=int, default=512, help="T; B = tokens / T (default 512)")
+    p.add_argument("--ns", default="1,2,4", help="comma list of n (default 1,2,4; liger runs at n = 1)")
+    p.add_argument("--impls", default=",".join(IMPLS), help=f"comma list of {IMPLS}")
+    p.add_argument("--repeats", type=int, default=2, help="timed calls after the first (default 2)")
+    p.add_argument("--max-gb", type=float, default=20.0,
+                   help="skip a case whose estimated peak exceeds this many GB (default 20)")
+    p.add_argument("--case-timeout", type=float, default=1800.0, help="seconds per case (default 1800)")
+    p.add_argument("--liger-compiled", action="store_true", help="Liger with compiled=True (torch.compile)")
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads in the children (0: default)")
+    p.add_argument("--quick", action="store_true", help="smoke run: V = 32768, B·T = 1024, 2048, n = 1, 4, 1 repeat")
+    p.add_argument("--out", default=common.RESULTS_DIR, help=f"output folder (default {common.RESULTS_DIR})")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--case", default=None, help=argparse.SUPPRESS)  # child mode: impl,n,V,tokens
+    return p
+
+
+def parse_args(argv=None):
+    return add_arguments(argparse.ArgumentParser(description=__doc__.split("\n")[0])).parse_args(argv)
+
+
+def estimate_gb(impl: str, n: int, V: int, tokens: int, H: int) -> float:
+    """Rough peak of a case (float32): inputs, weight + its gradient, and the logits the unfused path keeps."""
+    base = 4 * (2 * tokens * H + 2 * V * H + (n + 4) * tokens) / 1e9
+    if impl == "unfused":
+        return base + 3 * 4 * tokens * V / 1e9
+    return base + 2 * 4 * 4096 * V / 1e9
+
+
+# ------------------------------------------------------------------------------------------------
+# child: one case
+# ------------------------------------------------------------------------------------------------
+def make_case(impl: str, n: int, V: int, tokens: int, args):
+    import pama_ext
+
+    T = min(args.seq_len, tokens)
+    B = tokens // T
+    H = args.hidden
+    g = torch.Generator().manual_seed(args.seed)
+    hidden = torch.randn(B, T, H, generator=g).requires_grad_(True)
+    weight = (0.02 * torch.randn(V, H, generator=g)).requires_grad_(True)
+    ids = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.ones(B, T)
+    old_logp = -torch.rand(B, T, generator=g) - torch.log(torch.tensor(float(V)))
+    seq_adv = torch.randn(n, B, generator=g)
+    adv = seq_adv.unsqueeze(-1).expand(n, B, T).contiguous()
+    single = dict(method="linear", whiten=False, noon=False, dual_clip=None, agg="token-mean")
+    options = single if n == 1 else {}
+    params = (hidden, weight)
+
+    if impl == "unfused":
+        def call():
+            logits = hidden @ weight.t()
+            logp = torch.log_softmax(logits, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+            return pama_ext.pama_policy_loss(logp, old_logp, adv, mask, **options)[0]
+    elif impl == "fused":
+        def call():
+            return pama_ext.fused_linear_policy_loss(hidden, weight, None, ids, mask, old_logp, adv, **options)[0]
+    elif impl == "liger":
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+        loss_fn = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, chunk_size=1,
+                                           compiled=bool(args.liger_compiled))
+
+        def call():
+            out = loss_fn(hidden, weight, ids, mask, seq_adv[0], old_per_token_logps=old_logp)
+            return out[0] if isinstance(out, tuple) else out
+    else:
+        raise SystemExit(f"unknown impl {impl!r}")
+    return call, params
+
+
+def run_case(args) -> int:
+    impl, n, V, tokens = args.case.split(",")
+    n, V, tokens = int(n), int(V), int(tokens)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    common.malloc_returns_large_blocks()
+    call, params = make_case(impl, n, V, tokens, args)
+
+    def step():
+        for p in params:
+            p.grad = None
+        call().backward()
+
+    extra = common.peak_memory_mb(step, torch.device("cpu"))  # the first call, in this fresh process
+    times = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - t0) * 1e3)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3  # KiB on Linux
+    print(json.dumps(dict(extra_mb=extra, peak_rss_mb=peak, median_ms=statistics.median(times) if times else None,
+                          repeats=len(times))))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# parent: the sweep
+# ------------------------------------------------------------------------------------------------
+def run(args) -> int:
+    if args.case:
+        return run_case(args)
+    if args.quick:
+        vocabs, token_list, ns, repeats = [32768], [1024, 2048], [1, 4], 1
+    else:
+        vocabs, token_list = common.parse_ints(args.vocabs), common.parse_ints(args.tokens)
+        ns, repeats = common.parse_ints(args.ns), args.repeats
+    impls = [i for i in args.impls.split(",") if i]
+    bad = sorted(set(impls) - set(IMPLS))
+    if bad:
+        raise SystemExit(f"--impls: unknown {bad}; choose from {IMPLS}")
+    load = common.load_average(os.getloadavg())
+    desc = common.device_description(torch.device("cpu"))
+    cmd = common.command_line(MODULE)
+    print(f"device: {desc}; load average {load}", flush=True)
+    rows: List[Dict[str, object]] = []
+    for V in vocabs:
+        for tokens in token_list:
+            for n in ns:
+                for impl in impls:
+                    if impl == "liger" and n != 1:
+                        continue
+                    row = dict(impl=impl, n=n, V=V, tokens=tokens, H=args.hidden, T=min(args.seq_len, tokens))
+                    gb = estimate_gb(impl, n, V, tokens, args.hidden)
+                    if impl == "liger" and importlib.util.find_spec("liger_kernel") is None:
+                        row.update(status="skipped", reason="liger-kernel not installed (pip install liger-kernel==0.8.5)")
+                    elif gb > args.max_gb:
+                        row.update(status="skipped", reason=f"estimated {gb:.1f} GB > --max-gb {args.max_gb}")
+                    else:
+                        argv = ["--case", f"{impl},{n},{V},{tokens}", "--hidden", str(args.hidden), "--seq-len",
+                                str(args.seq_len), "--repeats", str(repeats), "--seed", str(args.seed),
+                                "--threads", str(args.threads)] + (["--liger-compiled"] if args.liger_compiled else [])
+                        rc, out, err = common.run_child(MODULE, argv, args.case_timeout)
+                        if rc == 0:
+                            row.update(status="ok", **json.loads(out.strip().splitlines()[-1]))
+                        else:
+                            reason = "timeout" if rc is None else (err.strip().splitlines() or ["?"])[-1][:200]
+                            row.update(status="error", reason=reason)
+                    rows.append(row)
+                    print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+    load_end = common.load_average(os.getloadavg())
+    os.makedirs(args.out, exist_ok=True)
+    csv_path = common.write_csv(rows, "bench_fused_linear", "cpu", args.out)
+    md = table(rows, f"{desc}; load average {load} at the start, {load_end} at the end; `{cmd}`")
+    common.write_text(os.path.join(args.out, "bench_fused_linear_cpu.md"), md)
+    print(md)
+    print(f"wrote {csv_path}")
+    return 0
+
+
+def table(rows: List[Dict[str, object]], header: str) -> str:
+    """Markdown: one line per (V, B·T, n), each implementation's time and extra peak side by side, and
+    the ratios to Liger (n = 1) and to the unfused peak."""
+    def get(V, tokens, n, impl):
+        for r in rows:
+            if (r["V"], r["tokens"], r["n"], r["impl"]) == (V, tokens, n, impl) and r.get("status") == "ok":
+                return r
+        return None
+
+    def fmt(x, unit=""):
+        return "—" if x is None else f"{x:.0f}{unit}"
+
+    lines = [header, "",
+             "| V | B·T | n | unfused ms | liger ms | fused ms | fused / liger(n=1) time | unfused MB | liger MB | "
+             "fused MB | unfused / fused MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    keys = sorted({(r["V"], r["tokens"], r["n"]) for r in rows})
+    for V, tokens, n in keys:
+        u, lg, f = get(V, tokens, n, "unfused"), get(V, tokens, 1, "liger"), get(V, tokens, n, "fused")
+        t_ratio = f["median_ms"] / lg["median_ms"] if f and lg and f.get("median_ms") and lg.get("median_ms") else None
+        m_ratio = u["extra_mb"] / f["extra_mb"] if u and f and u.get("extra_mb") and f.get("extra_mb") else None
+        lines.append(
+            f"| {V} | {tokens} | {n} | {fmt(u and u.get('median_ms'))} | {fmt(lg and n == 1 and lg.get('median_ms') or None)} "
+            f"| {fmt(f and f.get('median_ms'))} | {'—' if t_ratio is None else f'{t_ratio:.2f}x'} "
+            f"| {fmt(u and u.get('extra_mb'))} | {fmt(lg and n == 1 and lg.get('extra_mb') or None)} "
+            f"| {fmt(f and f.get('extra_mb'))} | {'—' if m_ratio is None else f'{m_ratio:.1f}x'} |")
+    lines += ["", "MB: the peak resident set of the first forward + backward above the resident set before it "
+              "(fresh process per case); ms: median of the following calls."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    return run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

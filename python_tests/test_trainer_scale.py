@@ -1,0 +1,195 @@
+"""The trainer's memory and precision options on the tiny world: --fused-linear, --gradient-checkpointing,
+--dtype (and their combination). Each is checked for what it claims: the fused log-probs and the
+checkpointed blocks leave the float32 step unchanged (same metrics, same weights) while the fused path
+never builds the [B, T, V] logits and the blocks really run twice; --dtype runs the forward in the
+autocast dtype and keeps float32 weights."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+pytest.importorskip("vaderSentiment")
+pytest.importorskip("yaml")
+
+from pama_ext.trainer import ppo  # noqa: E402
+from pama_ext.trainer.config import DTYPES, ConfigError, TrainConfig  # noqa: E402
+from pama_testutils import all_finite  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:the cached tiny world:UserWarning")
+
+COMPARED = ("loss", "pg_loss", "vf_loss", "grad_norm", "approx_kl", "clipfrac", "weights")
+
+
+@pytest.fixture
+def run(world_cache, tmp_path, monkeypatch):
+    """train() with small settings; returns (result, the trainer's policy, what the probe recorded)."""
+    from pama_ext.trainer.train import train
+
+    def go(probe=None, **kw):
+        seen = {}
+        real_init = ppo.PPOTrainer.__init__
+
+        def init(self, cfg, policy, *a, **k):
+            real_init(self, cfg, policy, *a, **k)
+            seen["policy"] = policy
+            seen["trainer"] = self
+            if probe is not None:
+                probe(policy, seen)
+
+        monkeypatch.setattr(ppo.PPOTrainer, "__init__", init)
+        d = dict(model="tiny", tiny_world_cache=world_cache, steps=1, batch_size=4, minibatch_size=2, ppo_epochs=1,
+                 max_new_tokens=6, eval_size=4, eval_batch_size=4, output_dir=str(tmp_path / f"run{len(kw)}"),
+                 overwrite=True, progress=False, log_every=0, plots=False, threads=None)
+        d.update(kw)
+        r = train(TrainConfig(**d))
+        monkeypatch.setattr(ppo.PPOTrainer, "__init__", real_init)
+        return r, seen["policy"], seen
+
+    return go
+
+
+def _same_step(a, b, rtol, atol):
+    ma, mb = a[0]["metrics"][0], b[0]["metrics"][0]
+    for k in COMPARED:
+        torch.testing.assert_close(torch.tensor(ma[k], dtype=torch.float64), torch.tensor(mb[k], dtype=torch.float64),
+                                   rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")
+    pa, pb = dict(a[1].named_parameters()), dict(b[1].named_parameters())
+    assert pa.keys() == pb.keys()
+    for k in pa:
+        torch.testing.assert_close(pa[k], pb[k], rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")
+
+
+def _largest_logits(policy, seen):
+    """Records the largest last dimension equal to the vocabulary of any tensor the update's graph holds."""
+    V = policy.lm.get_output_embeddings().weight.shape[0]
+    seen["vocab_tensors"] = 0
+
+    def pack(t):
+        if t.dim() == 3 and t.shape[-1] == V:
+            seen["vocab_tensors"] += 1
+        return t
+
+    seen["hooks"] = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+    seen["hooks"].__enter__()
+
+
+def test_fused_linear_same_step_without_logits(run):
+    plain = run(probe=_largest_logits)
+    plain[2]["hooks"].__exit__(None, None, None)
+    fused = run(probe=_largest_logits, fused_linear=True)
+    fused[2]["hooks"].__exit__(None, None, None)
+    assert plain[2]["vocab_tensors"] > 0, "the probe must see the unfused [B, T, V] logits"
+    assert fused[2]["vocab_tensors"] == 0, "--fused-linear kept a [B, T, V] tensor for the backward"
+    assert fused[1].fused_linear and not plain[1].fused_linear
+    _same_step(fused, plain, rtol=1e-5, atol=1e-6)
+
+
+def _count_block_calls(policy, seen):
+    """Counts the calls of each block's first submodule (its recomputation runs them again)."""
+    seen["calls"] = 0
+    blocks = [m for m in policy.lm.modules() if type(m).__name__.endswith("Block")]
+    assert blocks
+
+    def hook(*_):
+        seen["calls"] += 1
+
+    for b in blocks:
+        next(b.children()).register_forward_hook(hook)
+
+
+def test_gradient_checkpointing_recomputes_and_keeps_the_step(run):
+    plain = run(probe=_count_block_calls)
+    ckpt = run(probe=_count_block_calls, gradient_checkpointing=True)
+    assert ckpt[2]["calls"] > plain[2]["calls"], "no block ran again in the backward"
+    assert ckpt[1]._checkpointed and not plain[1]._checkpointed
+    assert not any(m.training for m in ckpt[1].modules() if isinstance(m, torch.nn.Dropout))
+    _same_step(ckpt, plain, rtol=1e-5, atol=1e-6)
+
+
+def _record_matmul_dtypes(policy, seen):
+    """The output layer's result dtype in the update's forward (the one run with gradients)."""
+    seen["dtypes"] = set()
+    head = policy.lm.get_output_embeddings()
+    head.register_forward_hook(lambda m, i, o: seen["dtypes"].add(o.dtype) if torch.is_grad_enabled() else None)
+
+
+@pytest.mark.parametrize("dtype,torch_dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_dtype_autocasts_the_forward(run, dtype, torch_dtype):
+    r, policy, seen = run(probe=_record_matmul_dtypes, dtype=dtype)
+    assert seen["dtypes"] == {torch_dtype}, seen["dtypes"]
+    assert all(p.dtype == torch.float32 for p in policy.parameters())
+    m = r["metrics"][0]
+    assert all_finite(m) and m["skipped"] == 0
+
+
+def test_all_lean_options_together(run):
+    r, policy, _ = run(dtype="bf16", fused_linear=True, gradient_checkpointing=True, method="mgda-ub")
+    m = r["metrics"][0]
+    assert all_finite(m) and m["skipped"] == 0 and m["updates"] == 2
+
+
+def test_dtype_names_are_one_list():
+    assert set(ppo.AUTOCAST_DTYPES) == set(DTYPES)
+
+
+def test_bad_dtype_names_the_flag():
+    with pytest.raises(ConfigError, match="--dtype"):
+        TrainConfig(dtype="fp8").validate()
+
+
+# ------------------------------------------------------------------------------------------------
+# LoRA (peft)
+# ------------------------------------------------------------------------------------------------
+def test_lora_trains_adapters_against_the_disabled_adapter_reference(run, world_cache, tmp_path):
+    pytest.importorskip("peft")
+    import pathlib
+
+    from pama_ext.lm.hf import load_lm
+    from pama_ext.lm.lora import AdapterDisabled, is_lora
+    from pama_ext.lm.policy import reference_logp
+
+    r, policy, seen = run(lora_r=4, lora_alpha=8.0, steps=2)
+    trainer = seen["trainer"]
+    assert isinstance(trainer.ref_lm, AdapterDisabled) and is_lora(policy.lm)
+    trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or n.startswith("value_heads") for n in trainable), trainable
+    base_path = next(pathlib.Path(world_cache).glob("*/config.json")).parent
+    base = load_lm(str(base_path), "cpu").eval()
+    base_sd = base.state_dict()
+    for n, p in policy.lm.named_parameters():  # the frozen weights are the base model's, untouched
+        if not p.requires_grad:
+            key = n.replace(".base_layer", "")
+            torch.testing.assert_close(p, base_sd[key], rtol=0, atol=0)
+    ro = trainer.last_rollout
+    T = ro.mask.shape[1]
+    with torch.no_grad():
+        ref = reference_logp(trainer.ref_lm, ro.input_ids, ro.attention_mask, T)
+        want = reference_logp(base, ro.input_ids, ro.attention_mask, T)
+        pol = policy(ro.input_ids, ro.attention_mask, T).logp
+    torch.testing.assert_close(ref, want, rtol=1e-5, atol=1e-5)  # the reference is the base model
+    assert (pol - want).abs().max() > 1e-4, "the adapters did not change the policy"
+    # the checkpoint is a plain LM with the adapters merged: it scores as the policy does
+    saved = load_lm(str(pathlib.Path(r["output_dir"]) / "checkpoint"), "cpu").eval()
+    assert not is_lora(saved)
+    with torch.no_grad():
+        torch.testing.assert_close(reference_logp(saved, ro.input_ids, ro.attention_mask, T), pol,
+                                   rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(lora_r=-1), "--lora-r"),
+    (dict(lora_r=4, lora_alpha=0.0), "--lora-alpha"),
+    (dict(lora_r=4, resume=True), "--resume: not supported with --lora-r"),
+    (dict(lora_targets=[]), "--lora-targets"),
+])
+def test_bad_lora_settings_name_the_flag(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**changes).validate()
+
+
+def test_lora_unknown_target_names_the_flag(run):
+    pytest.importorskip("peft")
+    with pytest.raises(ValueError, match="--lora-targets"):
+        run(lora_r=2, lora_targets=["no_such_module"])
