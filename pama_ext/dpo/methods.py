@@ -129,11 +129,15 @@ class PairTrainer(_Base):
             from ..lm.rewards import score_all
 
             k = cfg.modpo_index
-            sc = score_all(judges, self.data.prompts, self.data.chosen).to(device)
-            sr = score_all(judges, self.data.prompts, self.data.rejected).to(device)
-            wj = self.w.clone()
-            wj[k] = 0.0
-            self.margin = (wj[:, None] * (sc - sr)).sum(0)  # [N]: Σ_{j≠k} w_j (r_j(chosen) − r_j(rejected))
+            judged = cfg.judged  # the judges' objectives, in order (config: every other weighted one is judged)
+            self.margin = torch.zeros(len(self.data), device=device)
+            if judged:
+                sc = score_all(judges, self.data.prompts, self.data.chosen).to(device)
+                sr = score_all(judges, self.data.prompts, self.data.rejected).to(device)
+                wj = torch.stack([self.w[cfg.objectives.index(o)] for o in judged])
+                if cfg.objectives[k] in judged:
+                    wj[judged.index(cfg.objectives[k])] = 0.0
+                self.margin = (wj[:, None] * (sc - sr)).sum(0)  # [N]: Σ_{j≠k} w_j (r_j(chosen) − r_j(rejected))
         self.n_pairs = n
         self.sampler = EpochSampler(n, self.gen)
         n_obj = len(cfg.objectives)

@@ -32,8 +32,8 @@ from .config import DPOConfig, load_dpo_config, normalize_dpo_keys
 
 __all__ = ["train_dpo", "prepare_world", "load_data", "add_dpo_subcommand", "cmd_dpo"]
 
-RUN_FILES = ("config.yaml", "pairs.jsonl", "data.json", "metrics.jsonl", "eval.json", "samples.jsonl", "final.md",
-             "front.png")
+RUN_FILES = ("config.yaml", "pairs.jsonl", "heldout.jsonl", "data.json", "metrics.jsonl", "eval.json", "samples.jsonl",
+             "final.md", "front.png")
 RUN_DIRS = ("model",)
 
 
@@ -51,16 +51,18 @@ def prepare_world(cfg: DPOConfig) -> Dict[str, Any]:
         eval_p = eval_p if eval_p is not None else world.eval_prompts
     else:
         path = cfg.model
-    if cfg.eval_size is not None:
+    if eval_p is not None and cfg.eval_size is not None:
         eval_p = eval_p[:cfg.eval_size]
-    if not eval_p:
+    if not eval_p and cfg.judged:
         raise ConfigError("--eval-prompts: no prompts found")
+    eval_p = eval_p or []
     return {"model_path": path, "train_prompts": list(train_p), "eval_prompts": list(eval_p)}
 
 
 def load_data(cfg: DPOConfig, world: Mapping, ref_lm=None, tokenizer=None, judges=None):
     """The preference pairs of ``--data`` (sampled and judged from the reference for 'tiny')."""
     from .data import DataError, build_tiny_pairs, load_hf_dataset, load_jsonl
+    from .readers import is_schema_spec, load_schema
 
     try:
         if cfg.data == "tiny":
@@ -78,6 +80,8 @@ def load_data(cfg: DPOConfig, world: Mapping, ref_lm=None, tokenizer=None, judge
         if cfg.data.startswith("hf:"):
             name, _, split = cfg.data[3:].partition(":")
             return load_hf_dataset(name, split or "train", cfg.objectives)
+        if is_schema_spec(cfg.data):
+            return load_schema(cfg.data, cfg.objectives)
         return load_jsonl(cfg.data, cfg.objectives)
     except DataError as e:
         raise ConfigError(f"--data: {e}") from None
@@ -92,6 +96,11 @@ def train_dpo(config: Union[DPOConfig, Dict[str, Any]], shared: Optional[Dict[st
     runs skip loading and sampling them again. The caller owns it; it is filled on first use."""
     cfg = config if isinstance(config, DPOConfig) else DPOConfig(**normalize_dpo_keys(config, "config"))
     cfg = dataclasses.replace(cfg).validate()
+    if cfg.objectives is None:  # the data's label keys define them: read the data first, then check again
+        pre = load_data(cfg, {})
+        cfg = dataclasses.replace(cfg, objectives=list(pre.objectives)).validate()
+        shared = {} if shared is None else shared
+        shared.setdefault("data", pre)
     if cfg.model != TINY:
         check_pretrained(cfg.model, "--model")
     if cfg.tokenizer:
@@ -111,7 +120,8 @@ def _train_dpo(cfg: DPOConfig, out: Path, shared: Optional[Dict[str, Any]]) -> D
 
     from ..lm.policy import PolicyWithValueHeads, frozen_copy
     from ..lm.rewards import build_objectives
-    from .evaluate import evaluate_policy, reference_samples
+    from .data import DataError, heldout_split
+    from .evaluate import evaluate_policy, pair_accuracy, reference_samples
     from .methods import make_trainer
 
     t_start = time.perf_counter()
@@ -127,7 +137,7 @@ def _train_dpo(cfg: DPOConfig, out: Path, shared: Optional[Dict[str, Any]]) -> D
     sh = shared if shared is not None else {}
     if "world" not in sh:
         sh["world"] = prepare_world(cfg)
-        sh["judges"] = build_objectives(cfg, device=str(device))
+        sh["judges"] = build_objectives(dataclasses.replace(cfg, objectives=cfg.judged), device=str(device))
         sh["tokenizer"] = load_tokenizer(cfg.tokenizer or sh["world"]["model_path"])
         sh["ref_lm"] = frozen_copy(load_lm(sh["world"]["model_path"], device))
         sh["ref_logp"] = {}
@@ -142,10 +152,17 @@ def _train_dpo(cfg: DPOConfig, out: Path, shared: Optional[Dict[str, Any]]) -> D
     data = sh["data"]
     if list(data.objectives) != list(cfg.objectives):
         raise ConfigError(f"--objectives: the data labels {data.objectives}; got {cfg.objectives}")
+    try:
+        data, heldout = heldout_split(data, cfg.heldout_share, derive_seed(cfg.seed, "heldout", 0))
+    except DataError as e:
+        raise ConfigError(f"--heldout-pairs: {e}") from None
     atomic_write_text(out / "pairs.jsonl", jsonl_text(data.rows()))
+    if heldout is not None:
+        atomic_write_text(out / "heldout.jsonl", jsonl_text(heldout.rows()))
     t_data = time.perf_counter()
     trainer = make_trainer(cfg, policy, ref_lm, tokenizer, data, judges, device, ref_cache=sh["ref_logp"])
-    info = dict(data.info, pairs=len(data), trained_pairs=getattr(trainer, "n_pairs", None))
+    info = dict(data.info, pairs=len(data), trained_pairs=getattr(trainer, "n_pairs", None),
+                heldout_pairs=0 if heldout is None else len(heldout))
     if cfg.method == "mopo":
         info["pool"] = trainer.pool_info
     atomic_write_text(out / "data.json", json.dumps(info, indent=1))
@@ -170,10 +187,15 @@ def _train_dpo(cfg: DPOConfig, out: Path, shared: Optional[Dict[str, Any]]) -> D
         bar.close()
     t_train = time.perf_counter()
 
-    if "reference_eval" not in sh:
-        sh["reference_eval"] = reference_samples(ref_lm, tokenizer, judges, world["eval_prompts"], cfg, device)
-    ev = evaluate_policy(policy, ref_lm, tokenizer, judges, world["eval_prompts"], cfg, sh["reference_eval"])
-    atomic_write_text(out / "samples.jsonl", jsonl_text(ev.pop("samples")))
+    if judges:
+        if "reference_eval" not in sh:
+            sh["reference_eval"] = reference_samples(ref_lm, tokenizer, judges, world["eval_prompts"], cfg, device)
+        ev = evaluate_policy(policy, ref_lm, tokenizer, judges, world["eval_prompts"], cfg, sh["reference_eval"])
+        atomic_write_text(out / "samples.jsonl", jsonl_text(ev.pop("samples")))
+    else:  # label-only objectives: no sampling, the held-out pairs are the evaluation
+        ev = {"n": 0, "objectives": [], "win_rate": {}, "mean": {}, "ref_mean": {}, "kl": None, "response_len": None}
+    if heldout is not None:
+        ev.update(pair_accuracy(policy, ref_lm, tokenizer, heldout, cfg, device, ref_cache=sh["ref_logp"]))
     ess = None
     if cfg.method == "mopo":
         ess = sum(m["ess"] for m in metrics) / max(1, len(metrics))
@@ -192,14 +214,16 @@ def _train_dpo(cfg: DPOConfig, out: Path, shared: Optional[Dict[str, Any]]) -> D
     from .evaluate import format_results, results_table
 
     md = format_results(results_table([result], cfg.objectives))
-    atomic_write_text(out / "final.md", f"# {cfg.method} on {cfg.data} ({cfg.steps} steps)\n\n{md}\n\n"
-                                        f"Win rates against the reference on {ev['n']} sampled responses; data: "
+    what = (f"Win rates against the reference on {ev['n']} sampled responses; " if judges else "")
+    if heldout is not None:
+        what += f"pair accuracy (implicit reward margin) on {len(heldout)} held-out pairs; "
+    atomic_write_text(out / "final.md", f"# {cfg.method} on {cfg.data} ({cfg.steps} steps)\n\n{md}\n\n{what}data: "
                                         f"{len(data)} pairs, conflict rate {data.info.get('conflict_rate', 0):.3f}.\n")
     result["table_md"] = md
-    if cfg.plots:
+    if cfg.plots and judges:
         from .plots import plot_fronts
 
-        result["plot"] = plot_fronts([result], cfg.objectives, str(out / "front.png"), title=setting_label(cfg))
+        result["plot"] = plot_fronts([result], cfg.judged, str(out / "front.png"), title=setting_label(cfg))
     return result
 
 
