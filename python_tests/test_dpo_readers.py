@@ -140,7 +140,8 @@ def test_unlabelled_objective_gets_no_gradient():
 
 
 @pytest.mark.parametrize("row, message", [
-    ({"chosen": "no turns here", "rejected": "\n\nHuman: x\n\nAssistant: y"}, "column 'chosen' has no '\\n\\nAssistant:'"),
+    ({"chosen": "no turns here", "rejected": "\n\nHuman: x\n\nAssistant: y"},
+     "column 'chosen' has no '\\n\\nAssistant:'"),
     ({"chosen": "\n\nHuman: x\n\nAssistant: y", "rejected": "\n\nHuman: z\n\nAssistant: w"},
      "columns 'chosen' and 'rejected' differ before their last Assistant turn"),
     ({"chosen": "\n\nHuman: x\n\nAssistant:  ", "rejected": "\n\nHuman: x\n\nAssistant: w"},

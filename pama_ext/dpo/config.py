@@ -127,6 +127,9 @@ class DPOConfig:
     # --- run -------------------------------------------------------------------------------------
     output_dir: str = option("runs/dpo", "output directory (config, data, metrics, evaluation, plot, model)", group="run")
     overwrite: bool = option(False, "replace a run already in --output-dir", group="run")
+    resume: bool = option(False, "continue the run in --output-dir from its checkpoint (bitwise the same run; "
+                                 "--steps may grow)", group="run")
+    save_every: int = option(0, "save a checkpoint every k steps (0: only at the end)", group="run")
     save_model: bool = option(True, "save the trained model and tokenizer under <output-dir>/model", group="run")
     seed: int = option(0, "seed of everything (data sampling, batch order)", group="run")
     device: str = option("cpu", "cpu, cuda or auto", choices=DEVICES, group="run")
@@ -207,7 +210,7 @@ class DPOConfig:
                      "eval_batch_size", "length_l0", "mopo_tau", "mopo_dual_lr", "tiny_world_seconds"):
             positive(name)
         for name in ("weight_decay", "adam_eps", "max_grad_norm", "tie_margin", "cagrad_c", "mopo_epsilon",
-                     "mopo_t0", "log_every"):
+                     "mopo_t0", "log_every", "save_every"):
             positive(name, strict=False)
         if self.responses_per_prompt < 2:
             raise ConfigError(f"--responses-per-prompt: expected at least 2 (pairs need two); got "
@@ -218,6 +221,8 @@ class DPOConfig:
             raise ConfigError(f"--micro-batch-size: must be at most --batch-size ({self.batch_size}); "
                               f"got {self.micro_batch_size}")
         check_run_fields(self)
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume: cannot be combined with --overwrite")
         if not self.data:
             raise ConfigError("--data: expected a JSONL file, hf:<dataset>[:<split>], SCHEMA:SOURCE or 'tiny'; got ''")
         if (self.data != TINY and not self.data.startswith("hf:") and not is_schema_spec(self.data)

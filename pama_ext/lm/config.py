@@ -23,7 +23,8 @@ from typing import Any, Dict, List, Mapping, Optional
 __all__ = ["ConfigError", "DEVICES", "TINY", "BUILTIN_OBJECTIVES", "OBJECTIVE_FORMS", "flag", "option",
            "config_dict", "normalized_weights", "coerce_fields", "check_number", "resolve_device",
            "check_run_fields", "check_objectives_and_weights", "check_objective_spec", "is_judge_spec",
-           "is_label_name", "field_kind", "field_optional", "coerce_value", "split_list", "normalize_keys", "load_yaml", "dump_yaml", "load_config",
+           "is_label_name", "field_kind", "field_optional", "coerce_value", "split_list", "normalize_keys", "load_yaml",
+           "dump_yaml", "load_config",
            "none_or", "add_config_flags", "flag_overrides"]
 
 DEVICES = ("cpu", "cuda", "auto")
