@@ -340,3 +340,19 @@ def test_label_only_defaults():
     c = DPOConfig(data="pku:x", method="modpo", weights=[1.0, 0.0]).validate()
     assert c.objectives == ["helpful", "safe"]
     assert DPOConfig().validate().heldout_share == 0.0
+
+
+def test_raco_run_takes_its_objectives_from_the_data(world_cache, tmp_path):
+    """--data raco:... without --objectives: the first row's choice keys are the objectives (label-only)."""
+    pytest.importorskip("transformers")
+    from pama_ext.dpo.config import DPOConfig
+    from pama_ext.dpo.train import train_dpo
+
+    rows = [{"post": f"Post {i}.", "summaries": [f"short {i}", f"a longer summary {i}"],
+             "choice": {"concise": 0, "faithful": None if i % 3 else 1}} for i in range(10)]
+    cfg = DPOConfig(model="tiny", data="raco:" + _jsonl(tmp_path / "r.jsonl", rows), tiny_world_cache=world_cache,
+                    steps=1, batch_size=4, max_response_tokens=12, output_dir=str(tmp_path / "run"), progress=False,
+                    log_every=0, plots=False, save_model=False, method="mopo")
+    r = train_dpo(cfg)
+    assert r["config"].objectives == ["concise", "faithful"]
+    assert set(r["eval"]["pair_accuracy"]) == {"concise", "faithful"} and r["eval"]["heldout_pairs"] == 1
