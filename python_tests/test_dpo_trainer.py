@@ -336,6 +336,6 @@ def test_ctrl_c_is_one_line_and_leaves_nothing(world_cache, tmp_path, monkeypatc
     except KeyboardInterrupt:
         pytest.fail("KeyboardInterrupt escaped the CLI")
     err = capsys.readouterr().err
-    assert rc == 130 and err.strip() == ("pama-ext dpo: stopped; dpo runs cannot be resumed (the partial output was "
+    assert rc == 130 and err.strip() == ("pama-ext dpo: stopped before the first checkpoint (the partial output was "
                                          "removed): run again"), err
     assert not (tmp_path / "runs").exists()

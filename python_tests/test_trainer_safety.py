@@ -101,7 +101,7 @@ def test_rng_states_round_trip_exactly():
 
     import numpy as np
 
-    from pama_ext.trainer.checkpoint import rng_states, set_rng_states
+    from pama_ext.lm.checkpoint import rng_states, set_rng_states
 
     random.gauss(0, 1)  # a cached Gaussian in both generators
     np.random.standard_normal()
@@ -189,7 +189,7 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(base_cfg, tmp_path, c
 
 
 def test_load_checkpoint_names_a_corrupt_file(base_cfg):
-    from pama_ext.trainer.checkpoint import CheckpointError
+    from pama_ext.lm.checkpoint import CheckpointError
     from pama_ext.trainer.train import load_checkpoint, train
 
     r = train(base_cfg(steps=1))

@@ -16,9 +16,14 @@ from typing import Any, Dict, List, Mapping, Optional
 
 from ..lm import config as lmc
 from ..lm.config import (DEVICES, OBJECTIVE_FORMS, TINY, ConfigError, check_number, check_objectives_and_weights,
-                         check_run_fields, coerce_fields, config_dict, flag, normalize_keys, normalized_weights, option)
+                         check_run_fields, coerce_fields, config_dict, flag, is_judge_spec, normalize_keys,
+                         normalized_weights, option)
 
 METHODS = ("raco", "cagrad", "dpo-lw", "modpo", "mopo")
+#: --objectives of --data tiny when not given
+TINY_OBJECTIVES = ("sentiment", "length")
+#: --heldout-pairs when not given and some objective has no judge
+HELDOUT_DEFAULT = 0.1
 #: the micro-batch size when --micro-batch-size is not given (capped at --batch-size for the pair methods)
 MICRO_BATCH_DEFAULT = 16
 
@@ -38,8 +43,13 @@ class DPOConfig:
     tiny_world_seconds: float = option(120.0, "pretraining wall time of the tiny world when it has to be built",
                                    group="model and data")
     data: str = option(TINY, "preference pairs: a JSONL file (see docs/dpo.md), hf:<dataset>[:<split>] for a local "
-                         "Hugging Face dataset, or 'tiny' to sample and judge pairs from the model on the tiny "
+                         "Hugging Face dataset, SCHEMA:SOURCE for a published schema (pku, hh, scores, "
+                         "ultrafeedback, raco; SOURCE a local .jsonl/.json/.parquet file or save_to_disk directory; "
+                         "hh:OBJ=SOURCE,OBJ=SOURCE), or 'tiny' to sample and judge pairs from the model on the tiny "
                          "world's prompts", group="model and data")
+    heldout_pairs: Optional[float] = option(None, "share of the --data prompts (with all their pairs) held out for "
+                                              "the pair-accuracy evaluation (default: 0.1 when an objective has no "
+                                              "judge, else 0)", group="model and data")
     eval_prompts: Optional[str] = option(None, "evaluation prompts: .txt (one per line), .json list or .jsonl with a "
                                            "'prompt' field (default: the tiny world's held-out prompts)",
                                      group="model and data")
@@ -54,8 +64,11 @@ class DPOConfig:
                                  "win rates)", group="model and data")
 
     # --- objectives ------------------------------------------------------------------------------
-    objectives: List[str] = option(["sentiment", "length"], f"objectives = label keys and judges: {OBJECTIVE_FORMS}",
-                               group="objectives", metavar="OBJ")
+    objectives: Optional[List[str]] = option(
+        None, f"objectives = label keys; a judge ({OBJECTIVE_FORMS}) or a plain name (label-only: no judge, evaluated "
+              f"by held-out pair accuracy). Default: helpful safe for pku, the subset names for hh, the choice "
+              f"keys for raco, required for scores and ultrafeedback, else sentiment length",
+        group="objectives", metavar="OBJ")
     weights: Optional[List[float]] = option(None, "preference weights w (normalised to sum 1; default uniform): the "
                                               "user weights of raco / cagrad, the scalarisation of dpo-lw, the "
                                               "margin weights of modpo", group="objectives", metavar="W")
@@ -114,6 +127,9 @@ class DPOConfig:
     # --- run -------------------------------------------------------------------------------------
     output_dir: str = option("runs/dpo", "output directory (config, data, metrics, evaluation, plot, model)", group="run")
     overwrite: bool = option(False, "replace a run already in --output-dir", group="run")
+    resume: bool = option(False, "continue the run in --output-dir from its checkpoint (bitwise the same run; "
+                                 "--steps may grow)", group="run")
+    save_every: int = option(0, "save a checkpoint every k steps (0: only at the end)", group="run")
     save_model: bool = option(True, "save the trained model and tokenizer under <output-dir>/model", group="run")
     seed: int = option(0, "seed of everything (data sampling, batch order)", group="run")
     device: str = option("cpu", "cpu, cuda or auto", choices=DEVICES, group="run")
@@ -142,6 +158,18 @@ class DPOConfig:
         return self.dpo_beta
 
     @property
+    def judged(self) -> List[str]:
+        """The objectives that name a judge (the others are label-only)."""
+        return [o for o in self.objectives if is_judge_spec(o)]
+
+    @property
+    def heldout_share(self) -> float:
+        """``--heldout-pairs``, or its default (0.1 when an objective has no judge and the data is not tiny)."""
+        if self.heldout_pairs is not None:
+            return float(self.heldout_pairs)
+        return HELDOUT_DEFAULT if (self.data != TINY and len(self.judged) < len(self.objectives)) else 0.0
+
+    @property
     def modpo_index(self) -> int:
         return self.objectives.index(self.modpo_target) if self.modpo_target else 0
 
@@ -158,6 +186,16 @@ class DPOConfig:
     def validate(self) -> "DPOConfig":
         """Coerce types and check every value; raises ConfigError naming the flag."""
         coerce_fields(self)
+        from .readers import default_objectives, is_schema_spec
+
+        if self.objectives is None:
+            if not is_schema_spec(self.data):
+                self.objectives = list(TINY_OBJECTIVES)
+            elif self.data.startswith(("scores:", "ultrafeedback:")):
+                raise ConfigError(f"--objectives: required for --data {self.data.partition(':')[0]}:... (the score "
+                                  f"columns / annotation aspects to turn into pair labels)")
+            else:
+                self.objectives = default_objectives(self.data)
         if self.micro_batch_size is None:
             self.micro_batch_size = (MICRO_BATCH_DEFAULT if self.method == "mopo"
                                      else min(self.batch_size, MICRO_BATCH_DEFAULT))
@@ -172,7 +210,7 @@ class DPOConfig:
                      "eval_batch_size", "length_l0", "mopo_tau", "mopo_dual_lr", "tiny_world_seconds"):
             positive(name)
         for name in ("weight_decay", "adam_eps", "max_grad_norm", "tie_margin", "cagrad_c", "mopo_epsilon",
-                     "mopo_t0", "log_every"):
+                     "mopo_t0", "log_every", "save_every"):
             positive(name, strict=False)
         if self.responses_per_prompt < 2:
             raise ConfigError(f"--responses-per-prompt: expected at least 2 (pairs need two); got "
@@ -183,19 +221,32 @@ class DPOConfig:
             raise ConfigError(f"--micro-batch-size: must be at most --batch-size ({self.batch_size}); "
                               f"got {self.micro_batch_size}")
         check_run_fields(self)
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume: cannot be combined with --overwrite")
         if not self.data:
-            raise ConfigError("--data: expected a JSONL file, hf:<dataset>[:<split>] or 'tiny'; got ''")
-        if self.data != TINY and not self.data.startswith("hf:") and not os.path.isfile(self.data):
+            raise ConfigError("--data: expected a JSONL file, hf:<dataset>[:<split>], SCHEMA:SOURCE or 'tiny'; got ''")
+        if (self.data != TINY and not self.data.startswith("hf:") and not is_schema_spec(self.data)
+                and not os.path.isfile(self.data)):
             raise ConfigError(f"--data: no such file: {self.data!r}")
+        if self.heldout_pairs is not None and not (0.0 <= self.heldout_pairs < 1.0):
+            raise ConfigError(f"--heldout-pairs: expected a share in [0, 1); got {self.heldout_pairs!r}")
+        if self.heldout_pairs and self.data == TINY:
+            raise ConfigError("--heldout-pairs: only for a --data file (the tiny world's pairs are judged)")
         if self.data == TINY and self.model != TINY:
             raise ConfigError("--data: 'tiny' samples pairs on the tiny world's prompts and needs --model tiny; give "
                               "a JSONL file or hf:<dataset> for another model")
         if self.eval_prompts is not None and not os.path.isfile(self.eval_prompts):
             raise ConfigError(f"--eval-prompts: no such file: {self.eval_prompts!r}")
-        if self.eval_prompts is None and self.model != TINY:
-            raise ConfigError("--eval-prompts: required when --model is not 'tiny'")
+        if self.objectives is None:  # the data's label keys: train_dpo validates again once they are known
+            return self
+        if self.eval_prompts is None and self.model != TINY and self.judged:
+            raise ConfigError("--eval-prompts: required when --model is not 'tiny' and an objective has a judge")
 
-        check_objectives_and_weights(self.objectives, self.weights)
+        check_objectives_and_weights(self.objectives, self.weights, label_names=True)
+        unjudged = [o for o in self.objectives if not is_judge_spec(o)]
+        if self.data == TINY and unjudged:
+            raise ConfigError(f"--objectives: --data tiny labels pairs with judges; {unjudged[0]!r} is not one "
+                              f"({OBJECTIVE_FORMS})")
         for name in ("modpo_target", "mopo_primary"):
             v = getattr(self, name)
             if v is not None and v not in self.objectives:
@@ -207,6 +258,12 @@ class DPOConfig:
             raise ConfigError(f"--weights: modpo's temperature --beta / (weight of {self.objectives[self.modpo_index]!r}"
                               f") = {self.dpo_beta} / {self.normalized_weights()[self.modpo_index]!r} overflows; "
                               f"got {self.weights}")
+        if self.method == "modpo":
+            k = self.objectives[self.modpo_index]
+            need = [o for o, w in zip(self.objectives, self.normalized_weights()) if o != k and w > 0 and o in unjudged]
+            if need:
+                raise ConfigError(f"--objectives: modpo's margin needs a judge for every other objective with a "
+                                  f"positive weight; {need[0]!r} has none (give it weight 0, or a judge)")
         return self
 
 

@@ -34,7 +34,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["DataError", "PrefData", "ResponsePool", "check_row", "load_jsonl", "load_hf_dataset", "rows_to_data",
-           "compare", "conflict_rate", "build_tiny_pairs", "response_pool", "write_jsonl", "encode_responses"]
+           "compare", "conflict_rate", "build_tiny_pairs", "response_pool", "write_jsonl", "encode_responses",
+           "heldout_split"]
 
 FIELDS = ("prompt", "chosen", "rejected")
 
@@ -188,6 +189,23 @@ def load_hf_dataset(name: str, split: str = "train", objectives: Optional[Sequen
             yield f"hf:{name}[{split}] row {i}", r
 
     return rows_to_data(rows(), objectives, f"hf:{name}")
+
+
+def heldout_split(data: PrefData, share: float, seed: int) -> Tuple[PrefData, Optional[PrefData]]:
+    """``(train, heldout)``: a seeded ``share`` of the distinct prompts (at least one, at most all but one)
+    with all their pairs held out, so no held-out prompt is trained on; ``heldout`` is None for share 0."""
+    if share <= 0:
+        return data, None
+    prompts = list(dict.fromkeys(data.prompts))
+    if len(prompts) < 2:
+        raise DataError(f"{data.info.get('source', 'data')}: holding out pairs for the evaluation needs at least 2 "
+                        f"distinct prompts; got {len(prompts)} (pass --heldout-pairs 0)")
+    k = min(len(prompts) - 1, max(1, round(share * len(prompts))))
+    g = torch.Generator().manual_seed(seed)
+    held = {prompts[i] for i in torch.randperm(len(prompts), generator=g)[:k].tolist()}
+    tr = [b for b, p in enumerate(data.prompts) if p not in held]
+    he = [b for b, p in enumerate(data.prompts) if p in held]
+    return data.subset(tr), data.subset(he)
 
 
 def write_jsonl(data: PrefData, path: str) -> None:

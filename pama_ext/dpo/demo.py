@@ -32,6 +32,7 @@ DEMO_DEFAULTS = dict(
     max_new_tokens=40,
     eval_size=64,
     eval_samples=2,
+    beta=0.2,  # one DPO temperature for raco, cagrad, dpo-lw and modpo, so their fronts compare methods, not β
 )
 MOPO_DEFAULTS = dict(batch_size=8, micro_batch_size=32, mopo_t0=8)
 
@@ -90,7 +91,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise SystemExit(f"--sweep: weights must lie strictly between 0 and 1; got {sweep}")
     base = DPOConfig(model="tiny", data="tiny", tiny_world_cache=a.cache_dir, seed=a.seed, threads=a.threads,
                      progress=not a.no_progress, plots=False, overwrite=True, save_model=False, log_every=0,
-                     **{k: getattr(a, k) for k in DEMO_DEFAULTS})
+                     **{k: getattr(a, k) for k in DEMO_DEFAULTS}).validate()
     plan = runs_of(methods, sweep, base.objectives)
     shared: dict = {}
     results = []

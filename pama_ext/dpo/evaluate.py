@@ -23,7 +23,7 @@ import torch
 from .config import DPOConfig
 from .data import compare
 
-__all__ = ["reference_samples", "evaluate_policy", "results_table", "format_results"]
+__all__ = ["reference_samples", "evaluate_policy", "pair_accuracy", "results_table", "format_results"]
 
 
 def _settings(cfg: DPOConfig):
@@ -95,6 +95,48 @@ def evaluate_policy(policy, ref_lm, tokenizer, judges, prompts: Sequence[str], c
     }
 
 
+@torch.no_grad()
+def pair_accuracy(policy, ref_lm, tokenizer, data, cfg: DPOConfig, device, ref_cache=None, chunk: int = 64) -> Dict:
+    """Held-out pair accuracy per objective from the implicit reward margin (no judge needed).
+
+    With h_b = [log π(y_w) − log π_ref(y_w)] − [log π(y_l) − log π_ref(y_l)] (each log-prob divided by its
+    token count under ``--length-normalize``, as in the loss), the accuracy of objective i is the mean
+    over the pairs labelled on i (s_ib ≠ 0) of 1 when s_ib·h_b > 0, 0.5 when h_b = 0 (so the reference
+    itself scores 0.5) and 0 otherwise; ``implicit_margin`` is the mean of β·s_ib·h_b over those pairs.
+    An objective with no labelled held-out pair gets None."""
+    from .data import encode_responses
+    from .methods import reference_sequence_logps, sequence_logps
+
+    was = policy.training
+    policy.eval()
+    try:
+        lp = []
+        for texts in (data.chosen, data.rejected):
+            out = []
+            for i in range(0, len(data), chunk):
+                ids, am, rm = encode_responses(tokenizer, data.prompts[i:i + chunk], texts[i:i + chunk],
+                                               cfg.max_prompt_tokens, cfg.max_response_tokens, device)
+                out.append(sequence_logps(policy, ids, am, rm))
+            lp.append(torch.cat(out))
+    finally:
+        policy.train(was)
+    rc, lc = reference_sequence_logps(ref_lm, tokenizer, data.prompts, data.chosen, cfg, device, cache=ref_cache)
+    rr, lr = reference_sequence_logps(ref_lm, tokenizer, data.prompts, data.rejected, cfg, device, cache=ref_cache)
+    dc, dr = lp[0] - rc, lp[1] - rr
+    if cfg.length_normalize:
+        dc, dr = dc / lc.clamp_min(1), dr / lr.clamp_min(1)
+    h = (dc - dr).float().cpu()
+    acc, margin, count = {}, {}, {}
+    for i, o in enumerate(data.objectives):
+        s = data.labels[i]
+        m = s != 0
+        count[o] = int(m.sum())
+        sh = s[m] * h[m]
+        acc[o] = float(((torch.sign(sh) + 1) / 2).mean()) if count[o] else None
+        margin[o] = float((cfg.dpo_beta * sh).mean()) if count[o] else None
+    return {"pair_accuracy": acc, "implicit_margin": margin, "heldout_labelled": count, "heldout_pairs": len(data)}
+
+
 def results_table(rows: Sequence[Mapping], names: Sequence[str]) -> List[Dict]:
     """Plain rows for the comparison table: method, setting, win rates, means, KL, ESS (mopo)."""
     from ..lm.rewards import short_name
@@ -104,9 +146,14 @@ def results_table(rows: Sequence[Mapping], names: Sequence[str]) -> List[Dict]:
         e = r["eval"]
         row = {"method": r["method"], "setting": r["setting"]}
         for n in names:
-            row[f"win {short_name(n)}"] = e["win_rate"][n]
+            if n in e["win_rate"]:
+                row[f"win {short_name(n)}"] = e["win_rate"][n]
         for n in names:
-            row[f"mean {short_name(n)}"] = e["mean"][n]
+            if n in e["mean"]:
+                row[f"mean {short_name(n)}"] = e["mean"][n]
+        for n in names:
+            if n in e.get("pair_accuracy", {}):
+                row[f"acc {short_name(n)}"] = e["pair_accuracy"][n]
         row["KL"] = e["kl"]
         row["ESS"] = r.get("ess")
         row["wall s"] = r.get("wall_s")

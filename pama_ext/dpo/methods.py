@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from .. import combine_gradients, gradient_gram, multi_dpo_loss
+from ..distributed import all_reduce_sum, world_size
 from ..lm.config import ConfigError
 from ..lm.seeding import EpochSampler, derive_seed
 from ..pareto import cagrad_weights
@@ -68,8 +69,13 @@ def reference_sequence_logps(ref_lm, tokenizer, prompts: Sequence[str], response
 
 
 class _Base:
-    def __init__(self, cfg: DPOConfig, policy, ref_lm, tokenizer, device):
+    def __init__(self, cfg: DPOConfig, policy, ref_lm, tokenizer, device, group=None):
         self.cfg, self.policy, self.ref_lm, self.tokenizer, self.device = cfg, policy, ref_lm, tokenizer, device
+        # data parallel: every rank draws the same global batch and takes its contiguous shard (uneven when
+        # the batch does not divide); the gradients are summed over the ranks before anything uses them
+        self.pg = group  # the process group (MopoTrainer's self.group is its pool's prompt index)
+        self.rank = 0 if group is None else torch.distributed.get_rank(group)
+        self.world = world_size(group)
         self.params = [p for p in policy.lm.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
         self.gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "dpo-data", 0))
@@ -77,6 +83,30 @@ class _Base:
         self.step_idx = 0
         self._pending: List[Dict[str, Tensor]] = []
         self.w = torch.tensor(cfg.normalized_weights(), dtype=torch.float32, device=device)
+
+    def shard(self, items: Sequence) -> Sequence:
+        """This rank's contiguous part of the global batch ``items`` (all of it without a group)."""
+        n = len(items)
+        return items[n * self.rank // self.world:n * (self.rank + 1) // self.world]
+
+    def reduce(self, tensors: Sequence[Tensor]) -> None:
+        """Sum ``tensors`` over the ranks in place (one all-reduce of their concatenation; no-op without a group)."""
+        if self.pg is None or not tensors:
+            return
+        flat = all_reduce_sum(torch.cat([t.reshape(-1) for t in tensors]), self.pg)
+        o = 0
+        for t in tensors:
+            t.copy_(flat[o:o + t.numel()].view_as(t))
+            o += t.numel()
+
+    def reduce_grads(self) -> None:
+        """``.grad`` of every parameter summed over the ranks (a rank with no rows contributes zeros)."""
+        if self.pg is None:
+            return
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        self.reduce([p.grad for p in self.params])
 
     def _finish_step(self, metrics: Dict[str, Tensor]) -> None:
         gnorm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0
@@ -86,6 +116,20 @@ class _Base:
         metrics["grad_norm"] = gnorm.detach()
         self.step_idx += 1
         self._pending.append({k: v.detach().float() for k, v in metrics.items()})
+
+    def state_dict(self) -> Dict:
+        """Everything a step depends on besides the parameters and the global RNGs (tensors and plain values,
+        for a ``weights_only`` checkpoint): the step, the optimizer, the data generator and the epoch order."""
+        if self._pending:
+            raise RuntimeError("flush_metrics() before state_dict(): the pending metrics are not part of the state")
+        return {"step": self.step_idx, "optimizer": self.optimizer.state_dict(), "generator": self.gen.get_state(),
+                "sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, s: Dict) -> None:
+        self.step_idx = int(s["step"])
+        self.optimizer.load_state_dict(s["optimizer"])
+        self.gen.set_state(s["generator"])
+        self.sampler.load_state_dict(s["sampler"])
 
     def flush_metrics(self) -> List[Dict]:
         """Read the pending steps' metrics back to the host (the only read-back of the loop)."""
@@ -104,8 +148,8 @@ class PairTrainer(_Base):
     """raco, cagrad, dpo-lw and modpo on preference pairs."""
 
     def __init__(self, cfg: DPOConfig, policy, ref_lm, tokenizer, data: PrefData, judges, device,
-                 ref_cache: Optional[Dict] = None):
-        super().__init__(cfg, policy, ref_lm, tokenizer, device)
+                 ref_cache: Optional[Dict] = None, group=None):
+        super().__init__(cfg, policy, ref_lm, tokenizer, device, group)
         labels = data.labels
         if cfg.method == "modpo":
             keep = (labels[cfg.modpo_index] != 0)
@@ -129,11 +173,15 @@ class PairTrainer(_Base):
             from ..lm.rewards import score_all
 
             k = cfg.modpo_index
-            sc = score_all(judges, self.data.prompts, self.data.chosen).to(device)
-            sr = score_all(judges, self.data.prompts, self.data.rejected).to(device)
-            wj = self.w.clone()
-            wj[k] = 0.0
-            self.margin = (wj[:, None] * (sc - sr)).sum(0)  # [N]: Σ_{j≠k} w_j (r_j(chosen) − r_j(rejected))
+            judged = cfg.judged  # the judges' objectives, in order (config: every other weighted one is judged)
+            self.margin = torch.zeros(len(self.data), device=device)
+            if judged:
+                sc = score_all(judges, self.data.prompts, self.data.chosen).to(device)
+                sr = score_all(judges, self.data.prompts, self.data.rejected).to(device)
+                wj = torch.stack([self.w[cfg.objectives.index(o)] for o in judged])
+                if cfg.objectives[k] in judged:
+                    wj[judged.index(cfg.objectives[k])] = 0.0
+                self.margin = (wj[:, None] * (sc - sr)).sum(0)  # [N]: Σ_{j≠k} w_j (r_j(chosen) − r_j(rejected))
         self.n_pairs = n
         self.sampler = EpochSampler(n, self.gen)
         n_obj = len(cfg.objectives)
@@ -174,9 +222,10 @@ class PairTrainer(_Base):
             for row in self.bufs:
                 for g in row:
                     g.zero_()
-        for s in range(0, B, c.micro_batch_size):
-            mb = idx[s:s + c.micro_batch_size]
-            share = len(mb) / B
+        mine = self.shard(idx)
+        for s in range(0, len(mine), c.micro_batch_size):
+            mb = mine[s:s + c.micro_batch_size]
+            share = len(mb) / B  # of the global batch: the ranks' sums are the global batch's gradients
             losses, _coef, h = self._losses(mb)
             if full:
                 n = losses.shape[0]
@@ -193,7 +242,16 @@ class PairTrainer(_Base):
             loss_sum = ls if loss_sum is None else loss_sum + ls
             a = (h.detach() > 0).float().mean() * share
             acc = a if acc is None else acc + a
+        if loss_sum is None:  # a rank whose shard is empty
+            loss_sum = torch.zeros(self.labels.shape[0] if c.method != "modpo" else 1, device=self.device)
+            acc = torch.zeros((), device=self.device)
         metrics = {"losses": loss_sum, "margin_positive": acc}
+        if self.pg is not None:
+            self.reduce([loss_sum, acc])
+            if full:
+                self.reduce([g for row in self.bufs for g in row])
+            else:
+                self.reduce_grads()
         if full:
             G = gradient_gram(self.bufs)
             a = cagrad_weights(G, self.w, c=c.cagrad_c, clip=(c.method == "raco"))
@@ -209,8 +267,8 @@ class MopoTrainer(_Base):
     """MOPO (docs/dpo.md, "mopo") on the stored responses of a :class:`ResponsePool`."""
 
     def __init__(self, cfg: DPOConfig, policy, ref_lm, tokenizer, data: PrefData, device,
-                 ref_cache: Optional[Dict] = None):
-        super().__init__(cfg, policy, ref_lm, tokenizer, device)
+                 ref_cache: Optional[Dict] = None, group=None):
+        super().__init__(cfg, policy, ref_lm, tokenizer, device, group)
         pool: ResponsePool = response_pool(data)
         self.pool = pool
         self.sampler = EpochSampler(pool.n_prompts, self.gen)
@@ -236,6 +294,19 @@ class MopoTrainer(_Base):
         self.pool_info = {"prompts": P, "responses": len(pool), "mean_responses_per_prompt": len(pool) / max(P, 1),
                           "secondary_of_reference": M.secondary_values(self.secondary, self.log_base0, P).tolist(),
                           "b0": b0.tolist()}
+
+    def state_dict(self) -> Dict:
+        s = super().state_dict()
+        s["mopo"] = {"duals": {k: v.clone() for k, v in self.duals.state_dict().items()},
+                     "log_base": self.log_base.clone(), "lag_logp": self.lag_logp.clone()}
+        return s
+
+    def load_state_dict(self, s: Dict) -> None:
+        super().load_state_dict(s)
+        m = s["mopo"]
+        self.duals = M.MopoDuals(**{k: v.to(self.device) for k, v in m["duals"].items()})
+        self.log_base = m["log_base"].to(self.device)
+        self.lag_logp = m["lag_logp"].to(self.device)
 
     @torch.no_grad()
     def _pool_logps(self) -> Tensor:
@@ -275,17 +346,22 @@ class MopoTrainer(_Base):
                                   c.mopo_epsilon, c.mopo_dual_lr)
         W = M.bc_weights(log_rho, lb, Mb)
         self.policy.eval()  # dropout off, as the PPO trainer does (deterministic updates)
-        loss_sum = None
-        texts = [self.pool.responses[r] for r in idx_l]
-        ptexts = [self.pool_prompt_of[r] for r in idx_l]
-        for s in range(0, len(idx_l), c.micro_batch_size):
+        loss_sum = torch.zeros((), device=self.device)
+        pos = self.shard(range(len(idx_l)))  # this rank's responses of the batch (the weights W are global)
+        texts = [self.pool.responses[idx_l[j]] for j in pos]
+        ptexts = [self.pool_prompt_of[idx_l[j]] for j in pos]
+        w_mine = W[pos.start:pos.stop]
+        for s in range(0, len(pos), c.micro_batch_size):
             ids, am, rm = encode_responses(self.tokenizer, ptexts[s:s + c.micro_batch_size],
                                            texts[s:s + c.micro_batch_size], c.max_prompt_tokens,
                                            c.max_response_tokens, self.device)
             lp = sequence_logps(self.policy, ids, am, rm)
-            loss = -(W[s:s + c.micro_batch_size] * lp).sum()
+            loss = -(w_mine[s:s + c.micro_batch_size] * lp).sum()
             loss.backward()
-            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+            loss_sum = loss_sum + loss.detach()
+        if self.pg is not None:
+            self.reduce([loss_sum])
+            self.reduce_grads()
         tilted = (torch.exp(log_rho) * self.secondary[:, idx] * torch.exp(lb)).sum(-1) / Mb
         tilted_p = (torch.exp(log_rho) * self.primary[idx] * torch.exp(lb)).sum() / Mb
         self._finish_step({"loss": loss_sum, "ess": M.effective_sample_size(W), "ess_frac":
@@ -295,7 +371,8 @@ class MopoTrainer(_Base):
 
 
 def make_trainer(cfg: DPOConfig, policy, ref_lm, tokenizer, data: PrefData, judges, device,
-                 ref_cache: Optional[Dict] = None):
+                 ref_cache: Optional[Dict] = None, group=None):
+    """The trainer of ``cfg.method``; ``group``: a torch.distributed group to share each step's batch with."""
     if cfg.method == "mopo":
-        return MopoTrainer(cfg, policy, ref_lm, tokenizer, data, device, ref_cache=ref_cache)
-    return PairTrainer(cfg, policy, ref_lm, tokenizer, data, judges, device, ref_cache=ref_cache)
+        return MopoTrainer(cfg, policy, ref_lm, tokenizer, data, device, ref_cache=ref_cache, group=group)
+    return PairTrainer(cfg, policy, ref_lm, tokenizer, data, judges, device, ref_cache=ref_cache, group=group)

@@ -16,13 +16,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 from dataclasses import field
 from typing import Any, Dict, List, Mapping, Optional
 
 __all__ = ["ConfigError", "DEVICES", "TINY", "BUILTIN_OBJECTIVES", "OBJECTIVE_FORMS", "flag", "option",
            "config_dict", "normalized_weights", "coerce_fields", "check_number", "resolve_device",
-           "check_run_fields", "check_objectives_and_weights", "check_objective_spec", "field_kind",
-           "field_optional", "coerce_value", "split_list", "normalize_keys", "load_yaml", "dump_yaml", "load_config",
+           "check_run_fields", "check_objectives_and_weights", "check_objective_spec", "is_judge_spec",
+           "is_label_name", "field_kind", "field_optional", "coerce_value", "split_list", "normalize_keys", "load_yaml",
+           "dump_yaml", "load_config",
            "none_or", "add_config_flags", "flag_overrides"]
 
 DEVICES = ("cpu", "cuda", "auto")
@@ -113,15 +115,19 @@ def check_run_fields(cfg) -> None:
         raise ConfigError("--output-dir: expected a directory; got ''")
 
 
-def check_objectives_and_weights(objectives: List[str], weights: Optional[List[float]]) -> None:
+def check_objectives_and_weights(objectives: List[str], weights: Optional[List[float]],
+                                 label_names: bool = False) -> None:
     """``--objectives`` (1..64 valid, distinct specs) and ``--weights`` (one non-negative finite
-    weight per objective, positive sum); raises :class:`ConfigError` naming the flag."""
+    weight per objective, positive sum); raises :class:`ConfigError` naming the flag. ``label_names``:
+    a plain name (:func:`is_label_name`, e.g. ``helpful``) is accepted too (a label-only objective of
+    ``pama-ext dpo``: it has labels in the data and no judge)."""
     if not objectives:
         raise ConfigError("--objectives: expected at least one objective")
     if len(objectives) > 64:
         raise ConfigError(f"--objectives: at most 64 objectives are supported; got {len(objectives)}")
     for spec in objectives:
-        check_objective_spec(spec)
+        if not (label_names and is_label_name(spec)):
+            check_objective_spec(spec)
     if len(set(objectives)) != len(objectives):
         raise ConfigError(f"--objectives: duplicate objective in {objectives}")
     if weights is not None:
@@ -130,6 +136,20 @@ def check_objectives_and_weights(objectives: List[str], weights: Optional[List[f
                               f"got {len(weights)}")
         if any(not (math.isfinite(w) and w >= 0) for w in weights) or sum(weights) <= 0:
             raise ConfigError(f"--weights: expected non-negative finite weights with a positive sum; got {weights}")
+
+
+#: a label-only objective's name: a letter or underscore, then letters, digits, ``_``, ``.``, ``-``
+_LABEL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
+
+
+def is_judge_spec(spec: str) -> bool:
+    """Whether ``spec`` names a judge (a built-in, ``hf:...`` or ``py:...``), syntax aside."""
+    return spec in BUILTIN_OBJECTIVES or spec.startswith(("hf:", "py:"))
+
+
+def is_label_name(spec: str) -> bool:
+    """A plain name that is not a judge: a label-only objective of ``pama-ext dpo``."""
+    return isinstance(spec, str) and not is_judge_spec(spec) and bool(_LABEL_NAME.fullmatch(spec))
 
 
 def check_objective_spec(spec: str) -> None:

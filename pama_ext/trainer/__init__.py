@@ -2,7 +2,8 @@
 
 - :mod:`.config`: ``TrainConfig`` and the method table; :mod:`.ppo`: ``PPOTrainer`` (one step, the five
   methods); :mod:`.train`: ``train(config)``, the run directory and the ``train`` subcommand;
-- :mod:`.checkpoint`: crash-safe checkpoints; :mod:`.evaluate`: evaluations, hypervolume, tables;
+- checkpoints: :mod:`pama_ext.lm.checkpoint` (shared with ``pama-ext dpo``); :mod:`.evaluate`: evaluations,
+  hypervolume, tables;
 - :mod:`.plots`: reward curves and the Pareto plot; :mod:`.demo`: ``make demo``.
 
 The language-model pieces it shares with :mod:`pama_ext.dpo` (policy with value heads, rollout,

@@ -12,7 +12,7 @@ Output directory (every file is written to a temporary file and renamed into pla
     checkpoint/          save_pretrained of the policy LM and tokenizer, value_heads.pt,
                          trainer_state.pt (step, optimizer, KL controller, RNG states, data order),
                          checkpoint.json (with the size and SHA-256 of every file)
-    checkpoint.prev/     the checkpoint before (see :mod:`pama_ext.trainer.checkpoint`)
+    checkpoint.prev/     the checkpoint before (see :mod:`pama_ext.lm.checkpoint`)
 
 ``--resume`` continues from ``checkpoint/`` and gives bitwise the same parameters and metrics as an
 uninterrupted run (the sampling seed of every step is derived from (seed, step); the data order
@@ -43,8 +43,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
-from .checkpoint import (CHECKPOINT, CORRUPT, PREVIOUS, STATE_FORMAT, CheckpointError, read_tensor_file, rng_states,
-                         select_checkpoint, set_rng_states, verify_checkpoint, write_checkpoint)
+from ..lm.checkpoint import (CHECKPOINT, CORRUPT, PREVIOUS, STATE_FORMAT, CheckpointError, read_tensor_file, rng_states,
+                             select_checkpoint, set_rng_states, verify_checkpoint, write_checkpoint)
 from ..lm.config import TINY, ConfigError, add_config_flags, flag, flag_overrides, resolve_device
 from ..lm.files import (atomic_write_text, discard_run, jsonl_text, new_dirs, prepare_output_dir, read_jsonl,
                         remove_stale_temporaries)

@@ -1,4 +1,4 @@
-"""Checkpoints of ``pama-ext train``: written crash-safely, verified before use, loaded without
+"""Checkpoints of ``pama-ext train`` and ``pama-ext dpo``: written crash-safely, verified before use, loaded without
 unpickling code.
 
 A checkpoint directory holds ``save_pretrained`` of the policy LM and the tokenizer,
@@ -31,7 +31,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
-from ..lm.files import fsync_dir, fsync_tree, tmp_prefix, umask
+from .files import fsync_dir, fsync_tree, tmp_prefix, umask
 
 __all__ = ["CHECKPOINT", "PREVIOUS", "CORRUPT", "MANIFEST", "STATE_FORMAT", "CheckpointError", "CheckpointRefused",
            "rng_states", "set_rng_states", "write_checkpoint", "verify_checkpoint", "select_checkpoint",
