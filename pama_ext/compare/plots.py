@@ -1,0 +1,98 @@
+"""The comparison's figures (matplotlib, optional: without it they are skipped with a warning).
+
+- ``fronts_<setting>.png``: one panel per pair of objectives; every label's final mean with its 95 % interval
+  as error bars, each point annotated with its label; labels of one family (differing only in their preference
+  weights) joined by a line; the untrained model and the hypervolume reference point.
+- ``kl_<setting>.png``: one panel per objective, reward against KL to the reference over training (every
+  evaluation step, mean over seeds with 95 % intervals on both axes, each point annotated with its step); the
+  matched KL as a dashed vertical line.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Mapping, Optional
+
+from ..lm.plots import pyplot, save_figure
+from ..lm.rewards import short_name
+
+__all__ = ["plot_fronts", "plot_kl_curves"]
+
+
+def _colors(labels: List[str]) -> Dict[str, Any]:
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10"]
+    return {lab: cmap(i % 10) for i, lab in enumerate(labels)}
+
+
+def _err(iv: Mapping[str, float]):
+    return [[iv["mean"] - iv["lo"]], [iv["hi"] - iv["mean"]]]
+
+
+def plot_fronts(setting: str, rep: Mapping[str, Any], path: str) -> Optional[str]:
+    plt = pyplot()
+    names = rep.get("objectives", [])
+    if plt is None or len(names) < 2 or "rows" not in rep:
+        return None
+    pairs = [(a, b) for a in range(len(names)) for b in range(a + 1, len(names))]
+    fig, axes = plt.subplots(1, len(pairs), figsize=(5.2 * len(pairs), 4.4), squeeze=False)
+    colors = _colors(list(rep["rows"]))
+    for ax, (a, b) in zip(axes[0], pairs):
+        na, nb = names[a], names[b]
+        for fam, f in rep["fronts"].items():
+            if len(f["labels"]) > 1:
+                pts = sorted((rep["rows"][lab]["objectives"][na]["mean"], rep["rows"][lab]["objectives"][nb]["mean"])
+                             for lab in f["labels"])
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", color="0.6", lw=1, zorder=1,
+                        label=f"{fam} front (weight sweep)" if (a, b) == pairs[0] else None)
+        for lab, r in rep["rows"].items():
+            x, y = r["objectives"][na], r["objectives"][nb]
+            ax.errorbar([x["mean"]], [y["mean"]], xerr=_err(x), yerr=_err(y), fmt="o", ms=6, capsize=3,
+                        color=colors[lab], label=lab, zorder=3)
+            ax.annotate(lab, (x["mean"], y["mean"]), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        u = rep["untrained"]["means"]
+        ax.scatter([u[a]], [u[b]], marker="s", color="0.3", label="untrained", zorder=2)
+        ax.annotate("untrained", (u[a], u[b]), textcoords="offset points", xytext=(5, -10), fontsize=7)
+        ref = rep["hv_ref"]
+        ax.scatter([ref[a]], [ref[b]], marker="x", color="black", label="hypervolume reference", zorder=2)
+        ax.set_xlabel(f"{short_name(na)} (final eval mean)")
+        ax.set_ylabel(f"{short_name(nb)} (final eval mean)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_title(f"{setting}: final means, 95 % CI (seeds x prompts)", fontsize=9)
+    axes[0][0].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    out = save_figure(fig, path)
+    plt.close(fig)
+    return out
+
+
+def plot_kl_curves(setting: str, rep: Mapping[str, Any], path: str) -> Optional[str]:
+    plt = pyplot()
+    names = rep.get("objectives", [])
+    if plt is None or not names or "rows" not in rep:
+        return None
+    fig, axes = plt.subplots(1, len(names), figsize=(5.0 * len(names), 4.2), squeeze=False)
+    colors = _colors(list(rep["rows"]))
+    for ax, n in zip(axes[0], names):
+        for lab, r in rep["rows"].items():
+            cv = r["curve"]
+            xs = [p["kl"]["mean"] for p in cv]
+            ys = [p[n]["mean"] for p in cv]
+            ax.plot(xs, ys, "-", color=colors[lab], lw=1.2, alpha=0.8)
+            ax.errorbar(xs, ys, xerr=[[p["kl"]["mean"] - p["kl"]["lo"] for p in cv],
+                                      [p["kl"]["hi"] - p["kl"]["mean"] for p in cv]],
+                        yerr=[[p[n]["mean"] - p[n]["lo"] for p in cv], [p[n]["hi"] - p[n]["mean"] for p in cv]],
+                        fmt="o", ms=4, capsize=2, color=colors[lab], label=lab)
+            for p in cv:
+                ax.annotate(str(p["step"]), (p["kl"]["mean"], p[n]["mean"]), textcoords="offset points",
+                            xytext=(3, 3), fontsize=6, color=colors[lab])
+        if rep.get("kl_star", 0) > 0:
+            ax.axvline(rep["kl_star"], ls="--", color="0.4", lw=1, label=f"matched KL {rep['kl_star']:.2f}")
+        ax.set_xlabel("KL to reference (nats / response, eval)")
+        ax.set_ylabel(f"{short_name(n)} (eval mean)")
+        ax.set_title(f"{setting}: {short_name(n)} vs KL (labels: PPO step)", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    out = save_figure(fig, path)
+    plt.close(fig)
+    return out
