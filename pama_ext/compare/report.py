@@ -11,7 +11,8 @@
   the untrained model's evaluation: one objective ranks the pair one way, the other the other way) and their
   correlation; the noise budget (spread of the per-seed means vs the evaluation noise of one seed's mean);
 - **monitor**: per method, the mean over steps and seeds of the active fraction (combined and per objective),
-  the sign-disagreement fraction, the KL coefficient, the gradient norm.
+  the sign-disagreement fraction, the gradient norm; the conflict rate among the trained policy's own final
+  responses (first pair of objectives).
 """
 from __future__ import annotations
 
@@ -107,6 +108,10 @@ def analyse(results: Sequence[Mapping], baseline: str, hv_margin: float = 0.1) -
                 d = st.paired_difference(K, _matrix(labels[baseline], seeds, "kl"))
                 row["kl_diff"] = dict(d.to_dict(), verdict=st.verdict(d, higher_is_better=False))
             row["chars"] = float(np.mean(_matrix(runs, seeds, "chars")))
+            # conflict among the trained policy's own responses (mean over seeds), first pair of objectives
+            row["final_conflict"] = float(np.mean([discordance(runs[s]["evals"][-1]["per_prompt"][names[0]],
+                                                               runs[s]["evals"][-1]["per_prompt"][names[1]])
+                                                   for s in seeds])) if len(names) > 1 else None
             data = np.stack([_matrix(runs, seeds, n) for n in names])
             row["hv"] = st.hypervolume_interval([data], ref).to_dict()
             mon = [m for s in seeds for m in runs[s]["monitor"]]
@@ -229,15 +234,17 @@ def format_report(report: Mapping[str, Any]) -> str:
                      "combined advantage; per objective = positive advantage per objective; disagree = tokens "
                      "whose objectives' advantages differ in sign")
         lines.append("")
-        lines.append("| method | active | active per objective | disagree | grad norm | s / run | eval noise "
-                     "(seed sd / eval se) |")
-        lines.append("|---|---|---|---|---|---|---|")
+        pair = f"{short[0]} vs {short[1]}" if len(short) > 1 else "–"
+        lines.append(f"| method | active | active per objective | disagree | final conflict ({pair}) | grad norm | "
+                     f"s / run | eval noise (seed sd / eval se) |")
+        lines.append("|---|---|---|---|---|---|---|---|")
         for lab, r in rows.items():
             m = r["monitor"]
             pos = "/".join(f"{x:.2f}" for x in m["pos"]) if m.get("pos") else "–"
             noise = "; ".join(f"{short_name(n)} {r['noise'][n]['seed_sd']:.3f} / {r['noise'][n]['eval_se']:.3f}"
                               for n in names)
-            lines.append(f"| {lab} | {m['active']:.2f} | {pos} | {m['disagree']:.2f} | {m['grad_norm']:.2f} | "
+            fc = "–" if r.get("final_conflict") is None else f"{r['final_conflict']:.2f}"
+            lines.append(f"| {lab} | {m['active']:.2f} | {pos} | {m['disagree']:.2f} | {fc} | {m['grad_norm']:.2f} | "
                          f"{r['wall_s']:.0f} | {noise} |")
         lines.append("")
     return "\n".join(lines)
