@@ -118,7 +118,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
 def add_compare_subcommand(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="methods x settings x seeds on the tiny world: tables with 95 % intervals, "
                                        "verdicts, matched KL, fronts (resumable)",
-                       description=__doc__.split("\n\n")[0])
+                       description=__doc__.split("\n\n")[0].replace("``", ""))
     add_arguments(p)
     p.set_defaults(func=cmd_compare)
     return p
