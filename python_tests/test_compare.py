@@ -365,3 +365,14 @@ def test_grid_failure_is_reported_and_others_run(world_cache, tmp_path, monkeypa
     assert r["ran"] == 1 and list(r["failed"]) == [str(specs[0].run_dir(tmp_path))]
     assert "RuntimeError: boom" in r["failed"][str(specs[0].run_dir(tmp_path))]
     assert (specs[1].run_dir(tmp_path) / runner.RESULT).is_file()
+
+
+def test_grid_in_a_process_pool(world_cache, tmp_path):
+    from pama_ext.compare import runner
+
+    tiny = dict(steps=1, batch_size=4, minibatch_size=2, ppo_epochs=1, max_new_tokens=4, eval_size=4, eval_every=0)
+    specs = runner.build_grid(["pama", "mgda-ub"], ["n3"], [0], tiny, cache_dir=str(world_cache))
+    r = runner.run_grid(specs, tmp_path, jobs=2, progress=False, log=lambda s: None)
+    assert r == {"ran": 2, "skipped": 0, "failed": {}}
+    res = runner.load_results(specs, tmp_path)
+    assert [x["label"] for x in res] == ["pama", "mgda-ub"] and res[0]["objectives"][2] == "diversity"

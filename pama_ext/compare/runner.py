@@ -223,11 +223,16 @@ def run_grid(specs: Sequence[RunSpec], out: Path, jobs: int = 2, progress: bool 
                 d, err, wall = _worker(t)
                 _done(d, err, wall, failed, bar, log)
         else:
-            with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+            pool = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"))
+            try:
                 futs = [pool.submit(_worker, t) for t in todo]
                 for f in cf.as_completed(futs):
                     d, err, wall = f.result()
                     _done(d, err, wall, failed, bar, log)
+            except BaseException:  # Ctrl-C: the queued runs are cancelled, the running ones stop (their SIGINT)
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+            pool.shutdown(wait=True)
     finally:
         bar.close()
     return {"ran": len(todo) - len(failed), "skipped": skipped, "failed": failed}
