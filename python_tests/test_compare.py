@@ -340,6 +340,10 @@ def test_grid_resume_report_and_plots(world_cache, tmp_path, monkeypatch):
     row = s["rows"]["pama"]
     assert row["diff"]["sentiment"]["verdict"] in st.VERDICTS
     assert "pama" not in s["rows"]["morlhf:weights=0.7/0.3"]["diff"]
+    nadir = analyse(results, baseline="pama", hv_ref="nadir")["settings"]["n2"]
+    for j, n in enumerate(s["objectives"]):
+        worst = min(r["objectives"][n]["mean"] for r in s["rows"].values())
+        assert nadir["hv_ref"][j] == pytest.approx(worst - 0.1)
     md = format_report(rep)
     assert "Paired differences vs `morlhf:weights=0.7/0.3`" in md
     assert ("Matched KL" in md) == (s["kl_star"] > 0)  # two tiny steps may not move the KL at all

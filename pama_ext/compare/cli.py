@@ -47,6 +47,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                         "per run (default: %(default)s)")
     p.add_argument("--cache-dir", default=None, help="tiny-world cache parent (default: $PAMA_EXT_CACHE or "
                                                      "~/.cache/pama_ext)")
+    p.add_argument("--hv-ref", default="untrained", choices=("untrained", "nadir"),
+                   help="hypervolume reference point: the untrained model's means, or the worst final mean of any "
+                        "method (when training lowers an objective below the untrained model for every method, the "
+                        "untrained reference gives every method 0), minus --hv-margin (default: %(default)s)")
+    p.add_argument("--hv-margin", type=float, default=0.1, help="margin below the reference (default: %(default)s)")
     p.add_argument("--report-only", action="store_true", help="no training: the report of the results in --out")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep every run's checkpoint/")
     p.add_argument("--no-plots", action="store_true", help="no PNG figures")
@@ -93,7 +98,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
     if not results:
         print(f"pama-ext compare: no results in {out}", file=sys.stderr)
         return 1
-    report = analyse(results, a.baseline)
+    report = analyse(results, a.baseline, hv_margin=a.hv_margin, hv_ref=a.hv_ref)
     report["command"] = "pama-ext compare " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "pama-ext compare"
     md = format_report(report)
     atomic_write_text(out / "compare.json", json.dumps(report, indent=1))
