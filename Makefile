@@ -122,13 +122,15 @@ build/nvcc/%.o: csrc/cuda/%.cu $(CU_HEADERS)
 demo: install
 	$(PY) -m pama_ext.cli compare --out runs/demo
 
-# the study of docs/results.md (resumable: run it again to go on; about 40 minutes on 2 free cores)
+# the study of docs/results.md (resumable: run it again to go on; about an hour on 2 loaded cores)
 STUDY_N2 ?= pama,pama:update_norm=active,pama:lr=0.0006,morlhf,morlhf:lr=0.0006,morlhf:weights=0.8/0.2,morlhf:weights=0.2/0.8,mgda-ub
 STUDY_N3 ?= pama,pama:update_norm=active,morlhf,mgda-ub
+STUDY_FRONTS ?= pama,morlhf,morlhf:weights=0.8/0.2,morlhf:weights=0.2/0.8,linear,linear:weights=0.8/0.2,linear:weights=0.2/0.8
 study: install
 	$(PY) -m pama_ext.cli compare --out runs/study --settings n2 --seeds 0,1,2,3,4 --methods $(STUDY_N2)
-	$(PY) -m pama_ext.cli compare --out runs/study --settings n3 --seeds 0,1,2 --methods $(STUDY_N3)
+	$(PY) -m pama_ext.cli compare --out runs/study --settings n3 --seeds 0,1,2 --methods $(STUDY_N3) --hv-ref nadir
 	$(PY) -m pama_ext.cli compare --out runs/study --settings legacy --seeds 0,1,2
+	$(PY) -m pama_ext.cli compare --out runs/study --settings n2 --seeds 0,1,2 --methods $(STUDY_FRONTS)
 
 demo-dpo: install
 	$(PY) -m pama_ext.dpo.demo
