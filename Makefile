@@ -30,7 +30,7 @@ CUDA_TORCH_SPEC ?= torch==2.11.0
 CUDA_VENV ?= .venv-cuda
 CUDA_HOME ?= $(shell NVCC=$(NVCC) bash tools/cuda_home.sh)
 PYTEST_ARGS ?=
-TRAIN_DEPS ?= transformers tokenizers vaderSentiment pyyaml tqdm matplotlib peft==0.21.2
+TRAIN_DEPS ?= transformers tokenizers vaderSentiment pyyaml tqdm matplotlib scipy peft==0.21.2
 # the TRL adapter's tests run trl itself (its own deps: accelerate, datasets; torch and transformers are kept)
 INTEGRATION_DEPS ?= trl==1.16.0
 # the Triton epilogue of the fused output layer (pama_ext/triton_kernels.py): its tests run the kernels under
@@ -57,7 +57,7 @@ CU_SOURCES := $(wildcard csrc/cuda/*.cu)
 CU_OBJECTS := $(patsubst csrc/cuda/%.cu,build/nvcc/%.o,$(CU_SOURCES))
 CU_HEADERS := $(wildcard csrc/*.h) $(wildcard csrc/cuda/*.cuh)
 
-.PHONY: test install build nvcc-check bench info clean demo demo-dpo wheel verify-wheel gpu-report verl-deps \
+.PHONY: test install build nvcc-check bench info clean demo study demo-dpo wheel verify-wheel gpu-report verl-deps \
 	test-verl wheel-cuda verify-wheel-cuda
 
 test: install
@@ -74,7 +74,7 @@ install: $(VENV_STAMP)
 	@$(PY) -c "import pytest, hypothesis, expecttest, numpy, scipy, ninja, setuptools, wheel" 2>/dev/null || \
 		$(PY) -m pip install -q pytest hypothesis expecttest numpy scipy ninja setuptools wheel || \
 		echo "make: WARNING: could not install the test dependencies (no package registry?); using what is installed"
-	@$(PY) -c "import transformers, tokenizers, vaderSentiment, yaml, tqdm, matplotlib, peft" 2>/dev/null || \
+	@$(PY) -c "import transformers, tokenizers, vaderSentiment, yaml, tqdm, matplotlib, scipy, peft" 2>/dev/null || \
 		$(PY) -m pip install -q $(TRAIN_DEPS) || \
 		echo "make: WARNING: could not install the trainer dependencies; the trainer tests and make demo will not run"
 	@$(PY) -c "import trl, datasets, accelerate" 2>/dev/null || \
@@ -124,8 +124,19 @@ build/nvcc/%.o: csrc/cuda/%.cu $(CU_HEADERS)
 	@mkdir -p build/nvcc
 	$(NVCC) -std=c++17 -O3 -Icsrc $(foreach a,$(NVCC_ARCHS),-gencode arch=compute_$(a),code=sm_$(a)) -c $< -o $@
 
+# pama vs morlhf vs mgda-ub, 3 seeds, sentiment vs conciseness: tables with 95 % intervals and verdicts (runs/demo)
 demo: install
-	$(PY) -m pama_ext.trainer.demo
+	$(PY) -m pama_ext.cli compare --out runs/demo
+
+# the study of docs/results.md (resumable: run it again to go on; about an hour on 2 loaded cores)
+STUDY_N2 ?= pama,pama:update_norm=active,pama:lr=0.0006,morlhf,morlhf:lr=0.0006,morlhf:weights=0.8/0.2,morlhf:weights=0.2/0.8,mgda-ub
+STUDY_N3 ?= pama,pama:update_norm=active,morlhf,mgda-ub
+STUDY_FRONTS ?= pama,morlhf,morlhf:weights=0.8/0.2,morlhf:weights=0.2/0.8,linear,linear:weights=0.8/0.2,linear:weights=0.2/0.8
+study: install
+	$(PY) -m pama_ext.cli compare --out runs/study --settings n2 --seeds 0,1,2,3,4 --methods $(STUDY_N2)
+	$(PY) -m pama_ext.cli compare --out runs/study --settings n3 --seeds 0,1,2 --methods $(STUDY_N3) --hv-ref nadir
+	$(PY) -m pama_ext.cli compare --out runs/study --settings legacy --seeds 0,1,2
+	$(PY) -m pama_ext.cli compare --out runs/study --settings n2 --seeds 0,1,2 --methods $(STUDY_FRONTS)
 
 demo-dpo: install
 	$(PY) -m pama_ext.dpo.demo

@@ -1,5 +1,5 @@
-"""`pama-ext` command line: `train` (multi-objective PPO), `dpo` (preference-data alignment), `info` (build and
-kernel report), `bench` (op benchmarks)."""
+"""`pama-ext` command line: `train` (multi-objective PPO), `dpo` (preference-data alignment), `compare` (methods x
+seeds x settings with intervals and verdicts), `info` (build and kernel report), `bench` (op benchmarks)."""
 from __future__ import annotations
 
 import argparse
@@ -112,6 +112,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .dpo.train import add_dpo_subcommand  # imports no transformers
 
     add_dpo_subcommand(sub)
+    from .compare.cli import add_compare_subcommand  # imports no torch
+
+    add_compare_subcommand(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

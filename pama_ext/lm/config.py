@@ -28,8 +28,8 @@ __all__ = ["ConfigError", "DEVICES", "TINY", "BUILTIN_OBJECTIVES", "OBJECTIVE_FO
            "none_or", "add_config_flags", "flag_overrides"]
 
 DEVICES = ("cpu", "cuda", "auto")
-BUILTIN_OBJECTIVES = ("sentiment", "length")
-OBJECTIVE_FORMS = "sentiment, length, hf:<path>[#<label>[:logit|:prob]], py:<module>:<function>"
+BUILTIN_OBJECTIVES = ("sentiment", "length", "conciseness", "diversity")
+OBJECTIVE_FORMS = "sentiment, length, conciseness, diversity, hf:<path>[#<label>[:logit|:prob]], py:<module>:<function>"
 #: ``--model`` / ``--data`` value of the embedded tiny world
 TINY = "tiny"
 

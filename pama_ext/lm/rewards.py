@@ -6,6 +6,13 @@ Built in (``--objectives``):
   response text.
 - ``length``: the PAMA paper's ``clip(len_chars(response) / L0, lo, hi)`` (``--length-l0``,
   ``--length-lo``, ``--length-hi``).
+- ``conciseness``: ``1 - clip(len_chars(response) / L0, 0, 1)`` (the same ``--length-l0``): 1 for an empty
+  response, 0 from L0 characters on. Against ``sentiment`` it is a real trade-off (sentiment needs words,
+  conciseness wants none) whose optimum (an empty response) every policy can reach, so it cannot saturate at
+  the ``--max-new-tokens`` cap the way ``length`` does.
+- ``diversity``: distinct words (lower-cased runs of letters) of the response divided by
+  :data:`DIVERSITY_WORDS` (16), clipped to [0, 1]: it wants longer, less repetitive responses, so it pulls
+  against ``conciseness`` and against repeating one sentiment word (the third objective of the n = 3 setting).
 - ``hf:<path>[#<label>[:logit|:prob]]``: an ``AutoModelForSequenceClassification`` checkpoint scoring
   ``prompt + " " + response``. The score is the raw **logit** of the label (default; as TRL's sentiment
   examples use it) or its softmax probability with ``:prob``. The label index defaults to 1 when the
@@ -19,6 +26,7 @@ non-finite value into a :class:`RewardError` naming the objective.
 from __future__ import annotations
 
 import importlib
+import re
 from typing import Callable, List, Optional, Sequence
 
 import torch
@@ -26,7 +34,7 @@ import torch
 from .config import ConfigError, check_objective_spec
 
 __all__ = ["RewardError", "Objective", "build_objectives", "score_all", "sentiment_reward", "LengthReward",
-           "HFClassifierReward"]
+           "ConcisenessReward", "diversity_reward", "DIVERSITY_WORDS", "HFClassifierReward"]
 
 RewardFn = Callable[[List[str], List[str]], object]
 
@@ -105,6 +113,28 @@ class LengthReward:
         return x.clamp(self.lo, self.hi)
 
 
+class ConcisenessReward:
+    """``1 - clip(len(response) / L0, 0, 1)`` with the length in characters."""
+
+    def __init__(self, l0: float):
+        self.l0 = float(l0)
+
+    def __call__(self, prompts: List[str], responses: List[str]) -> torch.Tensor:
+        x = torch.tensor([len(r) / self.l0 for r in responses], dtype=torch.float32)
+        return 1.0 - x.clamp(0.0, 1.0)
+
+
+#: ``diversity``: this many distinct words score 1
+DIVERSITY_WORDS = 16
+_WORD = re.compile(r"[a-z]+")
+
+
+def diversity_reward(prompts: List[str], responses: List[str]) -> torch.Tensor:
+    """Distinct lower-cased words of each response / :data:`DIVERSITY_WORDS`, clipped to [0, 1]."""
+    return torch.tensor([min(len(set(_WORD.findall(r.lower()))) / DIVERSITY_WORDS, 1.0) for r in responses],
+                        dtype=torch.float32)
+
+
 class HFClassifierReward:
     """Score ``prompt + " " + response`` with a sequence classifier: the label's logit or probability."""
 
@@ -146,6 +176,10 @@ def _resolve(spec: str, cfg, device: str) -> RewardFn:
         return sentiment_reward
     if spec == "length":
         return LengthReward(cfg.length_l0, cfg.length_lo, cfg.length_hi)
+    if spec == "conciseness":
+        return ConcisenessReward(cfg.length_l0)
+    if spec == "diversity":
+        return diversity_reward
     if spec.startswith("hf:"):
         path, _, label = spec[3:].partition("#")
         idx, _, kind = label.partition(":")

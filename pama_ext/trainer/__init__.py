@@ -4,7 +4,7 @@
   methods); :mod:`.train`: ``train(config)``, the run directory and the ``train`` subcommand;
 - checkpoints: :mod:`pama_ext.lm.checkpoint` (shared with ``pama-ext dpo``); :mod:`.evaluate`: evaluations,
   hypervolume, tables;
-- :mod:`.plots`: reward curves and the Pareto plot; :mod:`.demo`: ``make demo``.
+- :mod:`.plots`: reward curves and the Pareto plot; :mod:`.demo`: the single-seed demo (``make demo`` runs ``pama-ext compare``).
 
 The language-model pieces it shares with :mod:`pama_ext.dpo` (policy with value heads, rollout,
 rewards, HF loading, config plumbing) are in :mod:`pama_ext.lm`; the embedded offline default model

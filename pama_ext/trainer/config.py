@@ -27,7 +27,7 @@ from ..lm.config import (DEVICES, OBJECTIVE_FORMS, TINY, ConfigError, check_numb
                          normalized_weights, option)
 
 __all__ = ["TrainConfig", "Method", "METHOD_TABLE", "METHODS", "GRANULARITIES", "AGGS", "WHITEN_SCOPES", "DTYPES",
-           "ConfigError", "load_config", "load_yaml", "dump_yaml", "flag"]
+           "UPDATE_NORMS", "ConfigError", "load_config", "load_yaml", "dump_yaml", "flag"]
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,8 @@ AGGS = vocab.AGG_MODES
 WHITEN_SCOPES = ("batch", "minibatch", "none")
 #: --dtype: the autocast dtype of the forward passes (fp32: no autocast)
 DTYPES = ("fp32", "bf16", "fp16")
+#: --update-norm: how the policy-gradient loss of a Noon method is scaled
+UPDATE_NORMS = ("none", "active")
 
 
 @dataclass
@@ -106,6 +108,11 @@ class TrainConfig:
                           choices=GRANULARITIES, group="method")
     noon: Optional[bool] = option(None, "linear only: clip negative whitened advantages to zero (default off; "
                                     "pama always uses Noon, morlhf / mgda-ub / mgda never do)", group="method")
+    update_norm: str = option("none", "Noon methods (pama, linear --noon): 'active' divides the policy-gradient "
+                                  "loss by the fraction of tokens whose combined advantage is positive (the "
+                                  "loss becomes a mean over the active tokens, so the update is as large as "
+                                  "PPO's; the direction, hence Theorem 1's, is unchanged); 'none' keeps the "
+                                  "mean over all tokens", choices=UPDATE_NORMS, group="method")
     whiten: str = option("batch", "advantage whitening per objective over the whole rollout batch (as TRL/verl), "
                               "per minibatch (inside the fused loss) or none", choices=WHITEN_SCOPES,
                      group="method")
@@ -308,6 +315,9 @@ class TrainConfig:
         if self.noon is not None and self.method_spec.noon not in (None, self.noon):
             raise ConfigError(f"--noon: only configurable for --method linear (pama always uses Noon; "
                               f"{self.method} never does); got {self.noon} with --method {self.method}")
+        if self.update_norm != "none" and not self.use_noon:
+            raise ConfigError(f"--update-norm: only for Noon methods (pama, or linear with --noon); got "
+                              f"{self.update_norm!r} with --method {self.method}")
         for name, path in (("train_prompts", self.train_prompts), ("eval_prompts", self.eval_prompts)):
             if path is not None and not os.path.isfile(path):
                 raise ConfigError(f"{flag(name)}: no such file: {path!r}")

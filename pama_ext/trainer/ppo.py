@@ -79,6 +79,21 @@ class AdaptiveKLController:
         self.value = float(s["value"])
 
 
+#: --update-norm active: the smallest active fraction divided by (a minibatch with no active token has a zero
+#: policy-gradient loss anyway; the floor only keeps the division finite)
+ACTIVE_FLOOR = 1e-3
+
+
+def disagreement(adv: Tensor, mask: Tensor) -> Tensor:
+    """Fraction of the valid tokens on which the objectives' advantages ``adv`` [n, B, T] do not all have the same
+    sign (some > 0, some <= 0): the tokens on which Noon's min-combination can starve one objective. 0 for n = 1.
+    A device tensor (no host sync)."""
+    pos = adv > 0
+    split = pos.any(0) & ~pos.all(0)
+    m = functional.float_mask(mask, adv.dtype)
+    return (split.to(adv.dtype) * m).sum() / m.sum().clamp(min=1)
+
+
 # Whitening of each objective over the masked tokens of the rollout batch (algorithms §3).
 masked_whiten = functional.masked_whiten
 
@@ -168,8 +183,18 @@ class PPOTrainer:
                 extra["granularity"] = c.granularity
             if spec.prefs:
                 extra["prefs"] = self.prefs
+            norm = c.update_norm == "active"
             loss, m = ops.pama_policy_loss(logp, old_logp, adv, mask, ref_logp, whiten=whiten_in_op,
-                                           beta_loss=c.kl_loss_coef, **extra, **kw)
+                                           beta_loss=0.0 if norm else c.kl_loss_coef, **extra, **kw)
+            if norm:
+                # mean over the active tokens: the same gradient direction, scaled by 1 / active fraction
+                # (no host sync: the scale stays a tensor); the KL loss keeps its own scale
+                loss = loss / m["active"].detach().clamp(min=ACTIVE_FLOOR)
+                m = dict(m, pg_loss=loss.detach())
+                if c.kl_loss_coef:
+                    kl_loss = self._k3_loss(logp, ref_logp, mask)
+                    loss = loss + c.kl_loss_coef * kl_loss
+                    m["kl_loss"] = kl_loss.detach()
             if spec.scalarised:
                 m = dict(m, weights=self.prefs)
             return loss, m, None
@@ -250,6 +275,10 @@ class PPOTrainer:
             adv = functional.whiten_with(adv, mom[lay["mean"]], mom[lay["var"]])
 
         B, T = mask.shape
+        # starvation monitor: sign disagreement of the (whitened) advantages, one device scalar per step
+        disagree = disagreement(adv if c.whiten == "batch" else functional.masked_whiten(adv, mask), mask)
+        if self.group is not None:
+            disagree = dp.all_reduce_sum(disagree.reshape(1), self.group).reshape(()) / self.world
         mets: Dict[str, List[Tensor]] = {}
         skipped = 0
         n_updates = 0
@@ -276,6 +305,7 @@ class PPOTrainer:
         with torch.no_grad():
             seq_kl = self._gather_rows(functional.zero_padding(ro.old_logp - ro.ref_logp, mask).sum(-1))
             scalars = {k: torch.stack(v).float().mean(0) for k, v in mets.items()}
+            scalars["disagree"] = disagree.float()
             scores = self._gather_rows(scores)
             resp_len = self._gather_rows(mask.sum(-1).float())
             chars = torch.tensor([float(sum(len(r) for r in ro.responses)), float(len(ro.responses))], device=dev)
