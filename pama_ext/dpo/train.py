@@ -34,8 +34,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Union
 
-from ..lm.checkpoint import (CHECKPOINT, CORRUPT, PREVIOUS, STATE_FORMAT, CheckpointError, read_tensor_file, rng_states,
-                             select_checkpoint, set_rng_states, write_checkpoint)
+from ..lm.checkpoint import (CHECKPOINT, CORRUPT, PREVIOUS, STATE_FORMAT, CheckpointError, read_tensor_file,
+                             save_policy_checkpoint, select_checkpoint, set_rng_states)
 from ..lm.config import TINY, ConfigError, add_config_flags, flag, flag_overrides, resolve_device
 from ..lm.files import (atomic_write_text, discard_run, jsonl_text, new_dirs, prepare_output_dir, read_jsonl,
                         remove_stale_temporaries)
@@ -200,27 +200,9 @@ def read_dpo_state(ck: Path, cfg: DPOConfig) -> Dict[str, Any]:
 def save_dpo_checkpoint(out: Path, policy, tokenizer, trainer, cfg: DPOConfig) -> bool:
     """Replace ``out/checkpoint`` crash-safely (the PPO trainer's format; ``checkpoint.prev`` keeps the one
     before). Refuses (returns False, with a warning) when a parameter is not finite."""
-    import warnings
-
-    import torch
-
-    for name, p in policy.named_parameters():
-        if not bool(torch.isfinite(p).all()):
-            warnings.warn(f"checkpoint NOT saved: parameter {name} is not finite", RuntimeWarning)
-            return False
-
-    def write(tmp: Path) -> Dict[str, Any]:
-        with hf_quiet():
-            policy.lm.save_pretrained(str(tmp))
-            tokenizer.save_pretrained(str(tmp))
-        torch.save(policy.value_heads.state_dict(), tmp / "value_heads.pt")
-        torch.save({"format": STATE_FORMAT, "kind": "dpo", "trainer": trainer.state_dict(), "rng": rng_states(),
-                    "config": cfg.to_dict()}, tmp / "trainer_state.pt")
-        return {"step": trainer.step_idx, "method": cfg.method, "objectives": cfg.objectives,
-                "value_heads": policy.n_heads, "value_heads_file": "value_heads.pt"}
-
-    write_checkpoint(out, write)
-    return True
+    state = {"kind": "dpo", "trainer": trainer.state_dict(), "config": cfg.to_dict()}
+    manifest = {"step": trainer.step_idx, "method": cfg.method, "objectives": cfg.objectives}
+    return save_policy_checkpoint(out, policy, tokenizer, state, manifest)
 
 
 def _train_dpo(cfg: DPOConfig, out: Path, shared: Optional[Dict[str, Any]], group=None) -> Dict[str, Any]:

@@ -33,7 +33,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from .files import fsync_dir, fsync_tree, tmp_prefix, umask
 
-__all__ = ["CHECKPOINT", "PREVIOUS", "CORRUPT", "MANIFEST", "STATE_FORMAT", "CheckpointError", "CheckpointRefused",
+__all__ = ["save_policy_checkpoint", "CHECKPOINT", "PREVIOUS", "CORRUPT", "MANIFEST", "STATE_FORMAT", "CheckpointError", "CheckpointRefused",
            "rng_states", "set_rng_states", "write_checkpoint", "verify_checkpoint", "select_checkpoint",
            "read_tensor_file"]
 
@@ -132,6 +132,36 @@ def write_checkpoint(out: Path, write: Callable[[Path], Dict[str, Any]]) -> Path
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return ck
+
+
+def save_policy_checkpoint(out: Path, policy, tokenizer, trainer_state: Dict[str, Any], manifest: Dict[str, Any],
+                           lm: Any = None) -> bool:
+    """The checkpoint of both trainers (:func:`write_checkpoint`): the language model (``lm``, default
+    ``policy.lm``) and tokenizer as Hugging Face files, ``value_heads.pt``, and ``trainer_state.pt`` =
+    ``trainer_state`` with the format and the RNG states (tensors and plain values only, so it loads with
+    ``weights_only=True``); ``manifest`` goes into ``checkpoint.json``. Refuses (returns False, with a
+    warning) when a parameter of the policy is not finite."""
+    import warnings
+
+    import torch
+
+    from .hf import hf_quiet
+
+    for name, p in policy.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            warnings.warn(f"checkpoint NOT saved: parameter {name} is not finite", RuntimeWarning)
+            return False
+
+    def write(tmp: Path) -> Dict[str, Any]:
+        with hf_quiet():
+            (policy.lm if lm is None else lm).save_pretrained(str(tmp))
+            tokenizer.save_pretrained(str(tmp))
+        torch.save(policy.value_heads.state_dict(), tmp / "value_heads.pt")
+        torch.save({"format": STATE_FORMAT, "rng": rng_states(), **trainer_state}, tmp / "trainer_state.pt")
+        return {"value_heads": policy.n_heads, "value_heads_file": "value_heads.pt", **manifest}
+
+    write_checkpoint(out, write)
+    return True
 
 
 # -------------------------------------------------------------------------------------------------

@@ -39,16 +39,15 @@ import signal
 import sys
 import threading
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
-from ..lm.checkpoint import (CHECKPOINT, CORRUPT, PREVIOUS, STATE_FORMAT, CheckpointError, read_tensor_file, rng_states,
-                             select_checkpoint, set_rng_states, verify_checkpoint, write_checkpoint)
+from ..lm.checkpoint import (CHECKPOINT, CORRUPT, PREVIOUS, STATE_FORMAT, CheckpointError, read_tensor_file,
+                             save_policy_checkpoint, select_checkpoint, set_rng_states, verify_checkpoint)
 from ..lm.config import TINY, ConfigError, add_config_flags, flag, flag_overrides, resolve_device
 from ..lm.files import (atomic_write_text, discard_run, jsonl_text, new_dirs, prepare_output_dir, read_jsonl,
                         remove_stale_temporaries)
-from ..lm.hf import check_pretrained, hf_quiet, load_lm, load_tokenizer
+from ..lm.hf import check_pretrained, load_lm, load_tokenizer
 from ..lm.prompts import load_prompts
 from ..lm.seeding import seed_everything
 from .config import TrainConfig, dump_yaml, load_config, load_yaml
@@ -101,34 +100,18 @@ def _resolve_model(cfg: TrainConfig):
 # -------------------------------------------------------------------------------------------------
 def save_checkpoint(out: Path, policy, tokenizer, trainer, cfg: TrainConfig, extra: Dict) -> bool:
     """Replace ``out/checkpoint`` crash-safely (the one before becomes ``checkpoint.prev``); refuses
-    (returns False) when a parameter is not finite. Everything in ``trainer_state.pt`` is a tensor or a
-    plain value, so it loads with ``weights_only=True``."""
-    import torch
+    (returns False) when a parameter is not finite. A LoRA run saves a plain LM: the adapters merged into
+    a copy of the weights."""
+    lm = None
+    peft_model = getattr(trainer.ref_lm, "peft_model", None)  # a LoRA run (lm.lora.AdapterDisabled)
+    if peft_model is not None:
+        from ..lm.lora import merged_copy
 
-    for name, p in policy.named_parameters():
-        if not bool(torch.isfinite(p).all()):
-            warnings.warn(f"checkpoint NOT saved: parameter {name} is not finite", RuntimeWarning)
-            return False
-
-    def write(tmp: Path) -> Dict[str, Any]:
-        with hf_quiet():
-            peft_model = getattr(trainer.ref_lm, "peft_model", None)  # a LoRA run (lm.lora.AdapterDisabled)
-            if peft_model is not None:  # a plain LM: the adapters merged into a copy of the weights
-                from ..lm.lora import merged_copy
-
-                merged_copy(peft_model).save_pretrained(str(tmp))
-            else:
-                policy.lm.save_pretrained(str(tmp))
-            tokenizer.save_pretrained(str(tmp))
-        torch.save(policy.value_heads.state_dict(), tmp / "value_heads.pt")
-        torch.save({"format": STATE_FORMAT, "trainer": trainer.state_dict(), "rng": rng_states(),
-                    "config": cfg.to_dict(), **extra}, tmp / "trainer_state.pt")
-        return {"step": trainer.step_idx, "method": cfg.method, "objectives": cfg.objectives,
-                "value_heads": policy.n_heads, "value_heads_file": "value_heads.pt",
+        lm = merged_copy(peft_model)
+    state = {"trainer": trainer.state_dict(), "config": cfg.to_dict(), **extra}
+    manifest = {"step": trainer.step_idx, "method": cfg.method, "objectives": cfg.objectives,
                 "value_heads_input": "final hidden state of the base model (lm.base_model(...)[0])"}
-
-    write_checkpoint(out, write)
-    return True
+    return save_policy_checkpoint(out, policy, tokenizer, state, manifest, lm=lm)
 
 
 def load_checkpoint(path: Union[str, Path], device: str = "cpu"):
