@@ -8,8 +8,10 @@ from __future__ import annotations
 import math
 import os
 import re
+import subprocess
+import sys
 from dataclasses import dataclass, fields
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Sequence
 
 import pytest
 import torch
@@ -30,6 +32,25 @@ def all_finite(x) -> bool:
     if isinstance(x, float):
         return math.isfinite(x)
     return True
+
+
+def run_ranks(argv: Sequence[Sequence[str]], env: Dict[str, str], cwd: Optional[str] = None,
+              timeout: float = 600) -> List[str]:
+    """Start one process per rank (``argv[r]``, run with this Python) together, wait for all, and return
+    their outputs; a rank that fails or a timeout (every rank killed) fails the test with the output."""
+    procs = [subprocess.Popen([sys.executable, *a], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for a in argv]
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=timeout)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("distributed workers timed out")
+    for r, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, f"rank {r} failed:\n{out[-6000:]}"
+    return outs
 
 
 def native_available() -> bool:

@@ -8,8 +8,6 @@ concatenated shard gradients with the single-process ops on the whole batch.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,6 +18,7 @@ from pama_ext import reference
 from pama_ext.reference import stats_layout
 
 import dist_worker as W
+from pama_testutils import run_ranks
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -40,23 +39,8 @@ def ranks(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(f"dist{world}")
     init_file = str(tmp / "init")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")]))
-    procs = [
-        subprocess.Popen(
-            [sys.executable, os.path.join(HERE, "dist_worker.py"), str(r), str(world), init_file, str(tmp)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        for r in range(world)
-    ]
-    outs = []
-    for p in procs:
-        try:
-            outs.append(p.communicate(timeout=600)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("distributed workers timed out")
-    for r, (p, out) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0, f"rank {r} failed:\n{out}"
+    run_ranks([[os.path.join(HERE, "dist_worker.py"), str(r), str(world), init_file, str(tmp)] for r in range(world)],
+              env)
     return world, [torch.load(tmp / f"rank{r}.pt") for r in range(world)]
 
 

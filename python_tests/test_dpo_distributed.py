@@ -20,6 +20,7 @@ pytest.importorskip("vaderSentiment")
 pytest.importorskip("yaml")
 
 import dpo_dist_worker as W  # noqa: E402
+from pama_testutils import run_ranks  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -41,19 +42,8 @@ def _env():
 def ranks(world_cache, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dpo_dist")
     data = W.write_pairs(str(tmp / "pairs.jsonl"))
-    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "dpo_dist_worker.py"), str(r), "2",
-                               str(tmp / "init"), str(tmp), world_cache, data], cwd=ROOT, env=_env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    outs = []
-    for p in procs:
-        try:
-            outs.append(p.communicate(timeout=600)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("distributed workers timed out")
-    for r, (p, out) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0, f"rank {r} failed:\n{out[-6000:]}"
+    run_ranks([[os.path.join(HERE, "dpo_dist_worker.py"), str(r), "2", str(tmp / "init"), str(tmp), world_cache, data]
+               for r in range(2)], _env(), cwd=ROOT)
     return data, tmp, {m: [torch.load(tmp / f"{m}_rank{r}.pt") for r in range(2)] for m in W.METHODS}
 
 
