@@ -174,8 +174,11 @@ def section(args, device, budget) -> None:
                 if T <= GAE_LOOP_MAX_T:
                     res["loop"] = common.timed_row(runner(baselines.gae_python_loop, sets), n_sets,
                                                    args.slow_plan, device)
+                    res["loop_folded"] = common.timed_row(runner(baselines.gae_python_loop_folded, sets), n_sets,
+                                                          args.slow_plan, device)
                 else:
                     res["loop"] = common.skipped(f"T={T} > {GAE_LOOP_MAX_T}: ~6·n·T launches per call")
+                    res["loop_folded"] = common.skipped(f"T={T} > {GAE_LOOP_MAX_T}: ~6·T launches per call")
             if n in args.gae_compile_ns:
                 res["compile"] = compile_row(n, B, T, gargs, compile_state)
             else:
