@@ -15,6 +15,7 @@ A wheel only loads with the torch it was built against (the C++ ABI is not stabl
 import glob
 import os
 import re
+import sys
 
 import torch
 from setuptools import setup
@@ -79,7 +80,8 @@ def openmp_flags():
     without -fopenmp every CPU kernel runs on one thread. torch ships its own libgomp.so.1 and loads
     it first, so the library links against the same runtime by soname.
     """
-    if "OpenMP" not in torch.__config__.parallel_info():
+    # Linux / GCC only: Apple clang has no -fopenmp (there the kernels run on the calling thread)
+    if "OpenMP" not in torch.__config__.parallel_info() or not sys.platform.startswith("linux"):
         return [], []
     return ["-fopenmp"], ["-fopenmp"]
 
