@@ -15,6 +15,7 @@ A wheel only loads with the torch it was built against (the C++ ABI is not stabl
 import glob
 import os
 import re
+import sys
 
 import torch
 from setuptools import setup
@@ -72,8 +73,25 @@ def write_build_info(use_cuda: bool, archs: str) -> None:
     os.replace(path + ".tmp", path)
 
 
+def openmp_flags():
+    """The compile and link flags of torch's intra-op parallel backend (at::parallel_for).
+
+    at::parallel_for is an inline ATen header: its OpenMP region is compiled into this library, so
+    without -fopenmp every CPU kernel runs on one thread. torch ships its own libgomp.so.1 and loads
+    it first, so the library links against the same runtime by soname.
+    """
+    # Linux / GCC only: Apple clang has no -fopenmp (there the kernels run on the calling thread)
+    if "OpenMP" not in torch.__config__.parallel_info() or not sys.platform.startswith("linux"):
+        return [], []
+    return ["-fopenmp"], ["-fopenmp"]
+
+
 def extensions(use_cuda: bool):
-    cxx = ["-O3", "-std=c++17"]
+    omp_cxx, omp_link = openmp_flags()
+    # -fno-trapping-math: the CPU kernels' loops are written with selects, which GCC turns into vector
+    # blends only when floating-point operations may be evaluated unconditionally (cpu/vec.h); it
+    # changes no result, only the floating-point exception flags, which nothing reads
+    cxx = ["-O3", "-std=c++17", "-fno-trapping-math"] + omp_cxx
     # op bodies + registration (csrc/*.cpp) and the CPU kernels (csrc/cpu/*.cpp), mirrored for CUDA
     # by csrc/cuda/*.cu + csrc/cuda/ops_cuda.cpp
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
@@ -87,10 +105,19 @@ def extensions(use_cuda: bool):
                 sources,
                 include_dirs=[os.path.join(HERE, "csrc")],
                 extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+                extra_link_args=omp_link,
             )
         ]
     write_build_info(False, "")
-    return [CppExtension("pama_ext._C", sources, include_dirs=[os.path.join(HERE, "csrc")], extra_compile_args=cxx)]
+    return [
+        CppExtension(
+            "pama_ext._C",
+            sources,
+            include_dirs=[os.path.join(HERE, "csrc")],
+            extra_compile_args=cxx,
+            extra_link_args=omp_link,
+        )
+    ]
 
 
 USE_CUDA = want_cuda()

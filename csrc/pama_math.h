@@ -154,9 +154,17 @@ PAMA_HD T inv_std(T var) {
   return T(1) / std::sqrt(var + T(kWhitenEps));
 }
 template <typename T>
+PAMA_HD T whiten_value(T a, T mean, T istd) {
+  return (a - mean) * istd;
+}
+template <typename T>
+PAMA_HD T noon_value(T x) {
+  return maxv(x, T(0));
+}
+template <typename T>
 PAMA_HD T whiten_noon(T a, T mean, T istd, bool whiten, bool noon) {
-  T x = whiten ? (a - mean) * istd : a;
-  return noon ? maxv(x, T(0)) : x;
+  T x = whiten ? whiten_value(a, mean, istd) : a;
+  return noon ? noon_value(x) : x;
 }
 // Moments are accumulated in a scaled form so that no intermediate exceeds the result: a chunk
 // keeps its mean Σ a·(1/cnt) and its mean squared deviation Σ (d·(1/sqrt(cnt)))² (d = a − mean)
@@ -189,43 +197,62 @@ PAMA_HD T unbiased_var(T msd, T count) {
 }
 
 // ---- §4 ratio, PPO token loss, KL ------------------------------------------------------------
+// The per-token formulas come in two forms: the usual one, and a `_from_exp` one that takes the
+// exponential from the caller (the vectorised CPU loops compute it lane-wise). Both are this one
+// formula; the usual form is the `_from_exp` form with std::exp. Written with selects only (no
+// data-dependent branch, no short-circuit &&), so a loop over tokens vectorises.
+
+// The clamped log-ratio x = clamp(logp - old_logp, -20, 20): the ratio is exp(x).
+template <typename T>
+PAMA_HD T ppo_log_ratio(T logp, T old_logp) {
+  return clampv(logp - old_logp, T(-kLogRatioClamp), T(kLogRatioClamp));
+}
 template <typename T>
 PAMA_HD T ppo_ratio(T logp, T old_logp) {
-  return std::exp(clampv(logp - old_logp, T(-kLogRatioClamp), T(kLogRatioClamp)));
+  return std::exp(ppo_log_ratio(logp, old_logp));
 }
 
 // Clipped surrogate with dual clip for one token: loss, d loss / d logp, and whether the
 // clipped branch was taken (clipfrac). verl's compute_policy_loss, written per token.
+// u = exp(ppo_log_ratio(logp, old_logp)).
+template <typename T>
+PAMA_HD T ppo_token_loss_from_exp(T adv, T logp, T old_logp, T u, T eps_lo, T eps_hi, T dual_clip, T& dlogp,
+                                  bool& clipped) {
+  const T x = logp - old_logp;
+  const bool in_range = (x >= T(-kLogRatioClamp)) & (x <= T(kLogRatioClamp));
+  const T lo = T(1) - eps_lo, hi = T(1) + eps_hi;
+  const T l1 = -adv * u;
+  const T l2 = -adv * clampv(u, lo, hi);
+  clipped = l2 > l1;
+  const T l12 = clipped ? l2 : l1;
+  const T dl12 = clipped ? (((u >= lo) & (u <= hi)) ? -adv : T(0)) : -adv;
+  const T l3 = -adv * dual_clip;
+  const bool dual = (adv < T(0)) & (l3 < l12);  // the dual clip binds
+  dlogp = (in_range & !dual) ? dl12 * u : T(0);
+  return dual ? l3 : l12;
+}
 template <typename T>
 PAMA_HD T ppo_token_loss(T adv, T logp, T old_logp, T eps_lo, T eps_hi, T dual_clip, T& dlogp,
                          bool& clipped) {
-  T x = logp - old_logp;
-  bool in_range = x >= T(-kLogRatioClamp) && x <= T(kLogRatioClamp);
-  T u = std::exp(clampv(x, T(-kLogRatioClamp), T(kLogRatioClamp)));
-  T lo = T(1) - eps_lo, hi = T(1) + eps_hi;
-  T l1 = -adv * u;
-  T l2 = -adv * clampv(u, lo, hi);
-  clipped = l2 > l1;
-  T l = clipped ? l2 : l1;
-  T dl_du = clipped ? ((u >= lo && u <= hi) ? -adv : T(0)) : -adv;
-  if (adv < T(0)) {
-    T l3 = -adv * dual_clip;
-    if (l3 < l) {
-      l = l3;
-      dl_du = T(0);
-    }
-  }
-  dlogp = in_range ? dl_du * u : T(0);
-  return l;
+  return ppo_token_loss_from_exp(adv, logp, old_logp, ppo_ratio(logp, old_logp), eps_lo, eps_hi, dual_clip,
+                                 dlogp, clipped);
 }
 
 // k3 estimator of KL(π_θ || π_ref) per token and its derivative w.r.t. logp.
+// e = exp(k3_log_arg(logp, ref_logp)).
 template <typename T>
-PAMA_HD T k3_kl(T logp, T ref_logp, T& dlogp) {
-  T d = ref_logp - logp;
-  T e = std::exp(d);
+PAMA_HD T k3_log_arg(T logp, T ref_logp) {
+  return ref_logp - logp;
+}
+template <typename T>
+PAMA_HD T k3_kl_from_exp(T logp, T ref_logp, T e, T& dlogp) {
+  const T d = k3_log_arg(logp, ref_logp);
   dlogp = T(1) - e;
   return e - d - T(1);
+}
+template <typename T>
+PAMA_HD T k3_kl(T logp, T ref_logp, T& dlogp) {
+  return k3_kl_from_exp(logp, ref_logp, std::exp(k3_log_arg(logp, ref_logp)), dlogp);
 }
 
 // ---- §4 Theorem 1 (closed-form min-norm weights over a scalar per objective) -----------------
@@ -234,6 +261,18 @@ PAMA_HD T k3_kl(T logp, T ref_logp, T& dlogp) {
 template <typename T>
 PAMA_HD T thm1_value(T mn, T mx) {
   return mn > T(0) ? mn : (mx < T(0) ? mx : T(0));
+}
+
+// The Theorem-1 weight of each value equal to the minimum (w_min) and to the maximum (w_max), given
+// the range [mn, mx] and how many values equal each end (nmin, nmax >= 1): the weight c_min of the
+// minimum end (1 when mn > 0, 0 when mx < 0, else mx / (mx - mn)) is shared uniformly by its ties,
+// 1 - c_min likewise; a value that is both (mn == mx) gets both.
+template <typename T>
+PAMA_HD void thm1_tie_weights(T mn, T mx, T nmin, T nmax, T& w_min, T& w_max) {
+  const T width = mx - mn;
+  const T c_min = mn > T(0) ? T(1) : (mx < T(0) ? T(0) : mx / (width > T(0) ? width : T(1)));
+  w_min = c_min / nmin;
+  w_max = (T(1) - c_min) / nmax;
 }
 
 // v[i * stride], i < n. Returns s* (thm1_value of min v, max v); when c != nullptr, adds
@@ -252,9 +291,8 @@ PAMA_HD T thm1(const T* v, int64_t stride, int n, T* c, T scale) {
       nmin += v[i * stride] == mn;
       nmax += v[i * stride] == mx;
     }
-    T width = mx - mn;
-    T c_min = mn > T(0) ? T(1) : (mx < T(0) ? T(0) : mx / (width > T(0) ? width : T(1)));
-    T w_min = c_min / T(nmin), w_max = (T(1) - c_min) / T(nmax);
+    T w_min, w_max;
+    thm1_tie_weights(mn, mx, T(nmin), T(nmax), w_min, w_max);
     for (int i = 0; i < n; ++i) {
       T x = v[i * stride];
       c[i] += scale * ((x == mn ? w_min : T(0)) + (x == mx ? w_max : T(0)));

@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from pama_ext import cli
 from pama_ext.benchmarks import SUITES, bench_gpu, bench_ops
@@ -52,14 +53,60 @@ def test_bench_gpu_runs_every_section(tmp_path):
 
 def test_bench_ops_runs_every_op_family(tmp_path):
     out = tmp_path / "results"
-    _run("bench_ops", "--quick", "--no-compile", "--no-plot", "--ops", ",".join(bench_ops.FAMILIES), "--out", str(out))
+    _run("bench_ops", "--quick", "--no-compile", "--no-plot", "--ops", ",".join(bench_ops.FAMILIES), "--ns", "1,2",
+         "--threads", "1,2", "--force", "--out", str(out))
     rows = _rows(out / "bench_ops_cpu.csv")
     assert {r["op"] for r in rows} == set(bench_ops.FAMILIES)
+    assert {r["threads"] for r in rows} == {"1", "2"}
     for r in rows:
         assert r["status"] in ("ok", "skipped"), r
-        if r["impl"] == "fused":
+        if r["impl"] == "fused" or (r["impl"] == "fused_ppo" and r["n"] == "1"):
             assert r["status"] == "ok" and float(r["max_abs_err_vs_eager"]) < 1e-3, r
+        if r["op"] == "gae" and r["impl"] in ("loop", "loop_folded"):
+            assert r["status"] == "ok", r
     assert (out / "bench_ops_cpu.md").is_file()
+
+
+def test_bench_ops_refuses_to_write_on_a_loaded_machine(tmp_path):
+    """Above --max-load the results are printed, not written (exit 3); --force writes them."""
+    argv = [sys.executable, "-m", "pama_ext.benchmarks.bench_ops", "--quick", "--no-compile", "--no-plot", "--ops",
+            "gae", "--ns", "1", "--sizes", "4x64", "--threads", "1", "--max-load", "-1", "--out", str(tmp_path)]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=ROOT, env=ENV)
+    assert r.returncode == 3, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "NOT WRITTEN" in r.stderr and not (tmp_path / "bench_ops_cpu.csv").exists()
+    assert bench_ops.load_gate((0.2, 0, 0), (2.3, 0, 0), 2, 0.5) is None  # its own 2 threads do not count
+    assert "above --max-load" in bench_ops.load_gate((0.7, 0, 0), (0.7, 0, 0), 1, 0.5)
+    assert "above --max-load" in bench_ops.load_gate((0.1, 0, 0), (3.0, 0, 0), 2, 0.5)
+
+
+def test_plain_baselines_compute_what_they_stand_for():
+    """The plain PPO loss is pama_policy_loss under PLAIN_PPO_OPTIONS at n = 1 (loss and gradient);
+    the folded GAE loop is the per-objective loop (both ignore the mask: full mask here)."""
+    from pama_ext import reference
+    from pama_ext.benchmarks import baselines
+
+    g = torch.Generator().manual_seed(5)
+    B, T = 6, 33
+    old = -3 * torch.rand(B, T, generator=g, dtype=torch.float64)
+    adv = torch.randn(1, B, T, generator=g, dtype=torch.float64)
+    mask = torch.rand(B, T, generator=g) > 0.3
+    grads = []
+    losses = []
+    for f in (lambda lp: reference.pama_policy_loss(lp, old, adv, mask, **baselines.PLAIN_PPO_OPTIONS)[0],
+              lambda lp: baselines.plain_ppo_loss(lp, old, adv, mask)[0]):
+        lp = (old + 0.4 * torch.randn(B, T, generator=torch.Generator().manual_seed(6), dtype=torch.float64))
+        lp.requires_grad_(True)
+        loss = f(lp)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(lp.grad)
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-12, atol=1e-14)
+    r = torch.randn(3, B, T, generator=g, dtype=torch.float64)
+    v = torch.randn(3, B, T, generator=g, dtype=torch.float64)
+    full = torch.ones(B, T, dtype=torch.bool)
+    for a, b in zip(baselines.gae_python_loop_folded(r, v, full, 0.99, 0.9), baselines.gae_python_loop(r, v, full, 0.99, 0.9)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("module,argv,files", [
@@ -78,7 +125,8 @@ def test_other_suites_run(module, argv, files, tmp_path):
 
 def test_plot_ops_redraws(tmp_path):
     pytest.importorskip("matplotlib")
-    _run("bench_ops", "--quick", "--no-compile", "--no-plot", "--ns", "2", "--sizes", "4x64", "--out", str(tmp_path))
+    _run("bench_ops", "--quick", "--no-compile", "--no-plot", "--ns", "2", "--sizes", "4x64", "--threads", "1", "--force",
+         "--out", str(tmp_path))
     _run("plot_ops", str(tmp_path / "bench_ops_cpu.csv"), str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").stat().st_size > 0
 

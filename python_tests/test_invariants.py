@@ -5,6 +5,10 @@ on the reference too (a check of the reference against docs/algorithms.md).
 """
 from __future__ import annotations
 
+import os
+import threading
+import time
+
 import pytest
 import torch
 
@@ -165,6 +169,51 @@ def test_deterministic_across_thread_counts():
     for r in res[1:]:
         for k in r:
             assert torch.equal(r[k], res[0][k]), k
+
+
+def _thread_cpu_ticks():
+    """CPU time (utime + stime, clock ticks) of every thread of this process, from /proc."""
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        out[int(tid)] = int(fields[11]) + int(fields[12])  # fields 14, 15 of proc(5)
+    return out
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads per-thread CPU time from /proc")
+def test_cpu_kernels_use_several_threads(native):
+    """A chunked CPU kernel spreads its chunks over the intra-op threads: with 2 threads, a second
+    thread spends CPU time inside the op (the library is built with torch's parallel backend; an
+    OpenMP region compiled without it runs on the calling thread alone). Per-thread CPU time, not
+    wall time: a loaded machine slows both threads but does not move the work off either."""
+    x = make_inputs(4, 64, 2048, seed=192, mask="holes").to(torch.float32)
+    mask = x.mask.to(torch.bool)
+    gae = torch.ops.pama_ext.multi_gae
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        gae(x.rewards, x.values, mask, 1.0, 0.95)  # starts the thread pool
+        me = threading.get_native_id()
+        before = _thread_cpu_ticks()
+        deadline = time.monotonic() + 60.0
+        # only the raw op in the loop: no other torch op could account for a second busy thread
+        while _thread_cpu_ticks().get(me, 0) - before.get(me, 0) < 40 and time.monotonic() < deadline:
+            for _ in range(10):
+                gae(x.rewards, x.values, mask, 1.0, 0.95)
+        after = _thread_cpu_ticks()
+    finally:
+        torch.set_num_threads(prev)
+    busy = {tid: after[tid] - before.get(tid, 0) for tid in after}
+    mine = busy.get(me, 0)
+    assert mine >= 40, f"the calling thread got only {mine} ticks of CPU time in 60 s"
+    others = sorted((d for tid, d in busy.items() if tid != me), reverse=True)
+    assert others and others[0] >= mine // 4, (
+        f"multi_gae ran on one thread: calling thread {mine} ticks, other threads {others[:4]}"
+    )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,13 +7,155 @@
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "../checks.h"
 #include "../pama_math.h"
 #include "kernels.h"
+#include "vec.h"
 
 namespace pama {
 namespace cpu {
+
+namespace {
+
+// One chunk of the moments pass: [cnt, mean(n), msd(n)] (MomentsPartial).
+template <typename scalar_t>
+PAMA_CPU_CLONES void moments_chunk(const StatsParams& p, int64_t b, int64_t t0, int64_t t1, acc_of<scalar_t>* out) {
+  using acc = acc_of<scalar_t>;
+  const int n = static_cast<int>(p.n);
+  MomentsPartial P(n);
+  const int64_t BT = p.B * p.T, len = t1 - t0;
+  const uint8_t* m = mask_bytes(p.mask) + b * p.T + t0;
+  acc cnt = 0;
+#pragma omp simd reduction(+ : cnt)
+  for (int64_t t = 0; t < len; ++t) cnt += keep_or_zero(m[t], acc(1));
+  out[P.cnt()] = cnt;
+  acc inv, rs;
+  moments_chunk_scales(cnt, inv, rs);
+  for (int i = 0; i < n; ++i) {
+    const scalar_t* a = static_cast<const scalar_t*>(p.advantages) + i * BT + b * p.T + t0;
+    acc mean = 0;
+#pragma omp simd reduction(+ : mean)
+    for (int64_t t = 0; t < len; ++t) mean += keep_or_zero(m[t], static_cast<acc>(a[t]) * inv);
+    acc msd = 0;
+#pragma omp simd reduction(+ : msd)
+    for (int64_t t = 0; t < len; ++t) {
+      const acc d = (static_cast<acc>(a[t]) - mean) * rs;
+      msd += keep_or_zero(m[t], d * d);
+    }
+    out[P.mean() + i] = mean;
+    out[P.msd() + i] = msd;
+  }
+}
+
+// One chunk of the indicators pass (IndicatorPartial): per tile of tokens, the whitened and
+// Noon-clipped advantages N[i][t] of every objective, then per objective the sums of I_i, of
+// [N_i > 0] and of the Theorem-1 token weights (their ties shared as in pama_math.h's thm1), and
+// the Gram of I when asked. N is scratch of n * kVecTile acc.
+template <typename scalar_t>
+PAMA_CPU_CLONES void indicators_chunk(const StatsParams& p, const acc_of<scalar_t>* mean, const acc_of<scalar_t>* istd,
+                                      int64_t b, int64_t t0, int64_t t1, acc_of<scalar_t>* N,
+                                      acc_of<scalar_t>* out) {
+  using acc = acc_of<scalar_t>;
+  const int n = static_cast<int>(p.n);
+  IndicatorPartial P(n);
+  const int64_t BT = p.B * p.T;
+  const bool whiten = p.whiten, noon = p.noon;
+  const acc hi = acc(1) + static_cast<acc>(p.eps_hi);
+  auto* lp = static_cast<const scalar_t*>(p.logp);
+  auto* old = static_cast<const scalar_t*>(p.old_logp);
+  uint8_t ind[kVecTile];
+  acc mn[kVecTile], mx[kVecTile], nmin[kVecTile], nmax[kVecTile], wmin[kVecTile], wmax[kVecTile];
+  for (int64_t tt = t0; tt < t1; tt += kVecTile) {
+    const int len = static_cast<int>(std::min<int64_t>(kVecTile, t1 - tt));
+    const int64_t base = b * p.T + tt;
+    const uint8_t* m = mask_bytes(p.mask) + base;
+    const scalar_t* l_b = lp + base;
+    const scalar_t* o_b = old + base;
+    // ind: masked in and ratio <= 1 + eps_hi (I_i = ind ? N_i : 0)
+#pragma omp simd
+    for (int t = 0; t < len; ++t) {
+      const acc u = vexp(ppo_log_ratio(static_cast<acc>(l_b[t]), static_cast<acc>(o_b[t])));
+      ind[t] = static_cast<uint8_t>(m[t] & static_cast<uint8_t>(u <= hi));
+    }
+    for (int i = 0; i < n; ++i) {
+      const scalar_t* a = static_cast<const scalar_t*>(p.advantages) + i * BT + base;
+      acc* Ni = N + i * kVecTile;
+      const acc mu = mean[i], is = istd[i];
+      whiten_noon_tile(a, len, mu, is, whiten, noon, Ni);
+      acc s_i = 0, s_pos = 0;
+#pragma omp simd reduction(+ : s_i, s_pos)
+      for (int t = 0; t < len; ++t) {
+        const acc x = Ni[t];
+        s_i += keep_or_zero(ind[t], x);
+        s_pos += keep_or_zero(m[t], x > acc(0) ? acc(1) : acc(0));
+      }
+      if (i == 0) {  // the range of N over the objectives, per token
+#pragma omp simd
+        for (int t = 0; t < len; ++t) mn[t] = mx[t] = Ni[t];
+      } else {
+#pragma omp simd
+        for (int t = 0; t < len; ++t) {
+          mn[t] = minv(mn[t], Ni[t]);
+          mx[t] = maxv(mx[t], Ni[t]);
+        }
+      }
+      out[P.sum_i() + i] += s_i;
+      out[P.pos() + i] += s_pos;
+    }
+    // Theorem-1 token weights: how many objectives tie at each end, then the weight of each end
+#pragma omp simd
+    for (int t = 0; t < len; ++t) nmin[t] = nmax[t] = acc(0);
+    for (int i = 0; i < n; ++i) {
+      const acc* Ni = N + i * kVecTile;
+#pragma omp simd
+      for (int t = 0; t < len; ++t) {
+        nmin[t] += Ni[t] == mn[t] ? acc(1) : acc(0);
+        nmax[t] += Ni[t] == mx[t] ? acc(1) : acc(0);
+      }
+    }
+#pragma omp simd
+    for (int t = 0; t < len; ++t) {
+      acc w_lo, w_hi;
+      thm1_tie_weights(mn[t], mx[t], nmin[t], nmax[t], w_lo, w_hi);
+      wmin[t] = keep_or_zero(m[t], w_lo);  // masked-out tokens (NaN padding, nmin = 0) add nothing
+      wmax[t] = keep_or_zero(m[t], w_hi);
+    }
+    for (int i = 0; i < n; ++i) {
+      const acc* Ni = N + i * kVecTile;
+      acc s_c = 0;
+#pragma omp simd reduction(+ : s_c)
+      for (int t = 0; t < len; ++t)
+        s_c += (Ni[t] == mn[t] ? wmin[t] : acc(0)) + (Ni[t] == mx[t] ? wmax[t] : acc(0));
+      out[P.ctok() + i] += s_c;
+    }
+    if (p.with_gram) {
+      for (int i = 0; i < n; ++i) {  // N becomes I
+        acc* Ni = N + i * kVecTile;
+#pragma omp simd
+        for (int t = 0; t < len; ++t) Ni[t] = keep_or_zero(ind[t], Ni[t]);
+      }
+      acc* G = out + P.gram();
+      for (int i = 0; i < n; ++i)
+        for (int j = i; j < n; ++j) {
+          const acc* Ii = N + i * kVecTile;
+          const acc* Ij = N + j * kVecTile;
+          acc g = 0;
+#pragma omp simd reduction(+ : g)
+          for (int t = 0; t < len; ++t) g += Ii[t] * Ij[t];
+          G[i * n + j] += g;
+        }
+    }
+  }
+  if (p.with_gram) {
+    acc* G = out + P.gram();
+    for (int i = 0; i < n; ++i)
+      for (int j = 0; j < i; ++j) G[i * n + j] = G[j * n + i];
+  }
+}
+
+}  // namespace
 
 void stats_moments(const StatsParams& p, void*) {
   dispatch(p.dtype, [&](auto tag) {
@@ -22,30 +164,8 @@ void stats_moments(const StatsParams& p, void*) {
     const int n = static_cast<int>(p.n);
     MomentsPartial P(n);
     auto* part = static_cast<acc*>(p.partials);
-    auto* adv = static_cast<const scalar_t*>(p.advantages);
-    const int64_t BT = p.B * p.T;
     for_chunks(p.B, p.T, p.chunk_len, p.chunks_per_row, [&](int64_t k, int64_t b, int64_t t0, int64_t t1) {
-      acc* out = part + k * P.size();
-      const bool* m = p.mask + b * p.T;
-      acc cnt = 0;
-      for (int64_t t = t0; t < t1; ++t) cnt += m[t] ? acc(1) : acc(0);
-      out[P.cnt()] = cnt;
-      acc inv, rs;
-      moments_chunk_scales(cnt, inv, rs);
-      for (int i = 0; i < n; ++i) {
-        const scalar_t* a = adv + i * BT + b * p.T;
-        acc mean = 0;
-        for (int64_t t = t0; t < t1; ++t)
-          if (m[t]) mean += static_cast<acc>(a[t]) * inv;
-        acc msd = 0;
-        for (int64_t t = t0; t < t1; ++t)
-          if (m[t]) {
-            const acc d = (static_cast<acc>(a[t]) - mean) * rs;
-            msd += d * d;
-          }
-        out[P.mean() + i] = mean;
-        out[P.msd() + i] = msd;
-      }
+      moments_chunk<scalar_t>(p, b, t0, t1, part + k * P.size());
     });
     auto* stats = static_cast<acc*>(p.stats);
     auto* rc = static_cast<acc*>(p.row_count);
@@ -63,39 +183,15 @@ void stats_indicators(const StatsParams& p, void*) {
     const int psize = P.size(p.with_gram);
     auto* part = static_cast<acc*>(p.partials);
     auto* stats = static_cast<acc*>(p.stats);
-    auto* adv = static_cast<const scalar_t*>(p.advantages);
-    auto* lp = static_cast<const scalar_t*>(p.logp);
-    auto* old = static_cast<const scalar_t*>(p.old_logp);
-    const int64_t BT = p.B * p.T;
     acc mean[kMaxObjectives], istd[kMaxObjectives];
     whitening_params(stats, n, mean, istd);
-    const acc hi = acc(1) + static_cast<acc>(p.eps_hi);
-    for_chunks(p.B, p.T, p.chunk_len, p.chunks_per_row, [&](int64_t k, int64_t b, int64_t t0, int64_t t1) {
-      acc* out = part + k * psize;
-      std::fill(out, out + psize, acc(0));
-      acc N[kMaxObjectives], I[kMaxObjectives];
-      const bool* m = p.mask + b * p.T;
-      for (int64_t t = t0; t < t1; ++t) {
-        if (!m[t]) continue;
-        const int64_t idx = b * p.T + t;
-        token_noon(adv, n, BT, idx, mean, istd, p.whiten, p.noon, N);
-        const bool ind = ppo_ratio(static_cast<acc>(lp[idx]), static_cast<acc>(old[idx])) <= hi;
-        for (int i = 0; i < n; ++i) {
-          I[i] = ind ? N[i] : acc(0);
-          out[P.sum_i() + i] += I[i];
-          out[P.pos() + i] += N[i] > acc(0) ? acc(1) : acc(0);
-        }
-        thm1(N, 1, n, out + P.ctok(), acc(1));
-        if (p.with_gram) {
-          acc* G = out + P.gram();
-          for (int i = 0; i < n; ++i)
-            for (int j = i; j < n; ++j) G[i * n + j] += I[i] * I[j];
-        }
-      }
-      if (p.with_gram) {
-        acc* G = out + P.gram();
-        for (int i = 0; i < n; ++i)
-          for (int j = 0; j < i; ++j) G[i * n + j] = G[j * n + i];
+    at::parallel_for(0, p.B * p.chunks_per_row, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc> N(static_cast<size_t>(n) * kVecTile);  // per task: the tile of N_i
+      for (int64_t k = begin; k < end; ++k) {
+        const ChunkBounds cb = chunk_bounds(k, p.chunks_per_row, p.chunk_len, p.T);
+        acc* out = part + k * psize;
+        std::fill(out, out + psize, acc(0));
+        indicators_chunk<scalar_t>(p, mean, istd, cb.b, cb.t_begin, cb.t_end, N.data(), out);
       }
     });
     auto* rc = static_cast<const acc*>(p.row_count);

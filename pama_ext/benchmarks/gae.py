@@ -2,7 +2,8 @@
 
 Implementations: ``fused`` (pama_ext.ops), ``eager`` (the reference), ``compile``
 (torch.compile(reference), time-boxed in a child process: the reference loops over T in Python, so
-dynamo unrolls T steps) and ``loop`` (baselines.gae_python_loop, TRL / verl's per-timestep loop).
+dynamo unrolls T steps), ``loop`` (baselines.gae_python_loop, TRL / verl's per-timestep loop) and
+``loop_folded`` (the same loop with the objectives folded into the batch, baselines.gae_python_loop_folded).
 
 * :func:`run_point`: one (n, B, T) of bench_ops.py's sweep.
 * :func:`section`: bench_gpu.py's ``gae`` section.
@@ -23,7 +24,7 @@ from pama_ext import ops
 from . import baselines, common
 
 GAMMA, LAM = 1.0, 0.95
-IMPLS = ["fused", "eager", "compile", "loop"]
+IMPLS = ["fused", "eager", "compile", "loop", "loop_folded"]
 
 GAE_SIZES = [(64, 256), (16, 1024), (64, 1024), (256, 1024), (64, 8192), (256, 8192)]
 GAE_NS = [1, 2, 4, 8]
@@ -71,6 +72,8 @@ def run_point(n, B, T, args, device, plan, state: Dict, bar) -> Dict[str, Dict]:
         out["compile"] = compile_row(n, B, T, args, state)
         bar.set_postfix_str(f"gae n={n} {B}x{T} loop")
         out["loop"] = common.timed_row(runner(baselines.gae_python_loop, sets), n_sets, plan, device)
+        bar.set_postfix_str(f"gae n={n} {B}x{T} loop_folded")
+        out["loop_folded"] = common.timed_row(runner(baselines.gae_python_loop_folded, sets), n_sets, plan, device)
     return out
 
 
@@ -171,8 +174,11 @@ def section(args, device, budget) -> None:
                 if T <= GAE_LOOP_MAX_T:
                     res["loop"] = common.timed_row(runner(baselines.gae_python_loop, sets), n_sets,
                                                    args.slow_plan, device)
+                    res["loop_folded"] = common.timed_row(runner(baselines.gae_python_loop_folded, sets), n_sets,
+                                                          args.slow_plan, device)
                 else:
                     res["loop"] = common.skipped(f"T={T} > {GAE_LOOP_MAX_T}: ~6·n·T launches per call")
+                    res["loop_folded"] = common.skipped(f"T={T} > {GAE_LOOP_MAX_T}: ~6·T launches per call")
             if n in args.gae_compile_ns:
                 res["compile"] = compile_row(n, B, T, gargs, compile_state)
             else:

@@ -1,7 +1,10 @@
 """Policy loss family: ``pama_policy_loss`` forward + ``loss.backward()`` on ``logp``.
 
 Implementations: ``fused`` (pama_ext.ops), ``eager`` and ``compile`` (baselines.py); the GPU suite adds
-``fused_checked`` (the default check_finite=True; ``fused`` there passes check_finite=False).
+``fused_checked`` (the default check_finite=True; ``fused`` there passes check_finite=False). At n = 1,
+bench_ops.py also times the options under which the op is the plain PPO loss
+(baselines.PLAIN_PPO_OPTIONS): ``fused_ppo`` (the op with them), ``ppo_eager`` and ``ppo_compile``
+(baselines.plain_ppo_loss eagerly and under torch.compile).
 
 * :func:`run_point`: one (n, B, T) of bench_ops.py's sweep (float mask by default, a fresh static
   compile per shape).
@@ -19,7 +22,8 @@ from pama_ext import ops
 
 from . import baselines, common
 
-IMPLS = ["fused", "eager", "compile"]  # bench_ops.py
+IMPLS = ["fused", "eager", "compile", "fused_ppo", "ppo_eager", "ppo_compile"]  # bench_ops.py
+PPO_IMPLS = ("fused_ppo", "ppo_eager", "ppo_compile")  # n = 1 only
 GPU_IMPLS = ["fused", "fused_checked", "eager", "compile"]  # bench_gpu.py
 
 PL_SIZES = [(16, 512), (64, 1024), (64, 4096), (64, 8192), (128, 8192), (256, 8192)]
@@ -39,6 +43,28 @@ def nbytes(n: int, B: int, T: int, elt: int, mask_elt: int) -> int:
     bt = B * T
     acc = 8 if elt == 8 else 4
     fwd = bt * (4 * elt + 3 * mask_elt) + 3 * n * bt * elt + bt * acc
+    bwd = bt * (2 * elt + mask_elt + acc) + bt * elt
+    return fwd + bwd
+
+
+# The passes of the fused CPU op (forward + backward, default options) and what forces them.
+PASSES = (
+    "fused: [check_finite: logp, old_logp, advantages, mask] -> moments (mask, advantages) -> indicators "
+    "(mask, advantages, logp, old_logp) -> loss (the same; writes a_tilde) -> backward (logp, old_logp, "
+    "mask, a_tilde; writes grad). Minimal: the whitening moments are needed before any token's loss, so the "
+    "advantages are read twice (moments, then one pass for indicators + loss: at pama/token the indicator "
+    "statistics are reported metrics only; sequence / batch weights need the indicators in a pass of their "
+    "own); the backward reads logp, old_logp, mask, a_tilde and writes the gradient."
+)
+
+
+def min_nbytes(n: int, B: int, T: int, elt: int, mask_elt: int) -> int:
+    """What the op must minimally move (see PASSES): forward 2 x (mask + advantages) + logp + old_logp
+    read, a_tilde (accumulation dtype) written; backward logp, old_logp, mask, a_tilde read, grad
+    written."""
+    bt = B * T
+    acc = 8 if elt == 8 else 4
+    fwd = 2 * bt * (mask_elt + n * elt) + 2 * bt * elt + bt * acc
     bwd = bt * (2 * elt + mask_elt + acc) + bt * elt
     return fwd + bwd
 
@@ -83,6 +109,24 @@ def run_point(n, B, T, args, device, plan, state: Dict, bar) -> Dict[str, Dict]:
         bar.set_postfix_str(f"policy_loss n={n} {B}x{T} compile")
         torch._dynamo.reset()  # fresh compile per shape; also keeps clear of the recompile limit
         out["compile"] = common.compiled_row(runner(baselines.compiled("policy_loss"), sets), n_sets, plan, device)
+    if n != 1:
+        out.update({impl: common.skipped("the plain PPO loss has one objective (n = 1 only)") for impl in PPO_IMPLS})
+        return out
+    fused_ppo = functools.partial(ops.pama_policy_loss, **baselines.PLAIN_PPO_OPTIONS)
+    x = sets[0]
+    ppo_err = common.max_abs_err_fwd_bwd(
+        *[lambda f=f: f(x["logp"], x["old_logp"], x["advantages"], x["mask"])[0]
+          for f in (fused_ppo, baselines.plain_ppo_loss)], leaves=[x["logp"]])
+    bar.set_postfix_str(f"policy_loss n={n} {B}x{T} plain PPO")
+    out["fused_ppo"] = common.timed_row(runner(fused_ppo, sets), n_sets, plan, device)
+    out["fused_ppo"]["max_abs_err_vs_eager"] = ppo_err
+    out["ppo_eager"] = common.timed_row(runner(baselines.plain_ppo_loss, sets), n_sets, plan, device)
+    if compile_skip is not None:
+        out["ppo_compile"] = common.skipped(compile_skip)
+    else:
+        torch._dynamo.reset()
+        out["ppo_compile"] = common.compiled_row(runner(torch.compile(baselines.plain_ppo_loss, dynamic=False), sets),
+                                                 n_sets, plan, device)
     return out
 
 

@@ -1,0 +1,131 @@
+// cpu/vec.h — what the vectorised CPU loops share: the ISA clones of a chunk function, the tile
+// of tokens a loop works on, and an exponential the compiler can vectorise.
+//
+// The chunk functions (one per stage, e.g. policy_loss.cpp's loss_chunk) are written as loops over
+// a tile of tokens with selects only, and the compiler vectorises them. PAMA_CPU_CLONES builds each
+// twice, for x86-64-v3 (AVX2 + FMA) and for the baseline ISA, and picks one when the library loads
+// (GCC target_clones; setup.py adds -fno-trapping-math, without which GCC does not turn the selects
+// of a loop into vector blends). The clone is fixed per machine and the chunking is fixed (cpu::kChunkLen),
+// so results do not depend on the thread count; they may differ in the last bits between machines
+// with and without AVX2 (lane count of the in-chunk partial sums, fused multiply-adds).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#include "../pama_math.h"
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define PAMA_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define PAMA_CPU_CLONES
+#endif
+
+namespace pama {
+namespace cpu {
+
+constexpr int kVecTile = 256;  // tokens per tile: the tile buffers of a chunk function stay in L1
+
+// exp(x) for float, branch-free so that a loop calling it vectorises (std::exp does not). Range
+// reduction x = k·ln2 + r (ln2 in two parts), a degree-7 polynomial for e^r on |r| <= ln2/2
+// (Cephes' expf coefficients), and 2^k from the exponent bits. Error < 1 ulp on [-86, 88.72];
+// 0 below -86 (exp(-86) ~ 4e-38: no denormals), +inf above ln(FLT_MAX), NaN for NaN.
+inline float vexp(float x) {
+  const float xc = x < -86.0f ? -86.0f : (x > 88.72283f ? 88.72283f : x);
+  // k = round(xc / ln2) by the 1.5·2^23 shift (round to nearest; no SSE4.1 rounding instruction needed)
+  const float k = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = xc - k * 0.693359375f;
+  r = r - k * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float e = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(k) + 126) << 23;  // 2^(k-1): k - 1 + 127 in [1, 254]
+  float s;
+  std::memcpy(&s, &bits, sizeof s);
+  float y = (e * s) * 2.0f;
+  y = x < -86.0f ? 0.0f : y;
+  y = x > 88.72283f ? std::numeric_limits<float>::infinity() : y;
+  return x != x ? x : y;
+}
+// float64 keeps the library exponential (its tests compare with the reference at ~1e-12).
+inline double vexp(double x) { return std::exp(x); }
+
+// The mask as bytes (bool is one byte holding 0 or 1): a byte loads into a vector lane, a bool
+// does not.
+inline const uint8_t* mask_bytes(const bool* m) { return reinterpret_cast<const uint8_t*>(m); }
+
+// v where keep != 0, else +0, by masking the bits: the loads and the arithmetic of a token stay
+// unconditional, so the loop vectorises (a `keep ? v : 0` lets the compiler move them under the
+// condition, which needs masked loads), and a NaN of a masked-out token never reaches a result.
+inline float keep_or_zero(uint8_t keep, float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  bits &= 0u - static_cast<uint32_t>(keep != 0);
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+inline double keep_or_zero(uint8_t keep, double v) {
+  uint64_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  bits &= uint64_t(0) - static_cast<uint64_t>(keep != 0);
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+
+// N[t] = whiten_noon(a[t]) over a tile, the options tested once outside the loops (a loop-invariant
+// flag inside the loop keeps GCC from vectorising it).
+template <typename scalar_t, typename acc>
+inline void whiten_noon_tile(const scalar_t* a, int len, acc mean, acc istd, bool whiten, bool noon, acc* N) {
+  if (whiten) {
+#pragma omp simd
+    for (int t = 0; t < len; ++t) N[t] = whiten_value(static_cast<acc>(a[t]), mean, istd);
+  } else {
+#pragma omp simd
+    for (int t = 0; t < len; ++t) N[t] = static_cast<acc>(a[t]);
+  }
+  if (noon) {
+#pragma omp simd
+    for (int t = 0; t < len; ++t) N[t] = noon_value(N[t]);
+  }
+}
+
+// The per-token formulas of pama_math.h that return through references, returning by value: a
+// local whose address is taken inside an `omp simd` loop becomes a per-lane array in memory and
+// the loop no longer vectorises. `clipped` is 1 or 0 in T (a bool member also stops GCC).
+template <typename T>
+struct TokenLoss {
+  T loss, dlogp, clipped;
+};
+template <typename T>
+inline TokenLoss<T> ppo_token(T adv, T logp, T old_logp, T eps_lo, T eps_hi, T dual_clip) {
+  TokenLoss<T> r;
+  bool clipped;
+  r.loss = ppo_token_loss_from_exp(adv, logp, old_logp, vexp(ppo_log_ratio(logp, old_logp)), eps_lo, eps_hi,
+                                   dual_clip, r.dlogp, clipped);
+  r.clipped = clipped ? T(1) : T(0);
+  return r;
+}
+template <typename T>
+inline TokenLoss<T> k3_token(T logp, T ref_logp) {
+  TokenLoss<T> r;
+  r.loss = k3_kl_from_exp(logp, ref_logp, vexp(k3_log_arg(logp, ref_logp)), r.dlogp);
+  r.clipped = T(0);
+  return r;
+}
+template <typename T>
+inline TokenLoss<T> value_token(T v, T old_v, T ret, T clip) {
+  TokenLoss<T> r;
+  bool clipped;
+  r.loss = value_token_loss(v, old_v, ret, clip, r.dlogp, clipped);
+  r.clipped = clipped ? T(1) : T(0);
+  return r;
+}
+
+}  // namespace cpu
+}  // namespace pama
