@@ -203,6 +203,32 @@ def test_non_finite_masked_in_is_an_error(device, op, arg, dtype, value):
     expect_error(arg, _finite_call, op, x, arg, value, True)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_non_finite_found_in_any_chunk(device, threads, where):
+    """The check of a large input (several chunks of the compiled check, split over threads) finds one
+    NaN wherever it lies, on the last objective of the advantages too, and ignores it when masked out."""
+    gen = torch.Generator().manual_seed(0)
+    n, B, T = 3, 4, 40_000
+    logp = (-torch.rand(B, T, generator=gen)).to(device)
+    adv = torch.randn(n, B, T, generator=gen).to(device)
+    mask = torch.ones(B, T, dtype=torch.bool, device=device)
+    k = {"first": 0, "middle": B * T // 2 + 12_345, "last": B * T - 1}[where]
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        bad = adv.clone()
+        bad[-1].view(-1)[k] = float("nan")
+        with pytest.raises(ValueError, match="advantages has NaN or Inf"):
+            ops.pama_policy_loss(logp, logp, bad, mask)
+        hole = mask.clone()
+        hole.view(-1)[k] = False
+        loss, _ = ops.pama_policy_loss(logp, logp, bad, hole)
+        assert torch.isfinite(loss)
+    finally:
+        torch.set_num_threads(prev)
+
+
 def test_first_non_finite_argument_is_named(device):
     """With several bad inputs the error names the first in argument order (logp before advantages)."""
     x = bad_input_batch(device)
