@@ -20,7 +20,7 @@ from torch import Tensor
 
 from . import _native, checks, reference
 from .functional import acc_dtype
-from .op_table import call_native
+from .op_table import call_native, schema_args
 from .vocab import CAGRAD_C, GRAM_METHODS, MAX_OBJECTIVES, METHODS
 
 __all__ = ["METHODS", "GRAM_METHODS", "gram_weights", "pama_weights", "linear_weights", "mgda_weights", "cagrad_weights",
@@ -52,8 +52,7 @@ def gram_weights(G: Tensor, w: Optional[Tensor] = None, method: str = "mgda", c:
         raise ValueError(f"gram_weights: c must be finite and >= 0, got {c}")
     if not _native.available("gram_weights"):
         return reference.gram_weights(_acc(G), w, method, c)
-    return call_native("gram_weights", {"G": G.detach(), "w": None if w is None else w.detach(), "method": method,
-                                        "c": float(c)})
+    return call_native("gram_weights", schema_args("gram_weights", locals(), detach=("G", "w")))
 
 
 def pama_weights(v: Tensor) -> Tensor:
