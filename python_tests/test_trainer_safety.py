@@ -506,3 +506,36 @@ def test_demo_ctrl_c_is_one_line(monkeypatch, tmp_path, capsys):
     assert demo.main(["--output-dir", str(tmp_path / "demo"), "--no-progress"]) == 130
     err = capsys.readouterr().err
     assert "stopped during" in err and "Traceback" not in err
+
+
+def test_a_plot_killed_mid_save_leaves_only_a_temporary_the_next_run_removes(tmp_path, monkeypatch):
+    """save_figure writes under the package's temporary naming; a crash inside savefig (after bytes hit
+    the disk) leaves a file remove_stale_temporaries recognises, and the target is never half-written."""
+    pytest.importorskip("matplotlib")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pama_ext.lm.files import is_temporary, remove_stale_temporaries
+    from pama_ext.lm.plots import save_figure
+
+    fig = plt.figure()
+    target = tmp_path / "rewards.png"
+    seen = []
+
+    def killed(fname, **kw):
+        seen.append(os.path.basename(fname))
+        Path(fname).write_bytes(b"\x89PNG partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fig, "savefig", killed)
+    monkeypatch.setattr(os, "remove", lambda p: None)  # as if the process died before its cleanup
+    with pytest.raises(KeyboardInterrupt):
+        save_figure(fig, str(target))
+    monkeypatch.undo()
+    assert not target.exists() and len(seen) == 1 and is_temporary(seen[0]), seen
+    assert remove_stale_temporaries(tmp_path) == [seen[0]]
+    assert list(tmp_path.iterdir()) == []
+    out = save_figure(fig, str(target))
+    plt.close(fig)
+    assert out == str(target) and target.read_bytes()[:4] == b"\x89PNG" and list(tmp_path.iterdir()) == [target]

@@ -6,7 +6,7 @@ import os
 import tempfile
 import warnings
 
-from .files import umask
+from .files import tmp_prefix, umask
 
 __all__ = ["pyplot", "save_figure"]
 
@@ -28,11 +28,13 @@ def save_figure(fig, path: str) -> str:
     """``fig`` as a PNG at ``path``, written to a temporary file and renamed into place; returns ``path``."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=d)
+    # named like every temporary of the package, so a run killed mid-save leaves nothing that the next
+    # run's remove_stale_temporaries does not clear (the format is given since the name has no .png)
+    fd, tmp = tempfile.mkstemp(prefix=tmp_prefix(os.path.basename(path)), dir=d)
     os.close(fd)
     os.chmod(tmp, 0o666 & ~umask())
     try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
