@@ -170,7 +170,7 @@ def test_modpo_is_dpo_on_the_target_with_judge_margins(setup, world_cache, tmp_p
 
 
 @pytest.mark.parametrize("changes, message", [
-    (dict(method="dpo"), "--method: expected one of raco, cagrad, dpo-lw, modpo, mopo; got 'dpo'"),
+    (dict(method="dpo"), "--method: expected one of raco, cagrad, dpo-lw, modpo, mopo, mopo-lb; got 'dpo'"),
     (dict(weights=[1.0]), "--weights: expected 2 weights"),
     (dict(method="modpo", weights=[0.0, 1.0]), "--weights: modpo divides by the weight of its target objective"),
     (dict(mopo_primary="humor"), "--mopo-primary: expected one of the objectives"),

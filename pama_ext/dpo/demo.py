@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..lm.config import split_list
+from .config import METHODS, MOPO_METHODS
 
 #: the demo's budget: all runs in about five minutes on a free 2-core CPU (one thread)
 DEMO_DEFAULTS = dict(
@@ -41,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m pama_ext.dpo.demo", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--output-dir", default="runs/demo-dpo", help="where the table, the plot and the runs go")
-    ap.add_argument("--methods", default="raco,cagrad,dpo-lw,modpo,mopo", help="comma-separated methods")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
     ap.add_argument("--sweep", default="0.8,0.5,0.2",
                     help="weights of the first objective for raco, dpo-lw and modpo (the second gets 1 - w)")
     ap.add_argument("--seed", type=int, default=0, help="the seed of every run")
@@ -65,7 +66,7 @@ def runs_of(methods, sweep, objectives):
             out += [(m, {"weights": [w, 1.0 - w]}) for w in sweep]
         elif m == "cagrad":
             out.append((m, {"weights": [0.5, 0.5]}))
-        elif m == "mopo":
+        elif m in MOPO_METHODS:
             out += [(m, {"mopo_primary": o}) for o in objectives]
         else:
             raise SystemExit(f"--methods: unknown method {m!r}")
@@ -98,7 +99,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     bar = tqdm(plan, desc="demo-dpo", unit="run", disable=a.no_progress or not sys.stderr.isatty(), dynamic_ncols=True)
     for i, (m, over) in enumerate(bar):
         extra = dict(over)
-        if m == "mopo":
+        if m in MOPO_METHODS:
             extra.update(batch_size=a.mopo_batch_size, micro_batch_size=MOPO_DEFAULTS["micro_batch_size"],
                          mopo_t0=a.mopo_t0)
         cfg = base.replace(method=m, output_dir=str(out / f"{i:02d}-{m}"), **extra)
