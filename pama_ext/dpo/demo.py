@@ -64,6 +64,8 @@ def runs_of(methods, sweep, objectives):
     for m in methods:
         if m in ("raco", "dpo-lw", "modpo"):
             out += [(m, {"weights": [w, 1.0 - w]}) for w in sweep]
+            if m == "modpo":  # MODPO from labels alone: its first stage trains the margin reward model
+                out.append((m, {"weights": [0.5, 0.5], "modpo_margin": "labels"}))
         elif m == "cagrad":
             out.append((m, {"weights": [0.5, 0.5]}))
         elif m in MOPO_METHODS:
@@ -71,6 +73,22 @@ def runs_of(methods, sweep, objectives):
         else:
             raise SystemExit(f"--methods: unknown method {m!r}")
     return out
+
+
+def dual_summary(results) -> list:
+    """One line per mopo / mopo-lb run: on how many steps λ > 0 (the constraint binds), max and final λ, the final
+    threshold b and the lower bound LB of the last step."""
+    lines = []
+    for r in results:
+        ms = r["metrics"]
+        if r["method"] not in MOPO_METHODS or not ms:
+            continue
+        lam = [max(m["lam"]) for m in ms]
+        last = ms[-1]
+        lines.append(f"- {r['method']} {r['setting']}: λ > 0 on {sum(x > 0 for x in lam)} of {len(ms)} steps, max λ "
+                     f"{max(lam):.3f}, final λ {'/'.join(f'{x:.3f}' for x in last['lam'])}, b "
+                     f"{'/'.join(f'{x:.3f}' for x in last['b'])}, LB {'/'.join(f'{x:.3f}' for x in last['lower_bound'])}")
+    return lines
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -124,6 +142,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             f"reference means: " + ", ".join(f"{k} {v:.3f}" for k, v in ref.items()) +
             ". ESS: mopo's mean effective sample size (Σw)²/Σw² per step. "
             f"Total wall time {wall:.0f} s.")
+    duals = dual_summary(results)
+    if duals:
+        foot += "\n\nMOPO's duals (λ per step; the constraint binds where λ > 0):\n" + "\n".join(duals)
     atomic_write_text(out / "table.md", f"# {head}\n\n{md}\n\n{foot}\n")
     atomic_write_text(out / "table.json", json.dumps({"rows": rows, "data": data.info, "wall_s": wall,
                                                       "settings": {k: getattr(a, k) for k in DEMO_DEFAULTS},

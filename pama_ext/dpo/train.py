@@ -366,7 +366,8 @@ def setting_label(cfg: DPOConfig) -> str:
                 f"τ={cfg.mopo_tau:g} ε={cfg.mopo_epsilon:g}" + (f" σ={cfg.barrier_sigma:g}" if cfg.barrier_sigma else ""))
     w = "w=" + "/".join(f"{x:.2f}" for x in cfg.normalized_weights())
     if cfg.method == "modpo":
-        return f"{w} target={cfg.objectives[cfg.modpo_index]}"
+        learned = f" margin={'+'.join(cfg.margin_learned)} from labels" if cfg.margin_learned else ""
+        return f"{w} target={cfg.objectives[cfg.modpo_index]}{learned}"
     return w
 
 
