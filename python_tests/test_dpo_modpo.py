@@ -16,41 +16,22 @@ pytest.importorskip("vaderSentiment")
 pytest.importorskip("yaml")
 
 from pama_ext.dpo.config import DPOConfig  # noqa: E402
+from pama_testutils import dpo_config, dpo_policy, dpo_world  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:the cached tiny world:UserWarning")
 
 
 def _cfg(world_cache, tmp_path, **kw):
-    d = dict(model="tiny", data="tiny", tiny_world_cache=world_cache, steps=2, batch_size=16, micro_batch_size=16,
-             pool_prompts=60, responses_per_prompt=4, max_new_tokens=16, max_response_tokens=20, eval_size=3,
-             eval_samples=1, output_dir=str(tmp_path / "run"), progress=False, log_every=0, plots=False,
-             save_model=False, lr=2e-3, tie_margin=0.0, method="modpo", weights=[0.6, 0.4], modpo_margin="labels",
+    d = dict(batch_size=16, micro_batch_size=16, pool_prompts=60, responses_per_prompt=4, max_new_tokens=16,
+             max_response_tokens=20, lr=2e-3, method="modpo", weights=[0.6, 0.4], modpo_margin="labels",
              modpo_margin_steps=15)
     d.update(kw)
-    return DPOConfig(**d).validate()
+    return dpo_config(world_cache, tmp_path / "run", **d)
 
 
 @pytest.fixture(scope="module")
 def setup(world_cache, tmp_path_factory):
-    from pama_ext.dpo.train import load_data, prepare_world
-    from pama_ext.lm.hf import load_lm, load_tokenizer
-    from pama_ext.lm.policy import frozen_copy
-    from pama_ext.lm.rewards import build_objectives
-
-    cfg = _cfg(world_cache, tmp_path_factory.mktemp("x"))
-    world = prepare_world(cfg)
-    judges = build_objectives(cfg)
-    tok = load_tokenizer(world["model_path"])
-    ref = frozen_copy(load_lm(world["model_path"], "cpu"))
-    data = load_data(cfg, world, ref, tok, judges)
-    return world, judges, tok, ref, data
-
-
-def _policy(world):
-    from pama_ext.lm.hf import load_lm
-    from pama_ext.lm.policy import PolicyWithValueHeads
-
-    return PolicyWithValueHeads(load_lm(world["model_path"], "cpu"), 1)
+    return dpo_world(_cfg(world_cache, tmp_path_factory.mktemp("x")))
 
 
 def test_margin_objectives_follow_the_option():
@@ -75,7 +56,7 @@ def test_margin_reward_model_ranks_heldout_pairs_of_its_objective(setup, world_c
     perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(11)).tolist()
     k = int(0.3 * len(data))
     train, held = data.subset(sorted(perm[k:])), data.subset(sorted(perm[:k]))
-    rm = Mth.train_margin_reward(cfg, "length", _policy(world), ref, tok, train, torch.device("cpu"))
+    rm = Mth.train_margin_reward(cfg, "length", dpo_policy(world), ref, tok, train, torch.device("cpu"))
     rc = Mth.implicit_rewards(cfg, rm, ref, tok, held.prompts, held.chosen, "cpu")
     rr = Mth.implicit_rewards(cfg, rm, ref, tok, held.prompts, held.rejected, "cpu")
     lab = held.labels[held.objectives.index("length")]
@@ -94,9 +75,9 @@ def test_second_stage_consumes_the_margin_models(setup, world_cache, tmp_path):
     world, judges, tok, ref, data = setup
     cfg = _cfg(world_cache, tmp_path, modpo_margin_steps=3)
     cache: dict = {}
-    tr = Mth.make_trainer(cfg, _policy(world), ref, tok, data, judges, torch.device("cpu"), margin_cache=cache)
+    tr = Mth.make_trainer(cfg, dpo_policy(world), ref, tok, data, judges, torch.device("cpu"), margin_cache=cache)
     assert tr.margin_info["length"]["source"] == "labels" and tr.margin_info["length"]["steps"] == 3
-    rm = Mth.train_margin_reward(cfg, "length", _policy(world), ref, tok, data, torch.device("cpu"))
+    rm = Mth.train_margin_reward(cfg, "length", dpo_policy(world), ref, tok, data, torch.device("cpu"))
     d = tr.data
     want = 0.4 * (Mth.implicit_rewards(cfg, rm, ref, tok, d.prompts, d.chosen, "cpu")
                   - Mth.implicit_rewards(cfg, rm, ref, tok, d.prompts, d.rejected, "cpu"))
@@ -107,14 +88,14 @@ def test_second_stage_consumes_the_margin_models(setup, world_cache, tmp_path):
     orig = Mth.train_margin_reward
     try:
         Mth.train_margin_reward = lambda *a, **k: calls.append(1) or orig(*a, **k)
-        tr2 = Mth.make_trainer(cfg.replace(weights=[0.3, 0.7]), _policy(world), ref, tok, data, judges,
+        tr2 = Mth.make_trainer(cfg.replace(weights=[0.3, 0.7]), dpo_policy(world), ref, tok, data, judges,
                                torch.device("cpu"), margin_cache=cache)
     finally:
         Mth.train_margin_reward = orig
     assert calls == []
     torch.testing.assert_close(tr2.margin, want / 0.4 * 0.7, rtol=1e-5, atol=1e-6)
     # and the judge margin stays the default on judged objectives
-    tr3 = Mth.make_trainer(cfg.replace(modpo_margin="auto"), _policy(world), ref, tok, data, judges,
+    tr3 = Mth.make_trainer(cfg.replace(modpo_margin="auto"), dpo_policy(world), ref, tok, data, judges,
                            torch.device("cpu"))
     assert tr3.margin_info == {"length": {"source": "judge"}}
 

@@ -108,6 +108,18 @@ def test_effective_sample_size():
 # -------------------------------------------------------------------------------------------------
 # tabular problems: MOPO (duals + behaviour cloning of a softmax table) vs independent solutions
 # -------------------------------------------------------------------------------------------------
+def _conflicting_problem(seed, sizes):
+    """(group, G, R, log_base, p̄, q̄ [1, R]): random stored responses whose secondary value conflicts with the
+    primary (q̄ ≈ 1 − p̄ plus noise), with a random reference distribution per prompt."""
+    gen = torch.Generator().manual_seed(seed)
+    group = _groups(sizes)
+    G, R = len(sizes), sum(sizes)
+    log_base = _random_log_base(group, G, gen)
+    p = torch.rand(R, generator=gen, dtype=torch.float64)
+    q = (1 - p + 0.3 * torch.rand(R, generator=gen, dtype=torch.float64)).clamp(0, 1)[None]
+    return group, G, R, log_base, p, q
+
+
 def _run_tabular_mopo(p, q, log_base, group, G, b, tau, steps=1500, eta=1.0, lr=0.2):
     """MOPO's loop on a tabular policy: dual_step on the whole pool, then one Adam step on the
     behaviour-cloning loss −Σ W log π_θ (π_θ = per-prompt softmax of a logit table)."""
@@ -202,13 +214,7 @@ def _lagrangian_solution(p, q, log_base, group, G, b, tau):
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_tabular_several_prompts_reach_the_lagrangian_optimum(seed):
-    gen = torch.Generator().manual_seed(seed)
-    sizes = [3, 4, 2]
-    group = _groups(sizes)
-    G, R = len(sizes), sum(sizes)
-    log_base = _random_log_base(group, G, gen)
-    p = torch.rand(R, generator=gen, dtype=torch.float64)
-    q = (1 - p + 0.3 * torch.rand(R, generator=gen, dtype=torch.float64)).clamp(0, 1)[None]
+    group, G, R, log_base, p, q = _conflicting_problem(seed, [3, 4, 2])
     tau = 0.3
     pi0, _ = _lagrangian_solution(p, q, log_base, group, G, -1.0, tau)  # unconstrained
     c_free = float((pi0 * q[0]).sum() / G)
@@ -347,13 +353,7 @@ def test_full_batch_dual_ascent_with_eps_reaches_the_root_of_the_robust_constrai
     independently (scipy's bound and brentq)."""
     from scipy.optimize import brentq
 
-    gen = torch.Generator().manual_seed(7)
-    sizes = [3, 4, 2, 5]
-    group = _groups(sizes)
-    G, R = len(sizes), sum(sizes)
-    log_base = _random_log_base(group, G, gen)
-    p = torch.rand(R, generator=gen, dtype=torch.float64)
-    q = (1 - p + 0.3 * torch.rand(R, generator=gen, dtype=torch.float64)).clamp(0, 1)[None]
+    group, G, R, log_base, p, q = _conflicting_problem(7, [3, 4, 2, 5])
     tau, eps = 0.3, 0.15
     lo_v, hi_v = _policy_bound(p, q, log_base, group, G, 0.0, eps, tau), _policy_bound(p, q, log_base, group, G,
                                                                                           50.0, eps, tau)
@@ -377,13 +377,7 @@ def test_mopo_lb_tilt_maximises_the_barrier_objective(seed):
     import numpy as np
     from scipy.optimize import minimize
 
-    gen = torch.Generator().manual_seed(seed)
-    sizes = [3, 4, 2]
-    group = _groups(sizes)
-    G, R = len(sizes), sum(sizes)
-    log_base = _random_log_base(group, G, gen)
-    p = torch.rand(R, generator=gen, dtype=torch.float64)
-    q = (1 - p + 0.3 * torch.rand(R, generator=gen, dtype=torch.float64)).clamp(0, 1)[None]
+    group, G, R, log_base, p, q = _conflicting_problem(seed, [3, 4, 2])
     tau, sigma = 0.3, 0.02
     zero = torch.zeros(1, dtype=torch.float64)
     c_free = float(mopo.secondary_values(q, log_base + mopo.tilt_log_weights(p, q, zero, tau, log_base, group, G), G))

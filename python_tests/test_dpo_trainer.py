@@ -19,7 +19,7 @@ pytest.importorskip("yaml")
 pytest.importorskip("tqdm")
 
 from pama_ext import gradient_gram, multi_dpo_loss  # noqa: E402
-from pama_testutils import all_finite  # noqa: E402
+from pama_testutils import all_finite, dpo_config, dpo_policy, dpo_world  # noqa: E402
 from pama_ext.dpo.config import DPOConfig  # noqa: E402
 from pama_ext.pareto import cagrad_weights  # noqa: E402
 from pama_ext.lm.config import ConfigError  # noqa: E402
@@ -34,36 +34,17 @@ pytestmark = pytest.mark.filterwarnings("ignore:the cached tiny world:UserWarnin
 
 
 def _cfg(world_cache, tmp_path, **kw):
-    d = dict(model="tiny", data="tiny", tiny_world_cache=world_cache, steps=2, batch_size=4, micro_batch_size=2,
-             pool_prompts=6, responses_per_prompt=3, max_new_tokens=8, max_response_tokens=12, eval_size=3,
-             eval_samples=1, output_dir=str(tmp_path / "run"), progress=False, log_every=0, plots=False,
-             save_model=False, lr=1e-2, tie_margin=0.0)
-    d.update(kw)
-    return DPOConfig(**d).validate()
+    return dpo_config(world_cache, tmp_path / "run", **kw)
 
 
 @pytest.fixture(scope="module")
 def setup(world_cache, tmp_path_factory):
     """(world, judges, tokenizer, reference, data) shared by the step tests."""
-    from pama_ext.dpo.train import load_data, prepare_world
-    from pama_ext.lm.policy import frozen_copy
-    from pama_ext.lm.rewards import build_objectives
-    from pama_ext.lm.hf import load_lm, load_tokenizer
-
-    cfg = _cfg(world_cache, tmp_path_factory.mktemp("x"))
-    world = prepare_world(cfg)
-    judges = build_objectives(cfg)
-    tok = load_tokenizer(world["model_path"])
-    ref = frozen_copy(load_lm(world["model_path"], "cpu"))
-    data = load_data(cfg, world, ref, tok, judges)
-    return world, judges, tok, ref, data
+    return dpo_world(_cfg(world_cache, tmp_path_factory.mktemp("x")))
 
 
 def _policy(world):
-    from pama_ext.lm.policy import PolicyWithValueHeads
-    from pama_ext.lm.hf import load_lm
-
-    return PolicyWithValueHeads(load_lm(world["model_path"], "cpu"), 1)
+    return dpo_policy(world)
 
 
 @pytest.mark.parametrize("method", METHODS)

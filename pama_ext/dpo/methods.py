@@ -227,7 +227,6 @@ class PairTrainer(_Base):
         elif cfg.method == "modpo":
             from ..lm.rewards import score_all
 
-            k = cfg.modpo_index
             self.margin = torch.zeros(len(self.data), device=device)
             judged = [o for o in cfg.judged if o in cfg.margin_judged]  # the judges' objectives used, in order
             if judged:
