@@ -26,7 +26,7 @@ def _cfg(world_cache, tmp_path, **kw):
              max_response_tokens=20, lr=2e-3, method="modpo", weights=[0.6, 0.4], modpo_margin="labels",
              modpo_margin_steps=15)
     d.update(kw)
-    return dpo_config(world_cache, tmp_path / "run", **d)
+    return dpo_config(world_cache, d.pop("output_dir", tmp_path / "run"), **d)
 
 
 @pytest.fixture(scope="module")
