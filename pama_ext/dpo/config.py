@@ -103,7 +103,7 @@ class DPOConfig:
                                        "on its labels, reward beta*log(pi_j/pi_ref)), 'auto' (the judge when the "
                                        "objective names one, else labels)", choices=MODPO_MARGINS, group="method")
     modpo_margin_steps: Optional[int] = option(None, "modpo, first stage: optimizer steps of each margin reward "
-                                                     "model (default: --steps)", group="method")
+                                                     "model (none: as many as --steps)", group="method")
     mopo_primary: Optional[str] = option(None, "mopo: the primary (maximised) objective; the others are constrained "
                                            "(default: the first)", group="method")
     mopo_tau: float = option(0.08, "mopo: KL temperature tau of the closed-form tilt", group="method")
