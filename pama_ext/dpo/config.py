@@ -23,8 +23,6 @@ from ..lm.config import (DEVICES, OBJECTIVE_FORMS, TINY, ConfigError, check_numb
 METHODS = ("raco", "cagrad", "dpo-lw", "modpo", "mopo", "mopo-lb")
 #: the methods trained on MOPO's response pool by its importance-weighted behaviour cloning
 MOPO_METHODS = ("mopo", "mopo-lb")
-#: the methods trained on pairs (per-objective DPO losses)
-PAIR_METHODS = tuple(m for m in METHODS if m not in MOPO_METHODS)
 #: where modpo's margin rewards come from (--modpo-margin)
 MODPO_MARGINS = ("auto", "judge", "labels")
 #: --objectives of --data tiny when not given
@@ -34,7 +32,7 @@ HELDOUT_DEFAULT = 0.1
 #: the micro-batch size when --micro-batch-size is not given (capped at --batch-size for the pair methods)
 MICRO_BATCH_DEFAULT = 16
 
-__all__ = ["DPOConfig", "METHODS", "MOPO_METHODS", "PAIR_METHODS", "load_dpo_config", "normalize_dpo_keys"]
+__all__ = ["DPOConfig", "METHODS", "MOPO_METHODS", "load_dpo_config", "normalize_dpo_keys"]
 
 
 @dataclass
