@@ -9,7 +9,7 @@
 #                        $(TORCH_SPEC) (`pip check` clean), plus what verl's trainer modules import; the extension built
 #   make test-verl       the verl tests against that real verl (PAMA_EXT_REQUIRE_VERL=1: no skips), on CPU; CI runs it
 #   make demo            PAMA vs MORLHF vs MGDA-UB on the embedded tiny world (CPU; prints the table, writes runs/demo)
-#   make demo-dpo        preference data: raco, cagrad, dpo-lw, modpo, mopo on the tiny world (table + fronts in runs/demo-dpo)
+#   make demo-dpo        preference data: every pama-ext dpo method on the tiny world (table + fronts in runs/demo-dpo)
 #   make bench           CPU benchmark of the fused ops (pama_ext/benchmarks/bench_ops.py: pama-ext bench ops)
 #   make info            versions, compiled archs, kernels per device
 #   make gpu-report      ptxas registers/spills and SASS load widths per kernel, sm_80 and sm_90 (no GPU needed)

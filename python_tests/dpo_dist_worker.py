@@ -18,7 +18,12 @@ import warnings
 
 import torch
 
-METHODS = ("raco", "cagrad", "dpo-lw", "modpo", "mopo")
+from pama_ext.dpo.config import METHODS, MOPO_METHODS
+
+#: the runs: every method, plus modpo with its first stage (margin reward models trained from the labels,
+#: data parallel like the second stage)
+CASES = {**{m: (m, {}) for m in METHODS}, "modpo-labels": ("modpo", {"modpo_margin": "labels",
+                                                                      "modpo_margin_steps": 2})}
 STEPS = 2
 
 
@@ -35,14 +40,15 @@ def write_pairs(path: str) -> str:
     return path
 
 
-def config(method: str, world_cache: str, data: str, out: str):
+def config(case: str, world_cache: str, data: str, out: str):
     from pama_ext.dpo.config import DPOConfig
 
+    method, extra = CASES[case]
     # mopo: batch 3 prompts (with all their stored responses, sharded over the ranks)
     return DPOConfig(model="tiny", data=data, tiny_world_cache=world_cache, method=method, steps=STEPS,
-                     batch_size=3 if method == "mopo" else 5, micro_batch_size=2, max_response_tokens=12,
+                     batch_size=3 if method in MOPO_METHODS else 5, micro_batch_size=2, max_response_tokens=12,
                      output_dir=out, progress=False, log_every=0, plots=False, save_model=False, lr=1e-2,
-                     mopo_t0=1, seed=5).validate()
+                     mopo_t0=1, seed=5, **extra).validate()
 
 
 def run_steps(cfg, group=None):
@@ -85,7 +91,7 @@ def main() -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        for m in METHODS:
+        for m in CASES:
             metrics, grads, params = run_steps(config(m, world_cache, data, os.path.join(out, "unused")),
                                                dist.group.WORLD)
             torch.save({"metrics": metrics, "grads": grads, "params": params}, os.path.join(out, f"{m}_rank{rank}.pt"))

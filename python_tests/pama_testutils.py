@@ -450,3 +450,39 @@ def expect_error(arg: str, fn, *args, **kwargs):
 
 def bad_input_batch(device, n=3, B=4, T=11, dtype=F64, mask="holes", seed=0):
     return make_inputs(n, B, T, seed=seed, mask=mask).to(dtype, device)
+
+
+def dpo_config(world_cache: str, output_dir: str, **kw):
+    """A validated DPOConfig of the pama_ext.dpo step tests: the tiny world, a few short sampled pairs, no plots,
+    no saved model; ``kw`` overrides."""
+    from pama_ext.dpo.config import DPOConfig
+
+    d = dict(model="tiny", data="tiny", tiny_world_cache=world_cache, steps=2, batch_size=4, micro_batch_size=2,
+             pool_prompts=6, responses_per_prompt=3, max_new_tokens=8, max_response_tokens=12, eval_size=3,
+             eval_samples=1, output_dir=str(output_dir), progress=False, log_every=0, plots=False,
+             save_model=False, lr=1e-2, tie_margin=0.0)
+    d.update(kw)
+    return DPOConfig(**d).validate()
+
+
+def dpo_world(cfg):
+    """(world, judges, tokenizer, frozen reference, pairs) of a preference-trainer config on the tiny world: what
+    the pama_ext.dpo step tests share (imports the LM stack only when called)."""
+    from pama_ext.dpo.train import load_data, prepare_world
+    from pama_ext.lm.hf import load_lm, load_tokenizer
+    from pama_ext.lm.policy import frozen_copy
+    from pama_ext.lm.rewards import build_objectives
+
+    world = prepare_world(cfg)
+    judges = build_objectives(cfg)
+    tok = load_tokenizer(world["model_path"])
+    ref = frozen_copy(load_lm(world["model_path"], "cpu"))
+    return world, judges, tok, ref, load_data(cfg, world, ref, tok, judges)
+
+
+def dpo_policy(world):
+    """A fresh trainable policy (one value head) from the world's model."""
+    from pama_ext.lm.hf import load_lm
+    from pama_ext.lm.policy import PolicyWithValueHeads
+
+    return PolicyWithValueHeads(load_lm(world["model_path"], "cpu"), 1)

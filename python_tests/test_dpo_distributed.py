@@ -44,7 +44,7 @@ def ranks(world_cache, tmp_path_factory):
     data = W.write_pairs(str(tmp / "pairs.jsonl"))
     run_ranks([[os.path.join(HERE, "dpo_dist_worker.py"), str(r), "2", str(tmp / "init"), str(tmp), world_cache, data]
                for r in range(2)], _env(), cwd=ROOT)
-    return data, tmp, {m: [torch.load(tmp / f"{m}_rank{r}.pt") for r in range(2)] for m in W.METHODS}
+    return data, tmp, {m: [torch.load(tmp / f"{m}_rank{r}.pt") for r in range(2)] for m in W.CASES}
 
 
 def _close(a, b, path):
@@ -58,7 +58,7 @@ def _close(a, b, path):
         torch.testing.assert_close(torch.tensor(float(a)), torch.tensor(float(b)), **TOL, msg=path)
 
 
-@pytest.mark.parametrize("method", W.METHODS)
+@pytest.mark.parametrize("method", list(W.CASES))
 def test_two_ranks_match_one_process(ranks, world_cache, tmp_path, method):
     data, _tmp, res = ranks
     r0, r1 = res[method]

@@ -108,6 +108,18 @@ def test_effective_sample_size():
 # -------------------------------------------------------------------------------------------------
 # tabular problems: MOPO (duals + behaviour cloning of a softmax table) vs independent solutions
 # -------------------------------------------------------------------------------------------------
+def _conflicting_problem(seed, sizes):
+    """(group, G, R, log_base, p̄, q̄ [1, R]): random stored responses whose secondary value conflicts with the
+    primary (q̄ ≈ 1 − p̄ plus noise), with a random reference distribution per prompt."""
+    gen = torch.Generator().manual_seed(seed)
+    group = _groups(sizes)
+    G, R = len(sizes), sum(sizes)
+    log_base = _random_log_base(group, G, gen)
+    p = torch.rand(R, generator=gen, dtype=torch.float64)
+    q = (1 - p + 0.3 * torch.rand(R, generator=gen, dtype=torch.float64)).clamp(0, 1)[None]
+    return group, G, R, log_base, p, q
+
+
 def _run_tabular_mopo(p, q, log_base, group, G, b, tau, steps=1500, eta=1.0, lr=0.2):
     """MOPO's loop on a tabular policy: dual_step on the whole pool, then one Adam step on the
     behaviour-cloning loss −Σ W log π_θ (π_θ = per-prompt softmax of a logit table)."""
@@ -202,13 +214,7 @@ def _lagrangian_solution(p, q, log_base, group, G, b, tau):
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_tabular_several_prompts_reach_the_lagrangian_optimum(seed):
-    gen = torch.Generator().manual_seed(seed)
-    sizes = [3, 4, 2]
-    group = _groups(sizes)
-    G, R = len(sizes), sum(sizes)
-    log_base = _random_log_base(group, G, gen)
-    p = torch.rand(R, generator=gen, dtype=torch.float64)
-    q = (1 - p + 0.3 * torch.rand(R, generator=gen, dtype=torch.float64)).clamp(0, 1)[None]
+    group, G, R, log_base, p, q = _conflicting_problem(seed, [3, 4, 2])
     tau = 0.3
     pi0, _ = _lagrangian_solution(p, q, log_base, group, G, -1.0, tau)  # unconstrained
     c_free = float((pi0 * q[0]).sum() / G)
@@ -235,3 +241,192 @@ def test_tabular_several_prompts_reach_the_lagrangian_optimum(seed):
     Cc = (cand * q[0]).sum(-1) / G
     assert (Cc >= b).any()
     assert float(Jc[Cc >= b].max()) <= float(J_star) + 1e-9
+
+
+# -------------------------------------------------------------------------------------------------
+# the robust bound's exact value, the ε = 0.15 regime, and MOPO-LB, against independent computations
+# -------------------------------------------------------------------------------------------------
+def _scipy_robust_value(v, p, eps):
+    """sup_χ −χ log Σ p e^{−v/χ} − χε by scipy's bounded scalar search on log χ (numpy, float64)."""
+    import numpy as np
+    from scipy.optimize import minimize_scalar
+    from scipy.special import logsumexp
+
+    v, p = np.asarray(v, dtype=np.float64), np.asarray(p, dtype=np.float64)
+
+    def neg(lc):
+        c = np.exp(lc)
+        return c * logsumexp(-v / c, b=p) + c * eps
+
+    r = minimize_scalar(neg, bounds=(np.log(mopo.CHI_MIN), np.log(mopo.CHI_MAX)), method="bounded",
+                        options={"xatol": 1e-12})
+    return -r.fun
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.05, 0.15, 0.6])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_robust_value_is_the_bounds_supremum_over_chi(eps, seed):
+    gen = torch.Generator().manual_seed(seed)
+    K, R = 3, 11
+    v = torch.rand(K, R, generator=gen, dtype=torch.float64) * torch.tensor([[1.0], [4.0], [0.2]], dtype=torch.float64)
+    log_p = torch.log_softmax(torch.randn(R, generator=gen, dtype=torch.float64), 0)
+    got = mopo.robust_value(v, log_p, eps)
+    for k in range(K):
+        want = float((v[k] * log_p.exp()).sum()) if eps == 0 else _scipy_robust_value(v[k], log_p.exp(), eps)
+        assert abs(float(got[k]) - want) < 1e-9, (k, float(got[k]), want)
+        # a lower bound: never above the mean, and above the minimum
+        assert float(got[k]) <= float((v[k] * log_p.exp()).sum()) + 1e-12
+        assert float(got[k]) >= float(v[k].min()) - eps * mopo.CHI_MIN - 1e-12
+
+
+def test_secondary_values_use_the_constraint_functional():
+    gen = torch.Generator().manual_seed(3)
+    group = _groups([4, 3, 5])
+    log_base = _random_log_base(group, 3, gen)
+    q = torch.rand(2, 12, generator=gen, dtype=torch.float64)
+    log_p = log_base - math.log(3)
+    torch.testing.assert_close(mopo.secondary_values(q, log_base, 3), (q * log_base.exp()).sum(-1) / 3)
+    torch.testing.assert_close(mopo.secondary_values(q, log_base, 3, 0.15), mopo.robust_value(q, log_p, 0.15))
+    assert (mopo.secondary_values(q, log_base, 3, 0.15) < mopo.secondary_values(q, log_base, 3)).all()
+
+
+def _small_pool(seed=0, P=40, n=4, corr=-0.3):
+    """Pairwise win-rates of n responses per prompt under two correlated scores (the demo's regime: 4 per prompt)."""
+    gen = torch.Generator().manual_seed(seed)
+    s = torch.randn(P, n, 2, generator=gen, dtype=torch.float64)
+    s[..., 1] = corr * s[..., 0] + 0.95 * s[..., 1]
+    wr = ((s[:, :, None] > s[:, None, :]).double().sum(-2)) / (n - 1)  # [P, n, 2]: share of the others beaten
+    group = torch.arange(P).repeat_interleave(n)
+    return wr[..., 0].flatten(), wr[..., 1].flatten()[None], group, P
+
+
+def _product_bound(p, q, group, P, lam, eps, tau=0.08):
+    """The bound of the importance-weighted product, sup_χ −χ log E_base e^{−ρ̃ q̄/χ} − χε (scipy; uniform base)."""
+    log_base = mopo.uniform_log_base(group, P).double()
+    lr = mopo.tilt_log_weights(p, q, torch.tensor([lam], dtype=torch.float64), tau, log_base, group, P)
+    return _scipy_robust_value((lr.exp() * q[0]).numpy(), (log_base.exp() / P).numpy(), eps)
+
+
+def test_eps_015_cause_the_product_bound_cannot_certify_the_reference():
+    """Why ε = 0.15 made λ diverge on small pools: with 4 responses per prompt and τ = 0.08 every tilt is nearly
+    one-hot, and the robust bound of the product ρ̃·q̄ under the reference penalises the dispersion of the weights
+    themselves: for every λ it stays far below the threshold (the plain mean of the reference's q̄, and even
+    the reference's own robust value), so λ ← λ + η (b − LB) can only grow. The bound of the tilted policy
+    (what dual_step uses) reaches both."""
+    p, q, group, P = _small_pool()
+    log_base = mopo.uniform_log_base(group, P).double()
+    eps = 0.15
+    plain = float(mopo.secondary_values(q, log_base, P))
+    robust_ref = _scipy_robust_value(q[0].numpy(), (log_base.exp() / P).numpy(), eps)
+    best_product = max(_product_bound(p, q, group, P, lam, eps) for lam in [0.0, 0.1, 0.3, 1, 3, 10, 100])
+    assert best_product < robust_ref - 0.05 and robust_ref < plain
+    lr = mopo.tilt_log_weights(p, q, torch.tensor([100.0], dtype=torch.float64), 0.08, log_base, group, P)
+    policy_bound = _scipy_robust_value(q[0].numpy(), (log_base.exp() / P * lr.exp()).numpy(), eps)
+    assert policy_bound > plain
+
+
+def test_eps_015_lambda_binds_and_stays_bounded_on_a_small_pool():
+    """The same pool, batches of 8 prompts as in the demo, thresholds β·G with G measured by the constraint's
+    own functional (MopoTrainer): λ binds and stays bounded over 300 steps."""
+    p, q, group, P = _small_pool()
+    log_base = mopo.uniform_log_base(group, P).double()
+    eps = 0.15
+    d = mopo.MopoDuals.init(0.9995 * mopo.secondary_values(q, log_base, P, eps))
+    gen = torch.Generator().manual_seed(1)
+    lams = []
+    for t in range(300):
+        pick = torch.randperm(P, generator=gen)[:8]
+        idx = torch.cat([(group == i).nonzero().flatten() for i in pick.tolist()])
+        grp = torch.arange(8).repeat_interleave(4)
+        mopo.dual_step(d, p[idx], q[:, idx], log_base[idx], grp, 8, tau=0.08, eps=eps, eta=0.5)
+        lams.append(float(d.lam))
+    assert max(lams) < 2.0 and sum(x > 0 for x in lams[-100:]) > 50, (max(lams), lams[-100:])
+
+
+def _policy_bound(p, q, log_base, group, G, lam, eps, tau):
+    lr = mopo.tilt_log_weights(p, q, torch.tensor([lam], dtype=torch.float64), tau, log_base, group, G)
+    return _scipy_robust_value(q[0].numpy(), (log_base.exp() / G * lr.exp()).numpy(), eps)
+
+
+def test_full_batch_dual_ascent_with_eps_reaches_the_root_of_the_robust_constraint():
+    """ε = 0.15, the whole pool every step (no batch noise): λ converges to the λ* with LB_ε(π_λ*) = b, found
+    independently (scipy's bound and brentq)."""
+    from scipy.optimize import brentq
+
+    group, G, R, log_base, p, q = _conflicting_problem(7, [3, 4, 2, 5])
+    tau, eps = 0.3, 0.15
+    lo_v, hi_v = _policy_bound(p, q, log_base, group, G, 0.0, eps, tau), _policy_bound(p, q, log_base, group, G,
+                                                                                          50.0, eps, tau)
+    b = lo_v + 0.5 * (hi_v - lo_v)
+    lam_star = brentq(lambda x: _policy_bound(p, q, log_base, group, G, x, eps, tau) - b, 0.0, 50.0, xtol=1e-10)
+    d = mopo.MopoDuals.init(torch.tensor([b], dtype=torch.float64))
+    for _ in range(6000):
+        mopo.dual_step(d, p, q, log_base, group, G, tau=tau, eps=eps, eta=0.2)
+    assert abs(float(d.lam) - lam_star) < 1e-3 * max(1.0, lam_star), (float(d.lam), lam_star)
+    # χ reached the bound's maximiser: the bound at the iterate is the exact supremum
+    lr = mopo.tilt_log_weights(p, q, d.lam, tau, log_base, group, G)
+    lp = log_base - math.log(G) + lr
+    assert abs(float(mopo.robust_lower_bound(q, lp, d.chi, eps)) - float(mopo.robust_value(q, lp, eps))) < 1e-8
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_mopo_lb_tilt_maximises_the_barrier_objective(seed):
+    """ε = 0: the tilt at MOPO-LB's λ maximises E_π p̄ − τ KL(π‖π_ref) + σ log(E_π q̄ − b) over every policy on
+    the stored responses (scipy, softmax-parametrised, several starts), even where the threshold is above the
+    unconstrained optimum's value (the barrier then binds hard)."""
+    import numpy as np
+    from scipy.optimize import minimize
+
+    group, G, R, log_base, p, q = _conflicting_problem(seed, [3, 4, 2])
+    tau, sigma = 0.3, 0.02
+    zero = torch.zeros(1, dtype=torch.float64)
+    c_free = float(mopo.secondary_values(q, log_base + mopo.tilt_log_weights(p, q, zero, tau, log_base, group, G), G))
+    b = c_free + 0.05  # above the unconstrained optimum's value: the constraint binds
+    d = mopo.MopoDuals.init(torch.tensor([b], dtype=torch.float64))
+    g = mopo.barrier_lambda(d, p, q, log_base, group, G, tau, 0.0, sigma)
+    pi = torch.exp(log_base + mopo.tilt_log_weights(p, q, d.lam, tau, log_base, group, G)).numpy()
+    lb_np, gnp, p_np, q_np = log_base.numpy(), group.numpy(), p.numpy(), q[0].numpy()
+
+    def policy(theta):
+        out = np.empty(R)
+        for k in range(G):
+            i = gnp == k
+            z = theta[i] + lb_np[i]
+            out[i] = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+        return out
+
+    def neg_obj(theta):
+        x = policy(theta)
+        kl = (x * (np.log(x) - lb_np)).sum() / G
+        c = (x * q_np).sum() / G
+        return 1e6 if c <= b else -((x * p_np).sum() / G - tau * kl + sigma * np.log(c - b))
+
+    rng = np.random.default_rng(seed)
+    starts = [np.log(np.maximum(pi, 1e-300)) - lb_np] + [rng.normal(size=R) for _ in range(3)]
+    feas = [x for x in starts if neg_obj(x) < 1e6]
+    best = min((minimize(neg_obj, x, method="Nelder-Mead", options={"xatol": 1e-10, "fatol": 1e-14,
+                                                                    "maxiter": 60000, "maxfev": 60000})
+                for x in feas), key=lambda r: r.fun)
+    pi_star = policy(best.x)
+    assert np.abs(pi - pi_star).max() < 1e-3, (pi, pi_star)
+    assert -neg_obj(np.log(pi) - lb_np) >= -best.fun - 1e-9  # nothing scipy found is better
+    gap = float((pi * q_np).sum() / G) - b
+    assert gap > 0 and abs(float(d.lam) * gap - sigma) < 1e-9 and abs(float(g[0]) - b - gap) < 1e-12
+
+
+def test_mopo_lb_root_with_the_robust_bound_and_the_cap():
+    """ε > 0: λ (LB_ε(π_λ) − b) = σ with LB computed independently (scipy); an unreachable threshold gives the cap."""
+    gen = torch.Generator().manual_seed(5)
+    group = _groups([3, 4])
+    log_base = _random_log_base(group, 2, gen)
+    p = torch.rand(7, generator=gen, dtype=torch.float64)
+    q = torch.rand(1, 7, generator=gen, dtype=torch.float64)
+    tau, sigma, eps = 0.5, 0.01, 0.15
+    b = _policy_bound(p, q, log_base, group, 2, 0.0, eps, tau) + 0.02
+    d = mopo.MopoDuals.init(torch.tensor([b], dtype=torch.float64))
+    mopo.barrier_lambda(d, p, q, log_base, group, 2, tau, eps, sigma)
+    lb = _policy_bound(p, q, log_base, group, 2, float(d.lam), eps, tau)
+    assert lb > b and abs(float(d.lam) * (lb - b) - sigma) < 1e-7, (float(d.lam), lb - b)
+    d2 = mopo.MopoDuals.init(torch.tensor([float(q.max()) + 1.0], dtype=torch.float64))
+    mopo.barrier_lambda(d2, p, q, log_base, group, 2, tau, eps, sigma)
+    assert float(d2.lam) == pytest.approx(mopo.BARRIER_LAMBDA_MAX)

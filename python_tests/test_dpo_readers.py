@@ -318,8 +318,8 @@ def test_pair_accuracy_of_the_reference_is_one_half_and_follows_the_margin_sign(
 @pytest.mark.parametrize("changes, message", [
     (dict(data="scores:x.jsonl"), "--objectives: required for --data scores:"),
     (dict(objectives=["sentiment", "helpful"]), "--objectives: --data tiny labels pairs with judges; 'helpful'"),
-    (dict(data="hh:helpful=a,harmless=b", method="modpo", weights=[0.5, 0.5]),
-     "--objectives: modpo's margin needs a judge for every other objective with a positive weight; 'harmless'"),
+    (dict(data="hh:helpful=a,harmless=b", method="modpo", weights=[0.5, 0.5], modpo_margin="judge"),
+     "--modpo-margin: 'judge' needs a judge for every other objective with a positive weight; 'harmless'"),
     (dict(data="pku:x.jsonl", heldout_pairs=1.0), "--heldout-pairs: expected a share in [0, 1)"),
     (dict(heldout_pairs=0.2), "--heldout-pairs: only for a --data file"),
 ])

@@ -40,7 +40,8 @@ def _rows(run: Path, name: str):
 
 
 @pytest.mark.parametrize("method, extra", [("raco", {}), ("dpo-lw", {}),
-                                           ("mopo", {"mopo_t0": 1, "mopo_epsilon": 0.15})])
+                                           ("mopo", {"mopo_t0": 1, "mopo_epsilon": 0.15}),
+                                           ("mopo-lb", {"mopo_t0": 1})])
 def test_resume_is_bitwise_the_uninterrupted_run(world_cache, tmp_path, method, extra):
     from pama_ext.dpo.train import train_dpo
 

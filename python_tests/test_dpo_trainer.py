@@ -19,12 +19,12 @@ pytest.importorskip("yaml")
 pytest.importorskip("tqdm")
 
 from pama_ext import gradient_gram, multi_dpo_loss  # noqa: E402
-from pama_testutils import all_finite  # noqa: E402
+from pama_testutils import all_finite, dpo_config, dpo_policy, dpo_world  # noqa: E402
 from pama_ext.dpo.config import DPOConfig  # noqa: E402
 from pama_ext.pareto import cagrad_weights  # noqa: E402
 from pama_ext.lm.config import ConfigError  # noqa: E402
 
-METHODS = ["raco", "cagrad", "dpo-lw", "modpo", "mopo"]
+from pama_ext.dpo.config import METHODS, MOPO_METHODS  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.filterwarnings("ignore:the cached tiny world:UserWarning")
@@ -34,36 +34,17 @@ pytestmark = pytest.mark.filterwarnings("ignore:the cached tiny world:UserWarnin
 
 
 def _cfg(world_cache, tmp_path, **kw):
-    d = dict(model="tiny", data="tiny", tiny_world_cache=world_cache, steps=2, batch_size=4, micro_batch_size=2,
-             pool_prompts=6, responses_per_prompt=3, max_new_tokens=8, max_response_tokens=12, eval_size=3,
-             eval_samples=1, output_dir=str(tmp_path / "run"), progress=False, log_every=0, plots=False,
-             save_model=False, lr=1e-2, tie_margin=0.0)
-    d.update(kw)
-    return DPOConfig(**d).validate()
+    return dpo_config(world_cache, tmp_path / "run", **kw)
 
 
 @pytest.fixture(scope="module")
 def setup(world_cache, tmp_path_factory):
     """(world, judges, tokenizer, reference, data) shared by the step tests."""
-    from pama_ext.dpo.train import load_data, prepare_world
-    from pama_ext.lm.policy import frozen_copy
-    from pama_ext.lm.rewards import build_objectives
-    from pama_ext.lm.hf import load_lm, load_tokenizer
-
-    cfg = _cfg(world_cache, tmp_path_factory.mktemp("x"))
-    world = prepare_world(cfg)
-    judges = build_objectives(cfg)
-    tok = load_tokenizer(world["model_path"])
-    ref = frozen_copy(load_lm(world["model_path"], "cpu"))
-    data = load_data(cfg, world, ref, tok, judges)
-    return world, judges, tok, ref, data
+    return dpo_world(_cfg(world_cache, tmp_path_factory.mktemp("x")))
 
 
 def _policy(world):
-    from pama_ext.lm.policy import PolicyWithValueHeads
-    from pama_ext.lm.hf import load_lm
-
-    return PolicyWithValueHeads(load_lm(world["model_path"], "cpu"), 1)
+    return dpo_policy(world)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -72,7 +53,7 @@ def test_every_method_steps_with_finite_loss_and_changes_the_parameters(method, 
 
     world, judges, tok, ref, data = setup
     cfg = _cfg(world_cache, tmp_path, method=method, mopo_t0=2, steps=3,
-               **({"batch_size": 2, "micro_batch_size": 4} if method == "mopo" else {}))
+               **({"batch_size": 2, "micro_batch_size": 4} if method in MOPO_METHODS else {}))
     policy = _policy(world)
     before = [p.detach().clone() for p in policy.lm.parameters()]
     tr = make_trainer(cfg, policy, ref, tok, data, judges, torch.device("cpu"))
@@ -81,13 +62,13 @@ def test_every_method_steps_with_finite_loss_and_changes_the_parameters(method, 
     rows = tr.flush_metrics()
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(all_finite(r) for r in rows), rows
-    key = "loss" if method == "mopo" else "losses"
+    key = "loss" if method in MOPO_METHODS else "losses"
     assert all(r[key] is not None for r in rows)
     changed = sum(not torch.equal(b, p.detach()) for b, p in zip(before, policy.lm.parameters()))
     assert changed > 0
     if method in ("raco", "cagrad"):
         assert all(len(r["coeffs"]) == 2 for r in rows)
-    if method == "mopo":
+    if method in MOPO_METHODS:
         assert all(1.0 <= r["ess"] <= r["ess"] / r["ess_frac"] + 1e-6 for r in rows)
         assert all(min(r["lam"]) >= 0 and min(r["chi"]) > 0 for r in rows)
 
@@ -170,7 +151,7 @@ def test_modpo_is_dpo_on_the_target_with_judge_margins(setup, world_cache, tmp_p
 
 
 @pytest.mark.parametrize("changes, message", [
-    (dict(method="dpo"), "--method: expected one of raco, cagrad, dpo-lw, modpo, mopo; got 'dpo'"),
+    (dict(method="dpo"), "--method: expected one of raco, cagrad, dpo-lw, modpo, mopo, mopo-lb; got 'dpo'"),
     (dict(weights=[1.0]), "--weights: expected 2 weights"),
     (dict(method="modpo", weights=[0.0, 1.0]), "--weights: modpo divides by the weight of its target objective"),
     (dict(mopo_primary="humor"), "--mopo-primary: expected one of the objectives"),

@@ -2,7 +2,7 @@
 
 Precedence: dataclass default < ``--config FILE.yaml`` < explicit flag. :meth:`DPOConfig.validate`
 checks every value up front and raises :class:`~pama_ext.lm.config.ConfigError` whose message
-starts with the flag, e.g. ``--method: expected one of raco, cagrad, dpo-lw, modpo, mopo; got 'x'``.
+starts with the flag, e.g. ``--method: expected one of raco, cagrad, dpo-lw, modpo, mopo, mopo-lb; got 'x'``.
 The field helpers, the type coercion, the YAML loader and the objective syntax are shared with the PPO
 trainer (:mod:`pama_ext.lm.config`). Imports nothing heavy.
 """
@@ -19,7 +19,12 @@ from ..lm.config import (DEVICES, OBJECTIVE_FORMS, TINY, ConfigError, check_numb
                          check_run_fields, coerce_fields, config_dict, flag, is_judge_spec, normalize_keys,
                          normalized_weights, option)
 
-METHODS = ("raco", "cagrad", "dpo-lw", "modpo", "mopo")
+#: every method of ``pama-ext dpo`` (the one list: the CLI choices, the demo and the tests read it)
+METHODS = ("raco", "cagrad", "dpo-lw", "modpo", "mopo", "mopo-lb")
+#: the methods trained on MOPO's response pool by its importance-weighted behaviour cloning
+MOPO_METHODS = ("mopo", "mopo-lb")
+#: where modpo's margin rewards come from (--modpo-margin)
+MODPO_MARGINS = ("auto", "judge", "labels")
 #: --objectives of --data tiny when not given
 TINY_OBJECTIVES = ("sentiment", "length")
 #: --heldout-pairs when not given and some objective has no judge
@@ -27,7 +32,7 @@ HELDOUT_DEFAULT = 0.1
 #: the micro-batch size when --micro-batch-size is not given (capped at --batch-size for the pair methods)
 MICRO_BATCH_DEFAULT = 16
 
-__all__ = ["DPOConfig", "METHODS", "load_dpo_config", "normalize_dpo_keys"]
+__all__ = ["DPOConfig", "METHODS", "MOPO_METHODS", "load_dpo_config", "normalize_dpo_keys"]
 
 
 @dataclass
@@ -80,7 +85,9 @@ class DPOConfig:
     # --- method ----------------------------------------------------------------------------------
     method: str = option("raco", "raco (CAGrad-clip on per-objective DPO gradients), cagrad (the same, unclipped), "
                              "dpo-lw (sum of w_i L_i), modpo (DPO on one objective with margins from the others' "
-                             "judges), mopo (constrained importance-weighted behaviour cloning)",
+                             "judges, or reward models trained from their labels), mopo (constrained "
+                             "importance-weighted behaviour cloning, dual ascent), mopo-lb (the same with a log-barrier "
+                             "instead of the multipliers)",
                      choices=METHODS, group="method")
     beta: Optional[float] = option(None, "DPO temperature beta of raco, cagrad, dpo-lw and modpo (default: 0.2 for raco "
                                      "and cagrad, RACO's setting in algorithms §7; 0.1 otherwise)", group="method")
@@ -89,11 +96,20 @@ class DPOConfig:
                                 group="method")
     modpo_target: Optional[str] = option(None, "modpo: the objective whose labels are trained on (default: the first)",
                                      group="method")
+    modpo_margin: str = option("auto", "modpo: the margin rewards r_j of the other objectives: 'judge' (their judges' "
+                                       "scores), 'labels' (MODPO's first stage: a reward model per objective, DPO "
+                                       "on its labels, reward beta*log(pi_j/pi_ref)), 'auto' (the judge when the "
+                                       "objective names one, else labels)", choices=MODPO_MARGINS, group="method")
+    modpo_margin_steps: Optional[int] = option(None, "modpo, first stage: optimizer steps of each margin reward "
+                                                     "model (none: as many as --steps)", group="method")
     mopo_primary: Optional[str] = option(None, "mopo: the primary (maximised) objective; the others are constrained "
                                            "(default: the first)", group="method")
     mopo_tau: float = option(0.08, "mopo: KL temperature tau of the closed-form tilt", group="method")
-    mopo_epsilon: float = option(0.0, "mopo: radius of the robust lower bound (0 = plain mean; the paper's 0.15 can "
-                                  "make lambda diverge on small pools)", group="method")
+    mopo_epsilon: float = option(0.15, "mopo: KL radius of the robust lower bound of each constraint (the paper's "
+                                   "0.15; 0 = plain means); the thresholds are measured with the same bound",
+                                 group="method")
+    mopo_barrier_sigma: float = option(1e-4, "mopo-lb: weight sigma of the log-barrier sigma * log(LB - b) that "
+                                         "replaces the multipliers (lambda = sigma / (LB - b))", group="method")
     mopo_threshold_beta: float = option(0.9995, "mopo: threshold factor beta, b = beta * (secondary values of the "
                                             "lagged policy)", group="method")
     mopo_t0: int = option(500, "mopo: every t0 steps update the thresholds and the reference to the policy of t0 "
@@ -174,6 +190,39 @@ class DPOConfig:
         return self.objectives.index(self.modpo_target) if self.modpo_target else 0
 
     @property
+    def margin_objectives(self) -> List[str]:
+        """modpo: the objectives of the margin (every other objective with a positive weight)."""
+        k = self.objectives[self.modpo_index]
+        return [o for o, w in zip(self.objectives, self.normalized_weights()) if o != k and w > 0]
+
+    @property
+    def margin_judged(self) -> List[str]:
+        """modpo: the margin objectives scored by their judges."""
+        if self.modpo_margin == "labels":
+            return []
+        return [o for o in self.margin_objectives if is_judge_spec(o)]
+
+    @property
+    def margin_learned(self) -> List[str]:
+        """modpo: the margin objectives whose reward model the first stage trains from their labels."""
+        return [o for o in self.margin_objectives if o not in self.margin_judged]
+
+    @property
+    def margin_steps(self) -> int:
+        """``--modpo-margin-steps``, or ``--steps``."""
+        return int(self.modpo_margin_steps) if self.modpo_margin_steps is not None else int(self.steps)
+
+    @property
+    def is_mopo(self) -> bool:
+        """mopo or mopo-lb (trained on the response pool)."""
+        return self.method in MOPO_METHODS
+
+    @property
+    def barrier_sigma(self) -> float:
+        """σ of MOPO-LB's barrier; 0 for mopo (dual ascent on λ)."""
+        return float(self.mopo_barrier_sigma) if self.method == "mopo-lb" else 0.0
+
+    @property
     def mopo_index(self) -> int:
         return self.objectives.index(self.mopo_primary) if self.mopo_primary else 0
 
@@ -197,7 +246,7 @@ class DPOConfig:
             else:
                 self.objectives = default_objectives(self.data)
         if self.micro_batch_size is None:
-            self.micro_batch_size = (MICRO_BATCH_DEFAULT if self.method == "mopo"
+            self.micro_batch_size = (MICRO_BATCH_DEFAULT if self.is_mopo
                                      else min(self.batch_size, MICRO_BATCH_DEFAULT))
 
         def positive(name, strict=True):
@@ -205,9 +254,12 @@ class DPOConfig:
 
         if self.beta is not None:
             positive("beta")
+        if self.modpo_margin_steps is not None:
+            positive("modpo_margin_steps")
         for name in ("steps", "batch_size", "micro_batch_size", "lr", "max_prompt_tokens",
                      "max_response_tokens", "pool_prompts", "max_new_tokens", "temperature", "eval_samples",
-                     "eval_batch_size", "length_l0", "mopo_tau", "mopo_dual_lr", "tiny_world_seconds"):
+                     "eval_batch_size", "length_l0", "mopo_tau", "mopo_dual_lr", "mopo_barrier_sigma",
+                     "tiny_world_seconds"):
             positive(name)
         for name in ("weight_decay", "adam_eps", "max_grad_norm", "tie_margin", "cagrad_c", "mopo_epsilon",
                      "mopo_t0", "log_every", "save_every"):
@@ -217,7 +269,7 @@ class DPOConfig:
                               f"{self.responses_per_prompt}")
         if not (0.0 < self.mopo_threshold_beta <= 1.0):
             raise ConfigError(f"--mopo-threshold-beta: expected a number in (0, 1]; got {self.mopo_threshold_beta!r}")
-        if self.micro_batch_size > self.batch_size and self.method != "mopo":
+        if self.micro_batch_size > self.batch_size and not self.is_mopo:
             raise ConfigError(f"--micro-batch-size: must be at most --batch-size ({self.batch_size}); "
                               f"got {self.micro_batch_size}")
         check_run_fields(self)
@@ -258,12 +310,12 @@ class DPOConfig:
             raise ConfigError(f"--weights: modpo's temperature --beta / (weight of {self.objectives[self.modpo_index]!r}"
                               f") = {self.dpo_beta} / {self.normalized_weights()[self.modpo_index]!r} overflows; "
                               f"got {self.weights}")
-        if self.method == "modpo":
-            k = self.objectives[self.modpo_index]
-            need = [o for o, w in zip(self.objectives, self.normalized_weights()) if o != k and w > 0 and o in unjudged]
+        if self.method == "modpo" and self.modpo_margin == "judge":
+            need = [o for o in self.margin_objectives if o in unjudged]
             if need:
-                raise ConfigError(f"--objectives: modpo's margin needs a judge for every other objective with a "
-                                  f"positive weight; {need[0]!r} has none (give it weight 0, or a judge)")
+                raise ConfigError(f"--modpo-margin: 'judge' needs a judge for every other objective with a "
+                                  f"positive weight; {need[0]!r} has none (use --modpo-margin labels or auto, "
+                                  f"give it weight 0, or a judge)")
         return self
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..lm.config import split_list
+from .config import METHODS, MOPO_METHODS
 
 #: the demo's budget: all runs in about five minutes on a free 2-core CPU (one thread)
 DEMO_DEFAULTS = dict(
@@ -41,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m pama_ext.dpo.demo", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--output-dir", default="runs/demo-dpo", help="where the table, the plot and the runs go")
-    ap.add_argument("--methods", default="raco,cagrad,dpo-lw,modpo,mopo", help="comma-separated methods")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
     ap.add_argument("--sweep", default="0.8,0.5,0.2",
                     help="weights of the first objective for raco, dpo-lw and modpo (the second gets 1 - w)")
     ap.add_argument("--seed", type=int, default=0, help="the seed of every run")
@@ -63,13 +64,31 @@ def runs_of(methods, sweep, objectives):
     for m in methods:
         if m in ("raco", "dpo-lw", "modpo"):
             out += [(m, {"weights": [w, 1.0 - w]}) for w in sweep]
+            if m == "modpo":  # MODPO from labels alone: its first stage trains the margin reward model
+                out.append((m, {"weights": [0.5, 0.5], "modpo_margin": "labels"}))
         elif m == "cagrad":
             out.append((m, {"weights": [0.5, 0.5]}))
-        elif m == "mopo":
+        elif m in MOPO_METHODS:
             out += [(m, {"mopo_primary": o}) for o in objectives]
         else:
             raise SystemExit(f"--methods: unknown method {m!r}")
     return out
+
+
+def dual_summary(results) -> list:
+    """One line per mopo / mopo-lb run: on how many steps λ > 0 (the constraint binds), max and final λ, the final
+    threshold b and the lower bound LB of the last step."""
+    lines = []
+    for r in results:
+        ms = r["metrics"]
+        if r["method"] not in MOPO_METHODS or not ms:
+            continue
+        lam = [max(m["lam"]) for m in ms]
+        last = ms[-1]
+        lines.append(f"- {r['method']} {r['setting']}: λ > 0 on {sum(x > 0 for x in lam)} of {len(ms)} steps, max λ "
+                     f"{max(lam):.3f}, final λ {'/'.join(f'{x:.3f}' for x in last['lam'])}, b "
+                     f"{'/'.join(f'{x:.3f}' for x in last['b'])}, LB {'/'.join(f'{x:.3f}' for x in last['lower_bound'])}")
+    return lines
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -98,7 +117,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     bar = tqdm(plan, desc="demo-dpo", unit="run", disable=a.no_progress or not sys.stderr.isatty(), dynamic_ncols=True)
     for i, (m, over) in enumerate(bar):
         extra = dict(over)
-        if m == "mopo":
+        if m in MOPO_METHODS:
             extra.update(batch_size=a.mopo_batch_size, micro_batch_size=MOPO_DEFAULTS["micro_batch_size"],
                          mopo_t0=a.mopo_t0)
         cfg = base.replace(method=m, output_dir=str(out / f"{i:02d}-{m}"), **extra)
@@ -123,6 +142,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             f"reference means: " + ", ".join(f"{k} {v:.3f}" for k, v in ref.items()) +
             ". ESS: mopo's mean effective sample size (Σw)²/Σw² per step. "
             f"Total wall time {wall:.0f} s.")
+    duals = dual_summary(results)
+    if duals:
+        foot += "\n\nMOPO's duals (λ per step; the constraint binds where λ > 0):\n" + "\n".join(duals)
     atomic_write_text(out / "table.md", f"# {head}\n\n{md}\n\n{foot}\n")
     atomic_write_text(out / "table.json", json.dumps({"rows": rows, "data": data.info, "wall_s": wall,
                                                       "settings": {k: getattr(a, k) for k in DEMO_DEFAULTS},

@@ -23,6 +23,9 @@ logging interval (``flush_metrics``).
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
+import json
 import math
 from typing import Dict, List, Optional, Sequence
 
@@ -38,7 +41,8 @@ from . import mopo as M
 from .config import DPOConfig
 from .data import PrefData, ResponsePool, encode_responses, response_pool
 
-__all__ = ["PairTrainer", "MopoTrainer", "sequence_logps", "make_trainer"]
+__all__ = ["PairTrainer", "MopoTrainer", "sequence_logps", "make_trainer", "train_margin_reward", "implicit_rewards",
+           "objective_data", "margin_reward_config"]
 
 
 def sequence_logps(policy, input_ids: Tensor, attention_mask: Tensor, resp_mask: Tensor) -> Tensor:
@@ -144,11 +148,59 @@ class _Base:
         return rows
 
 
+def margin_reward_config(cfg: DPOConfig, objective: str) -> DPOConfig:
+    """MODPO's first stage for ``objective``: DPO on that objective's labels alone (``dpo-lw`` with one objective),
+    ``--modpo-margin-steps`` steps, every other optimisation setting of the run."""
+    return dataclasses.replace(cfg, method="dpo-lw", objectives=[objective], weights=None, modpo_target=None,
+                               mopo_primary=None, steps=cfg.margin_steps)
+
+
+def objective_data(data: PrefData, objective: str) -> PrefData:
+    """The pairs with a label on ``objective`` (a tie or no label gives DPO no gradient), with that label alone."""
+    i = data.objectives.index(objective)
+    idx = (data.labels[i] != 0).nonzero().flatten().tolist()
+    sub = data.subset(idx)
+    return PrefData([objective], sub.prompts, sub.chosen, sub.rejected, sub.labels[i:i + 1].clone(), sub.info)
+
+
+def train_margin_reward(cfg: DPOConfig, objective: str, init_policy, ref_lm, tokenizer, data: PrefData, device,
+                        ref_cache: Optional[Dict] = None, group=None):
+    """MODPO's first stage for one objective: a copy of ``init_policy`` (the reference) trained by DPO on
+    ``objective``'s labels of ``data`` (data parallel under ``group``, like any pair method). Its implicit
+    reward r(x, y) = β·[log π_r(y|x) − log π_ref(y|x)] (per token under --length-normalize) is the margin reward
+    model of MODPO's second stage. Returns the trained policy."""
+    mcfg = margin_reward_config(cfg, objective)
+    sub = objective_data(data, objective)
+    if len(sub) == 0:
+        raise ConfigError(f"--modpo-margin: objective {objective!r} has no labelled pair to train its margin reward "
+                          f"model on (give it weight 0, or a judge)")
+    policy = copy.deepcopy(init_policy)
+    tr = PairTrainer(mcfg, policy, ref_lm, tokenizer, sub, None, device, ref_cache=ref_cache, group=group)
+    while tr.step_idx < mcfg.steps:
+        tr.step()
+    tr.flush_metrics()
+    for p in policy.parameters():
+        p.requires_grad_(False)
+    return policy
+
+
+@torch.no_grad()
+def implicit_rewards(cfg: DPOConfig, reward_policy, ref_lm, tokenizer, prompts: Sequence[str],
+                     responses: Sequence[str], device, ref_cache: Optional[Dict] = None) -> Tensor:
+    """``[N]``: β·[log π_r(y|x) − log π_ref(y|x)] of a margin reward model (divided by the token count under
+    --length-normalize, the scale of the DPO margin then)."""
+    lp, n = reference_sequence_logps(reward_policy.lm, tokenizer, prompts, responses, cfg, device)
+    lr, _ = reference_sequence_logps(ref_lm, tokenizer, prompts, responses, cfg, device, cache=ref_cache)
+    r = cfg.dpo_beta * (lp - lr)
+    return r / n.clamp_min(1.0) if cfg.length_normalize else r
+
+
 class PairTrainer(_Base):
     """raco, cagrad, dpo-lw and modpo on preference pairs."""
 
     def __init__(self, cfg: DPOConfig, policy, ref_lm, tokenizer, data: PrefData, judges, device,
-                 ref_cache: Optional[Dict] = None, group=None):
+                 ref_cache: Optional[Dict] = None, group=None, margin: Optional[Tensor] = None,
+                 margin_cache: Optional[Dict] = None):
         super().__init__(cfg, policy, ref_lm, tokenizer, device, group)
         labels = data.labels
         if cfg.method == "modpo":
@@ -169,24 +221,51 @@ class PairTrainer(_Base):
                                           cache=ref_cache)
         self.ref_c, self.ref_r, self.len_c, self.len_r = rc, rr, lc, lr
         self.margin = None
-        if cfg.method == "modpo":
+        self.margin_info: Dict[str, Dict] = {}
+        if cfg.method == "modpo" and margin is not None:  # --resume: the margins of the run's first stage
+            self.margin = margin.to(device)
+        elif cfg.method == "modpo":
             from ..lm.rewards import score_all
 
-            k = cfg.modpo_index
-            judged = cfg.judged  # the judges' objectives, in order (config: every other weighted one is judged)
             self.margin = torch.zeros(len(self.data), device=device)
+            judged = [o for o in cfg.judged if o in cfg.margin_judged]  # the judges' objectives used, in order
             if judged:
                 sc = score_all(judges, self.data.prompts, self.data.chosen).to(device)
                 sr = score_all(judges, self.data.prompts, self.data.rejected).to(device)
+                ji = [cfg.judged.index(o) for o in judged]
                 wj = torch.stack([self.w[cfg.objectives.index(o)] for o in judged])
-                if cfg.objectives[k] in judged:
-                    wj[judged.index(cfg.objectives[k])] = 0.0
-                self.margin = (wj[:, None] * (sc - sr)).sum(0)  # [N]: Σ_{j≠k} w_j (r_j(chosen) − r_j(rejected))
+                self.margin = (wj[:, None] * (sc[ji] - sr[ji])).sum(0)  # Σ_j w_j (r_j(chosen) − r_j(rejected))
+                self.margin_info.update({o: {"source": "judge"} for o in judged})
+            # MODPO's first stage: a margin reward model per objective trained on its labels (full data)
+            cache = {} if margin_cache is None else margin_cache
+            for o in cfg.margin_learned:
+                key = (o, json.dumps(margin_reward_config(cfg, o).to_dict(), sort_keys=True, default=str))
+                if key not in cache:
+                    rp = train_margin_reward(cfg, o, policy, ref_lm, tokenizer, data, device, ref_cache, group)
+                    rc_o = implicit_rewards(cfg, rp, ref_lm, tokenizer, data.prompts, data.chosen, device, ref_cache)
+                    rr_o = implicit_rewards(cfg, rp, ref_lm, tokenizer, data.prompts, data.rejected, device, ref_cache)
+                    j = data.objectives.index(o)
+                    lab = data.labels[j].to(device)
+                    acc = ((lab * (rc_o - rr_o)) > 0).float()[lab != 0].mean()
+                    cache[key] = (dict(zip(zip(data.prompts, data.chosen, data.rejected), (rc_o - rr_o).tolist())),
+                                  {"source": "labels", "steps": cfg.margin_steps, "pairs": int((lab != 0).sum()),
+                                   "train_pair_accuracy": float(acc)})
+                diff, meta = cache[key]
+                d = torch.tensor([diff[(p, c, r)] for p, c, r in zip(self.data.prompts, self.data.chosen,
+                                                                      self.data.rejected)], device=device)
+                self.margin = self.margin + self.w[cfg.objectives.index(o)] * d
+                self.margin_info[o] = meta
         self.n_pairs = n
         self.sampler = EpochSampler(n, self.gen)
         n_obj = len(cfg.objectives)
         if cfg.method in ("raco", "cagrad"):
             self.bufs = [[torch.zeros_like(p) for p in self.params] for _ in range(n_obj)]
+
+    def state_dict(self) -> Dict:
+        s = super().state_dict()
+        if self.margin is not None:  # modpo: the first stage's outcome, so --resume does not train it again
+            s["modpo_margin"] = self.margin.detach().clone()
+        return s
 
     def _losses(self, idx: List[int]):
         c = self.cfg
@@ -264,7 +343,7 @@ class PairTrainer(_Base):
 
 
 class MopoTrainer(_Base):
-    """MOPO (docs/dpo.md, "mopo") on the stored responses of a :class:`ResponsePool`."""
+    """MOPO and MOPO-LB (docs/dpo.md, "mopo") on the stored responses of a :class:`ResponsePool`."""
 
     def __init__(self, cfg: DPOConfig, policy, ref_lm, tokenizer, data: PrefData, device,
                  ref_cache: Optional[Dict] = None, group=None):
@@ -289,11 +368,12 @@ class MopoTrainer(_Base):
         self.logp_ref0, _ = reference_sequence_logps(ref_lm, tokenizer, self.pool_prompt_of, pool.responses, cfg,
                                                      device, cache=ref_cache)
         self.lag_logp = self.logp_ref0.clone()  # π_ψ at step 0 is π_ref⁰
-        b0 = cfg.mopo_threshold_beta * M.secondary_values(self.secondary, self.log_base0, P)
+        g0 = M.secondary_values(self.secondary, self.log_base0, P, cfg.mopo_epsilon)
+        b0 = cfg.mopo_threshold_beta * g0
         self.duals = M.MopoDuals.init(b0)
         self.pool_info = {"prompts": P, "responses": len(pool), "mean_responses_per_prompt": len(pool) / max(P, 1),
                           "secondary_of_reference": M.secondary_values(self.secondary, self.log_base0, P).tolist(),
-                          "b0": b0.tolist()}
+                          "robust_secondary_of_reference": g0.tolist(), "b0": b0.tolist()}
 
     def state_dict(self) -> Dict:
         s = super().state_dict()
@@ -326,7 +406,7 @@ class MopoTrainer(_Base):
         """Every t0 steps: π_ref ← π_ψ^(t−t0) (lag ratio on the stored responses), b ← β ⊙ G(π_ψ^(t−t0))."""
         c, P = self.cfg, self.pool.n_prompts
         self.log_base = M.lag_log_base(self.lag_logp, self.logp_ref0, self.log_base0, self.group, P)
-        self.duals.b = c.mopo_threshold_beta * M.secondary_values(self.secondary, self.log_base, P)
+        self.duals.b = c.mopo_threshold_beta * M.secondary_values(self.secondary, self.log_base, P, c.mopo_epsilon)
         self.lag_logp = self._pool_logps()
 
     def step(self) -> None:
@@ -342,8 +422,15 @@ class MopoTrainer(_Base):
         idx = torch.tensor(idx_l, dtype=torch.long, device=self.device)
         grp = torch.tensor(grp_l, dtype=torch.long, device=self.device)
         lb = self.log_base[idx]
-        log_rho, dm = M.dual_step(self.duals, self.primary[idx], self.secondary[:, idx], lb, grp, Mb, c.mopo_tau,
-                                  c.mopo_epsilon, c.mopo_dual_lr)
+        if c.barrier_sigma:  # mopo-lb: the barrier's multipliers on the whole pool (exact root, see barrier_lambda)
+            g = M.barrier_lambda(self.duals, self.primary, self.secondary, self.log_base, self.group,
+                                 self.pool.n_prompts, c.mopo_tau, c.mopo_epsilon, c.barrier_sigma)
+            dm = {"lower_bound": g}
+            log_rho = M.tilt_log_weights(self.primary[idx], self.secondary[:, idx], self.duals.lam, c.mopo_tau, lb,
+                                         grp, Mb)
+        else:
+            log_rho, dm = M.dual_step(self.duals, self.primary[idx], self.secondary[:, idx], lb, grp, Mb, c.mopo_tau,
+                                      c.mopo_epsilon, c.mopo_dual_lr)
         W = M.bc_weights(log_rho, lb, Mb)
         self.policy.eval()  # dropout off, as the PPO trainer does (deterministic updates)
         loss_sum = torch.zeros((), device=self.device)
@@ -371,8 +458,13 @@ class MopoTrainer(_Base):
 
 
 def make_trainer(cfg: DPOConfig, policy, ref_lm, tokenizer, data: PrefData, judges, device,
-                 ref_cache: Optional[Dict] = None, group=None):
-    """The trainer of ``cfg.method``; ``group``: a torch.distributed group to share each step's batch with."""
-    if cfg.method == "mopo":
+                 ref_cache: Optional[Dict] = None, group=None, state: Optional[Dict] = None,
+                 margin_cache: Optional[Dict] = None):
+    """The trainer of ``cfg.method``; ``group``: a torch.distributed group to share each step's batch with;
+    ``state``: the trainer state of a checkpoint being resumed (modpo takes its first stage's margins from it);
+    ``margin_cache``: modpo's first-stage margins shared by the runs of a sweep (they do not depend on w)."""
+    if cfg.is_mopo:
         return MopoTrainer(cfg, policy, ref_lm, tokenizer, data, device, ref_cache=ref_cache, group=group)
-    return PairTrainer(cfg, policy, ref_lm, tokenizer, data, judges, device, ref_cache=ref_cache, group=group)
+    margin = None if state is None else state.get("modpo_margin")
+    return PairTrainer(cfg, policy, ref_lm, tokenizer, data, judges, device, ref_cache=ref_cache, group=group,
+                       margin=margin, margin_cache=margin_cache)

@@ -11,7 +11,8 @@ from ..lm.rewards import short_name
 
 __all__ = ["plot_fronts"]
 
-COLORS = {"raco": "#d62728", "cagrad": "#ff7f0e", "dpo-lw": "#1f77b4", "modpo": "#2ca02c", "mopo": "#9467bd"}
+COLORS = {"raco": "#d62728", "cagrad": "#ff7f0e", "dpo-lw": "#1f77b4", "modpo": "#2ca02c", "mopo": "#9467bd",
+          "mopo-lb": "#8c564b"}
 
 
 def plot_fronts(results: Sequence[Mapping], names: Sequence[str], path: str, title: str = "") -> Optional[str]:

@@ -42,7 +42,7 @@ from ..lm.files import (atomic_write_text, discard_run, jsonl_text, new_dirs, pr
 from ..lm.hf import check_pretrained, hf_quiet, load_lm, load_tokenizer
 from ..lm.prompts import load_prompts
 from ..lm.seeding import derive_seed, seed_everything
-from .config import DPOConfig, load_dpo_config, normalize_dpo_keys
+from .config import METHODS, DPOConfig, load_dpo_config, normalize_dpo_keys
 
 __all__ = ["train_dpo", "prepare_world", "load_data", "add_dpo_subcommand", "cmd_dpo"]
 
@@ -262,11 +262,15 @@ def _train_dpo(cfg: DPOConfig, out: Path, shared: Optional[Dict[str, Any]], grou
         if heldout is not None:
             write(out / "heldout.jsonl", jsonl_text(heldout.rows()))
     t_data = time.perf_counter()
-    trainer = make_trainer(cfg, policy, ref_lm, tokenizer, data, judges, device, ref_cache=sh["ref_logp"], group=group)
+    trainer = make_trainer(cfg, policy, ref_lm, tokenizer, data, judges, device, ref_cache=sh["ref_logp"], group=group,
+                           state=None if state is None else state["trainer"],
+                           margin_cache=sh.setdefault("modpo_margins", {}))
     if state is None:
         info = dict(data.info, pairs=len(data), trained_pairs=getattr(trainer, "n_pairs", None),
                     heldout_pairs=0 if heldout is None else len(heldout))
-        if cfg.method == "mopo":
+        if getattr(trainer, "margin_info", None):
+            info["modpo_margin"] = trainer.margin_info
+        if cfg.is_mopo:
             info["pool"] = trainer.pool_info
         write(out / "data.json", json.dumps(info, indent=1))
     else:
@@ -291,7 +295,7 @@ def _train_dpo(cfg: DPOConfig, out: Path, shared: Optional[Dict[str, Any]], grou
 
     use_bars = cfg.progress and sys.stderr.isatty() and main
     label = f"{cfg.method}" + (f" w={','.join(f'{x:.2f}' for x in cfg.normalized_weights())}"
-                               if cfg.method != "mopo" else f" primary={cfg.objectives[cfg.mopo_index]}")
+                               if not cfg.is_mopo else f" primary={cfg.objectives[cfg.mopo_index]}")
     bar = tqdm(total=cfg.steps, initial=trainer.step_idx, desc=label, unit="step", disable=not use_bars,
                dynamic_ncols=True, leave=False)
     try:
@@ -326,7 +330,7 @@ def _train_dpo(cfg: DPOConfig, out: Path, shared: Optional[Dict[str, Any]], grou
     if heldout is not None:
         ev.update(pair_accuracy(policy, ref_lm, tokenizer, heldout, cfg, device, ref_cache=sh["ref_logp"]))
     ess = None
-    if cfg.method == "mopo":
+    if cfg.is_mopo:
         ess = sum(m["ess"] for m in metrics) / max(1, len(metrics))
         ev["mean_ess"] = ess
         ev["mean_ess_frac"] = sum(m["ess_frac"] for m in metrics) / max(1, len(metrics))
@@ -357,12 +361,13 @@ def _train_dpo(cfg: DPOConfig, out: Path, shared: Optional[Dict[str, Any]], grou
 
 
 def setting_label(cfg: DPOConfig) -> str:
-    if cfg.method == "mopo":
+    if cfg.is_mopo:
         return (f"primary={cfg.objectives[cfg.mopo_index]} β={cfg.mopo_threshold_beta:g} t0={cfg.mopo_t0} "
-                f"τ={cfg.mopo_tau:g}")
+                f"τ={cfg.mopo_tau:g} ε={cfg.mopo_epsilon:g}" + (f" σ={cfg.barrier_sigma:g}" if cfg.barrier_sigma else ""))
     w = "w=" + "/".join(f"{x:.2f}" for x in cfg.normalized_weights())
     if cfg.method == "modpo":
-        return f"{w} target={cfg.objectives[cfg.modpo_index]}"
+        learned = f" margin={'+'.join(cfg.margin_learned)} from labels" if cfg.margin_learned else ""
+        return f"{w} target={cfg.objectives[cfg.modpo_index]}{learned}"
     return w
 
 
@@ -388,7 +393,7 @@ def _summary(cfg: DPOConfig, m: Mapping) -> str:
 def add_dpo_subcommand(subparsers) -> argparse.ArgumentParser:
     """Adds ``dpo`` to a ``pama-ext`` subparsers object (every DPOConfig field is a flag)."""
     p = subparsers.add_parser(
-        "dpo", help="multi-objective preference-data alignment (raco, cagrad, dpo-lw, modpo, mopo)",
+        "dpo", help=f"multi-objective preference-data alignment ({', '.join(METHODS)})",
         description="Preference-data alignment with the pama_ext ops: per-objective DPO losses combined by "
                     "RACO / CAGrad / a weighted sum / MODPO margins, or MOPO's constrained behaviour cloning. "
                     "Settings: defaults < --config FILE.yaml < flags. See docs/dpo.md.")
