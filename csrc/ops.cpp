@@ -78,7 +78,8 @@ at::Tensor bool_mask(const at::Tensor& mask, int64_t B, int64_t T, const at::Ten
   TORCH_CHECK(mask.device() == like.device(), op, ": mask is on ", mask.device(), " but ", like_name, " is on ",
               like.device());
   TORCH_CHECK(!mask.is_complex(), op, ": mask must be bool or real, got ", mask.scalar_type());
-  return (mask.scalar_type() == at::kBool ? mask : mask.ne(0)).contiguous();
+  // to(kBool) is nonzero -> true, as ne(0), and ~10x faster on a float mask (a plain conversion kernel)
+  return (mask.scalar_type() == at::kBool ? mask : mask.to(at::kBool)).contiguous();
 }
 
 // Non-finite values on masked-in positions are an error naming the argument (algorithms §9). `checks`

@@ -98,15 +98,10 @@ template <typename K>
 inline K lane_mask(bool keep) {
   return K(0) - static_cast<K>(keep);
 }
-inline float keep_lanes(uint32_t k, float v) {
-  uint32_t bits;
-  std::memcpy(&bits, &v, sizeof bits);
-  bits &= k;
-  std::memcpy(&v, &bits, sizeof v);
-  return v;
-}
-inline double keep_lanes(uint64_t k, double v) {
-  uint64_t bits;
+template <typename K, typename V>
+inline V keep_lanes(K k, V v) {
+  static_assert(sizeof(K) == sizeof(V), "a lane mask has the width of the value");
+  K bits;
   std::memcpy(&bits, &v, sizeof bits);
   bits &= k;
   std::memcpy(&v, &bits, sizeof v);
