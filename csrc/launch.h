@@ -95,17 +95,26 @@ struct WeightsParams {
 // §4 fused policy loss forward. Per token: N_i = whiten_noon(A_i) with stats' mean/var; Ã from
 // `combine` (kCombineTokenThm1: thm1 s*; kCombineWeighted: Σ w_i N_i with w = weights (global) or
 // seq_weights[b] when weights_per_row); l = ppo_token_loss(Ã, …); k3 when ref_logp != nullptr.
-// Writes a_tilde (0 on masked tokens), partials (kLossPartialSize per chunk), then row_scale,
-// loss and metrics (finalize_row_scale / finalize_policy_loss).
+// Writes a_tilde, the backward's per-token residual: the gradient coefficient dl/dlogp + beta_loss ·
+// dk3/dlogp (0 on masked tokens), so the backward is one multiply per token; partials
+// (kLossPartialSize per chunk), then row_scale, loss and metrics (finalize_row_scale /
+// finalize_policy_loss).
+// single_pass (a backend with Backend::single_pass_loss; method linear, or pama/token): the
+// indicator statistics are not needed before the loss, so this pass also computes what the
+// indicator pass would: per chunk [cnt, bad(4), sumI(n), pos(n), ctok(n)] (SinglePassPartial, in
+// `extra_partials`), from which the launcher writes row_count, stats[count, num_seqs, abar, pos,
+// ctok] and weights (finalize_weights) before the loss. `stats` holds the moments on entry (when
+// whiten; mean 0 / var 0 otherwise). bad: masked-in non-finite logp, old_logp, advantages,
+// check_ref (counts, written to finite_flags [4]; check_ref = ref_logp to check, or nullptr).
 struct PolicyLossParams {
   const void* logp;        // dtype [B, T]
   const void* old_logp;    // dtype [B, T]
   const void* ref_logp;    // dtype [B, T] or nullptr
   const void* advantages;  // dtype [n, B, T]
   const bool* mask;        // [B, T]
-  const void* stats;       // acc, from the stats launchers
-  const void* row_count;   // acc [B]
-  const void* weights;     // acc [n]
+  void* stats;             // acc, from the stats launchers (single_pass: completed here)
+  void* row_count;         // acc [B] (single_pass: written here)
+  void* weights;           // acc [n] (single_pass: written here)
   const void* seq_weights; // acc [B, n]
   int64_t n, B, T;
   int64_t chunk_len, chunks_per_row;
@@ -118,8 +127,28 @@ struct PolicyLossParams {
   void* metrics;    // acc [loss_metrics_size(n)] out
   void* partials;   // acc [B * chunks_per_row * kLossPartialSize]
   int dtype;
+  // single_pass only (see above)
+  bool single_pass = false;
+  int method = 0, granularity = 0;  // for finalize_weights
+  const void* prefs = nullptr;      // acc [n] or nullptr (uniform)
+  double cagrad_c = 0.0;
+  const void* check_ref = nullptr;  // dtype [B, T] or nullptr
+  void* extra_partials = nullptr;   // acc [B * chunks_per_row * SinglePassPartial(n).size()]
+  void* finite_flags = nullptr;     // acc [4] out: bad logp, old_logp, advantages, ref_logp
 };
-// grad_logp[b,t] = grad_loss * mask * row_scale[b] * (dl/dlogp + beta_loss * dk3/dlogp)
+// The extra per-chunk sums of a single-pass policy-loss forward.
+struct SinglePassPartial {
+  int n;
+  explicit SinglePassPartial(int n_) : n(n_) {}
+  int cnt() const { return 0; }
+  int bad() const { return 1; }  // 4 entries: logp, old_logp, advantages, ref_logp
+  int sum_i() const { return 5; }
+  int pos() const { return 5 + n; }
+  int ctok() const { return 5 + 2 * n; }
+  int size() const { return 5 + 3 * n; }
+};
+// grad_logp[b,t] = mask * (grad_loss * row_scale[b]) * a_tilde[b,t] (a_tilde: the forward's
+// gradient coefficient)
 struct PolicyLossBackwardParams {
   const void* grad_loss;  // acc [1] (device scalar: no host read)
   const void* logp;       // dtype [B, T]
@@ -263,6 +292,7 @@ struct Backend {
   const char* name;
   int64_t chunk_len;   // tokens per chunk for the chunked passes
   int64_t gram_block;  // elements per Gram partial / combine task
+  bool single_pass_loss;  // policy_loss_forward supports PolicyLossParams::single_pass
   // RL ops (ops.cpp)
   void (*token_rewards)(const TokenRewardsParams&, void* stream);
   void (*multi_gae)(const GaeParams&, void* stream);

@@ -17,6 +17,8 @@
 #include <algorithm>
 #include <atomic>
 #include <initializer_list>
+#include <stdexcept>
+#include <tuple>
 #include <string>
 #include <vector>
 
@@ -76,7 +78,8 @@ at::Tensor bool_mask(const at::Tensor& mask, int64_t B, int64_t T, const at::Ten
   TORCH_CHECK(mask.device() == like.device(), op, ": mask is on ", mask.device(), " but ", like_name, " is on ",
               like.device());
   TORCH_CHECK(!mask.is_complex(), op, ": mask must be bool or real, got ", mask.scalar_type());
-  return (mask.scalar_type() == at::kBool ? mask : mask.ne(0)).contiguous();
+  // to(kBool) is nonzero -> true, as ne(0), and ~10x faster on a float mask (a plain conversion kernel)
+  return (mask.scalar_type() == at::kBool ? mask : mask.to(at::kBool)).contiguous();
 }
 
 // Non-finite values on masked-in positions are an error naming the argument (algorithms §9). `checks`
@@ -153,19 +156,22 @@ bool prefs_invalid_cpu(const at::Tensor& x) {
   return bad;
 }
 
+// Raises the error of failure f of a check: 0 = non-finite, 1 = prefs negative or all zero.
+[[noreturn]] void fail_check(const FiniteCheck& c, int f, const char* op) {
+  if (c.kind == CheckKind::kVariance)
+    TORCH_CHECK_VALUE(false, op, ": ", c.name, " has a variance that overflows ", c.x.scalar_type(),
+                      " (|advantages| around 1e19 or more), so whitening would divide every advantage to 0; "
+                      "rescale the advantages or pass float64 inputs (check_finite=False skips this check)");
+  if (f == 1)
+    TORCH_CHECK_VALUE(false, op, ": ", c.name, " must be >= 0 and not all 0 (the weights of method 'linear', used "
+                      "as given), got a negative entry or all zeros (pass check_finite=False to skip this check)");
+  TORCH_CHECK_VALUE(false, op, ": ", c.name,
+                    " has NaN or Inf on a masked-in position (pass check_finite=False to skip this check)");
+  throw std::logic_error("unreachable");
+}
+
 void check_finite_all(std::initializer_list<FiniteCheck> checks, const at::Tensor& mask_b, const char* op) {
-  // failure f of a check: 0 = non-finite, 1 = prefs negative or all zero
-  auto fail = [op](const FiniteCheck& c, int f) {
-    if (c.kind == CheckKind::kVariance)
-      TORCH_CHECK_VALUE(false, op, ": ", c.name, " has a variance that overflows ", c.x.scalar_type(),
-                        " (|advantages| around 1e19 or more), so whitening would divide every advantage to 0; "
-                        "rescale the advantages or pass float64 inputs (check_finite=False skips this check)");
-    if (f == 1)
-      TORCH_CHECK_VALUE(false, op, ": ", c.name, " must be >= 0 and not all 0 (the weights of method 'linear', used "
-                        "as given), got a negative entry or all zeros (pass check_finite=False to skip this check)");
-    TORCH_CHECK_VALUE(false, op, ": ", c.name,
-                      " has NaN or Inf on a masked-in position (pass check_finite=False to skip this check)");
-  };
+  auto fail = [op](const FiniteCheck& c, int f) { fail_check(c, f, op); };
   if (mask_b.is_cpu()) {
     for (const auto& c : checks) {
       if (!c.x.defined()) continue;
@@ -369,6 +375,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_stats(const Launch& L, const 
   return {stats, row_count, seq_weights};
 }
 
+// The moments stage alone, into `stats` (its [count, num_seqs, mean(n), var(n)] entries) and row_count.
+void run_moments(const Launch& L, const PolicyInputs& in, const at::Tensor& stats, const at::Tensor& row_count) {
+  int64_t chunk_len = 0;
+  const int64_t cpr = chunks_per_row(L.be, in.T, chunk_len);
+  at::Tensor partials = at::empty({std::max<int64_t>(1, in.B * cpr * MomentsPartial(in.n).size())}, stats.options());
+  StatsParams p{in.advantages.data_ptr(), nullptr, nullptr, in.mask.data_ptr<bool>(), in.n, in.B, in.T,
+                chunk_len, cpr, 0.0, true, true, false, stats.data_ptr(), row_count.data_ptr(), nullptr,
+                partials.data_ptr(), dtype_code(in.advantages.scalar_type())};
+  L.be.stats_moments(p, L.stream);
+}
+
 at::Tensor run_weights(const Launch& L, const at::Tensor& stats, const at::Tensor& prefs, int64_t n, int method,
                        int granularity, double cagrad_c) {
   at::Tensor weights = at::empty({n}, stats.options());
@@ -408,15 +425,9 @@ at::Tensor objective_moments(const at::Tensor& advantages, const at::Tensor& mas
   Launch L = backend_for(advantages, op);
   const auto acc = acc_type(in.advantages.scalar_type());
   auto opts = in.advantages.options().dtype(acc);
-  int64_t chunk_len = 0;
-  const int64_t cpr = chunks_per_row(L.be, in.T, chunk_len);
   at::Tensor stats = at::empty({StatsLayout(in.n).size()}, opts);
   at::Tensor row_count = at::empty({in.B}, opts);
-  at::Tensor partials = at::empty({std::max<int64_t>(1, in.B * cpr * MomentsPartial(in.n).size())}, opts);
-  StatsParams p{in.advantages.data_ptr(), nullptr, nullptr, in.mask.data_ptr<bool>(), in.n, in.B, in.T,
-                chunk_len, cpr, 0.0, true, true, false, stats.data_ptr(), row_count.data_ptr(), nullptr,
-                partials.data_ptr(), dtype_code(in.advantages.scalar_type())};
-  L.be.stats_moments(p, L.stream);
+  run_moments(L, in, stats, row_count);
   return stats.narrow(0, 0, StatsLayout(in.n).abar()).clone();
 }
 
@@ -479,23 +490,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pama_policy_loss(
   // (rows never straddle ranks, whitened with the global moments); weights, denominators and the
   // reported statistics come from the global vector, so the loss and the per-token metric sums
   // are this shard's contributions to the global ones.
-  auto [stats, row_count, seq_weights] =
-      gstats.defined() ? run_stats(L, in, eps_hi, whiten, noon, /*with_gram=*/false, gstats)
-                       : run_stats(L, in, eps_hi, whiten, noon, /*with_gram=*/method_uses_gram(m));
-  if (gstats.defined()) stats = gstats;
-  if (check_finite) {  // after the statistics, so that the variance check shares the one host read
-    const StatsLayout SL(static_cast<int>(in.n));
-    check_finite_all({{"logp", in.logp},
-                      {"old_logp", in.old_logp},
-                      {"advantages", in.advantages},
-                      {"ref_logp", in.ref_logp},
-                      {"prefs", pr, CheckKind::kPrefs},
-                      {"advantages", whiten ? stats.narrow(0, SL.var(), in.n) : at::Tensor(), CheckKind::kVariance}},
-                     in.mask, kPL);
-  }
-  at::Tensor weights = run_weights(L, stats, pr, in.n, m, g, cagrad_c);
+  // Single pass (a backend that has it, this call's own statistics, method linear or pama/token):
+  // nothing but the whitening moments is needed before the loss, so the loss pass itself computes
+  // the counts, the indicator statistics (reported metrics) and the finite checks of the inputs.
+  const bool single = L.be.single_pass_loss && !gstats.defined() &&
+                      (m == kMethodLinear || (m == kMethodPama && g == kGranToken));
+  const StatsLayout SL(static_cast<int>(in.n));
+  at::Tensor stats, row_count, seq_weights, weights, finite_flags, extra;
   int64_t chunk_len = 0;
   const int64_t cpr = chunks_per_row(L.be, in.T, chunk_len);
+  if (single) {
+    stats = at::zeros({SL.size()}, opts);  // mean 0, var 0 unless whitened: unused then
+    row_count = at::empty({in.B}, opts);
+    seq_weights = at::empty({in.B, in.n}, opts);  // unused (no per-sequence weights)
+    if (whiten) run_moments(L, in, stats, row_count);
+    weights = at::empty({in.n}, opts);
+    if (check_finite) finite_flags = at::empty({4}, opts);
+    extra = at::empty({std::max<int64_t>(1, in.B * cpr * SinglePassPartial(static_cast<int>(in.n)).size())}, opts);
+  } else {
+    std::tie(stats, row_count, seq_weights) =
+        gstats.defined() ? run_stats(L, in, eps_hi, whiten, noon, /*with_gram=*/false, gstats)
+                         : run_stats(L, in, eps_hi, whiten, noon, /*with_gram=*/method_uses_gram(m));
+    if (gstats.defined()) stats = gstats;
+    if (check_finite) {  // after the statistics, so that the variance check shares the one host read
+      check_finite_all({{"logp", in.logp},
+                        {"old_logp", in.old_logp},
+                        {"advantages", in.advantages},
+                        {"ref_logp", in.ref_logp},
+                        {"prefs", pr, CheckKind::kPrefs},
+                        {"advantages", whiten ? stats.narrow(0, SL.var(), in.n) : at::Tensor(), CheckKind::kVariance}},
+                       in.mask, kPL);
+    }
+    weights = run_weights(L, stats, pr, in.n, m, g, cagrad_c);
+  }
   at::Tensor a_tilde = at::empty({in.B, in.T}, opts);
   at::Tensor row_scale = at::empty({in.B}, opts);
   at::Tensor loss = at::empty({}, opts);
@@ -511,7 +538,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pama_policy_loss(
                      token ? kCombineTokenThm1 : kCombineWeighted, a,
                      a_tilde.data_ptr(), row_scale.data_ptr(), loss.data_ptr(), metrics.data_ptr(),
                      partials.data_ptr(), dtype_code(in.logp.scalar_type())};
+  if (single) {
+    p.single_pass = true;
+    p.method = m;
+    p.granularity = g;
+    p.prefs = pr.defined() ? pr.data_ptr() : nullptr;
+    p.cagrad_c = cagrad_c;
+    p.check_ref = (check_finite && in.ref_logp.defined()) ? in.ref_logp.data_ptr() : nullptr;
+    p.extra_partials = extra.data_ptr();
+    p.finite_flags = check_finite ? finite_flags.data_ptr() : nullptr;
+  }
   L.be.policy_loss_forward(p, L.stream);
+  if (single && check_finite) {  // the checks of the loss pass, in the order of the other path
+    const at::Tensor bad = finite_flags.to(at::kDouble);  // a CPU tensor (single pass is CPU only)
+    const double* f = bad.data_ptr<double>();
+    const char* names[4] = {"logp", "old_logp", "advantages", "ref_logp"};
+    for (int j = 0; j < 4; ++j)
+      if (f[j] != 0) fail_check({names[j], at::Tensor()}, 0, kPL);
+    check_finite_all({{"prefs", pr, CheckKind::kPrefs},
+                      {"advantages", whiten ? stats.narrow(0, SL.var(), in.n) : at::Tensor(), CheckKind::kVariance}},
+                     in.mask, kPL);
+  }
   return {loss, metrics, a_tilde, row_scale};
 }
 

@@ -331,6 +331,9 @@ def schema_autograd(op: str, spec: OpSpec):
         a = dict(zip(input_names, inputs))
         a.update(zip(outputs, out))
         ctx.mark_non_differentiable(*(o for i, o in enumerate(out) if i not in grad_outputs))
+        # no zero gradients for the outputs with no grad_ argument (a [B, T] residual would cost a
+        # fill per backward); backward below makes the zeros of a grad_ argument it does take
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(*(a[n] for n in saved_names))
         ctx.consts = {name: a[name] for kind, name in plan if kind == "const"}
         ctx.grad_meta = {i: (out[i].shape, out[i].dtype, out[i].device) for i in grad_outputs}

@@ -238,6 +238,45 @@ def test_first_non_finite_argument_is_named(device):
         ops.pama_policy_loss(logp, x.old_logp, adv, x.mask)
 
 
+@pytest.mark.parametrize("whiten", [True, False])
+@pytest.mark.parametrize("method,granularity", [("linear", "batch"), ("pama", "token"), ("pama", "sequence"),
+                                                ("mgda", "batch")])
+@pytest.mark.parametrize("arg", ["logp", "old_logp", "advantages", "ref_logp"])
+def test_non_finite_same_error_on_every_path(device, arg, method, granularity, whiten):
+    """linear and pama/token check the inputs inside the loss pass (CPU single pass), the other methods
+    in a pass of their own: the same error either way (ref_logp checked with beta_loss = 0 too), and
+    NaN on masked-out positions changes nothing."""
+    x = bad_input_batch(device)
+    a = dict(logp=x.logp, old_logp=x.old_logp, advantages=x.advantages, ref_logp=x.ref_logp)
+    kw = dict(method=method, granularity=granularity, whiten=whiten)
+    for beta in (0.0, 0.1):
+        bad = dict(a, **{arg: _poison(a[arg], x.mask, float("nan"), True)})
+        with pytest.raises(ValueError, match=f"pama_policy_loss: {arg} has NaN or Inf"):
+            ops.pama_policy_loss(bad["logp"], bad["old_logp"], bad["advantages"], x.mask, bad["ref_logp"],
+                                 beta_loss=beta, **kw)
+        pad = dict(a, **{arg: _poison(a[arg], x.mask, float("nan"), False)})
+        got = ops.pama_policy_loss(pad["logp"], pad["old_logp"], pad["advantages"], x.mask, pad["ref_logp"],
+                                   beta_loss=beta, **kw)
+        want = ops.pama_policy_loss(a["logp"], a["old_logp"], a["advantages"], x.mask, a["ref_logp"],
+                                    beta_loss=beta, **kw)
+        assert torch.equal(got[0], want[0])
+        for k in want[1]:
+            assert torch.equal(got[1][k], want[1][k]), k
+
+
+def test_single_pass_checks_inputs_before_prefs(device):
+    """With a NaN logp and negative prefs (method linear, checked inside the loss pass), the error names
+    logp first, as in argument order; with finite inputs it names prefs."""
+    x = bad_input_batch(device)
+    n = x.advantages.shape[0]
+    prefs = torch.full((n,), -1.0, dtype=x.logp.dtype, device=x.logp.device)
+    logp = _poison(x.logp, x.mask, float("nan"), True)
+    with pytest.raises(ValueError, match=r"pama_policy_loss: logp has NaN or Inf"):
+        ops.pama_policy_loss(logp, x.old_logp, x.advantages, x.mask, method="linear", prefs=prefs)
+    with pytest.raises(ValueError, match=r"pama_policy_loss: prefs must be >= 0"):
+        ops.pama_policy_loss(x.logp, x.old_logp, x.advantages, x.mask, method="linear", prefs=prefs)
+
+
 @pytest.mark.parametrize("op,arg", FINITE_CASES)
 def test_check_finite_false_skips_the_check(device, op, arg):
     x = bad_input_batch(device)

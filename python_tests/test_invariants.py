@@ -153,22 +153,41 @@ def test_deterministic_repeated_calls(device):
 def test_deterministic_across_thread_counts():
     """CPU results do not depend on the intra-op thread count (fixed-order reductions)."""
     x = make_inputs(4, 16, 700, seed=191, mask="holes").to(torch.float32)
+
+    def run():
+        out = {}
+        out.update({f"pl.{k}": v for k, v in run_policy_loss(ops, x, method="pama", granularity="sequence").items()})
+        out.update({f"vl.{k}": v for k, v in run_value_loss(ops, x).items()})
+        out.update({f"st.{k}": v for k, v in run_objective_stats(ops, x).items()})
+        out.update({f"gae.{k}": v for k, v in run_multi_gae(ops, x).items()})
+        return out
+
+    _assert_same_for_thread_counts(run)
+
+
+def _assert_same_for_thread_counts(run, counts=(1, 2, 3)):
+    """run() (a dict of tensors) gives bitwise the same tensors with each intra-op thread count."""
     prev = torch.get_num_threads()
     try:
         res = []
-        for th in (1, 2, 3):
+        for th in counts:
             torch.set_num_threads(th)
-            out = {}
-            out.update({f"pl.{k}": v for k, v in run_policy_loss(ops, x, method="pama", granularity="sequence").items()})
-            out.update({f"vl.{k}": v for k, v in run_value_loss(ops, x).items()})
-            out.update({f"st.{k}": v for k, v in run_objective_stats(ops, x).items()})
-            out.update({f"gae.{k}": v for k, v in run_multi_gae(ops, x).items()})
-            res.append(out)
+            res.append(run())
     finally:
         torch.set_num_threads(prev)
     for r in res[1:]:
         for k in r:
             assert torch.equal(r[k], res[0][k]), k
+
+
+@pytest.mark.parametrize("method,granularity,whiten", [("pama", "token", True), ("linear", "batch", False)])
+def test_single_pass_policy_loss_deterministic_across_thread_counts(method, granularity, whiten):
+    """The single-pass CPU policy loss (linear and pama/token: counts, indicator metrics and finite
+    checks inside the loss pass) over rows of several chunks gives bitwise the same loss, metrics and
+    gradient with 1, 2 and 3 threads."""
+    x = make_inputs(3, 6, 5000, seed=193, mask="holes").to(torch.float32)
+    _assert_same_for_thread_counts(lambda: run_policy_loss(ops, x, use_ref=True, beta_loss=0.05, method=method,
+                                                           granularity=granularity, whiten=whiten))
 
 
 def _thread_cpu_ticks():

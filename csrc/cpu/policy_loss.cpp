@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
+#include <vector>
 
 #include "../checks.h"
 #include "../pama_math.h"
@@ -24,130 +25,221 @@ namespace {
 template <typename acc>
 struct LossConsts {
   acc mean[kMaxObjectives], istd[kMaxObjectives];
-  acc eps_lo, eps_hi, dual;
+  acc eps_lo, eps_hi, dual, beta;
 };
 
-// Ã of one tile (len tokens from flat index `base`): Theorem 1 per token, or Σ_i w_i N_i.
+// Ã of one tile (len tokens from flat index `base`): Theorem 1 per token (the range [mn, mx] of the
+// N_i kept in mn, mx), or Σ_i w_i N_i. With Nst != nullptr the tiles N_i are kept there (n rows of
+// kVecTile), and with bad != nullptr *bad counts the masked-in (mk) non-finite raw advantages.
 template <typename scalar_t, typename acc = acc_of<scalar_t>>
 inline void tile_a_tilde(const PolicyLossParams& p, const LossConsts<acc>& C, const acc* w, int64_t base, int len,
-                         acc* A, acc* mx) {
+                         const lane_mask_t<acc>* mk, acc* A, acc* mn, acc* mx, acc* Nst, acc* bad) {
   const int n = static_cast<int>(p.n);
   const int64_t BT = p.B * p.T;
   auto* adv = static_cast<const scalar_t*>(p.advantages) + base;
   const bool whiten = p.whiten, noon = p.noon;
-  acc N[kVecTile];
-  if (p.combine == kCombineTokenThm1) {  // A holds the running minimum, mx the maximum
-    for (int i = 0; i < n; ++i) {
-      whiten_noon_tile(adv + i * BT, len, C.mean[i], C.istd[i], whiten, noon, i == 0 ? A : N);
-      if (i == 0) {
-#pragma omp simd
-        for (int t = 0; t < len; ++t) mx[t] = A[t];
-      } else {
-#pragma omp simd
-        for (int t = 0; t < len; ++t) {
-          A[t] = minv(A[t], N[t]);
-          mx[t] = maxv(mx[t], N[t]);
-        }
-      }
-    }
-#pragma omp simd
-    for (int t = 0; t < len; ++t) A[t] = thm1_value(A[t], mx[t]);
-  } else {
+  acc Nloc[kVecTile];
+  const bool thm = p.combine == kCombineTokenThm1;
+  if (!thm) {
 #pragma omp simd
     for (int t = 0; t < len; ++t) A[t] = acc(0);
-    for (int i = 0; i < n; ++i) {
-      whiten_noon_tile(adv + i * BT, len, C.mean[i], C.istd[i], whiten, noon, N);
+  }
+  for (int i = 0; i < n; ++i) {
+    const scalar_t* a = adv + i * BT;
+    acc* N = Nst != nullptr ? Nst + i * kVecTile : Nloc;
+    if (bad != nullptr) {
+      acc s = 0;
+#pragma omp simd reduction(+ : s)
+      for (int t = 0; t < len; ++t) s += bad_lane(mk[t], static_cast<acc>(a[t]));
+      *bad += s;
+    }
+    whiten_noon_tile(a, len, C.mean[i], C.istd[i], whiten, noon, N);
+    if (!thm) {
       const acc wi = w[i];
 #pragma omp simd
       for (int t = 0; t < len; ++t) A[t] += wi * N[t];
+    } else if (i == 0) {
+#pragma omp simd
+      for (int t = 0; t < len; ++t) mn[t] = mx[t] = N[t];
+    } else {
+#pragma omp simd
+      for (int t = 0; t < len; ++t) {
+        mn[t] = minv(mn[t], N[t]);
+        mx[t] = maxv(mx[t], N[t]);
+      }
     }
+  }
+  if (thm) {
+#pragma omp simd
+    for (int t = 0; t < len; ++t) A[t] = thm1_value(mn[t], mx[t]);
   }
 }
 
-// One chunk of the forward pass: writes a_tilde and the chunk's kLossPartialSize partial sums.
-template <typename scalar_t>
+// One chunk of the forward pass: writes the gradient coefficient dl/dlogp + beta·dk3/dlogp of each
+// token (into p.a_tilde, 0 on masked-out tokens) and the chunk's kLossPartialSize partial sums; with
+// kSingle (PolicyLossParams::single_pass) also the chunk's SinglePassPartial into `extra` (its token
+// count, non-finite counts and the indicator sums of the statistics). N: scratch of n * kVecTile acc.
+template <typename scalar_t, bool kSingle>
 PAMA_CPU_CLONES void loss_chunk(const PolicyLossParams& p, const LossConsts<acc_of<scalar_t>>& C,
                                 const acc_of<scalar_t>* w, int64_t b, int64_t t0, int64_t t1,
-                                acc_of<scalar_t>* out) {
+                                acc_of<scalar_t>* out, acc_of<scalar_t>* extra, acc_of<scalar_t>* N) {
   using acc = acc_of<scalar_t>;
+  using K = lane_mask_t<acc>;
+  const int n = static_cast<int>(p.n);
   auto* lp = static_cast<const scalar_t*>(p.logp);
   auto* old = static_cast<const scalar_t*>(p.old_logp);
   auto* ref = static_cast<const scalar_t*>(p.ref_logp);
-  auto* at_out = static_cast<acc*>(p.a_tilde);
-  const acc eps_lo = C.eps_lo, eps_hi = C.eps_hi, dual = C.dual;
+  auto* chk_ref = static_cast<const scalar_t*>(p.check_ref);
+  auto* coef_out = static_cast<acc*>(p.a_tilde);
+  const acc eps_lo = C.eps_lo, eps_hi = C.eps_hi, dual = C.dual, beta = C.beta;
+  const acc hi = acc(1) + eps_hi;
+  const bool with_ctok = kSingle && p.combine == kCombineTokenThm1;
+  const SinglePassPartial X(n);
   acc s_l = 0, s_kl = 0, s_clip = 0, s_akl = 0, s_active = 0;
-  acc A[kVecTile], mx[kVecTile];
+  acc cnt = 0, bad_l = 0, bad_o = 0, bad_a = 0, bad_r = 0;
+  K mk[kVecTile], ind[kVecTile];
+  acc A[kVecTile], mn[kVecTile], mx[kVecTile];
+  acc nmin[kSingle ? kVecTile : 1], nmax[kSingle ? kVecTile : 1], wmin[kSingle ? kVecTile : 1],
+      wmax[kSingle ? kVecTile : 1];  // scratch of the Theorem-1 token weights
+  if (kSingle)
+    for (int e = 0; e < X.size(); ++e) extra[e] = acc(0);
   for (int64_t tt = t0; tt < t1; tt += kVecTile) {
     const int len = static_cast<int>(std::min<int64_t>(kVecTile, t1 - tt));
     const int64_t base = b * p.T + tt;
-    tile_a_tilde<scalar_t>(p, C, w, base, len, A, mx);
     const uint8_t* m = mask_bytes(p.mask) + base;
+#pragma omp simd
+    for (int t = 0; t < len; ++t) mk[t] = lane_mask<K>(m[t] != 0);
+    tile_a_tilde<scalar_t>(p, C, w, base, len, mk, A, mn, mx, kSingle ? N : nullptr, kSingle ? &bad_a : nullptr);
     const scalar_t* l_b = lp + base;
     const scalar_t* o_b = old + base;
-    acc* at_b = at_out + base;
-#pragma omp simd reduction(+ : s_l, s_clip, s_akl, s_active)
+    acc* g_b = coef_out + base;
+#pragma omp simd reduction(+ : s_l, s_clip, s_akl, s_active, cnt, bad_l, bad_o)
     for (int t = 0; t < len; ++t) {
-      const uint8_t mt = m[t];
+      const K k = mk[t];
       const acc l_p = static_cast<acc>(l_b[t]), o_p = static_cast<acc>(o_b[t]), a_t = A[t];
-      const TokenLoss<acc> r = ppo_token(a_t, l_p, o_p, eps_lo, eps_hi, dual);
-      at_b[t] = keep_or_zero(mt, a_t);
-      s_l += keep_or_zero(mt, r.loss);
-      s_clip += keep_or_zero(mt, r.clipped);
-      s_akl += keep_or_zero(mt, o_p - l_p);
-      s_active += keep_or_zero(mt, a_t > acc(0) ? acc(1) : acc(0));
+      const acc u = vexp(ppo_log_ratio(l_p, o_p));
+      const TokenLoss<acc> r = ppo_token_from_exp(a_t, l_p, o_p, u, eps_lo, eps_hi, dual);
+      g_b[t] = keep_lanes(k, r.dlogp);
+      s_l += keep_lanes(k, r.loss);
+      s_clip += keep_lanes(k, r.clipped);
+      s_akl += keep_lanes(k, o_p - l_p);
+      s_active += keep_lanes(k, a_t > acc(0) ? acc(1) : acc(0));
+      if (kSingle) {
+        ind[t] = k & lane_mask<K>(u <= hi);  // I_i = ind ? N_i : 0
+        cnt += keep_lanes(k, acc(1));
+        bad_l += bad_lane(k, l_p);
+        bad_o += bad_lane(k, o_p);
+      }
     }
     if (ref != nullptr) {
       const scalar_t* r_b = ref + base;
 #pragma omp simd reduction(+ : s_kl)
       for (int t = 0; t < len; ++t) {
         const acc l_p = static_cast<acc>(l_b[t]), r_p = static_cast<acc>(r_b[t]);
-        s_kl += keep_or_zero(m[t], k3_token(l_p, r_p).loss);
+        const TokenLoss<acc> k3 = k3_token(l_p, r_p);
+        s_kl += keep_lanes(mk[t], k3.loss);
+        g_b[t] = keep_lanes(mk[t], g_b[t] + beta * k3.dlogp);
       }
     }
+    if (!kSingle) continue;
+    if (chk_ref != nullptr) {
+      const scalar_t* r_b = chk_ref + base;
+      acc s = 0;
+#pragma omp simd reduction(+ : s)
+      for (int t = 0; t < len; ++t) s += bad_lane(mk[t], static_cast<acc>(r_b[t]));
+      bad_r += s;
+    }
+    for (int i = 0; i < n; ++i) {
+      const acc* Ni = N + i * kVecTile;
+      acc s_i = 0, s_pos = 0;
+#pragma omp simd reduction(+ : s_i, s_pos)
+      for (int t = 0; t < len; ++t) {
+        s_i += keep_lanes(ind[t], Ni[t]);
+        s_pos += keep_lanes(mk[t], Ni[t] > acc(0) ? acc(1) : acc(0));
+      }
+      extra[X.sum_i() + i] += s_i;
+      extra[X.pos() + i] += s_pos;
+    }
+    if (with_ctok) thm1_weight_sums(N, n, len, mn, mx, m, nmin, nmax, wmin, wmax, extra + X.ctok());
   }
   out[0] = s_l;
   out[1] = s_kl;
   out[2] = s_clip;
   out[3] = s_akl;
   out[4] = s_active;
+  if (kSingle) {
+    extra[X.cnt()] = cnt;
+    extra[X.bad() + 0] = bad_l;
+    extra[X.bad() + 1] = bad_o;
+    extra[X.bad() + 2] = bad_a;
+    extra[X.bad() + 3] = bad_r;
+  }
 }
 
-// One chunk of the backward pass: grad_logp = scale * mask * (dl/dlogp + beta * dk3/dlogp).
-template <typename scalar_t, bool kRef>
+// The weights of a single-pass forward (finalize_weights): the prefs of method linear, which the loss
+// pass combines with (so before it), or pama/token's ctok, reported only (so after it).
+template <typename acc>
+void single_pass_weights(const PolicyLossParams& p) {
+  finalize_weights(static_cast<const acc*>(p.stats), static_cast<int>(p.n), p.method, p.granularity,
+                   static_cast<const acc*>(p.prefs), static_cast<acc>(p.cagrad_c), static_cast<acc*>(p.weights));
+}
+
+// The statistics of a single-pass forward from its chunks' SinglePassPartial, summed over chunks
+// in a fixed order: row_count, stats[count, num_seqs, abar, pos, ctok], finite_flags, weights.
+template <typename acc>
+void finalize_single_pass(const PolicyLossParams& p) {
+  const int n = static_cast<int>(p.n);
+  const SinglePassPartial X(n);
+  const StatsLayout L(n);
+  const int64_t nk = p.B * p.chunks_per_row;
+  auto* ex = static_cast<const acc*>(p.extra_partials);
+  auto* stats = static_cast<acc*>(p.stats);
+  auto* rc = static_cast<acc*>(p.row_count);
+  acc count = 0, nseq = 0;
+  for (int64_t b = 0; b < p.B; ++b) {
+    acc c = 0;
+    for (int64_t k = 0; k < p.chunks_per_row; ++k) c += ex[(b * p.chunks_per_row + k) * X.size() + X.cnt()];
+    rc[b] = c;
+    count += c;
+    nseq += c > acc(0) ? acc(1) : acc(0);
+  }
+  stats[L.count()] = count;
+  stats[L.num_seqs()] = nseq;
+  const acc inv = acc(1) / maxv(count, acc(1));
+  for (int e = 0; e < 3 * n; ++e) {  // sumI | pos | ctok -> abar | pos | ctok (adjacent in both layouts)
+    acc s = 0;
+    for (int64_t k = 0; k < nk; ++k) s += ex[k * X.size() + X.sum_i() + e];
+    stats[L.abar() + e] = s * inv;
+  }
+  auto* flags = static_cast<acc*>(p.finite_flags);
+  for (int j = 0; j < 4; ++j) {
+    acc s = 0;
+    for (int64_t k = 0; k < nk; ++k) s += ex[k * X.size() + X.bad() + j];
+    if (flags != nullptr) flags[j] = s;
+  }
+  if (p.combine == kCombineTokenThm1) single_pass_weights<acc>(p);  // pama/token: ctok (reported only)
+}
+
+// One chunk of the backward pass: grad_logp = mask * scale * coefficient (scale = grad_loss · row_scale).
+template <typename scalar_t>
 PAMA_CPU_CLONES void loss_backward_chunk(const PolicyLossBackwardParams& p, acc_of<scalar_t> scale, int64_t t0,
                                          int64_t t1) {
   using acc = acc_of<scalar_t>;
-  auto* lp = static_cast<const scalar_t*>(p.logp) + t0;
-  auto* old = static_cast<const scalar_t*>(p.old_logp) + t0;
-  auto* ref = static_cast<const scalar_t*>(p.ref_logp) + t0;
-  auto* a_tilde = static_cast<const acc*>(p.a_tilde) + t0;
+  auto* coef = static_cast<const acc*>(p.a_tilde) + t0;
   auto* out = static_cast<scalar_t*>(p.grad_logp) + t0;
   const uint8_t* m = mask_bytes(p.mask) + t0;
-  const acc eps_lo = static_cast<acc>(p.eps_lo), eps_hi = static_cast<acc>(p.eps_hi);
-  const acc dual = static_cast<acc>(p.dual_clip), beta = static_cast<acc>(p.beta_loss);
-  acc G[kVecTile];
+  if (std::is_same<scalar_t, acc>::value) {  // float32 / float64 write the gradient in place
+    acc* g = reinterpret_cast<acc*>(out);
+#pragma omp simd
+    for (int64_t t = 0; t < t1 - t0; ++t) g[t] = keep_or_zero(m[t], scale * coef[t]);
+    return;
+  }
+  acc G[kVecTile];  // other dtypes convert from a tile of acc
   for (int64_t tt = 0; tt < t1 - t0; tt += kVecTile) {
     const int len = static_cast<int>(std::min<int64_t>(kVecTile, t1 - t0 - tt));
-    // float32 writes the gradient in place; other dtypes convert from a tile of acc
-    acc* g = std::is_same<scalar_t, acc>::value ? reinterpret_cast<acc*>(out + tt) : G;
-    if (kRef) {
 #pragma omp simd
-      for (int t = 0; t < len; ++t) {
-        const acc l_p = static_cast<acc>(lp[tt + t]), o_p = static_cast<acc>(old[tt + t]);
-        const acc dl = ppo_token(a_tilde[tt + t], l_p, o_p, eps_lo, eps_hi, dual).dlogp;
-        const acc dk = k3_token(l_p, static_cast<acc>(ref[tt + t])).dlogp;
-        g[t] = keep_or_zero(m[tt + t], scale * (dl + beta * dk));
-      }
-    } else {
-#pragma omp simd
-      for (int t = 0; t < len; ++t) {
-        const acc l_p = static_cast<acc>(lp[tt + t]), o_p = static_cast<acc>(old[tt + t]);
-        const acc dl = ppo_token(a_tilde[tt + t], l_p, o_p, eps_lo, eps_hi, dual).dlogp;
-        g[t] = keep_or_zero(m[tt + t], scale * (dl + beta * acc(0)));
-      }
-    }
-    if (!std::is_same<scalar_t, acc>::value)
-      for (int t = 0; t < len; ++t) out[tt + t] = static_cast<scalar_t>(G[t]);
+    for (int t = 0; t < len; ++t) G[t] = keep_or_zero(m[tt + t], scale * coef[tt + t]);
+    for (int t = 0; t < len; ++t) out[tt + t] = static_cast<scalar_t>(G[t]);
   }
 }
 
@@ -159,7 +251,8 @@ void policy_loss_forward(const PolicyLossParams& p, void*) {
     using acc = acc_of<scalar_t>;
     const int n = static_cast<int>(p.n);
     auto* part = static_cast<acc*>(p.partials);
-    auto* stats = static_cast<const acc*>(p.stats);
+    auto* extra = static_cast<acc*>(p.extra_partials);
+    auto* stats = static_cast<acc*>(p.stats);
     auto* w_global = static_cast<const acc*>(p.weights);
     auto* w_rows = static_cast<const acc*>(p.seq_weights);
     LossConsts<acc> C;
@@ -167,10 +260,23 @@ void policy_loss_forward(const PolicyLossParams& p, void*) {
     C.eps_lo = static_cast<acc>(p.eps_lo);
     C.eps_hi = static_cast<acc>(p.eps_hi);
     C.dual = static_cast<acc>(p.dual_clip);
-    for_chunks(p.B, p.T, p.chunk_len, p.chunks_per_row, [&](int64_t k, int64_t b, int64_t t0, int64_t t1) {
-      const acc* w = p.weights_per_row ? w_rows + b * n : w_global;
-      loss_chunk<scalar_t>(p, C, w, b, t0, t1, part + k * kLossPartialSize);
+    C.beta = static_cast<acc>(p.beta_loss);
+    const SinglePassPartial X(n);
+    if (p.single_pass && p.combine != kCombineTokenThm1) single_pass_weights<acc>(p);
+    at::parallel_for(0, p.B * p.chunks_per_row, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc> N(p.single_pass ? static_cast<size_t>(n) * kVecTile : 0);  // per task: the tiles N_i
+      for (int64_t k = begin; k < end; ++k) {
+        const ChunkBounds cb = chunk_bounds(k, p.chunks_per_row, p.chunk_len, p.T);
+        const acc* w = p.weights_per_row ? w_rows + cb.b * n : w_global;
+        if (p.single_pass)
+          loss_chunk<scalar_t, true>(p, C, w, cb.b, cb.t_begin, cb.t_end, part + k * kLossPartialSize,
+                                     extra + k * X.size(), N.data());
+        else
+          loss_chunk<scalar_t, false>(p, C, w, cb.b, cb.t_begin, cb.t_end, part + k * kLossPartialSize, nullptr,
+                                      nullptr);
+      }
     });
+    if (p.single_pass) finalize_single_pass<acc>(p);
     auto* rs = static_cast<acc*>(p.row_scale);
     finalize_row_scale(static_cast<const acc*>(p.row_count), p.B, p.agg, stats[StatsLayout(n).count()],
                        stats[StatsLayout(n).num_seqs()], rs, 0, 1);
@@ -188,11 +294,7 @@ void policy_loss_backward(const PolicyLossBackwardParams& p, void*) {
     const int64_t cpr = p.T == 0 ? 1 : (p.T + kChunkLen - 1) / kChunkLen;
     // elementwise: any split gives the same result; chunks of one row share its scale
     for_chunks(p.B, p.T, kChunkLen, cpr, [&](int64_t, int64_t b, int64_t t0, int64_t t1) {
-      const acc scale = g * rs[b];
-      if (p.ref_logp != nullptr)
-        loss_backward_chunk<scalar_t, true>(p, scale, b * p.T + t0, b * p.T + t1);
-      else
-        loss_backward_chunk<scalar_t, false>(p, scale, b * p.T + t0, b * p.T + t1);
+      loss_backward_chunk<scalar_t>(p, g * rs[b], b * p.T + t0, b * p.T + t1);
     });
   });
 }

@@ -105,31 +105,7 @@ PAMA_CPU_CLONES void indicators_chunk(const StatsParams& p, const acc_of<scalar_
       out[P.pos() + i] += s_pos;
     }
     // Theorem-1 token weights: how many objectives tie at each end, then the weight of each end
-#pragma omp simd
-    for (int t = 0; t < len; ++t) nmin[t] = nmax[t] = acc(0);
-    for (int i = 0; i < n; ++i) {
-      const acc* Ni = N + i * kVecTile;
-#pragma omp simd
-      for (int t = 0; t < len; ++t) {
-        nmin[t] += Ni[t] == mn[t] ? acc(1) : acc(0);
-        nmax[t] += Ni[t] == mx[t] ? acc(1) : acc(0);
-      }
-    }
-#pragma omp simd
-    for (int t = 0; t < len; ++t) {
-      acc w_lo, w_hi;
-      thm1_tie_weights(mn[t], mx[t], nmin[t], nmax[t], w_lo, w_hi);
-      wmin[t] = keep_or_zero(m[t], w_lo);  // masked-out tokens (NaN padding, nmin = 0) add nothing
-      wmax[t] = keep_or_zero(m[t], w_hi);
-    }
-    for (int i = 0; i < n; ++i) {
-      const acc* Ni = N + i * kVecTile;
-      acc s_c = 0;
-#pragma omp simd reduction(+ : s_c)
-      for (int t = 0; t < len; ++t)
-        s_c += (Ni[t] == mn[t] ? wmin[t] : acc(0)) + (Ni[t] == mx[t] ? wmax[t] : acc(0));
-      out[P.ctok() + i] += s_c;
-    }
+    thm1_weight_sums(N, n, len, mn, mx, m, nmin, nmax, wmin, wmax, out + P.ctok());
     if (p.with_gram) {
       for (int i = 0; i < n; ++i) {  // N becomes I
         acc* Ni = N + i * kVecTile;

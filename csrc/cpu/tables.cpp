@@ -9,6 +9,7 @@ const Backend& table() {
   static const Backend t{"cpu",
                          kChunkLen,
                          kGramBlockCpu,
+                         /*single_pass_loss=*/true,
                          &token_rewards,
                          &multi_gae,
                          &multi_gae_backward,

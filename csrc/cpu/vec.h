@@ -78,6 +78,74 @@ inline double keep_or_zero(uint8_t keep, double v) {
   return v;
 }
 
+// The mask of a tile as lane masks of the accumulation type's width (all ones where masked in), so
+// that a loop over the tile has one element width and vectorises at full width: a byte mask among
+// float lanes made GCC pick 128-bit vectors and spill. keep_lanes(k, v) is v where k is set, else +0.
+template <typename acc>
+struct LaneMaskOf;
+template <>
+struct LaneMaskOf<float> {
+  using type = uint32_t;
+};
+template <>
+struct LaneMaskOf<double> {
+  using type = uint64_t;
+};
+template <typename acc>
+using lane_mask_t = typename LaneMaskOf<acc>::type;
+
+template <typename K>
+inline K lane_mask(bool keep) {
+  return K(0) - static_cast<K>(keep);
+}
+template <typename K, typename V>
+inline V keep_lanes(K k, V v) {
+  static_assert(sizeof(K) == sizeof(V), "a lane mask has the width of the value");
+  K bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  bits &= k;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+// 1 where a masked-in value is NaN or Inf ((v - v) == 0 holds exactly for finite v), else 0.
+template <typename K, typename acc>
+inline acc bad_lane(K keep, acc v) {
+  return keep_lanes(keep, (v - v) == acc(0) ? acc(0) : acc(1));
+}
+
+// The per-objective sums of the Theorem-1 token weights over a tile (pama_math.h's thm1: the weight
+// of each end of the range [mn, mx] shared by the objectives that tie there): N holds n rows of
+// kVecTile values, out[i] += Σ_t weight of objective i at t. Masked-out tokens (m = 0; NaN padding)
+// add nothing. nmin, nmax, wmin, wmax: scratch tiles.
+template <typename acc>
+inline void thm1_weight_sums(const acc* N, int n, int len, const acc* mn, const acc* mx, const uint8_t* m, acc* nmin,
+                             acc* nmax, acc* wmin, acc* wmax, acc* out) {
+#pragma omp simd
+  for (int t = 0; t < len; ++t) nmin[t] = nmax[t] = acc(0);
+  for (int i = 0; i < n; ++i) {
+    const acc* Ni = N + i * kVecTile;
+#pragma omp simd
+    for (int t = 0; t < len; ++t) {
+      nmin[t] += Ni[t] == mn[t] ? acc(1) : acc(0);
+      nmax[t] += Ni[t] == mx[t] ? acc(1) : acc(0);
+    }
+  }
+#pragma omp simd
+  for (int t = 0; t < len; ++t) {
+    acc w_lo, w_hi;
+    thm1_tie_weights(mn[t], mx[t], nmin[t], nmax[t], w_lo, w_hi);
+    wmin[t] = keep_or_zero(m[t], w_lo);  // masked-out tokens (NaN padding, nmin = 0) add nothing
+    wmax[t] = keep_or_zero(m[t], w_hi);
+  }
+  for (int i = 0; i < n; ++i) {
+    const acc* Ni = N + i * kVecTile;
+    acc s_c = 0;
+#pragma omp simd reduction(+ : s_c)
+    for (int t = 0; t < len; ++t) s_c += (Ni[t] == mn[t] ? wmin[t] : acc(0)) + (Ni[t] == mx[t] ? wmax[t] : acc(0));
+    out[i] += s_c;
+  }
+}
+
 // N[t] = whiten_noon(a[t]) over a tile, the options tested once outside the loops (a loop-invariant
 // flag inside the loop keeps GCC from vectorising it).
 template <typename scalar_t, typename acc>
@@ -103,11 +171,10 @@ struct TokenLoss {
   T loss, dlogp, clipped;
 };
 template <typename T>
-inline TokenLoss<T> ppo_token(T adv, T logp, T old_logp, T eps_lo, T eps_hi, T dual_clip) {
+inline TokenLoss<T> ppo_token_from_exp(T adv, T logp, T old_logp, T u, T eps_lo, T eps_hi, T dual_clip) {
   TokenLoss<T> r;
   bool clipped;
-  r.loss = ppo_token_loss_from_exp(adv, logp, old_logp, vexp(ppo_log_ratio(logp, old_logp)), eps_lo, eps_hi,
-                                   dual_clip, r.dlogp, clipped);
+  r.loss = ppo_token_loss_from_exp(adv, logp, old_logp, u, eps_lo, eps_hi, dual_clip, r.dlogp, clipped);
   r.clipped = clipped ? T(1) : T(0);
   return r;
 }

@@ -18,6 +18,7 @@ void* current_stream() { return static_cast<void*>(c10::cuda::getCurrentCUDAStre
 const pama::Backend kCudaTable{"cuda",
                                pama::cuda::kChunkLen,
                                pama::cuda::kGramBlock,
+                               /*single_pass_loss=*/false,
                                &pama::cuda::launch_token_rewards,
                                &pama::cuda::launch_multi_gae,
                                &pama::cuda::launch_multi_gae_backward,

@@ -34,39 +34,38 @@ QUICK_PL_NS = [2, 8]
 COMPILE_MIN_TOKENS = 2 ** 18  # the compile target applies from here; smaller sizes are not compiled
 
 
-def nbytes(n: int, B: int, T: int, elt: int, mask_elt: int) -> int:
-    """What the fused kernels read and write, pass by pass (docs/kernels.md §4). Forward: the
-    moments pass reads mask + advantages; the indicator pass mask, advantages, logp, old_logp; the
-    loss pass the same and writes a_tilde (accumulation dtype: 8 bytes for fp64, else 4). Backward:
-    logp, old_logp, mask, a_tilde read, grad written. Inputs are counted as if every token were
-    masked in (the kernels skip the loads of masked-out tokens, so this is an upper bound)."""
+def nbytes(n: int, B: int, T: int, elt: int, mask_elt: int, single_pass: bool = True) -> int:
+    """What the fused kernels read and write, pass by pass (docs/kernels.md §4, §10), default options
+    (pama / token, whitening). CPU (``single_pass``): the moments pass reads mask + advantages; the
+    loss pass mask, advantages, logp, old_logp (and computes the indicator statistics and the
+    finite checks on the way) and writes the gradient coefficient (accumulation dtype: 8 bytes for
+    fp64, else 4); the backward reads the coefficient and the mask and writes grad. CUDA
+    (``single_pass=False``): a separate indicator pass (mask, advantages, logp, old_logp) before the
+    loss pass. Inputs are counted as if every token were masked in."""
     bt = B * T
     acc = 8 if elt == 8 else 4
-    fwd = bt * (4 * elt + 3 * mask_elt) + 3 * n * bt * elt + bt * acc
-    bwd = bt * (2 * elt + mask_elt + acc) + bt * elt
+    indicators = 0 if single_pass else bt * (mask_elt + n * elt + 2 * elt)
+    fwd = bt * (mask_elt + n * elt) + indicators + bt * (mask_elt + n * elt + 2 * elt) + bt * acc
+    bwd = bt * (acc + mask_elt) + bt * elt
     return fwd + bwd
 
 
 # The passes of the fused CPU op (forward + backward, default options) and what forces them.
 PASSES = (
-    "fused: [check_finite: logp, old_logp, advantages, mask] -> moments (mask, advantages) -> indicators "
-    "(mask, advantages, logp, old_logp) -> loss (the same; writes a_tilde) -> backward (logp, old_logp, "
-    "mask, a_tilde; writes grad). Minimal: the whitening moments are needed before any token's loss, so the "
-    "advantages are read twice (moments, then one pass for indicators + loss: at pama/token the indicator "
-    "statistics are reported metrics only; sequence / batch weights need the indicators in a pass of their "
-    "own); the backward reads logp, old_logp, mask, a_tilde and writes the gradient."
+    "fused (CPU): moments (mask, advantages) -> loss (mask, advantages, logp, old_logp; the indicator "
+    "statistics, the token counts and the check_finite flags on the way; writes the gradient coefficient) -> "
+    "backward (coefficient, mask; writes grad). The whitening moments are needed before any token's loss, so "
+    "the advantages are read twice; without whitening (e.g. the plain-PPO options) the forward is one pass. "
+    "Method 'linear' and pama/token only: sequence / batch / Gram weights need the indicators in a pass of "
+    "their own before the loss."
 )
 
 
 def min_nbytes(n: int, B: int, T: int, elt: int, mask_elt: int) -> int:
-    """What the op must minimally move (see PASSES): forward 2 x (mask + advantages) + logp + old_logp
-    read, a_tilde (accumulation dtype) written; backward logp, old_logp, mask, a_tilde read, grad
-    written."""
-    bt = B * T
-    acc = 8 if elt == 8 else 4
-    fwd = 2 * bt * (mask_elt + n * elt) + 2 * bt * elt + bt * acc
-    bwd = bt * (2 * elt + mask_elt + acc) + bt * elt
-    return fwd + bwd
+    """What the op must minimally move (see PASSES), which the CPU kernels now move: forward
+    2 x (mask + advantages) + logp + old_logp read, the gradient coefficient (accumulation dtype)
+    written; backward the coefficient and the mask read, grad written."""
+    return nbytes(n, B, T, elt, mask_elt, single_pass=True)
 
 
 def runner(loss_fn, sets):
@@ -184,13 +183,14 @@ def section(args, device, budget) -> None:
                         res["compile"] = common.compiled_row(runner(compiled_policy, sets), n_sets, plan, device)
                     except Exception as e:  # noqa: BLE001 - a failed compile is a result, not a crash
                         res["compile"] = {"status": "error", "reason": f"{type(e).__name__}: {str(e)[:200]}"}
-                common.append_rows(rows, base, res, GPU_IMPLS, nbytes(n, B, T, elt, 1), args.copy_bw)
+                common.append_rows(rows, base, res, GPU_IMPLS, nbytes(n, B, T, elt, 1, single_pass=False),
+                                   args.copy_bw)
                 del sets
                 rows = common.order_columns(rows)
                 common.write_csv(rows, "bench_gpu_policy_loss", args.tag, args.out)
     md = common.section_header(
         args, "policy_loss", "`pama_policy_loss` forward + backward (pama / token, Noon, whitening, dual clip 3), "
-        "bool mask. GB/s = policy_loss.nbytes (the kernels' traffic pass by pass: 3ne + 7e + 4m + 2a "
+        "bool mask. GB/s = policy_loss.nbytes (the kernels' traffic pass by pass: 3ne + 5e + 4m + 2a "
         "bytes per token, see benchmarks/README.md) / median time. "
         "`fused` passes check_finite=False (no host sync); `checked` is the default check_finite=True. "
         f"`compile`: torch.compile(baselines.reference_policy_loss_flat, "
