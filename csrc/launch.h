@@ -118,6 +118,7 @@ struct PolicyLossParams {
   void* metrics;    // acc [loss_metrics_size(n)] out
   void* partials;   // acc [B * chunks_per_row * kLossPartialSize]
   int dtype;
+  const void* prefs = nullptr;  // acc [n] > 0: the token combine is Theorem 1 on N_i / ρ_i (§4b); nullptr: plain
 };
 // grad_logp[b,t] = grad_loss * mask * row_scale[b] * (dl/dlogp + beta_loss * dk3/dlogp)
 struct PolicyLossBackwardParams {

@@ -25,6 +25,8 @@ template <typename acc>
 struct LossConsts {
   acc mean[kMaxObjectives], istd[kMaxObjectives];
   acc eps_lo, eps_hi, dual;
+  acc pref[kMaxObjectives];  // §4b pref_factor per objective (when steer)
+  bool steer = false;
 };
 
 // Ã of one tile (len tokens from flat index `base`): Theorem 1 per token, or Σ_i w_i N_i.
@@ -39,6 +41,12 @@ inline void tile_a_tilde(const PolicyLossParams& p, const LossConsts<acc>& C, co
   if (p.combine == kCombineTokenThm1) {  // A holds the running minimum, mx the maximum
     for (int i = 0; i < n; ++i) {
       whiten_noon_tile(adv + i * BT, len, C.mean[i], C.istd[i], whiten, noon, i == 0 ? A : N);
+      if (C.steer) {  // §4b: Theorem 1 on N_i / ρ_i
+        acc* x = i == 0 ? A : N;
+        const acc f = C.pref[i];
+#pragma omp simd
+        for (int t = 0; t < len; ++t) x[t] = pref_scaled(x[t], f);
+      }
       if (i == 0) {
 #pragma omp simd
         for (int t = 0; t < len; ++t) mx[t] = A[t];
@@ -167,6 +175,8 @@ void policy_loss_forward(const PolicyLossParams& p, void*) {
     C.eps_lo = static_cast<acc>(p.eps_lo);
     C.eps_hi = static_cast<acc>(p.eps_hi);
     C.dual = static_cast<acc>(p.dual_clip);
+    C.steer = p.prefs != nullptr;
+    for (int i = 0; C.steer && i < n; ++i) C.pref[i] = pref_factor(static_cast<const acc*>(p.prefs), n, i);
     for_chunks(p.B, p.T, p.chunk_len, p.chunks_per_row, [&](int64_t k, int64_t b, int64_t t0, int64_t t1) {
       const acc* w = p.weights_per_row ? w_rows + b * n : w_global;
       loss_chunk<scalar_t>(p, C, w, b, t0, t1, part + k * kLossPartialSize);
