@@ -132,11 +132,16 @@ demo: install
 STUDY_N2 ?= pama,pama:update_norm=active,pama:lr=0.0006,morlhf,morlhf:lr=0.0006,morlhf:weights=0.8/0.2,morlhf:weights=0.2/0.8,mgda-ub
 STUDY_N3 ?= pama,pama:update_norm=active,morlhf,mgda-ub
 STUDY_FRONTS ?= pama,morlhf,morlhf:weights=0.8/0.2,morlhf:weights=0.2/0.8,linear,linear:weights=0.8/0.2,linear:weights=0.2/0.8
+# issue 14: the steerable PAMA front vs MORLHF's over the same sweep, and the PAMA variants (docs/results.md)
+STUDY_STEER ?= pama,morlhf
+STUDY_VARIANTS ?= pama:granularity=sequence,pama:granularity=batch,pama:ratio_to=ref,pama:noon_order=noon-first
 study: install
 	$(PY) -m pama_ext.cli compare --out runs/study --settings n2 --seeds 0,1,2,3,4 --methods $(STUDY_N2)
 	$(PY) -m pama_ext.cli compare --out runs/study --settings n3 --seeds 0,1,2 --methods $(STUDY_N3) --hv-ref nadir
 	$(PY) -m pama_ext.cli compare --out runs/study --settings legacy --seeds 0,1,2
 	$(PY) -m pama_ext.cli compare --out runs/study --settings n2 --seeds 0,1,2 --methods $(STUDY_FRONTS)
+	$(PY) -m pama_ext.cli compare --out runs/steer --settings n2 --seeds 0,1,2 --methods $(STUDY_STEER) --sweep 0.8/0.2,0.2/0.8
+	$(PY) -m pama_ext.cli compare --out runs/steer --settings n2 --seeds 0,1,2 --methods pama,morlhf,$(STUDY_VARIANTS)
 
 demo-dpo: install
 	$(PY) -m pama_ext.dpo.demo

@@ -127,10 +127,13 @@ struct PolicyLossParams {
   void* metrics;    // acc [loss_metrics_size(n)] out
   void* partials;   // acc [B * chunks_per_row * kLossPartialSize]
   int dtype;
+  // prefs: acc [n] or nullptr (uniform). With combine kCombineTokenThm1 (pama/token) the combine is
+  // Theorem 1 on N_i / ρ_i (§4b, prefs > 0); on the single pass of method
+  // linear, the weights finalize_weights turns into `weights`.
+  const void* prefs = nullptr;
   // single_pass only (see above)
   bool single_pass = false;
   int method = 0, granularity = 0;  // for finalize_weights
-  const void* prefs = nullptr;      // acc [n] or nullptr (uniform)
   double cagrad_c = 0.0;
   const void* check_ref = nullptr;  // dtype [B, T] or nullptr
   void* extra_partials = nullptr;   // acc [B * chunks_per_row * SinglePassPartial(n).size()]

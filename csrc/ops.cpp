@@ -87,12 +87,13 @@ at::Tensor bool_mask(const at::Tensor& mask, int64_t B, int64_t T, const at::Ten
 //   kFinite    [..., B, T] tensors are checked where `mask_b` is set, 1-d ones everywhere;
 //   kPrefs     a 1-d prefs vector: finite, and then >= 0 and not all 0 (algorithms §4 linear weights,
 //              used as given: no normalisation, so the loss scales with them);
+//   kPrefsPositive  prefs of method 'pama' (algorithms §4b, divided by): finite and every entry > 0;
 //   kVariance  the per-objective variances of the statistics: +inf means the float32 (acc)
 //              variance of the advantages overflowed, and whitening would divide them to 0.
 // On CPU this is a fused loop per tensor that stops at the first hit. On a device every flag is
 // computed there and the stacked flags come back in one host read, the only host read of these
 // ops, which is why check_finite=False exists (CUDA graphs, sync-free training).
-enum class CheckKind { kFinite, kPrefs, kVariance };
+enum class CheckKind { kFinite, kPrefs, kVariance, kPrefsPositive };
 struct FiniteCheck {
   const char* name;
   at::Tensor x;
@@ -139,8 +140,9 @@ bool any_nonfinite_cpu(const at::Tensor& x, const at::Tensor& mask_b) {
   return found.load();
 }
 
-// A (finite) prefs vector that is negative somewhere or sums to <= 0, on the CPU.
-bool prefs_invalid_cpu(const at::Tensor& x) {
+// A (finite) prefs vector that is negative somewhere or sums to <= 0 (positive: that has an entry <= 0),
+// on the CPU.
+bool prefs_invalid_cpu(const at::Tensor& x, bool positive = false) {
   bool bad = false;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "check_prefs", [&] {
     const at::Tensor c = x.contiguous();
@@ -148,7 +150,7 @@ bool prefs_invalid_cpu(const at::Tensor& x) {
     double sum = 0;
     for (int64_t k = 0; k < c.numel(); ++k) {
       const double v = static_cast<double>(p[k]);
-      bad = bad || v < 0;
+      bad = bad || v < 0 || (positive && !(v > 0));
       sum += v;
     }
     bad = bad || !(sum > 0);
@@ -156,12 +158,17 @@ bool prefs_invalid_cpu(const at::Tensor& x) {
   return bad;
 }
 
-// Raises the error of failure f of a check: 0 = non-finite, 1 = prefs negative or all zero.
+// Raises the error of failure f of a check: 0 = non-finite, 1 = prefs negative or all zero (kPrefs) or
+// not all > 0 (kPrefsPositive).
 [[noreturn]] void fail_check(const FiniteCheck& c, int f, const char* op) {
   if (c.kind == CheckKind::kVariance)
     TORCH_CHECK_VALUE(false, op, ": ", c.name, " has a variance that overflows ", c.x.scalar_type(),
                       " (|advantages| around 1e19 or more), so whitening would divide every advantage to 0; "
                       "rescale the advantages or pass float64 inputs (check_finite=False skips this check)");
+  if (f == 1 && c.kind == CheckKind::kPrefsPositive)
+    TORCH_CHECK_VALUE(false, op, ": ", c.name, " must be > 0 for method 'pama' (the preference weights of the "
+                      "weighted Theorem 1 divide by them), got a zero or negative entry (pass check_finite=False "
+                      "to skip this check)");
   if (f == 1)
     TORCH_CHECK_VALUE(false, op, ": ", c.name, " must be >= 0 and not all 0 (the weights of method 'linear', used "
                       "as given), got a negative entry or all zeros (pass check_finite=False to skip this check)");
@@ -177,6 +184,7 @@ void check_finite_all(std::initializer_list<FiniteCheck> checks, const at::Tenso
       if (!c.x.defined()) continue;
       if (any_nonfinite_cpu(c.x, mask_b)) fail(c, 0);
       if (c.kind == CheckKind::kPrefs && prefs_invalid_cpu(c.x)) fail(c, 1);
+      if (c.kind == CheckKind::kPrefsPositive && prefs_invalid_cpu(c.x, true)) fail(c, 1);
     }
     return;
   }
@@ -190,6 +198,10 @@ void check_finite_all(std::initializer_list<FiniteCheck> checks, const at::Tenso
     what.emplace_back(&c, 0);
     if (c.kind == CheckKind::kPrefs) {
       flags.push_back(c.x.lt(0).any().logical_or_(c.x.sum().le(0)));
+      what.emplace_back(&c, 1);
+    }
+    if (c.kind == CheckKind::kPrefsPositive) {
+      flags.push_back(c.x.le(0).any());
       what.emplace_back(&c, 1);
     }
   }
@@ -479,6 +491,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pama_policy_loss(
   check_nonneg_finite(eps_hi, kPL, "eps_hi");
   TORCH_CHECK_VALUE(dual_clip > 1, kPL, ": dual_clip must be > 1 (inf disables it), got ", dual_clip);
   check_nonneg_finite(beta_loss, kPL, "beta_loss");
+  TORCH_CHECK_VALUE(!(m == kMethodPama && g == kGranSequence && prefs.has_value() && prefs->defined()), kPL,
+                    ": prefs with method 'pama' needs granularity 'token' or 'batch' (the weighted Theorem 1, "
+                    "algorithms §4b), got granularity 'sequence'");
   TORCH_CHECK_VALUE(beta_loss == 0 || in.ref_logp.defined(), kPL, ": beta_loss = ", beta_loss,
                     " > 0 needs ref_logp (the reference log-probs of the KL loss), got None");
   const auto acc = acc_type(in.logp.scalar_type());
@@ -495,6 +510,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pama_policy_loss(
   // the counts, the indicator statistics (reported metrics) and the finite checks of the inputs.
   const bool single = L.be.single_pass_loss && !gstats.defined() &&
                       (m == kMethodLinear || (m == kMethodPama && g == kGranToken));
+  const CheckKind prefs_kind = m == kMethodPama ? CheckKind::kPrefsPositive : CheckKind::kPrefs;
   const StatsLayout SL(static_cast<int>(in.n));
   at::Tensor stats, row_count, seq_weights, weights, finite_flags, extra;
   int64_t chunk_len = 0;
@@ -517,7 +533,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pama_policy_loss(
                         {"old_logp", in.old_logp},
                         {"advantages", in.advantages},
                         {"ref_logp", in.ref_logp},
-                        {"prefs", pr, CheckKind::kPrefs},
+                        {"prefs", pr, prefs_kind},
                         {"advantages", whiten ? stats.narrow(0, SL.var(), in.n) : at::Tensor(), CheckKind::kVariance}},
                        in.mask, kPL);
     }
@@ -538,11 +554,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pama_policy_loss(
                      token ? kCombineTokenThm1 : kCombineWeighted, a,
                      a_tilde.data_ptr(), row_scale.data_ptr(), loss.data_ptr(), metrics.data_ptr(),
                      partials.data_ptr(), dtype_code(in.logp.scalar_type())};
+  // prefs: method linear's weights on the single pass; pama/token's §4b weighted Theorem 1
+  if (pr.defined() && (single || token)) p.prefs = pr.data_ptr();
   if (single) {
     p.single_pass = true;
     p.method = m;
     p.granularity = g;
-    p.prefs = pr.defined() ? pr.data_ptr() : nullptr;
     p.cagrad_c = cagrad_c;
     p.check_ref = (check_finite && in.ref_logp.defined()) ? in.ref_logp.data_ptr() : nullptr;
     p.extra_partials = extra.data_ptr();
@@ -555,7 +572,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pama_policy_loss(
     const char* names[4] = {"logp", "old_logp", "advantages", "ref_logp"};
     for (int j = 0; j < 4; ++j)
       if (f[j] != 0) fail_check({names[j], at::Tensor()}, 0, kPL);
-    check_finite_all({{"prefs", pr, CheckKind::kPrefs},
+    check_finite_all({{"prefs", pr, prefs_kind},
                       {"advantages", whiten ? stats.narrow(0, SL.var(), in.n) : at::Tensor(), CheckKind::kVariance}},
                      in.mask, kPL);
   }

@@ -301,17 +301,43 @@ PAMA_HD T thm1(const T* v, int64_t stride, int n, T* c, T scale) {
   return thm1_value(mn, mx);
 }
 
+// ---- §4b preference-steered Theorem 1 (weighted Tchebycheff, docs/algorithms.md §4b) -------------
+// With preferences w > 0, Theorem 1 is applied to the rescaled values v_i / ρ_i, ρ_i = n·w_i / Σ_j w_j
+// (w relative to uniform). pref_factor is 1/ρ_i, written as (1/n)·Σ_j w_j / w_i so that every uniform
+// w (any constant vector) gives exactly 1 and today's PAMA bit for bit. O(n) per objective, computed
+// once per call (CPU) or per block (CUDA), never per token.
+template <typename T>
+PAMA_HD T pref_factor(const T* w, int n, int i) {
+  T s = T(0);
+  for (int j = 0; j < n; ++j) s += w[j] / w[i];
+  return s / T(n);
+}
+// The value objective i contributes to the weighted Theorem 1: v_i / ρ_i.
+template <typename T>
+PAMA_HD T pref_scaled(T v, T factor) {
+  return v * factor;
+}
+
 // §4/§6 MGDA and CAGrad on a Gram matrix: mgda_weights, cagrad_weights in gram_solvers.h
 
 template <typename T>
 PAMA_HD void gram_weights(const T* G, const T* w, int n, int method, T c, T* out);
 
 // Combination weights used by the loss for a batch-level method: pama/batch (Theorem 1 on abar),
-// or gram_weights of every other method on the statistics Gram. prefs may be null (uniform).
+// or gram_weights of every other method on the statistics Gram. prefs may be null (uniform; for pama:
+// plain Theorem 1, otherwise the weighted one of §4b).
 template <typename T>
 PAMA_HD void batch_weights(const T* stats, int n, int method, const T* prefs, T cagrad_c, T* w) {
   StatsLayout L(n);
-  if (method == kMethodPama) {
+  if (method == kMethodPama && prefs != nullptr) {  // §4b: Theorem 1 on abar_i / ρ_i, weights c_i / ρ_i
+    T v[kMaxObjectives];
+    for (int i = 0; i < n; ++i) {
+      v[i] = pref_scaled(stats[L.abar() + i], pref_factor(prefs, n, i));
+      w[i] = T(0);
+    }
+    thm1(v, 1, n, w, T(1));
+    for (int i = 0; i < n; ++i) w[i] = pref_scaled(w[i], pref_factor(prefs, n, i));
+  } else if (method == kMethodPama) {
     for (int i = 0; i < n; ++i) w[i] = T(0);
     thm1(stats + L.abar(), 1, n, w, T(1));
   } else {

@@ -163,10 +163,10 @@ def flat_grads_named(grads: Sequence[Optional[Tensor]], n: int) -> List[Named]:
 
 
 def finite(op: str, mask: Tensor, checks: Sequence[Named], prefs: Optional[Tensor] = None,
-           variance: Optional[Tensor] = None) -> None:
+           variance: Optional[Tensor] = None, prefs_positive: bool = False) -> None:
     """``check_finite`` of the fallback (csrc/ops.cpp check_finite_all): NaN/Inf on a masked-in
     position of a ``[..., B, T]`` tensor, in argument order; then ``prefs`` (finite, >= 0, not all
-    0) and ``variance`` (the whitening variances: +inf means the accumulation dtype overflowed).
+    0; every entry > 0 with ``prefs_positive``, method 'pama') and ``variance`` (the whitening variances: +inf means the accumulation dtype overflowed).
     Reads values back to the host (as the compiled check does, once)."""
     m = mask != 0
     for name, t in checks:
@@ -176,6 +176,10 @@ def finite(op: str, mask: Tensor, checks: Sequence[Named], prefs: Optional[Tenso
     if prefs is not None:
         if not bool(torch.isfinite(prefs).all()):
             _fail(op, "prefs has NaN or Inf on a masked-in position (pass check_finite=False to skip this check)",
+                  ValueError)
+        if prefs_positive and bool((prefs <= 0).any()):
+            _fail(op, "prefs must be > 0 for method 'pama' (the preference weights of the weighted Theorem 1 "
+                      "divide by them), got a zero or negative entry (pass check_finite=False to skip this check)",
                   ValueError)
         if bool((prefs < 0).any()) or not bool(prefs.sum() > 0):
             _fail(op, "prefs must be >= 0 and not all 0 (the weights of method 'linear', used as given), got a "
@@ -299,6 +303,9 @@ def policy_loss_args(logp, old_logp, advantages, mask, ref_logp, prefs, eps_lo, 
     if not dual_clip > 1:
         _fail(op, f"dual_clip must be > 1 (inf disables it), got {float(dual_clip):g}", ValueError)
     nonneg_finite(op, "beta_loss", float(beta_loss))
+    if method == "pama" and granularity == "sequence" and prefs is not None:
+        _fail(op, "prefs with method 'pama' needs granularity 'token' or 'batch' (the weighted Theorem 1, "
+                  "algorithms §4b), got granularity 'sequence'", ValueError)
     if beta_loss != 0 and ref_logp is None:
         _fail(op, f"beta_loss = {float(beta_loss):g} > 0 needs ref_logp (the reference log-probs of the KL "
                   "loss), got None", ValueError)

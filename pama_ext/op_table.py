@@ -181,7 +181,7 @@ def _policy_loss_outputs(a: Named):
 
 def _policy_finite_extra(a: Named) -> Named:
     variance = masked_moments(a["advantages"].detach(), a["mask"])[2] if a["whiten"] else None
-    return {"prefs": a["prefs"], "variance": variance}
+    return {"prefs": a["prefs"], "variance": variance, "prefs_positive": a["method"] == "pama"}
 
 
 def _grad_table_devices(a: Named):

@@ -198,10 +198,14 @@ def pama_policy_loss(
         granularity: ``"token"``, ``"sequence"`` or ``"batch"`` (method ``"pama"`` only).
         prefs: ``[n]`` weights of ``method="linear"`` and CAGrad's w (uniform when None), used as
             given: not normalised, so the linear loss scales with them (as TRL's
-            ``reward_weights``); >= 0 and not all 0.
+            ``reward_weights``); >= 0 and not all 0. With ``method="pama"`` (token or batch
+            granularity) the preferences of the weighted Theorem 1 (docs/algorithms.md §4b: Theorem 1
+            on N_i / ρ_i, ρ_i = n·w_i / Σ_j w_j; scale-free, uniform = plain PAMA exactly); every
+            entry > 0.
         agg: ``"token-mean"``, ``"seq-mean-token-mean"`` or ``"seq-mean-token-sum"``.
         beta_loss: weight (finite, >= 0) of the k3 KL loss to ``ref_logp``; > 0 needs ``ref_logp``.
-        check_finite: raise if a masked-in input is NaN/Inf, if ``prefs`` is NaN/Inf, negative or all 0,
+        check_finite: raise if a masked-in input is NaN/Inf, if ``prefs`` is NaN/Inf, negative or all 0
+            (pama: not > 0),
             or if the whitening variance of the advantages overflows the accumulation dtype (float32
             for |advantages| around 1e19); on CUDA these read one flag vector back.
         group: ``torch.distributed`` process group over which the batch is sharded (algorithms §8):

@@ -35,6 +35,8 @@ __all__ = [
     "objective_stats",
     "pareto_weights",
     "thm1_weights",
+    "pref_factors",
+    "weighted_thm1",
     "mgda_weights",
     "pama_policy_loss",
     "multi_value_loss",
@@ -118,6 +120,25 @@ def thm1_weights(v: Tensor) -> Tuple[Tensor, Tensor]:
     return c, s
 
 
+def pref_factors(prefs: Tensor) -> Tensor:
+    """The factors 1/ρ_i of the weighted Theorem 1 (algorithms §4b): ρ_i = n·w_i / Σ_j w_j, written as
+    (1/n)·Σ_j w_j / w_i, so that every constant ``prefs`` gives exactly 1. ``prefs`` > 0, shape [n]."""
+    return (prefs[None, :] / prefs[:, None]).sum(1) / prefs.shape[0]
+
+
+def weighted_thm1(v: Tensor, prefs: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """Preference-steered Theorem 1 along dim 0 (algorithms §4b): :func:`thm1_weights` of v_i / ρ_i.
+
+    Returns (c', s) with s = sum_i c'_i v_i: c'_i = c_i / ρ_i, where c are the Theorem-1 weights of the
+    rescaled values (c' sums to 1 only for uniform ``prefs``). ``prefs=None`` is :func:`thm1_weights`.
+    """
+    if prefs is None:
+        return thm1_weights(v)
+    f = pref_factors(prefs.to(v.dtype)).reshape((-1,) + (1,) * (v.dim() - 1))
+    c, s = thm1_weights(v * f)
+    return c * f, s
+
+
 def mgda_weights(gram: Tensor) -> Tensor:
     """argmin_{c in simplex} c^T G c, exact (see :func:`gram_face_solve`), computed in float64 and
     returned in G's dtype."""
@@ -196,13 +217,15 @@ def pareto_weights(
 
     pama: Theorem 1 on ``abar`` (batch), or the reported mean per-token / per-sequence weights
     (token / sequence); every other method: :func:`gram_weights` on the statistics Gram (linear:
-    ``prefs``, uniform by default; cagrad / raco: ``prefs`` as w and ``cagrad_c`` as c).
+    ``prefs``, uniform by default; cagrad / raco: ``prefs`` as w and ``cagrad_c`` as c). pama with
+    ``prefs`` at batch granularity: the weighted Theorem 1 (§4b) on ``abar``; the per-token / per-sequence
+    weights of the statistics vector are the unweighted ones.
     """
     n = stats_num_objectives(stats.shape[0])
     lay = stats_layout(n)
     if method == "pama":
         if granularity == "batch":
-            return thm1_weights(stats[lay["abar"]])[0]
+            return weighted_thm1(stats[lay["abar"]], prefs)[0]
         if granularity == "token":
             return stats[lay["ctok"]]
         if granularity == "sequence":
@@ -234,9 +257,12 @@ def combined_advantage(
     stats, N, c_seq = _stats_from(advantages, logp, old_logp, mask, eps_hi, whiten, noon)
     n = N.shape[0]
     if method == "pama" and granularity == "token":
-        _, a_tilde = thm1_weights(N)
+        _, a_tilde = weighted_thm1(N, prefs)  # §4b: Theorem 1 on N_i / ρ_i with prefs
         weights = stats[stats_layout(n)["ctok"]]
     elif method == "pama" and granularity == "sequence":
+        if prefs is not None:
+            raise ValueError("pama_policy_loss: prefs with method 'pama' needs granularity 'token' or 'batch' (the "
+                             "weighted Theorem 1, algorithms §4b), got granularity 'sequence'")
         a_tilde = (c_seq.unsqueeze(-1) * N).sum(0)
         weights = stats[stats_layout(n)["cseq"]]
     else:

@@ -310,6 +310,8 @@ def test_hypervolume_matches_inclusion_exclusion_and_monte_carlo(d):
 @pytest.mark.parametrize("method, extra", [
     ("pama", {}),
     ("pama", {"granularity": "sequence", "whiten": "minibatch"}),
+    ("pama", {"weights": [0.8, 0.2], "ratio_to": "ref"}),  # issue 14: steered PAMA, the ratio to pi_ref
+    ("pama", {"granularity": "batch", "noon_order": "noon-first"}),
     ("morlhf", {"weights": [0.3, 0.7]}),
     ("linear", {"noon": True}),
     ("mgda-ub", {}),

@@ -26,10 +26,12 @@ template <typename acc>
 struct LossConsts {
   acc mean[kMaxObjectives], istd[kMaxObjectives];
   acc eps_lo, eps_hi, dual, beta;
+  acc pref[kMaxObjectives];  // §4b pref_factor per objective (when steer)
+  bool steer = false;        // the Theorem-1 combine runs on N_i / ρ_i
 };
 
 // Ã of one tile (len tokens from flat index `base`): Theorem 1 per token (the range [mn, mx] of the
-// N_i kept in mn, mx), or Σ_i w_i N_i. With Nst != nullptr the tiles N_i are kept there (n rows of
+// N_i kept in mn, mx; with prefs, C.steer, Theorem 1 of the N_i / ρ_i, §4b), or Σ_i w_i N_i. With Nst != nullptr the tiles N_i are kept there (n rows of
 // kVecTile), and with bad != nullptr *bad counts the masked-in (mk) non-finite raw advantages.
 template <typename scalar_t, typename acc = acc_of<scalar_t>>
 inline void tile_a_tilde(const PolicyLossParams& p, const LossConsts<acc>& C, const acc* w, int64_t base, int len,
@@ -39,6 +41,7 @@ inline void tile_a_tilde(const PolicyLossParams& p, const LossConsts<acc>& C, co
   auto* adv = static_cast<const scalar_t*>(p.advantages) + base;
   const bool whiten = p.whiten, noon = p.noon;
   acc Nloc[kVecTile];
+  acc smn[kVecTile], smx[kVecTile];  // steered (§4b) range of the N_i / ρ_i
   const bool thm = p.combine == kCombineTokenThm1;
   if (!thm) {
 #pragma omp simd
@@ -58,18 +61,37 @@ inline void tile_a_tilde(const PolicyLossParams& p, const LossConsts<acc>& C, co
       const acc wi = w[i];
 #pragma omp simd
       for (int t = 0; t < len; ++t) A[t] += wi * N[t];
-    } else if (i == 0) {
-#pragma omp simd
-      for (int t = 0; t < len; ++t) mn[t] = mx[t] = N[t];
     } else {
+      if (i == 0) {
 #pragma omp simd
-      for (int t = 0; t < len; ++t) {
-        mn[t] = minv(mn[t], N[t]);
-        mx[t] = maxv(mx[t], N[t]);
+        for (int t = 0; t < len; ++t) mn[t] = mx[t] = N[t];
+      } else {
+#pragma omp simd
+        for (int t = 0; t < len; ++t) {
+          mn[t] = minv(mn[t], N[t]);
+          mx[t] = maxv(mx[t], N[t]);
+        }
+      }
+      if (C.steer) {  // §4b: the combine is Theorem 1 on N_i / ρ_i; [mn, mx] stay the unweighted range
+        const acc f = C.pref[i];
+        if (i == 0) {
+#pragma omp simd
+          for (int t = 0; t < len; ++t) smn[t] = smx[t] = pref_scaled(N[t], f);
+        } else {
+#pragma omp simd
+          for (int t = 0; t < len; ++t) {
+            const acc v = pref_scaled(N[t], f);
+            smn[t] = minv(smn[t], v);
+            smx[t] = maxv(smx[t], v);
+          }
+        }
       }
     }
   }
-  if (thm) {
+  if (thm && C.steer) {
+#pragma omp simd
+    for (int t = 0; t < len; ++t) A[t] = thm1_value(smn[t], smx[t]);
+  } else if (thm) {
 #pragma omp simd
     for (int t = 0; t < len; ++t) A[t] = thm1_value(mn[t], mx[t]);
   }
@@ -261,6 +283,8 @@ void policy_loss_forward(const PolicyLossParams& p, void*) {
     C.eps_hi = static_cast<acc>(p.eps_hi);
     C.dual = static_cast<acc>(p.dual_clip);
     C.beta = static_cast<acc>(p.beta_loss);
+    C.steer = p.prefs != nullptr && p.combine == kCombineTokenThm1;
+    for (int i = 0; C.steer && i < n; ++i) C.pref[i] = pref_factor(static_cast<const acc*>(p.prefs), n, i);
     const SinglePassPartial X(n);
     if (p.single_pass && p.combine != kCombineTokenThm1) single_pass_weights<acc>(p);
     at::parallel_for(0, p.B * p.chunks_per_row, 1, [&](int64_t begin, int64_t end) {

@@ -24,11 +24,15 @@ constexpr int kElementwiseBlock = 256;
 // the compiler placed in local memory (a 256-byte stack frame, 512 for fp64).
 template <typename S, typename A>
 __device__ __forceinline__ A combined_advantage(const S* adv, int64_t plane, int64_t bt, int n, const A* mean,
-                                                const A* istd, const A* w, bool whiten, bool noon, int combine) {
-  if (combine == kCombineTokenThm1) {
-    A mn = whiten_noon(load(adv, bt), mean[0], istd[0], whiten, noon), mx = mn;
+                                                const A* istd, const A* w, bool whiten, bool noon, int combine,
+                                                const A* pref) {
+  if (combine == kCombineTokenThm1) {  // pref (nullptr: none): §4b, Theorem 1 on N_i / ρ_i
+    A mn = whiten_noon(load(adv, bt), mean[0], istd[0], whiten, noon);
+    if (pref != nullptr) mn = pref_scaled(mn, pref[0]);
+    A mx = mn;
     for (int i = 1; i < n; ++i) {
-      const A x = whiten_noon(load(adv, i * plane + bt), mean[i], istd[i], whiten, noon);
+      A x = whiten_noon(load(adv, i * plane + bt), mean[i], istd[i], whiten, noon);
+      if (pref != nullptr) x = pref_scaled(x, pref[i]);
       mn = minv(mn, x);
       mx = maxv(mx, x);
     }
@@ -45,6 +49,7 @@ __global__ void __launch_bounds__(kLossBlock) policy_loss_partials_kernel(Policy
   __shared__ A sMean[kMaxObjectives];
   __shared__ A sIstd[kMaxObjectives];
   __shared__ A sW[kMaxObjectives];
+  __shared__ A sPref[kMaxObjectives];
   __shared__ A red[block_reduce_slots<kLossBlock, kLossPartialSize>()];
 
   const S* logp = static_cast<const S*>(p.logp);
@@ -69,6 +74,7 @@ __global__ void __launch_bounds__(kLossBlock) policy_loss_partials_kernel(Policy
     sMean[i] = stats[L.mean() + i];
     sIstd[i] = inv_std(stats[L.var() + i]);
     if (weighted && !row_weights) sW[i] = weights[i];
+    if (p.prefs != nullptr) sPref[i] = pref_factor(static_cast<const A*>(p.prefs), n, i);
   }
   __syncthreads();
 
@@ -88,7 +94,8 @@ __global__ void __launch_bounds__(kLossBlock) policy_loss_partials_kernel(Policy
       const int64_t bt = b * T + t;
       A g = A(0);
       if (p.mask[bt]) {
-        const A at = combined_advantage(adv, plane, bt, n, sMean, sIstd, sW, p.whiten, p.noon, p.combine);
+        const A at = combined_advantage(adv, plane, bt, n, sMean, sIstd, sW, p.whiten, p.noon, p.combine,
+                                        p.prefs != nullptr ? sPref : nullptr);
         const A lp = load(logp, bt), olp = load(old_logp, bt);
         A dl;
         bool clipped;

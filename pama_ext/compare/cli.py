@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-__all__ = ["add_compare_subcommand", "cmd_compare", "main", "DEFAULT_METHODS"]
+__all__ = ["add_compare_subcommand", "cmd_compare", "main", "DEFAULT_METHODS", "with_sweep"]
 
 DEFAULT_METHODS = "pama,morlhf,mgda-ub"
 
@@ -31,10 +31,31 @@ def _parse_sets(items: Sequence[str]) -> Dict[str, Any]:
     return out
 
 
+def with_sweep(methods: Sequence[str], sweep: Sequence[str]) -> List[str]:
+    """``methods`` plus, after each one whose ``--method`` takes preference weights and that has none of its
+    own, ``<label>:weights=<w>`` for every w of ``sweep`` (labels already listed are not repeated)."""
+    from ..trainer.config import METHOD_TABLE
+    from .runner import parse_method
+
+    out: List[str] = []
+    for m in methods:
+        out.append(m)
+        ms = parse_method(m)
+        spec = METHOD_TABLE.get(ms.method)
+        if spec is None or ms.weights is not None or not (spec.prefs or spec.steerable or spec.scalarised):
+            continue
+        out.extend(f"{m}:weights={w}" for w in sweep)
+    return list(dict.fromkeys(out))
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", default=DEFAULT_METHODS,
                    help="comma-separated methods, each name[:key=value...] with TrainConfig keys (list values "
                         "/-separated), e.g. pama:update_norm=active,morlhf:weights=0.8/0.2 (default: %(default)s)")
+    p.add_argument("--sweep", default=None, metavar="W[,W...]",
+                   help="preference weights (each /-separated, e.g. 0.8/0.2,0.2/0.8): every method given that takes "
+                        "preferences (pama, morlhf, linear) gets one more run label per weight, name:weights=W, so "
+                        "each traces a front over the same sweep (its hypervolume is reported with an interval)")
     p.add_argument("--settings", default="n2", help="comma-separated settings: n2 (sentiment, conciseness), n3 (+ "
                                                     "diversity), legacy (sentiment, length) (default: %(default)s)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds (default: %(default)s)")
@@ -71,7 +92,8 @@ def cmd_compare(a: argparse.Namespace) -> int:
             raise ConfigError(f"--seeds: expected distinct integers; got {a.seeds!r}")
         if a.jobs < 1:
             raise ConfigError(f"--jobs: expected a positive integer; got {a.jobs}")
-        specs = build_grid(split_list(a.methods), split_list(a.settings), seeds, _parse_sets(a.set), a.cache_dir)
+        methods = with_sweep(split_list(a.methods), split_list(a.sweep) if a.sweep else [])
+        specs = build_grid(methods, split_list(a.settings), seeds, _parse_sets(a.set), a.cache_dir)
     except (ConfigError, ValueError) as e:
         print(f"pama-ext compare: error: {e}", file=sys.stderr)
         return 2

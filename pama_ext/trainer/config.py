@@ -27,7 +27,7 @@ from ..lm.config import (DEVICES, OBJECTIVE_FORMS, TINY, ConfigError, check_numb
                          normalized_weights, option)
 
 __all__ = ["TrainConfig", "Method", "METHOD_TABLE", "METHODS", "GRANULARITIES", "AGGS", "WHITEN_SCOPES", "DTYPES",
-           "UPDATE_NORMS", "ConfigError", "load_config", "load_yaml", "dump_yaml", "flag"]
+           "UPDATE_NORMS", "RATIO_TO", "NOON_ORDERS", "ConfigError", "load_config", "load_yaml", "dump_yaml", "flag"]
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,8 @@ class Method:
     ``op_method``: the weighting method of ``pama_policy_loss`` (one fused loss over the n objectives),
     or None for the MGDA methods (n per-objective losses, combined with the min-norm weights of the Gram
     of their gradients). ``granularity``: passes ``--granularity`` to the op. ``prefs``: passes the
-    preference weights ``--weights`` to the op. ``scalarised``: the rewards are scalarised to
+    preference weights ``--weights`` to the op. ``steerable``: passes ``--weights`` to the op when they are
+    given (pama: the weighted Theorem 1 of docs/algorithms.md §4b; without them, plain Theorem 1). ``scalarised``: the rewards are scalarised to
     ``sum_i w_i R_i`` before GAE (one value head). ``noon``: Noon clipping always (True), never (False) or
     as ``--noon`` says (None, default off). ``mgda_gradients``: what MGDA differentiates the losses with
     respect to, ``"hidden"`` (the final hidden states) or ``"parameters"`` (every trainable parameter).
@@ -46,13 +47,14 @@ class Method:
     noon: Optional[bool] = False
     granularity: bool = False
     prefs: bool = False
+    steerable: bool = False
     scalarised: bool = False
     mgda_gradients: Optional[str] = None
 
 
 #: every --method, in the order of the help text
 METHOD_TABLE: Dict[str, Method] = {
-    "pama": Method("pama", noon=True, granularity=True),
+    "pama": Method("pama", noon=True, granularity=True, steerable=True),
     "morlhf": Method("linear", scalarised=True),
     "linear": Method("linear", noon=None, prefs=True),
     "mgda-ub": Method(None, mgda_gradients="hidden"),
@@ -66,6 +68,10 @@ WHITEN_SCOPES = ("batch", "minibatch", "none")
 DTYPES = ("fp32", "bf16", "fp16")
 #: --update-norm: how the policy-gradient loss of a Noon method is scaled
 UPDATE_NORMS = ("none", "active")
+#: --ratio-to: the policy the PPO ratio (and its clip) is taken against
+RATIO_TO = ("rollout", "ref")
+#: --noon-order: Noon on the whitened advantages (before: whiten, then clip) or on the raw ones (after)
+NOON_ORDERS = ("whiten-first", "noon-first")
 
 
 @dataclass
@@ -92,7 +98,10 @@ class TrainConfig:
     objectives: List[str] = option(["sentiment", "length"], f"objectives (one reward each): {OBJECTIVE_FORMS}",
                                group="objectives", metavar="OBJ")
     weights: Optional[List[float]] = option(None, "preference weights w of the objectives for morlhf / linear "
-                                              "(normalised to sum 1; default uniform)", group="objectives", metavar="W")
+                                              "(normalised to sum 1; default uniform); for pama they steer Theorem 1 "
+                                              "(weighted Tchebycheff per token: min_i N_i / (n w_i), docs/algorithms.md "
+                                              "§4b; every weight > 0; token or batch granularity; default: plain "
+                                              "Theorem 1)", group="objectives", metavar="W")
     length_l0: float = option(160.0, "length objective: clip(len_chars / L0, lo, hi); this is L0 (characters)",
                           group="objectives")
     length_lo: float = option(0.0, "length objective: lower clip bound lo", group="objectives")
@@ -113,6 +122,14 @@ class TrainConfig:
                                   "loss becomes a mean over the active tokens, so the update is as large as "
                                   "PPO's; the direction, hence Theorem 1's, is unchanged); 'none' keeps the "
                                   "mean over all tokens", choices=UPDATE_NORMS, group="method")
+    ratio_to: str = option("rollout", "the PPO ratio pi_theta / pi_x and its clip: x = the rollout policy (PPO, "
+                                    "default) or the frozen reference model (ref, as in the PAMA paper's "
+                                    "objective); the KL penalty is unchanged", choices=RATIO_TO, group="method")
+    noon_order: str = option("whiten-first", "Noon methods with --whiten batch: whiten-first clips the whitened "
+                                             "advantages, max((A - mean) / std, 0) (default); noon-first clips the "
+                                             "raw GAE advantages first and then scales them to unit variance "
+                                             "without re-centring, max(A, 0) / std(max(A, 0)) (centring would undo "
+                                             "the clip)", choices=NOON_ORDERS, group="method")
     whiten: str = option("batch", "advantage whitening per objective over the whole rollout batch (as TRL/verl), "
                               "per minibatch (inside the fused loss) or none", choices=WHITEN_SCOPES,
                      group="method")
@@ -312,6 +329,16 @@ class TrainConfig:
                 raise ConfigError(f"--hv-ref: expected {n} values (one per objective); got {len(self.hv_ref)}")
             if any(not math.isfinite(x) for x in self.hv_ref):
                 raise ConfigError(f"--hv-ref: expected finite values; got {self.hv_ref}")
+        if self.weights is not None and self.method_spec.steerable:
+            if any(not w > 0 for w in self.weights):
+                raise ConfigError(f"--weights: --method {self.method} divides by the weights (the weighted Theorem 1, "
+                                  f"docs/algorithms.md §4b); expected every weight > 0; got {self.weights}")
+            if self.granularity == "sequence":
+                raise ConfigError(f"--weights: --method {self.method} takes preference weights at --granularity token "
+                                  f"or batch; got --granularity sequence")
+        if self.noon_order != "whiten-first" and not (self.use_noon and self.whiten == "batch"):
+            raise ConfigError(f"--noon-order: only for Noon methods (pama, or linear with --noon) with --whiten batch; "
+                              f"got {self.noon_order!r} with --method {self.method} --whiten {self.whiten}")
         if self.noon is not None and self.method_spec.noon not in (None, self.noon):
             raise ConfigError(f"--noon: only configurable for --method linear (pama always uses Noon; "
                               f"{self.method} never does); got {self.noon} with --method {self.method}")

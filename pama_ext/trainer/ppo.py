@@ -168,6 +168,19 @@ class PPOTrainer:
         return dict(eps_lo=c.cliprange, eps_hi=c.eps_hi, dual_clip=c.dual_clip, agg=c.agg, check_finite=False,
                     group=self.group)
 
+    def batch_whiten(self, adv: Tensor, mask: Tensor) -> Tensor:
+        """--whiten batch over the global batch: (A - mean) / std per objective; with --noon-order noon-first,
+        max(A, 0) / std(max(A, 0)) (Noon first, then unit variance without re-centring; the op's Noon is then
+        the identity)."""
+        n = adv.shape[0]
+        lay = stats_layout(n)
+        if self.cfg.noon_order == "noon-first":
+            adv = adv.clamp(min=0)
+            mom = ops.objective_moments(adv, mask, group=self.group)
+            return functional.whiten_with(adv, torch.zeros_like(mom[lay["mean"]]), mom[lay["var"]])
+        mom = ops.objective_moments(adv, mask, group=self.group)
+        return functional.whiten_with(adv, mom[lay["mean"]], mom[lay["var"]])
+
     def _k3_loss(self, logp: Tensor, ref_logp: Tensor, mask: Tensor) -> Tensor:
         return functional.agg_loss(functional.k3_kl(logp, ref_logp), mask, self.cfg.agg)
 
@@ -181,7 +194,7 @@ class PPOTrainer:
             extra = dict(noon=c.use_noon, method=spec.op_method)
             if spec.granularity:
                 extra["granularity"] = c.granularity
-            if spec.prefs:
+            if spec.prefs or (spec.steerable and c.weights is not None):
                 extra["prefs"] = self.prefs
             norm = c.update_norm == "active"
             loss, m = ops.pama_policy_loss(logp, old_logp, adv, mask, ref_logp, whiten=whiten_in_op,
@@ -269,10 +282,7 @@ class PPOTrainer:
         adv, ret = ops.multi_gae(rewards, ro.values, mask, c.gamma, c.lam)
         whiten_in_op = c.whiten == "minibatch"
         if c.whiten == "batch":  # over the global batch
-            n = adv.shape[0]
-            mom = ops.objective_moments(adv, mask, group=self.group)
-            lay = stats_layout(n)
-            adv = functional.whiten_with(adv, mom[lay["mean"]], mom[lay["var"]])
+            adv = self.batch_whiten(adv, mask)
 
         B, T = mask.shape
         # starvation monitor: sign disagreement of the (whitened) advantages, one device scalar per step
@@ -350,6 +360,8 @@ class PPOTrainer:
         c = self.cfg
         ids, am, mask = ro.input_ids[idx], ro.attention_mask[idx], ro.mask[idx]
         old_logp, ref_logp = ro.old_logp[idx], ro.ref_logp[idx]
+        if c.ratio_to == "ref":  # the ratio (and its clip) against the frozen reference
+            old_logp = ref_logp
         temp = c.temperature
         with self.autocast():
             out = self.model(ids, am, T, temperature=temp, with_values=True)
