@@ -205,10 +205,23 @@ def test_fused_linear_suite_runs(tmp_path):
     _run("fused_linear", "--hidden", "16", "--vocabs", "64", "--tokens", "32", "--seq-len", "16", "--ns", "1",
          "--repeats", "1", "--out", str(tmp_path))
     rows = _rows(tmp_path / "bench_fused_linear_cpu.csv")
-    assert {r["impl"] for r in rows} == {"unfused", "liger", "fused"}
+    assert {r["impl"] for r in rows} == {"unfused", "liger", "fused-1pass", "fused-2pass"}
     for r in rows:
         ok = r["status"] == "ok" or (r["impl"] == "liger" and "not installed" in r["reason"])
         assert ok, r
         if r["status"] == "ok":
             assert float(r["median_ms"]) > 0 and float(r["peak_rss_mb"]) > 0
     assert (tmp_path / "bench_fused_linear_cpu.md").is_file()
+
+
+def test_fused_linear_cases_option(tmp_path):
+    """--cases runs exactly the listed sub-grids (liger only at n = 1) and --repeats 0 times the first call."""
+    _run("fused_linear", "--hidden", "8", "--seq-len", "16", "--repeats", "0", "--out", str(tmp_path),
+         "--cases", "64:32:1,2:unfused,fused-1pass;128:16:2:fused-2pass,liger")
+    rows = _rows(tmp_path / "bench_fused_linear_cpu.csv")
+    got = sorted((r["impl"], int(r["n"]), int(r["V"]), int(r["tokens"])) for r in rows)
+    assert got == sorted([("unfused", 1, 64, 32), ("fused-1pass", 1, 64, 32), ("unfused", 2, 64, 32),
+                          ("fused-1pass", 2, 64, 32), ("fused-2pass", 2, 128, 16)])
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert float(r["median_ms"]) == float(r["first_ms"]) > 0
