@@ -225,3 +225,30 @@ def test_fused_linear_cases_option(tmp_path):
     for r in rows:
         assert r["status"] == "ok", r
         assert float(r["median_ms"]) == float(r["first_ms"]) > 0
+
+
+def test_trainer_scale_suite_runs(tmp_path):
+    """pama-ext bench trainer-scale on a tiny GPT-2 shape: each configuration steps once in its own
+    process with finite numbers, the lean one through the fused loss, and the table is written."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    _run("trainer_scale", "--layers", "1", "--hidden", "32", "--heads", "2", "--vocab", "300", "--batch", "2",
+         "--response", "4", "--prompt", "3", "--configs", "fp32,bf16+lora+ckpt+fused", "--out", str(tmp_path))
+    rows = _rows(tmp_path / "bench_trainer_scale_cpu.csv")
+    assert [r["config"] for r in rows] == ["fp32", "bf16+lora+ckpt+fused"]
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["finite"] == "True" and r["skipped"] == "0"
+        assert float(r["peak_rss_mb"]) >= float(r["setup_rss_mb"]) > 0 and float(r["step_s"]) > 0
+    assert rows[1]["fused_loss"] == "True" and int(rows[1]["trainable"]) < int(rows[0]["trainable"])
+    assert (tmp_path / "bench_trainer_scale_cpu.md").is_file()
+
+
+def test_trainer_scale_rejects_bad_configs():
+    from pama_ext.benchmarks import trainer_scale
+
+    assert trainer_scale.config_fields("bf16+lora+ckpt+fused") == dict(
+        dtype="bf16", lora_r=16, lora_alpha=32.0, gradient_checkpointing=True, fused_linear=True)
+    for bad in ("fp32+bf16", "bf16+nope", ""):
+        with pytest.raises(SystemExit, match="--configs"):
+            trainer_scale.config_fields(bad)

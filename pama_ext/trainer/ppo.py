@@ -38,7 +38,7 @@ import contextlib
 import math
 import time
 import warnings
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -47,7 +47,8 @@ from .. import distributed as dp
 from .. import combine_gradients, gradient_gram, ops, pareto
 from .. import functional
 from ..vocab import stats_layout
-from ..lm.policy import PolicyWithValueHeads
+from ..fused_linear import fused_linear_policy_loss, single_pass_eligible
+from ..lm.policy import PolicyWithValueHeads, fused_head_inputs, fused_scale_softcap
 from ..lm.rewards import Objective, score_all
 from ..lm.rollout import GenSettings, Rollout, collect_rollout
 from ..lm.seeding import EpochSampler, derive_seed
@@ -171,9 +172,26 @@ class PPOTrainer:
     def _k3_loss(self, logp: Tensor, ref_logp: Tensor, mask: Tensor) -> Tensor:
         return functional.agg_loss(functional.k3_kl(logp, ref_logp), mask, self.cfg.agg)
 
-    def policy_loss(self, logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, ref_logp: Tensor,
-                    hidden: Tensor, whiten_in_op: bool):
-        """(loss, metrics, per-objective losses or None). For mgda the caller does the backward."""
+    def fused_loss_path(self, n: int) -> bool:
+        """Whether the update forms the policy loss with :func:`pama_ext.fused_linear_policy_loss` on its
+        single pass (``--fused-linear``, a method whose combined advantage needs no log-prob:
+        :func:`pama_ext.fused_linear.single_pass_eligible`, and no separate k3 loss under
+        ``--update-norm active``); otherwise the policy's forward returns the log-probs (through
+        ``fused_linear_logp`` with ``--fused-linear``) and the loss runs on them."""
+        c = self.cfg
+        spec = c.method_spec
+        if not c.fused_linear or spec.op_method is None or (c.update_norm == "active" and c.kl_loss_coef):
+            return False
+        granularity = c.granularity if spec.granularity else "token"
+        return single_pass_eligible(spec.op_method, granularity, n)
+
+    def policy_loss(self, logp: Optional[Tensor], old_logp: Tensor, adv: Tensor, mask: Tensor, ref_logp: Tensor,
+                    hidden: Tensor, whiten_in_op: bool, head: Optional[Tuple[Tensor, Tensor, Optional[Tensor]]] = None,
+                    targets: Optional[Tensor] = None):
+        """(loss, metrics, per-objective losses or None). For mgda the caller does the backward.
+        ``logp`` None (:meth:`fused_loss_path`): the loss is formed by the fused op's single pass from
+        ``head`` (the output layer's hidden, weight, bias: ``pama_ext.lm.policy.fused_head_inputs``) and
+        the response tokens ``targets``."""
         c = self.cfg
         spec = c.method_spec
         kw = self._loss_kwargs()
@@ -184,8 +202,13 @@ class PPOTrainer:
             if spec.prefs:
                 extra["prefs"] = self.prefs
             norm = c.update_norm == "active"
-            loss, m = ops.pama_policy_loss(logp, old_logp, adv, mask, ref_logp, whiten=whiten_in_op,
-                                           beta_loss=0.0 if norm else c.kl_loss_coef, **extra, **kw)
+            extra.update(whiten=whiten_in_op, beta_loss=0.0 if norm else c.kl_loss_coef, **kw)
+            if logp is None:
+                scale, cap = fused_scale_softcap(self.policy.head_transform, c.temperature)
+                loss, m = fused_linear_policy_loss(*head, targets, mask, old_logp, adv, ref_logp, logit_scale=scale,
+                                                   softcap=cap, single_pass=True, **extra)
+            else:
+                loss, m = ops.pama_policy_loss(logp, old_logp, adv, mask, ref_logp, **extra)
             if norm:
                 # mean over the active tokens: the same gradient direction, scaled by 1 / active fraction
                 # (no host sync: the scale stays a tensor); the KL loss keeps its own scale
@@ -351,10 +374,13 @@ class PPOTrainer:
         ids, am, mask = ro.input_ids[idx], ro.attention_mask[idx], ro.mask[idx]
         old_logp, ref_logp = ro.old_logp[idx], ro.ref_logp[idx]
         temp = c.temperature
+        fused = self.fused_loss_path(adv.shape[0])
         with self.autocast():
-            out = self.model(ids, am, T, temperature=temp, with_values=True)
+            out = self.model(ids, am, T, temperature=temp, with_values=True, with_logp=not fused)
+            # the output layer's inputs in the dtype it runs in under autocast
+            head = fused_head_inputs(self.policy.lm.get_output_embeddings(), out.hidden) if fused else None
         pg, pm, mgda_parts = self.policy_loss(out.logp, old_logp, adv[:, idx], mask, ref_logp, out.hidden,
-                                              whiten_in_op)
+                                              whiten_in_op, head=head, targets=ids[:, ids.shape[1] - T:])
         vl, vm = ops.multi_value_loss(out.values, ro.values[:, idx], ret[:, idx], mask, clip=c.cliprange_value,
                                       agg=c.agg, check_finite=False, group=self.group)
         self.optimizer.zero_grad(set_to_none=True)
