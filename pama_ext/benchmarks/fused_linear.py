@@ -186,13 +186,7 @@ def run(args) -> int:
                             continue
                         rows.append(run_one(args, impl, n, V, tokens, repeats))
                         print(" ".join(f"{k}={v}" for k, v in rows[-1].items()), flush=True)
-    load_end = common.load_average(os.getloadavg())
-    os.makedirs(args.out, exist_ok=True)
-    csv_path = common.write_csv(rows, "bench_fused_linear", "cpu", args.out)
-    md = table(rows, f"{desc}; load average {load} at the start, {load_end} at the end; `{cmd}`")
-    common.write_text(os.path.join(args.out, "bench_fused_linear_cpu.md"), md)
-    print(md)
-    print(f"wrote {csv_path}")
+    common.finish_cpu_report(rows, "bench_fused_linear", args.out, table, desc, load, cmd)
     return 0
 
 
@@ -221,12 +215,7 @@ def run_one(args, impl: str, n: int, V: int, tokens: int, repeats: int) -> Dict[
         argv = ["--case", f"{impl},{n},{V},{tokens}", "--hidden", str(args.hidden), "--seq-len",
                 str(args.seq_len), "--repeats", str(repeats), "--seed", str(args.seed),
                 "--threads", str(args.threads)] + (["--liger-compiled"] if args.liger_compiled else [])
-        rc, out, err = common.run_child(MODULE, argv, args.case_timeout)
-        if rc == 0:
-            row.update(status="ok", **json.loads(out.strip().splitlines()[-1]))
-        else:
-            reason = "timeout" if rc is None else (err.strip().splitlines() or ["?"])[-1][:200]
-            row.update(status="error", reason=reason)
+        row.update(common.child_result(MODULE, argv, args.case_timeout))
     return row
 
 

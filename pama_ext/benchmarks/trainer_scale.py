@@ -155,27 +155,18 @@ def run(args) -> int:
                 str(args.prompt), "--layers", str(args.layers), "--hidden", str(args.hidden), "--heads",
                 str(args.heads), "--vocab", str(args.vocab), "--threads", str(args.threads), "--seed", str(args.seed)]
         row: Dict[str, object] = dict(config=name, load=round(os.getloadavg()[0], 2))
-        rc, out, err = common.run_child(MODULE, argv, args.case_timeout)
-        if rc == 0:
-            row.update(status="ok", **json.loads(out.strip().splitlines()[-1]))
-        else:
-            reason = "timeout" if rc is None else (err.strip().splitlines() or ["?"])[-1][:300]
-            row.update(status="error", reason=reason)
+        row.update(common.child_result(MODULE, argv, args.case_timeout))
         rows.append(row)
         print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
-    load_end = common.load_average(os.getloadavg())
-    os.makedirs(args.out, exist_ok=True)
-    csv_path = common.write_csv(rows, "bench_trainer_scale", "cpu", args.out)
-    md = table(rows, f"{desc}; load average {load} at the start, {load_end} at the end; `{cmd}`")
-    common.write_text(os.path.join(args.out, "bench_trainer_scale_cpu.md"), md)
-    print(md)
-    print(f"wrote {csv_path}")
+    common.finish_cpu_report(rows, "bench_trainer_scale", args.out, table, desc, load, cmd)
     return 0
 
 
 def table(rows: List[Dict[str, object]], header: str) -> str:
     base = next((r for r in rows if r.get("status") == "ok"), None)
-    lines = [header, "",
+    lines = [header, "", "peak RSS: the process's resident-set high-water mark (ru_maxrss) after setup + one step; "
+             "setup RSS: after building model, reference and trainer; times of the process's first step; load: the "
+             "1-minute load average when the configuration started.", "",
              "| configuration | trainable params | peak RSS MB | setup RSS MB | step s | rollout s | update s | "
              "peak / first | step / first | load |", "|" + "---|" * 10]
     for r in rows:
@@ -186,9 +177,6 @@ def table(rows: List[Dict[str, object]], header: str) -> str:
             f"| {r['config']} | {r['trainable'] / 1e6:.2f}M | {r['peak_rss_mb']:.0f} | {r['setup_rss_mb']:.0f} | "
             f"{r['step_s']:.1f} | {r['rollout_s']:.1f} | {r['update_s']:.1f} | "
             f"{r['peak_rss_mb'] / base['peak_rss_mb']:.2f} | {r['step_s'] / base['step_s']:.2f} | {r['load']} |")
-    lines += ["", "peak RSS: the process's resident-set high-water mark (ru_maxrss) after setup + one step; "
-              "setup RSS: after building model, reference and trainer; times of the process's first step; "
-              "load: the 1-minute load average when the configuration started."]
     return "\n".join(lines) + "\n"
 
 
