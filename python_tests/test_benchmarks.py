@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import importlib.util
 import os
 import pathlib
 import subprocess
@@ -252,3 +253,18 @@ def test_trainer_scale_rejects_bad_configs():
     for bad in ("fp32+bf16", "bf16+nope", ""):
         with pytest.raises(SystemExit, match="--configs"):
             trainer_scale.config_fields(bad)
+
+
+def test_fused_linear_interleaved_mode(tmp_path):
+    """--interleave times every implementation round-robin in one process per (V, B·T, n): one row per
+    implementation (liger at n = 1 only) and the ratio table."""
+    _run("fused_linear", "--hidden", "8", "--seq-len", "16", "--interleave", "1", "--out", str(tmp_path),
+         "--cases", "64:32:1,2:unfused,liger,fused-1pass,fused-2pass")
+    rows = _rows(tmp_path / "bench_fused_linear_interleaved_cpu.csv")
+    got = sorted((r["impl"], int(r["n"])) for r in rows)
+    want = [(i, n) for i in ("unfused", "fused-1pass", "fused-2pass") for n in (1, 2)]
+    if importlib.util.find_spec("liger_kernel") is not None:  # left out where not installed
+        want.append(("liger", 1))
+    assert got == sorted(want)
+    assert all(r["status"] == "ok" for r in rows), rows
+    assert "2-pass / 1-pass" in (tmp_path / "bench_fused_linear_interleaved_cpu.md").read_text()

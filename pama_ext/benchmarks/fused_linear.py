@@ -64,7 +64,12 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="smoke run: V = 32768, B·T = 1024, 2048, n = 1, 4, 1 repeat")
     p.add_argument("--out", default=common.RESULTS_DIR, help=f"output folder (default {common.RESULTS_DIR})")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--interleave", type=int, default=0,
+                   help="instead of the fresh-process sweep: per (V, B·T, n) one process that times every "
+                        "implementation round-robin this many rounds after a warm-up call each (ratios less "
+                        "exposed to load drift); writes bench_fused_linear_interleaved_cpu.{csv,md}")
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)  # child mode: impl,n,V,tokens
+    p.add_argument("--case-interleave", default=None, help=argparse.SUPPRESS)  # child mode: impl+impl,n,V,tokens
     return p
 
 
@@ -153,12 +158,99 @@ def run_case(args) -> int:
     return 0
 
 
+def run_interleaved_case(args) -> int:
+    impls, n, V, tokens = args.case_interleave.split(",")
+    n, V, tokens = int(n), int(V), int(tokens)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    steps = {}
+    for impl in impls.split("+"):
+        call, params = make_case(impl, n, V, tokens, args)
+
+        def step(call=call, params=params):
+            for p in params:
+                p.grad = None
+            call().backward()
+
+        steps[impl] = step
+    times: Dict[str, List[float]] = {impl: [] for impl in steps}
+    for step in steps.values():
+        step()  # warm-up
+    for _ in range(args.interleave):
+        for impl, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[impl].append((time.perf_counter() - t0) * 1e3)
+    print(json.dumps({impl: statistics.median(t) for impl, t in times.items()}))
+    return 0
+
+
+def run_interleaved(args, grid) -> int:
+    load = common.load_average(os.getloadavg())
+    desc = common.device_description(torch.device("cpu"))
+    cmd = common.command_line(MODULE)
+    print(f"device: {desc}; load average {load}", flush=True)
+    rows: List[Dict[str, object]] = []
+    for vocabs, token_list, ns, impls in grid:
+        for V in vocabs:
+            for tokens in token_list:
+                for n in ns:
+                    # liger: n = 1, and only where installed (else the whole process would fail)
+                    has_liger = importlib.util.find_spec("liger_kernel") is not None
+                    chosen = [i for i in impls if i != "liger" or (n == 1 and has_liger)]
+                    argv = ["--case-interleave", f"{'+'.join(chosen)},{n},{V},{tokens}", "--hidden", str(args.hidden),
+                            "--seq-len", str(args.seq_len), "--interleave", str(args.interleave), "--seed",
+                            str(args.seed), "--threads", str(args.threads)]
+                    load_now = round(os.getloadavg()[0], 2)
+                    res = common.child_result(MODULE, argv, args.case_timeout)
+                    for impl in chosen:
+                        row = dict(impl=impl, n=n, V=V, tokens=tokens, H=args.hidden, load=load_now,
+                                   rounds=args.interleave, status=res["status"])
+                        if res["status"] == "ok":
+                            row["median_ms"] = res[impl]
+                        else:
+                            row["reason"] = res["reason"]
+                        rows.append(row)
+                        print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+    common.finish_cpu_report(rows, "bench_fused_linear_interleaved", args.out, interleaved_table, desc, load, cmd)
+    return 0
+
+
+def interleaved_table(rows: List[Dict[str, object]], header: str) -> str:
+    """Markdown: per (V, B·T, n) the round-robin medians and their ratios."""
+    def ms(V, tokens, n, impl):
+        r = next((r for r in rows if (r["V"], r["tokens"], r["n"], r["impl"]) == (V, tokens, n, impl)
+                  and r.get("status") == "ok"), None)
+        return None if r is None else r["median_ms"]
+
+    def ratio(a, b):
+        return "—" if a is None or b is None else f"{a / b:.2f}x"
+
+    lines = [header, "", "Times: median of the rounds, every implementation timed round-robin in one process "
+             "(after a warm-up call each).", "",
+             "| V | B·T | n | unfused ms | liger ms | 1-pass ms | 2-pass ms | 1-pass / unfused | 1-pass / liger(n=1) "
+             "| 2-pass / liger(n=1) | 2-pass / 1-pass | load |", "|" + "---|" * 12]
+    for V, tokens, n in sorted({(r["V"], r["tokens"], r["n"]) for r in rows}):
+        u, lg = ms(V, tokens, n, "unfused"), ms(V, tokens, 1, "liger")
+        f1, f2 = ms(V, tokens, n, "fused-1pass"), ms(V, tokens, n, "fused-2pass")
+        load = next(r["load"] for r in rows if (r["V"], r["tokens"], r["n"]) == (V, tokens, n))
+
+        def fmt(x):
+            return "—" if x is None else f"{x:.0f}"
+
+        lines.append(f"| {V} | {tokens} | {n} | {fmt(u)} | {fmt(lg if n == 1 else None)} | {fmt(f1)} | {fmt(f2)} "
+                     f"| {ratio(f1, u)} | {ratio(f1, lg)} | {ratio(f2, lg)} | {ratio(f2, f1)} | {load} |")
+    return "\n".join(lines) + "\n"
+
+
 # ------------------------------------------------------------------------------------------------
 # parent: the sweep
 # ------------------------------------------------------------------------------------------------
 def run(args) -> int:
     if args.case:
         return run_case(args)
+    if args.case_interleave:
+        return run_interleaved_case(args)
     if args.quick:
         grid = [([32768], [1024, 2048], [1, 4], list(IMPLS))]
         repeats = 1
@@ -172,6 +264,8 @@ def run(args) -> int:
     bad = sorted({i for _, _, _, impls in grid for i in impls} - set(IMPLS))
     if bad:
         raise SystemExit(f"--impls / --cases: unknown {bad}; choose from {IMPLS}")
+    if args.interleave > 0:
+        return run_interleaved(args, grid)
     load = common.load_average(os.getloadavg())
     desc = common.device_description(torch.device("cpu"))
     cmd = common.command_line(MODULE)
