@@ -250,6 +250,7 @@ def test_trainer_scale_rejects_bad_configs():
 
     assert trainer_scale.config_fields("bf16+lora+ckpt+fused") == dict(
         dtype="bf16", lora_r=16, lora_alpha=32.0, gradient_checkpointing=True, fused_linear=True)
+    assert trainer_scale.config_fields("fp32") == dict(dtype="fp32", fused_linear=False)
     for bad in ("fp32+bf16", "bf16+nope", ""):
         with pytest.raises(SystemExit, match="--configs"):
             trainer_scale.config_fields(bad)

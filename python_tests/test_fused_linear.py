@@ -111,6 +111,8 @@ def test_matches_composition_f64(method, granularity, agg):
     (1, 5, 13, 3, 101, 64),
     (4, 2, 3, 8, 5, 1000),  # one chunk larger than B·T
     (2, 3, 7, 4, 9, None),  # the default chunk
+    (2, 2, 0, 3, 5, 4),  # no tokens
+    (2, 0, 3, 3, 5, 4),  # no rows
 ])
 @pytest.mark.parametrize("bias", [True, False])
 def test_shapes_and_chunks_f64(n, B, T, H, V, chunk, bias):

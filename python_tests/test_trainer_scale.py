@@ -76,7 +76,7 @@ def _largest_logits(policy, seen):
 
 
 def test_fused_linear_same_step_without_logits(run):
-    plain = run(probe=_largest_logits)
+    plain = run(probe=_largest_logits, fused_linear=False)
     plain[2]["hooks"].__exit__(None, None, None)
     fused = run(probe=_largest_logits, fused_linear=True)
     fused[2]["hooks"].__exit__(None, None, None)
@@ -104,13 +104,28 @@ def test_fused_linear_loss_path_same_step(run, monkeypatch, kw, single):
         return real(*a, **k)
 
     monkeypatch.setattr(ppo, "fused_linear_policy_loss", spy)
-    plain = run(**kw)
+    plain = run(fused_linear=False, **kw)
     assert not calls
     fused = run(fused_linear=True, **kw)
     trainer = fused[2]["trainer"]
-    assert trainer.fused_loss_path(trainer.cfg.n_heads) == single
+    assert trainer.fused_loss_path() == single
     assert calls == ([True] * len(calls) if single else []) and (len(calls) > 0) == single
     _same_step(fused, plain, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kw,on", [
+    (dict(), True), (dict(method="linear"), True), (dict(method="morlhf"), True),
+    (dict(granularity="batch"), False), (dict(method="mgda-ub"), False),
+    (dict(update_norm="active", kl_loss_coef=0.1), False),
+])
+def test_fused_linear_default_is_on_where_the_single_pass_applies(run, kw, on):
+    """--fused-linear unset: on exactly where the update's loss takes the single pass (no extra
+    output-layer matmul); test_fused_linear_loss_path_same_step covers --fused-linear / --no-fused-linear
+    given explicitly."""
+    r, policy, seen = run(steps=1, **kw)
+    assert seen["trainer"].cfg.fused_linear is None
+    assert policy.fused_linear == on and seen["trainer"].fused_loss_path() == on
+    assert all_finite(r["metrics"][0])
 
 
 def _count_block_calls(policy, seen):

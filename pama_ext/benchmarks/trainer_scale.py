@@ -11,7 +11,7 @@ until ``--response`` tokens (a random model practically never samples its end-of
 
 Configurations (names joined with '+', any order): ``fp32`` (no autocast) or ``bf16`` (autocast,
 float32 master weights), ``lora`` (``--lora-r 16``, the reference = adapters off), ``ckpt``
-(``--gradient-checkpointing``), ``fused`` (``--fused-linear``).
+(``--gradient-checkpointing``), ``fused`` (``--fused-linear``; without it ``--no-fused-linear``).
 """
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def config_fields(name: str) -> Dict[str, object]:
         raise SystemExit(f"--configs: unknown word(s) {bad or [name]} in {name!r}; choose from {sorted(WORDS)}")
     if "fp32" in words and "bf16" in words:
         raise SystemExit(f"--configs: {name!r} names two dtypes")
-    out: Dict[str, object] = {}
+    out: Dict[str, object] = dict(fused_linear=False)  # explicit: without "fused" the unfused output layer
     for w in words:
         out.update(WORDS[w])
     return out
@@ -132,7 +132,7 @@ def run_case(args) -> int:
                           step_s=wall, rollout_s=res["time"]["rollout"], update_s=res["time"]["update"],
                           response_len=T, finite=bool(torch.isfinite(torch.tensor(float(res["loss"])))),
                           skipped=res["skipped"],
-                          fused_loss=bool(trainer.fused_loss_path(cfg.n_heads)) if cfg.fused_linear else False)))
+                          fused_loss=bool(trainer.fused_loss_path()))))
     return 0
 
 

@@ -124,7 +124,9 @@ class PPOTrainer:
         self.group = group
         self.world = dp.world_size(group)
         self.rank = 0 if group is None else torch.distributed.get_rank(group)
-        policy.fused_linear = bool(cfg.fused_linear)
+        #: --fused-linear as given, else on exactly where the update's loss takes the single pass
+        self.fused_linear = self._single_pass_options() if cfg.fused_linear is None else bool(cfg.fused_linear)
+        policy.fused_linear = self.fused_linear
         if cfg.gradient_checkpointing:
             policy.enable_gradient_checkpointing()
         self.model = policy  # what the update's forward runs through (DDP under torchrun)
@@ -172,18 +174,22 @@ class PPOTrainer:
     def _k3_loss(self, logp: Tensor, ref_logp: Tensor, mask: Tensor) -> Tensor:
         return functional.agg_loss(functional.k3_kl(logp, ref_logp), mask, self.cfg.agg)
 
-    def fused_loss_path(self, n: int) -> bool:
-        """Whether the update forms the policy loss with :func:`pama_ext.fused_linear_policy_loss` on its
-        single pass (``--fused-linear``, a method whose combined advantage needs no log-prob:
-        :func:`pama_ext.fused_linear.single_pass_eligible`, and no separate k3 loss under
-        ``--update-norm active``); otherwise the policy's forward returns the log-probs (through
-        ``fused_linear_logp`` with ``--fused-linear``) and the loss runs on them."""
+    def _single_pass_options(self) -> bool:
+        """Whether the options let the update's policy loss take the fused op's single pass: a method
+        whose combined advantage needs no log-prob (:func:`pama_ext.fused_linear.single_pass_eligible`
+        with the method's objectives) and no separate k3 loss under ``--update-norm active``."""
         c = self.cfg
         spec = c.method_spec
-        if not c.fused_linear or spec.op_method is None or (c.update_norm == "active" and c.kl_loss_coef):
+        if spec.op_method is None or (c.update_norm == "active" and c.kl_loss_coef):
             return False
-        granularity = c.granularity if spec.granularity else "token"
-        return single_pass_eligible(spec.op_method, granularity, n)
+        return single_pass_eligible(spec.op_method, c.granularity if spec.granularity else "token", c.n_heads)
+
+    def fused_loss_path(self) -> bool:
+        """Whether the update forms the policy loss with :func:`pama_ext.fused_linear_policy_loss` on its
+        single pass (``--fused-linear`` on, and :meth:`_single_pass_options`); otherwise the policy's
+        forward returns the log-probs (through ``fused_linear_logp`` when ``--fused-linear`` is on) and
+        the loss runs on them."""
+        return self.fused_linear and self._single_pass_options()
 
     def policy_loss(self, logp: Optional[Tensor], old_logp: Tensor, adv: Tensor, mask: Tensor, ref_logp: Tensor,
                     hidden: Tensor, whiten_in_op: bool, head: Optional[Tuple[Tensor, Tensor, Optional[Tensor]]] = None,
@@ -374,7 +380,7 @@ class PPOTrainer:
         ids, am, mask = ro.input_ids[idx], ro.attention_mask[idx], ro.mask[idx]
         old_logp, ref_logp = ro.old_logp[idx], ro.ref_logp[idx]
         temp = c.temperature
-        fused = self.fused_loss_path(adv.shape[0])
+        fused = self.fused_loss_path()
         with self.autocast():
             out = self.model(ids, am, T, temperature=temp, with_values=True, with_logp=not fused)
             # the output layer's inputs in the dtype it runs in under autocast
