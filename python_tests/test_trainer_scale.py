@@ -158,12 +158,26 @@ def _record_matmul_dtypes(policy, seen):
 
 
 @pytest.mark.parametrize("dtype,torch_dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
-def test_dtype_autocasts_the_forward(run, dtype, torch_dtype):
-    r, policy, seen = run(probe=_record_matmul_dtypes, dtype=dtype)
+def test_dtype_autocasts_the_forward(run, monkeypatch, dtype, torch_dtype):
+    """The output layer runs in the autocast dtype: the module itself (--no-fused-linear), and the
+    hidden states and weight handed to the fused loss (the default here, pama / token)."""
+    r, policy, seen = run(probe=_record_matmul_dtypes, dtype=dtype, fused_linear=False)
     assert seen["dtypes"] == {torch_dtype}, seen["dtypes"]
     assert all(p.dtype == torch.float32 for p in policy.parameters())
     m = r["metrics"][0]
     assert all_finite(m) and m["skipped"] == 0
+    fused_dtypes = set()
+    real = ppo.fused_linear_policy_loss
+
+    def spy(hidden, weight, *a, **k):
+        fused_dtypes.update((hidden.dtype, weight.dtype))
+        return real(hidden, weight, *a, **k)
+
+    monkeypatch.setattr(ppo, "fused_linear_policy_loss", spy)
+    r, policy, _ = run(dtype=dtype)
+    assert policy.fused_linear and fused_dtypes == {torch_dtype}, fused_dtypes
+    assert all(p.dtype == torch.float32 for p in policy.parameters())
+    assert all_finite(r["metrics"][0]) and r["metrics"][0]["skipped"] == 0
 
 
 def test_all_lean_options_together(run):
