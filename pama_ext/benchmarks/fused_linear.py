@@ -185,33 +185,44 @@ def run_interleaved_case(args) -> int:
     return 0
 
 
-def run_interleaved(args, grid) -> int:
-    load = common.load_average(os.getloadavg())
-    desc = common.device_description(torch.device("cpu"))
-    cmd = common.command_line(MODULE)
-    print(f"device: {desc}; load average {load}", flush=True)
-    rows: List[Dict[str, object]] = []
+def grid_lines(grid):
+    """(V, B·T, n, impls) of every line of a grid, liger kept at n = 1 only."""
     for vocabs, token_list, ns, impls in grid:
         for V in vocabs:
             for tokens in token_list:
                 for n in ns:
-                    # liger: n = 1, and only where installed (else the whole process would fail)
-                    has_liger = importlib.util.find_spec("liger_kernel") is not None
-                    chosen = [i for i in impls if i != "liger" or (n == 1 and has_liger)]
-                    argv = ["--case-interleave", f"{'+'.join(chosen)},{n},{V},{tokens}", "--hidden", str(args.hidden),
-                            "--seq-len", str(args.seq_len), "--interleave", str(args.interleave), "--seed",
-                            str(args.seed), "--threads", str(args.threads)]
-                    load_now = round(os.getloadavg()[0], 2)
-                    res = common.child_result(MODULE, argv, args.case_timeout)
-                    for impl in chosen:
-                        row = dict(impl=impl, n=n, V=V, tokens=tokens, H=args.hidden, load=load_now,
-                                   rounds=args.interleave, status=res["status"])
-                        if res["status"] == "ok":
-                            row["median_ms"] = res[impl]
-                        else:
-                            row["reason"] = res["reason"]
-                        rows.append(row)
-                        print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+                    yield V, tokens, n, [i for i in impls if i != "liger" or n == 1]
+
+
+def start_report():
+    """(load average, device description, command line) of a run, the first two printed."""
+    load = common.load_average(os.getloadavg())
+    desc = common.device_description(torch.device("cpu"))
+    print(f"device: {desc}; load average {load}", flush=True)
+    return load, desc, common.command_line(MODULE)
+
+
+def run_interleaved(args, grid) -> int:
+    load, desc, cmd = start_report()
+    rows: List[Dict[str, object]] = []
+    # liger only where installed (else the whole process would fail)
+    has_liger = importlib.util.find_spec("liger_kernel") is not None
+    for V, tokens, n, impls in grid_lines(grid):
+        chosen = [i for i in impls if i != "liger" or has_liger]
+        argv = ["--case-interleave", f"{'+'.join(chosen)},{n},{V},{tokens}", "--hidden", str(args.hidden),
+                "--seq-len", str(args.seq_len), "--interleave", str(args.interleave), "--seed",
+                str(args.seed), "--threads", str(args.threads)]
+        load_now = round(os.getloadavg()[0], 2)
+        res = common.child_result(MODULE, argv, args.case_timeout)
+        for impl in chosen:
+            row = dict(impl=impl, n=n, V=V, tokens=tokens, H=args.hidden, load=load_now, rounds=args.interleave,
+                       status=res["status"])
+            if res["status"] == "ok":
+                row["median_ms"] = res[impl]
+            else:
+                row["reason"] = res["reason"]
+            rows.append(row)
+            print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
     common.finish_cpu_report(rows, "bench_fused_linear_interleaved", args.out, interleaved_table, desc, load, cmd)
     return 0
 
@@ -266,20 +277,12 @@ def run(args) -> int:
         raise SystemExit(f"--impls / --cases: unknown {bad}; choose from {IMPLS}")
     if args.interleave > 0:
         return run_interleaved(args, grid)
-    load = common.load_average(os.getloadavg())
-    desc = common.device_description(torch.device("cpu"))
-    cmd = common.command_line(MODULE)
-    print(f"device: {desc}; load average {load}", flush=True)
+    load, desc, cmd = start_report()
     rows: List[Dict[str, object]] = []
-    for vocabs, token_list, ns, impls in grid:
-        for V in vocabs:
-            for tokens in token_list:
-                for n in ns:
-                    for impl in impls:
-                        if impl == "liger" and n != 1:
-                            continue
-                        rows.append(run_one(args, impl, n, V, tokens, repeats))
-                        print(" ".join(f"{k}={v}" for k, v in rows[-1].items()), flush=True)
+    for V, tokens, n, impls in grid_lines(grid):
+        for impl in impls:
+            rows.append(run_one(args, impl, n, V, tokens, repeats))
+            print(" ".join(f"{k}={v}" for k, v in rows[-1].items()), flush=True)
     common.finish_cpu_report(rows, "bench_fused_linear", args.out, table, desc, load, cmd)
     return 0
 
