@@ -223,15 +223,26 @@ def pama_policy_loss(
     args = schema_args("pama_policy_loss", locals(), detach=("advantages",))
     if not _native.available():
         return fallback("pama_policy_loss", args)
+    loss, metrics, _, _ = policy_loss_native(args, group)
+    return loss, metrics
+
+
+def policy_loss_native(args: Dict[str, Any], group: Optional[Any] = None
+                       ) -> Tuple[Tensor, Dict[str, Tensor], Tensor, Tensor]:
+    """The compiled ``pama_policy_loss`` on its schema arguments ``args``
+    (:func:`pama_ext.op_table.schema_args`), with the statistics and reductions of a data-parallel
+    ``group``: ``(loss, metrics, a_tilde, row_scale)``, where ``a_tilde`` ``[B, T]`` (the combined
+    advantage) and ``row_scale`` ``[B]`` (the aggregation's per-row factor) are what
+    ``pama_policy_loss_backward`` reads besides the log-probs. Needs the compiled library."""
     if group is not None:
-        args["global_stats"] = _global_stats({**args, "with_gram": method in GRAM_BASED}, group)
-    loss, metrics, _, _ = call_native("pama_policy_loss", args)
+        args = dict(args, global_stats=_global_stats({**args, "with_gram": args["method"] in GRAM_BASED}, group))
+    loss, metrics, a_tilde, row_scale = call_native("pama_policy_loss", args)
     if group is not None:  # the loss and per-token metric sums are this shard's shares
         k = len(METRIC_SCALARS)
         total = dp.all_reduce_sum(torch.cat([loss.reshape(1), metrics[:k]]), group)
         loss = dp.with_global_value(loss, total[0])
         metrics = torch.cat([total[1:], metrics[k:]])
-    return loss, _split_metrics(metrics, advantages.shape[0])
+    return loss, _split_metrics(metrics, args["advantages"].shape[0]), a_tilde, row_scale
 
 
 def multi_value_loss(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import importlib.util
 import os
 import pathlib
 import subprocess
@@ -205,10 +206,66 @@ def test_fused_linear_suite_runs(tmp_path):
     _run("fused_linear", "--hidden", "16", "--vocabs", "64", "--tokens", "32", "--seq-len", "16", "--ns", "1",
          "--repeats", "1", "--out", str(tmp_path))
     rows = _rows(tmp_path / "bench_fused_linear_cpu.csv")
-    assert {r["impl"] for r in rows} == {"unfused", "liger", "fused"}
+    assert {r["impl"] for r in rows} == {"unfused", "liger", "fused-1pass", "fused-2pass"}
     for r in rows:
         ok = r["status"] == "ok" or (r["impl"] == "liger" and "not installed" in r["reason"])
         assert ok, r
         if r["status"] == "ok":
             assert float(r["median_ms"]) > 0 and float(r["peak_rss_mb"]) > 0
     assert (tmp_path / "bench_fused_linear_cpu.md").is_file()
+
+
+def test_fused_linear_cases_option(tmp_path):
+    """--cases runs exactly the listed sub-grids (liger only at n = 1) and --repeats 0 times the first call."""
+    _run("fused_linear", "--hidden", "8", "--seq-len", "16", "--repeats", "0", "--out", str(tmp_path),
+         "--cases", "64:32:1,2:unfused,fused-1pass;128:16:2:fused-2pass,liger")
+    rows = _rows(tmp_path / "bench_fused_linear_cpu.csv")
+    got = sorted((r["impl"], int(r["n"]), int(r["V"]), int(r["tokens"])) for r in rows)
+    assert got == sorted([("unfused", 1, 64, 32), ("fused-1pass", 1, 64, 32), ("unfused", 2, 64, 32),
+                          ("fused-1pass", 2, 64, 32), ("fused-2pass", 2, 128, 16)])
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert float(r["median_ms"]) == float(r["first_ms"]) > 0
+
+
+def test_trainer_scale_suite_runs(tmp_path):
+    """pama-ext bench trainer-scale on a tiny GPT-2 shape: each configuration steps once in its own
+    process with finite numbers, the lean one through the fused loss, and the table is written."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    _run("trainer_scale", "--layers", "1", "--hidden", "32", "--heads", "2", "--vocab", "300", "--batch", "2",
+         "--response", "4", "--prompt", "3", "--configs", "fp32,bf16+lora+ckpt+fused", "--out", str(tmp_path))
+    rows = _rows(tmp_path / "bench_trainer_scale_cpu.csv")
+    assert [r["config"] for r in rows] == ["fp32", "bf16+lora+ckpt+fused"]
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["finite"] == "True" and r["skipped"] == "0"
+        assert float(r["peak_rss_mb"]) >= float(r["setup_rss_mb"]) > 0 and float(r["step_s"]) > 0
+    assert rows[1]["fused_loss"] == "True" and int(rows[1]["trainable"]) < int(rows[0]["trainable"])
+    assert (tmp_path / "bench_trainer_scale_cpu.md").is_file()
+
+
+def test_trainer_scale_rejects_bad_configs():
+    from pama_ext.benchmarks import trainer_scale
+
+    assert trainer_scale.config_fields("bf16+lora+ckpt+fused") == dict(
+        dtype="bf16", lora_r=16, lora_alpha=32.0, gradient_checkpointing=True, fused_linear=True)
+    assert trainer_scale.config_fields("fp32") == dict(dtype="fp32", fused_linear=False)
+    for bad in ("fp32+bf16", "bf16+nope", ""):
+        with pytest.raises(SystemExit, match="--configs"):
+            trainer_scale.config_fields(bad)
+
+
+def test_fused_linear_interleaved_mode(tmp_path):
+    """--interleave times every implementation round-robin in one process per (V, B·T, n): one row per
+    implementation (liger at n = 1 only) and the ratio table."""
+    _run("fused_linear", "--hidden", "8", "--seq-len", "16", "--interleave", "1", "--out", str(tmp_path),
+         "--cases", "64:32:1,2:unfused,liger,fused-1pass,fused-2pass")
+    rows = _rows(tmp_path / "bench_fused_linear_interleaved_cpu.csv")
+    got = sorted((r["impl"], int(r["n"])) for r in rows)
+    want = [(i, n) for i in ("unfused", "fused-1pass", "fused-2pass") for n in (1, 2)]
+    if importlib.util.find_spec("liger_kernel") is not None:  # left out where not installed
+        want.append(("liger", 1))
+    assert got == sorted(want)
+    assert all(r["status"] == "ok" for r in rows), rows
+    assert "2-pass / 1-pass" in (tmp_path / "bench_fused_linear_interleaved_cpu.md").read_text()

@@ -52,7 +52,16 @@ def unfused_logp(hidden, weight, bias, ids, logit_scale=1.0, softcap=None):
     return torch.log_softmax(z, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
 
 
-def run(fused, c, grads=("hidden", "weight", "bias"), logit_scale=1.0, softcap=None, chunk_size=None, **options):
+path_of_last = [None]  # the path of the last fused run(): "single" or "two-pass"
+
+
+def path_of(loss) -> str:
+    """"single" when the loss came from the single pass (its gradients attached), else "two-pass"."""
+    return "single" if type(loss.grad_fn).__name__ == "_AttachGradsBackward" else "two-pass"
+
+
+def run(fused, c, grads=("hidden", "weight", "bias"), logit_scale=1.0, softcap=None, chunk_size=None,
+        single_pass=None, **options):
     """(loss, metrics, {name: grad}) of the fused op or of the composition, on leaf copies of ``c``."""
     leaves = {k: c[k].detach().clone().requires_grad_(True) for k in grads
               if c[k] is not None and c[k].is_floating_point()}
@@ -60,11 +69,14 @@ def run(fused, c, grads=("hidden", "weight", "bias"), logit_scale=1.0, softcap=N
     if fused:
         loss, metrics = pama_ext.fused_linear_policy_loss(
             x["hidden"], x["weight"], x["bias"], x["token_ids"], x["mask"], x["old_logp"], x["advantages"],
-            x["ref_logp"], chunk_size=chunk_size, logit_scale=logit_scale, softcap=softcap, **options)
+            x["ref_logp"], chunk_size=chunk_size, logit_scale=logit_scale, softcap=softcap, single_pass=single_pass,
+            **options)
     else:
         logp = unfused_logp(x["hidden"], x["weight"], x["bias"], x["token_ids"], logit_scale, softcap)
         loss, metrics = pama_ext.pama_policy_loss(logp.to(c["old_logp"].dtype), x["old_logp"], x["advantages"],
                                                   x["mask"], x["ref_logp"], **options)
+    if fused:
+        path_of_last[0] = path_of(loss)
     names = list(leaves)
     g = torch.autograd.grad(loss, [leaves[k] for k in names], allow_unused=True) if names else []
     return loss.detach(), {k: v.detach() for k, v in metrics.items()}, dict(zip(names, g))
@@ -99,6 +111,8 @@ def test_matches_composition_f64(method, granularity, agg):
     (1, 5, 13, 3, 101, 64),
     (4, 2, 3, 8, 5, 1000),  # one chunk larger than B·T
     (2, 3, 7, 4, 9, None),  # the default chunk
+    (2, 2, 0, 3, 5, 4),  # no tokens
+    (2, 0, 3, 3, 5, 4),  # no rows
 ])
 @pytest.mark.parametrize("bias", [True, False])
 def test_shapes_and_chunks_f64(n, B, T, H, V, chunk, bias):
@@ -171,11 +185,153 @@ def test_logp_entry_point_f64():
 
 
 # ------------------------------------------------------------------------------------------------
+# the single-pass path (3 matmuls): which options take it, and that it is the composition
+# ------------------------------------------------------------------------------------------------
+#: (method, granularity, n) that take the single pass, written out (not derived from the rule)
+ELIGIBLE = [("linear", g, n) for g in ("token", "sequence", "batch") for n in (1, 3)] + \
+    [("pama", "token", 3), ("pama", "token", 1), ("pama", "sequence", 1), ("pama", "batch", 1)]
+
+
+def test_single_pass_rule_covers_every_method():
+    """The rule, over every method x granularity x n in {1, 3}: exactly the combinations listed in
+    ELIGIBLE take the single pass, the call takes that path, and single_pass=True is refused for the
+    others."""
+    from pama_ext.vocab import GRANULARITIES, METHODS
+
+    c = make_case(3, 2, 4, 3, 7, seed=31)
+    c1 = dict(c, advantages=c["advantages"][:1])
+    for method in METHODS:
+        for granularity in GRANULARITIES:
+            for case, n in ((c, 3), (c1, 1)):
+                want = (method, granularity, n) in ELIGIBLE
+                assert fl.single_pass_eligible(method, granularity, n) == want, (method, granularity, n)
+                x = dict(case, hidden=case["hidden"].clone().requires_grad_(True))
+                loss, _ = pama_ext.fused_linear_policy_loss(
+                    x["hidden"], x["weight"], x["bias"], x["token_ids"], x["mask"], x["old_logp"], x["advantages"],
+                    method=method, granularity=granularity)
+                assert path_of(loss) == ("single" if want else "two-pass"), (method, granularity, n)
+                if not want:
+                    with pytest.raises(ValueError, match="single_pass"):
+                        pama_ext.fused_linear_policy_loss(
+                            x["hidden"], x["weight"], x["bias"], x["token_ids"], x["mask"], x["old_logp"],
+                            x["advantages"], method=method, granularity=granularity, single_pass=True)
+
+
+@pytest.mark.parametrize("method,granularity,n", ELIGIBLE)
+@pytest.mark.parametrize("agg", AGGS)
+def test_single_pass_every_accepted_option_f64(method, granularity, n, agg):
+    """Every option combination the single pass accepts (noon, whiten, dual clip, KL loss; prefs for
+    linear) against the composition, and against the forced two-pass path, in float64."""
+    c = make_case(n, 3, 5, 3, 7, seed=hash((method, granularity, n, agg)) % 1000, mask="holes")
+    prefs = [None] + ([torch.tensor([0.3, 1.1, 0.6][:n], dtype=F64)] if method == "linear" else [])
+    for noon in (True, False):
+        for whiten in (True, False):
+            for dual_clip in (3.0, None):
+                for beta_loss in (0.0, 0.1):
+                    for pr in prefs:
+                        kw = dict(method=method, granularity=granularity, agg=agg, noon=noon, whiten=whiten,
+                                  dual_clip=dual_clip, beta_loss=beta_loss, prefs=pr)
+                        got = run(True, c, chunk_size=4, **kw)
+                        assert path_of_last[0] == "single"
+                        assert_same64(got, run(False, c, **kw))
+    kw = dict(method=method, granularity=granularity, agg=agg, prefs=prefs[-1])
+    assert_same64(run(True, c, chunk_size=4, **kw), run(True, c, chunk_size=6, single_pass=False, **kw))
+    assert path_of_last[0] == "two-pass"
+
+
+@pytest.mark.parametrize("logit_scale,softcap,bias", [(1.0, None, False), (0.5, None, True), (1.3, 3.0, True)])
+def test_single_pass_logit_scale_softcap_f64(logit_scale, softcap, bias):
+    c = make_case(2, 3, 9, 5, 13, seed=17, bias=bias)
+    kw = dict(logit_scale=logit_scale, softcap=softcap, beta_loss=0.05)
+    got = run(True, c, chunk_size=5, **kw)
+    assert_same64(got, run(False, c, **kw))
+
+
+def test_single_pass_uses_the_ops_backward_coefficients():
+    """dL/dlogp of every token in the single pass is what pama_policy_loss_backward gives the unfused
+    composition, bit for bit (the op is called per chunk, each token a row with its row's scale)."""
+    from pama_ext import op_table
+
+    c = make_case(3, 4, 9, 5, 13, seed=23, mask="holes")
+    kw = dict(agg="seq-mean-token-sum", beta_loss=0.2)
+    seen = []
+    real = op_table.call_native
+
+    def spy(op, args):
+        out = real(op, args)
+        if op == "pama_policy_loss_backward":
+            seen.append(out.detach().reshape(-1).clone())
+        return out
+
+    op_table.call_native = spy
+    try:
+        run(True, c, chunk_size=5, **kw)
+        per_chunk = torch.cat(seen)
+        seen.clear()
+        # the same log-probs (the chunked epilogue's, bit for bit) through the unfused loss
+        logp = pama_ext.fused_linear_logp(c["hidden"], c["weight"], c["bias"], c["token_ids"], c["mask"],
+                                          chunk_size=5).requires_grad_(True)
+        want_loss, _ = pama_ext.pama_policy_loss(logp, c["old_logp"], c["advantages"], c["mask"], c["ref_logp"], **kw)
+        (want,) = torch.autograd.grad(want_loss, logp)
+    finally:
+        op_table.call_native = real
+    assert per_chunk.shape == (4 * 9,)
+    assert torch.equal(per_chunk, want.reshape(-1))
+
+
+def test_single_pass_gradient_scaling_and_partial_grads():
+    """The backward scales the saved gradients by the incoming one (loss used twice, scaled), only
+    the inputs that require a gradient get one (e.g. a frozen output layer), and a second backward
+    is a clear error."""
+    c = make_case(2, 3, 6, 4, 10, seed=29)
+    for req in (("hidden",), ("weight",), ("weight", "bias"), ("hidden", "weight", "bias")):
+        x = {k: (c[k].clone().requires_grad_(True) if k in req else c[k]) for k in c}
+        y = {k: (c[k].clone().requires_grad_(True) if k in req else c[k]) for k in c}
+        loss, _ = pama_ext.fused_linear_policy_loss(x["hidden"], x["weight"], x["bias"], x["token_ids"], x["mask"],
+                                                    x["old_logp"], x["advantages"])
+        assert path_of(loss) == "single"
+        got = torch.autograd.grad(2.5 * loss - 0.5 * loss, [x[k] for k in req])
+        logp = unfused_logp(y["hidden"], y["weight"], y["bias"], y["token_ids"])
+        want_loss, _ = pama_ext.pama_policy_loss(logp, y["old_logp"], y["advantages"], y["mask"])
+        want = torch.autograd.grad(2.0 * want_loss, [y[k] for k in req])
+        for k, a, b in zip(req, got, want):
+            assert_close_f64(f"grad_{k}", a, b)
+    h = c["hidden"].clone().requires_grad_(True)
+    loss, _ = pama_ext.fused_linear_policy_loss(h, c["weight"], c["bias"], c["token_ids"], c["mask"], c["old_logp"],
+                                                c["advantages"])
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="already backpropagated"):
+        loss.backward()
+
+
+def test_no_grad_takes_the_forward_only_path():
+    """Without a gradient to compute the single pass would only add work: the forward-only path runs,
+    with the same loss and metrics."""
+    c = make_case(2, 3, 6, 4, 10, seed=37)
+    with torch.no_grad():
+        loss, metrics = pama_ext.fused_linear_policy_loss(c["hidden"], c["weight"], c["bias"], c["token_ids"],
+                                                          c["mask"], c["old_logp"], c["advantages"])
+    assert loss.grad_fn is None
+    want = run(False, c)
+    assert_close_f64("loss", loss, want[0])
+    for k in METRIC_KEYS:
+        assert_close_f64(k, metrics[k], want[1][k])
+
+
+def test_single_pass_bad_flag():
+    c = make_case(2, 2, 3, 4, 5, seed=1)
+    with pytest.raises(ValueError, match="single_pass"):
+        run(True, c, single_pass="yes")
+
+
+# ------------------------------------------------------------------------------------------------
 # bf16 / fp16: the tolerance rule against the composition in float64 and in the low dtype
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("method,granularity", [("pama", "token"), ("mgda", "batch"), ("pama", "sequence")])
+@pytest.mark.parametrize("method,granularity", [("pama", "token"), ("linear", "batch"), ("mgda", "batch"),
+                                                ("pama", "sequence")])
 def test_low_precision_tolerance_rule(dtype, method, granularity):
+    """Single pass (pama / token, linear) and two passes (mgda, pama / sequence)."""
     c = make_case(2, 4, 16, 8, 33, dtype=dtype, seed=13)
     c64 = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in c.items()}
     kw = dict(method=method, granularity=granularity)

@@ -402,28 +402,38 @@ def test_output_dir_guard_and_resume_errors(base_cfg, tmp_path):
     assert len(r["metrics"]) == 1
 
 
-def test_non_finite_loss_skips_the_update(base_cfg, monkeypatch):
+@pytest.mark.parametrize("fused_linear", [False, True])
+def test_non_finite_loss_skips_the_update(base_cfg, monkeypatch, fused_linear):
+    """The first update's loss made NaN (the unfused loss op, or the fused output-layer loss of the
+    default --fused-linear path): that update is skipped, the next one runs."""
     from pama_ext.trainer import ppo
     from pama_ext.trainer.train import train
 
-    real = ppo.ops.pama_policy_loss
     calls = {"n": 0}
 
-    class FakeOps:
-        def __getattr__(self, name):
-            return getattr(ops, name)
-
-        @staticmethod
-        def pama_policy_loss(logp, *args, **kw):
+    def poisoned(real):
+        def fn(*args, **kw):
             calls["n"] += 1
-            loss, m = real(logp, *args, **kw)
+            loss, m = real(*args, **kw)
             if calls["n"] == 1:
                 loss = loss * float("nan")
             return loss, m
 
-    monkeypatch.setattr(ppo, "ops", FakeOps())
+        return fn
+
+    if fused_linear:
+        monkeypatch.setattr(ppo, "fused_linear_policy_loss", poisoned(ppo.fused_linear_policy_loss))
+    else:
+        class FakeOps:
+            pama_policy_loss = staticmethod(poisoned(ops.pama_policy_loss))
+
+            def __getattr__(self, name):
+                return getattr(ops, name)
+
+        monkeypatch.setattr(ppo, "ops", FakeOps())
     with pytest.warns(RuntimeWarning, match=r"non-finite loss .* skipped"):
-        r = train(base_cfg(steps=2))
+        r = train(base_cfg(steps=2, fused_linear=fused_linear))
+    assert calls["n"] > 0
     assert [m["skipped"] for m in r["metrics"]] == [1, 0]
     assert r["metrics"][-1]["skipped_total"] == 1 and r["skipped_updates"] == 1
     from safetensors.torch import load_file

@@ -76,7 +76,7 @@ def _largest_logits(policy, seen):
 
 
 def test_fused_linear_same_step_without_logits(run):
-    plain = run(probe=_largest_logits)
+    plain = run(probe=_largest_logits, fused_linear=False)
     plain[2]["hooks"].__exit__(None, None, None)
     fused = run(probe=_largest_logits, fused_linear=True)
     fused[2]["hooks"].__exit__(None, None, None)
@@ -84,6 +84,48 @@ def test_fused_linear_same_step_without_logits(run):
     assert fused[2]["vocab_tensors"] == 0, "--fused-linear kept a [B, T, V] tensor for the backward"
     assert fused[1].fused_linear and not plain[1].fused_linear
     _same_step(fused, plain, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kw,single", [
+    (dict(), True),  # pama / token
+    (dict(method="linear", kl_loss_coef=0.1), True),
+    (dict(method="morlhf"), True),
+    (dict(granularity="sequence"), False),  # the weights read the ratios: log-probs first
+    (dict(update_norm="active", kl_loss_coef=0.1), False),  # a k3 loss of its own on the log-probs
+])
+def test_fused_linear_loss_path_same_step(run, monkeypatch, kw, single):
+    """--fused-linear forms the policy loss with fused_linear_policy_loss's single pass exactly where
+    the trainer says (PPOTrainer.fused_loss_path), and the step is the unfused one either way."""
+    calls = []
+    real = ppo.fused_linear_policy_loss
+
+    def spy(*a, **k):
+        calls.append(k.get("single_pass"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(ppo, "fused_linear_policy_loss", spy)
+    plain = run(fused_linear=False, **kw)
+    assert not calls
+    fused = run(fused_linear=True, **kw)
+    trainer = fused[2]["trainer"]
+    assert trainer.fused_loss_path() == single
+    assert calls == ([True] * len(calls) if single else []) and (len(calls) > 0) == single
+    _same_step(fused, plain, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kw,on", [
+    (dict(), True), (dict(method="linear"), True), (dict(method="morlhf"), True),
+    (dict(granularity="batch"), False), (dict(method="mgda-ub"), False),
+    (dict(update_norm="active", kl_loss_coef=0.1), False),
+])
+def test_fused_linear_default_is_on_where_the_single_pass_applies(run, kw, on):
+    """--fused-linear unset: on exactly where the update's loss takes the single pass (no extra
+    output-layer matmul); test_fused_linear_loss_path_same_step covers --fused-linear / --no-fused-linear
+    given explicitly."""
+    r, policy, seen = run(steps=1, **kw)
+    assert seen["trainer"].cfg.fused_linear is None
+    assert policy.fused_linear == on and seen["trainer"].fused_loss_path() == on
+    assert all_finite(r["metrics"][0])
 
 
 def _count_block_calls(policy, seen):
@@ -116,12 +158,26 @@ def _record_matmul_dtypes(policy, seen):
 
 
 @pytest.mark.parametrize("dtype,torch_dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
-def test_dtype_autocasts_the_forward(run, dtype, torch_dtype):
-    r, policy, seen = run(probe=_record_matmul_dtypes, dtype=dtype)
+def test_dtype_autocasts_the_forward(run, monkeypatch, dtype, torch_dtype):
+    """The output layer runs in the autocast dtype: the module itself (--no-fused-linear), and the
+    hidden states and weight handed to the fused loss (the default here, pama / token)."""
+    r, policy, seen = run(probe=_record_matmul_dtypes, dtype=dtype, fused_linear=False)
     assert seen["dtypes"] == {torch_dtype}, seen["dtypes"]
     assert all(p.dtype == torch.float32 for p in policy.parameters())
     m = r["metrics"][0]
     assert all_finite(m) and m["skipped"] == 0
+    fused_dtypes = set()
+    real = ppo.fused_linear_policy_loss
+
+    def spy(hidden, weight, *a, **k):
+        fused_dtypes.update((hidden.dtype, weight.dtype))
+        return real(hidden, weight, *a, **k)
+
+    monkeypatch.setattr(ppo, "fused_linear_policy_loss", spy)
+    r, policy, _ = run(dtype=dtype)
+    assert policy.fused_linear and fused_dtypes == {torch_dtype}, fused_dtypes
+    assert all(p.dtype == torch.float32 for p in policy.parameters())
+    assert all_finite(r["metrics"][0]) and r["metrics"][0]["skipped"] == 0
 
 
 def test_all_lean_options_together(run):
@@ -193,3 +249,65 @@ def test_lora_unknown_target_names_the_flag(run):
     pytest.importorskip("peft")
     with pytest.raises(ValueError, match="--lora-targets"):
         run(lora_r=2, lora_targets=["no_such_module"])
+
+
+# ------------------------------------------------------------------------------------------------
+# models whose logits are not lm_head(last hidden state)
+# ------------------------------------------------------------------------------------------------
+def _tiny_lm(kind):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if kind == "gemma2-softcap":
+        cfg = tf.Gemma2Config(vocab_size=61, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=8, final_logit_softcapping=1.5)
+        return tf.Gemma2ForCausalLM(cfg).eval()
+    if kind == "cohere-scale":
+        cfg = tf.CohereConfig(vocab_size=61, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                              num_attention_heads=2, num_key_value_heads=1, logit_scale=3.0)
+        return tf.CohereForCausalLM(cfg).eval()
+    cfg = tf.GPT2Config(vocab_size=61, n_positions=32, n_embd=16, n_layer=1, n_head=2)
+    if kind == "gpt2":
+        return tf.GPT2LMHeadModel(cfg).eval()
+
+    class Shifted(tf.GPT2LMHeadModel):  # post-processing no config declares
+        def forward(self, *a, **k):
+            out = super().forward(*a, **k)
+            out.logits = out.logits * 0.5 + 1.0
+            return out
+
+    return Shifted(cfg).eval()
+
+
+@pytest.mark.parametrize("kind", ["gemma2-softcap", "cohere-scale", "gpt2"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_declared_logit_transforms_give_the_models_log_probs(kind, fused):
+    """Soft-capped (Gemma 2) and scaled (Cohere) logits: the policy's and the reference's log-probs are
+    the model's own (log_softmax of its logits / temperature), unfused and through the fused op, and
+    the single-pass loss of the trainer gets the same (scale, softcap)."""
+    from pama_ext.lm.policy import PolicyWithValueHeads, fused_scale_softcap, reference_logp
+
+    lm = _tiny_lm(kind)
+    policy = PolicyWithValueHeads(lm, 2)
+    policy.fused_linear = fused
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 61, (3, 9), generator=g)
+    am = torch.ones_like(ids)
+    T, temp = 5, 0.7
+    with torch.no_grad():
+        logits = lm(input_ids=ids, attention_mask=am).logits.float()[:, -T - 1:-1] / temp
+        want = torch.log_softmax(logits, -1).gather(-1, ids[:, -T:, None]).squeeze(-1)
+        got = policy(ids, am, T, temperature=temp).logp
+        ref = reference_logp(lm, ids, am, T, temp, fused_linear=fused)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ref, want, rtol=1e-5, atol=1e-5)
+    scale, cap = fused_scale_softcap(policy.head_transform, temp)
+    assert (cap is not None) == (kind == "gemma2-softcap")
+    assert scale == pytest.approx({"cohere-scale": 3.0}.get(kind, 1.0) / temp)
+
+
+def test_undeclared_logit_post_processing_is_refused():
+    from pama_ext.lm.policy import PolicyWithValueHeads
+
+    with pytest.raises(ValueError, match="not lm_head"):
+        PolicyWithValueHeads(_tiny_lm("shifted"), 2)

@@ -13,6 +13,7 @@ Everything here works on CPU; the CUDA paths are only taken with ``device="cuda"
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import platform
@@ -556,6 +557,30 @@ def run_child(module: str, argv: Sequence[str], timeout: float) -> Tuple[Optiona
         proc.communicate()
         return None, "", ""
     return proc.returncode, stdout, stderr
+
+
+def finish_cpu_report(rows: List[Dict[str, object]], name: str, out: str,
+                      table: Callable[[List[Dict[str, object]], str], str], desc: str, load: str, cmd: str) -> None:
+    """Writes ``<name>_cpu.csv`` and ``<name>_cpu.md`` (``table(rows, header)``, the header naming the
+    device, the load average at the start (``load``) and now, and the command) under ``out``, and
+    prints the table."""
+    load_end = load_average(os.getloadavg())
+    os.makedirs(out, exist_ok=True)
+    csv_path = write_csv(rows, name, "cpu", out)
+    md = table(rows, f"{desc}; load average {load} at the start, {load_end} at the end; `{cmd}`")
+    write_text(os.path.join(out, f"{name}_cpu.md"), md)
+    print(md)
+    print(f"wrote {csv_path}")
+
+
+def child_result(module: str, argv: Sequence[str], timeout: float) -> Dict[str, object]:
+    """:func:`run_child`, whose last stdout line is a JSON object: ``{"status": "ok", **that object}``,
+    or ``{"status": "error", "reason": ...}`` (time-out, or the last line of stderr)."""
+    rc, out, err = run_child(module, argv, timeout)
+    if rc == 0:
+        return dict(status="ok", **json.loads(out.strip().splitlines()[-1]))
+    reason = "timeout" if rc is None else (err.strip().splitlines() or ["?"])[-1][:300]
+    return dict(status="error", reason=reason)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -71,6 +71,11 @@ class AdapterDisabled:
     def get_output_embeddings(self) -> nn.Module:
         return self.peft_model.get_base_model().get_output_embeddings()
 
+    @property
+    def config(self):
+        """The model's config (its logits transform: pama_ext.lm.policy.logits_transform)."""
+        return self.peft_model.get_base_model().config
+
 
 def merged_copy(peft_model) -> nn.Module:
     """A plain copy of the LM with the adapters merged into its weights (what a checkpoint saves);

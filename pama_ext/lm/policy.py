@@ -5,20 +5,23 @@ log-probs (logits shifted by one, computed in float32, divided by the sampling t
 verl do), the n values and the final hidden states they were computed from (MGDA-UB differentiates
 the per-objective losses with respect to those).
 
-Assumption: ``logits = lm.get_output_embeddings()(lm.base_model(...).last_hidden_state)``, true for
-GPT-2, Llama, Mistral, Qwen and most causal LMs; :class:`PolicyWithValueHeads` checks it once at
-construction and raises a clear error for models that post-process their logits (e.g. soft-capping).
+Assumption: ``logits = f(lm.get_output_embeddings()(lm.base_model(...).last_hidden_state))`` with
+``f`` the identity (GPT-2, Llama, Mistral, Qwen and most causal LMs) or one of the transforms a
+config declares (:func:`logits_transform`: Gemma 2/3's final soft-capping, Cohere's ``logit_scale``,
+Granite's ``logits_scaling``); :class:`PolicyWithValueHeads` checks it once at construction against
+the model's own logits and raises a clear error for any other post-processing.
 """
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["PolicyWithValueHeads", "PolicyOutput", "frozen_copy", "position_ids_from_mask", "hidden_size"]
+__all__ = ["PolicyWithValueHeads", "PolicyOutput", "frozen_copy", "position_ids_from_mask", "hidden_size",
+           "fused_head_inputs", "logits_transform", "transformed_logits", "fused_scale_softcap", "PLAIN_HEAD"]
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
@@ -38,23 +41,65 @@ def hidden_size(lm: nn.Module) -> int:
 
 @dataclass
 class PolicyOutput:
-    logp: Tensor  # [B, T] float32
+    logp: Optional[Tensor]  # [B, T] float32 (None when the forward was asked for no log-probs)
     values: Optional[Tensor]  # [n, B, T] float32
     hidden: Tensor  # [B, T, H] final hidden states at the positions that predict the response tokens
 
 
-def _response_logp(lm_head: nn.Module, h: Tensor, targets: Tensor, temperature: float) -> Tensor:
-    logits = lm_head(h).float()
+#: (scale, softcap) of an output layer whose logits are lm_head(h) unchanged
+PLAIN_HEAD = (1.0, None)
+
+
+def _number(v) -> Optional[float]:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def logits_transform(lm) -> Tuple[float, Optional[float]]:
+    """``(scale, softcap)`` of a causal LM whose logits are ``z = scale · lm_head(h)``, then
+    ``softcap · tanh(z / softcap)`` when ``softcap`` is not None, read from ``lm.config``: Gemma 2 / 3
+    ``final_logit_softcapping``, Cohere ``logit_scale`` (multiplies), Granite ``logits_scaling``
+    (divides). ``(1.0, None)`` for every other model (and for ``lm`` without a config)."""
+    cfg = getattr(lm, "config", None)
+    scale = 1.0
+    mul, div = _number(getattr(cfg, "logit_scale", None)), _number(getattr(cfg, "logits_scaling", None))
+    if mul is not None:
+        scale *= mul
+    if div:
+        scale /= div
+    cap = _number(getattr(cfg, "final_logit_softcapping", None))
+    return scale, cap if cap is not None and cap > 0 else None
+
+
+def transformed_logits(logits: Tensor, transform: Tuple[float, Optional[float]]) -> Tensor:
+    """``logits`` through a :func:`logits_transform`."""
+    scale, cap = transform
+    if scale != 1.0:
+        logits = logits * scale
+    if cap is not None:
+        logits = cap * torch.tanh(logits / cap)
+    return logits
+
+
+def fused_scale_softcap(transform: Tuple[float, Optional[float]], temperature: float
+                        ) -> Tuple[float, Optional[float]]:
+    """``(logit_scale, softcap)`` of :mod:`pama_ext.fused_linear` for a :func:`logits_transform` followed
+    by the division by ``temperature``: ``c·tanh(s·z/c)/τ = (c/τ)·tanh((s/τ)·z/(c/τ))``, so both scale
+    and cap are divided by τ."""
+    scale, cap = transform
+    return scale / temperature, None if cap is None else cap / temperature
+
+
+def _response_logp(lm_head: nn.Module, h: Tensor, targets: Tensor, temperature: float,
+                   transform: Tuple[float, Optional[float]] = PLAIN_HEAD) -> Tensor:
+    logits = transformed_logits(lm_head(h).float(), transform)
     if temperature != 1.0:
         logits = logits / temperature
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def _fused_response_logp(lm_head: nn.Module, h: Tensor, targets: Tensor, temperature: float) -> Tensor:
-    """:func:`_response_logp` through :func:`pama_ext.fused_linear_logp` (no ``[B, T, V]`` logits), in the
-    autocast dtype when autocast is on (as the output layer would run there)."""
-    from ..fused_linear import fused_linear_logp
-
+def fused_head_inputs(lm_head: nn.Module, h: Tensor) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """``(hidden, weight, bias)`` of the output layer ``lm_head`` for :mod:`pama_ext.fused_linear`, in the
+    autocast dtype when autocast is on (as the output layer would run there), else in the weight's."""
     weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
     if torch.is_autocast_enabled(h.device.type):
         dt = torch.get_autocast_dtype(h.device.type)
@@ -62,7 +107,16 @@ def _fused_response_logp(lm_head: nn.Module, h: Tensor, targets: Tensor, tempera
         bias = None if bias is None else bias.to(dt)
     elif h.dtype != weight.dtype:
         h = h.to(weight.dtype)
-    return fused_linear_logp(h, weight, bias, targets, logit_scale=1.0 / temperature)
+    return h, weight, bias
+
+
+def _fused_response_logp(lm_head: nn.Module, h: Tensor, targets: Tensor, temperature: float,
+                         transform: Tuple[float, Optional[float]] = PLAIN_HEAD) -> Tensor:
+    """:func:`_response_logp` through :func:`pama_ext.fused_linear_logp` (no ``[B, T, V]`` logits)."""
+    from ..fused_linear import fused_linear_logp
+
+    scale, cap = fused_scale_softcap(transform, temperature)
+    return fused_linear_logp(*fused_head_inputs(lm_head, h), targets, logit_scale=scale, softcap=cap)
 
 
 def _trunk(lm: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -83,6 +137,8 @@ class PolicyWithValueHeads(nn.Module):
         self.value_heads.to(next(lm.parameters()).device)
         #: log-probs through pama_ext.fused_linear_logp (the logits never materialised); --fused-linear
         self.fused_linear = False
+        #: (scale, softcap) of the model's logits on top of its output layer (logits_transform)
+        self.head_transform = logits_transform(lm)
         self._checkpointed: list = []
         if check:
             self._check_logits()
@@ -114,22 +170,29 @@ class PolicyWithValueHeads(nn.Module):
         ids = torch.arange(6, device=dev).remainder(self.lm.get_output_embeddings().weight.shape[0])[None]
         am = torch.ones_like(ids)
         ref = self.lm(input_ids=ids, attention_mask=am, position_ids=position_ids_from_mask(am)).logits.float()
-        mine = self.lm.get_output_embeddings()(_trunk(self.lm, ids, am)).float()
+        mine = transformed_logits(self.lm.get_output_embeddings()(_trunk(self.lm, ids, am)).float(),
+                                  self.head_transform)
         if ref.shape != mine.shape or not torch.allclose(ref, mine, atol=1e-4, rtol=1e-4):
-            raise ValueError(f"{type(self.lm).__name__}: its logits are not lm_head(base_model(...)) "
-                             "(post-processed logits, e.g. soft-capping); the trainer does not support it")
+            raise ValueError(f"{type(self.lm).__name__}: its logits are not lm_head(base_model(...)), nor that "
+                             f"under a transform its config declares ((scale, softcap) = {self.head_transform}: "
+                             "pama_ext.lm.policy.logits_transform); the trainer does not support other "
+                             "post-processed logits")
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, response_len: int, temperature: float = 1.0,
-                with_values: bool = True) -> PolicyOutput:
-        """``input_ids``/``attention_mask``: ``[B, P + T]`` (prompt left-padded, then the response)."""
+                with_values: bool = True, with_logp: bool = True) -> PolicyOutput:
+        """``input_ids``/``attention_mask``: ``[B, P + T]`` (prompt left-padded, then the response).
+        ``with_logp=False``: no output layer (the caller feeds ``hidden`` to a fused loss)."""
         T = response_len
         L = input_ids.shape[1]
         for m in self._checkpointed:  # the blocks' checkpointing switch (only acts when gradients are on)
             m.training = True
         h_all = _trunk(self.lm, input_ids, attention_mask)
         h = h_all[:, L - T - 1:L - 1]  # positions that predict the response tokens
-        response_logp = _fused_response_logp if self.fused_linear else _response_logp
-        logp = response_logp(self.lm.get_output_embeddings(), h, input_ids[:, L - T:], temperature)
+        logp = None
+        if with_logp:
+            response_logp = _fused_response_logp if self.fused_linear else _response_logp
+            logp = response_logp(self.lm.get_output_embeddings(), h, input_ids[:, L - T:], temperature,
+                                 self.head_transform)
         values = self.value_heads(h).float().permute(2, 0, 1) if with_values else None
         return PolicyOutput(logp=logp, values=values, hidden=h)
 
@@ -144,8 +207,12 @@ def frozen_copy(lm: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def reference_logp(ref_lm: nn.Module, input_ids: Tensor, attention_mask: Tensor, response_len: int,
-                   temperature: float = 1.0) -> Tensor:
+                   temperature: float = 1.0, fused_linear: bool = False) -> Tensor:
+    """The response log-probs of ``ref_lm`` (no gradients); ``fused_linear``: through
+    :func:`pama_ext.fused_linear_logp`, the ``[B, T, V]`` logits never built (as the policy's)."""
     T = response_len
     L = input_ids.shape[1]
     h = _trunk(ref_lm, input_ids, attention_mask)[:, L - T - 1:L - 1]
-    return _response_logp(ref_lm.get_output_embeddings(), h, input_ids[:, L - T:], temperature)
+    response_logp = _fused_response_logp if fused_linear else _response_logp
+    return response_logp(ref_lm.get_output_embeddings(), h, input_ids[:, L - T:], temperature,
+                         logits_transform(ref_lm))

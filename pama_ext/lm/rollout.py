@@ -163,7 +163,7 @@ def score_sequences(policy: PolicyWithValueHeads, ref_lm, input_ids: Tensor, att
         old.append(out.logp)
         if with_values:
             vals.append(out.values)
-        ref.append(reference_logp(ref_lm, ids, am, T, temperature))
+        ref.append(reference_logp(ref_lm, ids, am, T, temperature, fused_linear=policy.fused_linear))
     return torch.cat(old), torch.cat(ref), (torch.cat(vals, dim=1) if with_values else None)
 
 

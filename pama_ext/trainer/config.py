@@ -178,9 +178,14 @@ class TrainConfig:
     lora_targets: Optional[List[str]] = option(None, "module names the adapters go on (default: peft's for the "
                                                      "architecture, e.g. c_attn for GPT-2)",
                                                group="memory and precision", metavar="NAME")
-    fused_linear: bool = option(False, "the policy's log-probs from pama_ext.fused_linear_logp: the [B, T, V] "
-                                       "logits are never materialised (chunks of tokens; one extra output-layer "
-                                       "matmul in the backward)", group="memory and precision")
+    fused_linear: Optional[bool] = option(None, "the output layer fused with the log-probs and the policy loss "
+                                                "(pama_ext.fused_linear): the [B, T, V] logits are never "
+                                                "materialised. Default: on where the update's loss takes the "
+                                                "single pass (pama at token granularity, linear, morlhf: no "
+                                                "extra output-layer matmul, less memory), off where it would "
+                                                "cost one more output-layer matmul (sequence / batch "
+                                                "granularity, mgda-ub, mgda; --fused-linear trades it for the "
+                                                "memory)", group="memory and precision")
 
     # --- generation ------------------------------------------------------------------------------
     max_new_tokens: int = option(32, "maximum response length in tokens", group="generation")

@@ -38,7 +38,7 @@ import contextlib
 import math
 import time
 import warnings
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -47,7 +47,8 @@ from .. import distributed as dp
 from .. import combine_gradients, gradient_gram, ops, pareto
 from .. import functional
 from ..vocab import stats_layout
-from ..lm.policy import PolicyWithValueHeads
+from ..fused_linear import fused_linear_policy_loss, single_pass_eligible
+from ..lm.policy import PolicyWithValueHeads, fused_head_inputs, fused_scale_softcap
 from ..lm.rewards import Objective, score_all
 from ..lm.rollout import GenSettings, Rollout, collect_rollout
 from ..lm.seeding import EpochSampler, derive_seed
@@ -123,7 +124,9 @@ class PPOTrainer:
         self.group = group
         self.world = dp.world_size(group)
         self.rank = 0 if group is None else torch.distributed.get_rank(group)
-        policy.fused_linear = bool(cfg.fused_linear)
+        #: --fused-linear as given, else on exactly where the update's loss takes the single pass
+        self.fused_linear = self._single_pass_options() if cfg.fused_linear is None else bool(cfg.fused_linear)
+        policy.fused_linear = self.fused_linear
         if cfg.gradient_checkpointing:
             policy.enable_gradient_checkpointing()
         self.model = policy  # what the update's forward runs through (DDP under torchrun)
@@ -184,9 +187,30 @@ class PPOTrainer:
     def _k3_loss(self, logp: Tensor, ref_logp: Tensor, mask: Tensor) -> Tensor:
         return functional.agg_loss(functional.k3_kl(logp, ref_logp), mask, self.cfg.agg)
 
-    def policy_loss(self, logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, ref_logp: Tensor,
-                    hidden: Tensor, whiten_in_op: bool):
-        """(loss, metrics, per-objective losses or None). For mgda the caller does the backward."""
+    def _single_pass_options(self) -> bool:
+        """Whether the options let the update's policy loss take the fused op's single pass: a method
+        whose combined advantage needs no log-prob (:func:`pama_ext.fused_linear.single_pass_eligible`
+        with the method's objectives) and no separate k3 loss under ``--update-norm active``."""
+        c = self.cfg
+        spec = c.method_spec
+        if spec.op_method is None or (c.update_norm == "active" and c.kl_loss_coef):
+            return False
+        return single_pass_eligible(spec.op_method, c.granularity if spec.granularity else "token", c.n_heads)
+
+    def fused_loss_path(self) -> bool:
+        """Whether the update forms the policy loss with :func:`pama_ext.fused_linear_policy_loss` on its
+        single pass (``--fused-linear`` on, and :meth:`_single_pass_options`); otherwise the policy's
+        forward returns the log-probs (through ``fused_linear_logp`` when ``--fused-linear`` is on) and
+        the loss runs on them."""
+        return self.fused_linear and self._single_pass_options()
+
+    def policy_loss(self, logp: Optional[Tensor], old_logp: Tensor, adv: Tensor, mask: Tensor, ref_logp: Tensor,
+                    hidden: Tensor, whiten_in_op: bool, head: Optional[Tuple[Tensor, Tensor, Optional[Tensor]]] = None,
+                    targets: Optional[Tensor] = None):
+        """(loss, metrics, per-objective losses or None). For mgda the caller does the backward.
+        ``logp`` None (:meth:`fused_loss_path`): the loss is formed by the fused op's single pass from
+        ``head`` (the output layer's hidden, weight, bias: ``pama_ext.lm.policy.fused_head_inputs``) and
+        the response tokens ``targets``."""
         c = self.cfg
         spec = c.method_spec
         kw = self._loss_kwargs()
@@ -197,8 +221,13 @@ class PPOTrainer:
             if spec.prefs or (spec.steerable and c.weights is not None):
                 extra["prefs"] = self.prefs
             norm = c.update_norm == "active"
-            loss, m = ops.pama_policy_loss(logp, old_logp, adv, mask, ref_logp, whiten=whiten_in_op,
-                                           beta_loss=0.0 if norm else c.kl_loss_coef, **extra, **kw)
+            extra.update(whiten=whiten_in_op, beta_loss=0.0 if norm else c.kl_loss_coef, **kw)
+            if logp is None:
+                scale, cap = fused_scale_softcap(self.policy.head_transform, c.temperature)
+                loss, m = fused_linear_policy_loss(*head, targets, mask, old_logp, adv, ref_logp, logit_scale=scale,
+                                                   softcap=cap, single_pass=True, **extra)
+            else:
+                loss, m = ops.pama_policy_loss(logp, old_logp, adv, mask, ref_logp, **extra)
             if norm:
                 # mean over the active tokens: the same gradient direction, scaled by 1 / active fraction
                 # (no host sync: the scale stays a tensor); the KL loss keeps its own scale
@@ -363,10 +392,13 @@ class PPOTrainer:
         if c.ratio_to == "ref":  # the ratio (and its clip) against the frozen reference
             old_logp = ref_logp
         temp = c.temperature
+        fused = self.fused_loss_path()
         with self.autocast():
-            out = self.model(ids, am, T, temperature=temp, with_values=True)
+            out = self.model(ids, am, T, temperature=temp, with_values=True, with_logp=not fused)
+            # the output layer's inputs in the dtype it runs in under autocast
+            head = fused_head_inputs(self.policy.lm.get_output_embeddings(), out.hidden) if fused else None
         pg, pm, mgda_parts = self.policy_loss(out.logp, old_logp, adv[:, idx], mask, ref_logp, out.hidden,
-                                              whiten_in_op)
+                                              whiten_in_op, head=head, targets=ids[:, ids.shape[1] - T:])
         vl, vm = ops.multi_value_loss(out.values, ro.values[:, idx], ret[:, idx], mask, clip=c.cliprange_value,
                                       agg=c.agg, check_finite=False, group=self.group)
         self.optimizer.zero_grad(set_to_none=True)
