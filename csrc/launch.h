@@ -95,10 +95,10 @@ struct WeightsParams {
 // §4 fused policy loss forward. Per token: N_i = whiten_noon(A_i) with stats' mean/var; Ã from
 // `combine` (kCombineTokenThm1: thm1 s*; kCombineWeighted: Σ w_i N_i with w = weights (global) or
 // seq_weights[b] when weights_per_row); l = ppo_token_loss(Ã, …); k3 when ref_logp != nullptr.
-// Writes a_tilde, the backward's per-token residual: the gradient coefficient dl/dlogp + beta_loss ·
-// dk3/dlogp (0 on masked tokens), so the backward is one multiply per token; partials
-// (kLossPartialSize per chunk), then row_scale, loss and metrics (finalize_row_scale /
-// finalize_policy_loss).
+// Writes a_tilde (0 on masked tokens), partials (kLossPartialSize per chunk), then row_scale,
+// loss and metrics (finalize_row_scale / finalize_policy_loss). a_tilde stays Ã, not the gradient
+// coefficient: the backward op recomputes dl/dlogp from (Ã, logp), and the fused output layer calls
+// it per chunk at log-probs the forward never saw (fused_linear.py).
 // single_pass (a backend with Backend::single_pass_loss; method linear, or pama/token): the
 // indicator statistics are not needed before the loss, so this pass also computes what the
 // indicator pass would: per chunk [cnt, bad(4), sumI(n), pos(n), ctok(n)] (SinglePassPartial, in
@@ -150,8 +150,7 @@ struct SinglePassPartial {
   int ctok() const { return 5 + 2 * n; }
   int size() const { return 5 + 3 * n; }
 };
-// grad_logp[b,t] = mask * (grad_loss * row_scale[b]) * a_tilde[b,t] (a_tilde: the forward's
-// gradient coefficient)
+// grad_logp[b,t] = grad_loss * mask * row_scale[b] * (dl/dlogp + beta_loss * dk3/dlogp)
 struct PolicyLossBackwardParams {
   const void* grad_loss;  // acc [1] (device scalar: no host read)
   const void* logp;       // dtype [B, T]

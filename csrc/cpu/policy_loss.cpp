@@ -25,7 +25,7 @@ namespace {
 template <typename acc>
 struct LossConsts {
   acc mean[kMaxObjectives], istd[kMaxObjectives];
-  acc eps_lo, eps_hi, dual, beta;
+  acc eps_lo, eps_hi, dual;
   acc pref[kMaxObjectives];  // §4b pref_factor per objective (when steer)
   bool steer = false;        // the Theorem-1 combine runs on N_i / ρ_i
 };
@@ -97,8 +97,8 @@ inline void tile_a_tilde(const PolicyLossParams& p, const LossConsts<acc>& C, co
   }
 }
 
-// One chunk of the forward pass: writes the gradient coefficient dl/dlogp + beta·dk3/dlogp of each
-// token (into p.a_tilde, 0 on masked-out tokens) and the chunk's kLossPartialSize partial sums; with
+// One chunk of the forward pass: writes Ã of each token (into p.a_tilde, 0 on masked-out tokens: the
+// backward recomputes dl/dlogp from it, as the fused output layer does per chunk) and the chunk's kLossPartialSize partial sums; with
 // kSingle (PolicyLossParams::single_pass) also the chunk's SinglePassPartial into `extra` (its token
 // count, non-finite counts and the indicator sums of the statistics). N: scratch of n * kVecTile acc.
 template <typename scalar_t, bool kSingle>
@@ -112,8 +112,8 @@ PAMA_CPU_CLONES void loss_chunk(const PolicyLossParams& p, const LossConsts<acc_
   auto* old = static_cast<const scalar_t*>(p.old_logp);
   auto* ref = static_cast<const scalar_t*>(p.ref_logp);
   auto* chk_ref = static_cast<const scalar_t*>(p.check_ref);
-  auto* coef_out = static_cast<acc*>(p.a_tilde);
-  const acc eps_lo = C.eps_lo, eps_hi = C.eps_hi, dual = C.dual, beta = C.beta;
+  auto* a_out = static_cast<acc*>(p.a_tilde);
+  const acc eps_lo = C.eps_lo, eps_hi = C.eps_hi, dual = C.dual;
   const acc hi = acc(1) + eps_hi;
   const bool with_ctok = kSingle && p.combine == kCombineTokenThm1;
   const SinglePassPartial X(n);
@@ -134,14 +134,14 @@ PAMA_CPU_CLONES void loss_chunk(const PolicyLossParams& p, const LossConsts<acc_
     tile_a_tilde<scalar_t>(p, C, w, base, len, mk, A, mn, mx, kSingle ? N : nullptr, kSingle ? &bad_a : nullptr);
     const scalar_t* l_b = lp + base;
     const scalar_t* o_b = old + base;
-    acc* g_b = coef_out + base;
+    acc* a_b = a_out + base;
 #pragma omp simd reduction(+ : s_l, s_clip, s_akl, s_active, cnt, bad_l, bad_o)
     for (int t = 0; t < len; ++t) {
       const K k = mk[t];
       const acc l_p = static_cast<acc>(l_b[t]), o_p = static_cast<acc>(o_b[t]), a_t = A[t];
       const acc u = vexp(ppo_log_ratio(l_p, o_p));
       const TokenLoss<acc> r = ppo_token_from_exp(a_t, l_p, o_p, u, eps_lo, eps_hi, dual);
-      g_b[t] = keep_lanes(k, r.dlogp);
+      a_b[t] = keep_lanes(k, a_t);
       s_l += keep_lanes(k, r.loss);
       s_clip += keep_lanes(k, r.clipped);
       s_akl += keep_lanes(k, o_p - l_p);
@@ -160,7 +160,6 @@ PAMA_CPU_CLONES void loss_chunk(const PolicyLossParams& p, const LossConsts<acc_
         const acc l_p = static_cast<acc>(l_b[t]), r_p = static_cast<acc>(r_b[t]);
         const TokenLoss<acc> k3 = k3_token(l_p, r_p);
         s_kl += keep_lanes(mk[t], k3.loss);
-        g_b[t] = keep_lanes(mk[t], g_b[t] + beta * k3.dlogp);
       }
     }
     if (!kSingle) continue;
@@ -242,26 +241,44 @@ void finalize_single_pass(const PolicyLossParams& p) {
   if (p.combine == kCombineTokenThm1) single_pass_weights<acc>(p);  // pama/token: ctok (reported only)
 }
 
-// One chunk of the backward pass: grad_logp = mask * scale * coefficient (scale = grad_loss · row_scale).
-template <typename scalar_t>
+// One chunk of the backward pass: grad_logp = scale * mask * (dl/dlogp + beta * dk3/dlogp).
+template <typename scalar_t, bool kRef>
 PAMA_CPU_CLONES void loss_backward_chunk(const PolicyLossBackwardParams& p, acc_of<scalar_t> scale, int64_t t0,
                                          int64_t t1) {
   using acc = acc_of<scalar_t>;
-  auto* coef = static_cast<const acc*>(p.a_tilde) + t0;
+  auto* lp = static_cast<const scalar_t*>(p.logp) + t0;
+  auto* old = static_cast<const scalar_t*>(p.old_logp) + t0;
+  auto* ref = static_cast<const scalar_t*>(p.ref_logp) + t0;
+  auto* a_tilde = static_cast<const acc*>(p.a_tilde) + t0;
   auto* out = static_cast<scalar_t*>(p.grad_logp) + t0;
   const uint8_t* m = mask_bytes(p.mask) + t0;
-  if (std::is_same<scalar_t, acc>::value) {  // float32 / float64 write the gradient in place
-    acc* g = reinterpret_cast<acc*>(out);
-#pragma omp simd
-    for (int64_t t = 0; t < t1 - t0; ++t) g[t] = keep_or_zero(m[t], scale * coef[t]);
-    return;
-  }
-  acc G[kVecTile];  // other dtypes convert from a tile of acc
+  const acc eps_lo = static_cast<acc>(p.eps_lo), eps_hi = static_cast<acc>(p.eps_hi);
+  const acc dual = static_cast<acc>(p.dual_clip), beta = static_cast<acc>(p.beta_loss);
+  acc G[kVecTile];
   for (int64_t tt = 0; tt < t1 - t0; tt += kVecTile) {
     const int len = static_cast<int>(std::min<int64_t>(kVecTile, t1 - t0 - tt));
+    // float32 writes the gradient in place; other dtypes convert from a tile of acc
+    acc* g = std::is_same<scalar_t, acc>::value ? reinterpret_cast<acc*>(out + tt) : G;
+    if (kRef) {
 #pragma omp simd
-    for (int t = 0; t < len; ++t) G[t] = keep_or_zero(m[tt + t], scale * coef[tt + t]);
-    for (int t = 0; t < len; ++t) out[tt + t] = static_cast<scalar_t>(G[t]);
+      for (int t = 0; t < len; ++t) {
+        const acc l_p = static_cast<acc>(lp[tt + t]), o_p = static_cast<acc>(old[tt + t]);
+        const acc dl = ppo_token_from_exp(a_tilde[tt + t], l_p, o_p, vexp(ppo_log_ratio(l_p, o_p)), eps_lo, eps_hi,
+                                           dual).dlogp;
+        const acc dk = k3_token(l_p, static_cast<acc>(ref[tt + t])).dlogp;
+        g[t] = keep_or_zero(m[tt + t], scale * (dl + beta * dk));
+      }
+    } else {
+#pragma omp simd
+      for (int t = 0; t < len; ++t) {
+        const acc l_p = static_cast<acc>(lp[tt + t]), o_p = static_cast<acc>(old[tt + t]);
+        const acc dl = ppo_token_from_exp(a_tilde[tt + t], l_p, o_p, vexp(ppo_log_ratio(l_p, o_p)), eps_lo, eps_hi,
+                                           dual).dlogp;
+        g[t] = keep_or_zero(m[tt + t], scale * (dl + beta * acc(0)));
+      }
+    }
+    if (!std::is_same<scalar_t, acc>::value)
+      for (int t = 0; t < len; ++t) out[tt + t] = static_cast<scalar_t>(G[t]);
   }
 }
 
@@ -282,7 +299,6 @@ void policy_loss_forward(const PolicyLossParams& p, void*) {
     C.eps_lo = static_cast<acc>(p.eps_lo);
     C.eps_hi = static_cast<acc>(p.eps_hi);
     C.dual = static_cast<acc>(p.dual_clip);
-    C.beta = static_cast<acc>(p.beta_loss);
     C.steer = p.prefs != nullptr && p.combine == kCombineTokenThm1;
     for (int i = 0; C.steer && i < n; ++i) C.pref[i] = pref_factor(static_cast<const acc*>(p.prefs), n, i);
     const SinglePassPartial X(n);
@@ -318,7 +334,11 @@ void policy_loss_backward(const PolicyLossBackwardParams& p, void*) {
     const int64_t cpr = p.T == 0 ? 1 : (p.T + kChunkLen - 1) / kChunkLen;
     // elementwise: any split gives the same result; chunks of one row share its scale
     for_chunks(p.B, p.T, kChunkLen, cpr, [&](int64_t, int64_t b, int64_t t0, int64_t t1) {
-      loss_backward_chunk<scalar_t>(p, g * rs[b], b * p.T + t0, b * p.T + t1);
+      const acc scale = g * rs[b];
+      if (p.ref_logp != nullptr)
+        loss_backward_chunk<scalar_t, true>(p, scale, b * p.T + t0, b * p.T + t1);
+      else
+        loss_backward_chunk<scalar_t, false>(p, scale, b * p.T + t0, b * p.T + t1);
     });
   });
 }

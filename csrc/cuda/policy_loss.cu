@@ -3,11 +3,10 @@
 // Forward = two kernels on the stream:
 //   1. partials: one block per chunk (grid-stride over the chunks). Threads stride over the chunk's
 //      tokens; per masked-in token they combine the whitened/Noon advantages into Ã, evaluate the
-//      PPO token loss (and k3 when ref_logp is given), write the gradient coefficient
-//      dl/dlogp + beta_loss · dk3/dlogp (the `a_tilde` residual), and keep five running sums
+//      PPO token loss (and k3 when ref_logp is given), write a_tilde, and keep five running sums
 //      that one deterministic block reduction turns into the chunk's kLossPartialSize entries.
 //   2. finalize (single block): finalize_row_scale, barrier, then finalize_policy_loss on thread 0.
-// Backward: elementwise grad_logp = (grad_loss · row_scale[b]) · coefficient: one multiply per token.
+// Backward: elementwise grad_logp, recomputing dl/dlogp from a_tilde with the same ppo_token_loss.
 #include "common.cuh"
 
 namespace pama {
@@ -59,7 +58,7 @@ __global__ void __launch_bounds__(kLossBlock) policy_loss_partials_kernel(Policy
   const A* stats = static_cast<const A*>(p.stats);
   const A* weights = static_cast<const A*>(p.weights);
   const A* seq_weights = static_cast<const A*>(p.seq_weights);
-  A* coef = static_cast<A*>(p.a_tilde);
+  A* a_tilde = static_cast<A*>(p.a_tilde);
   A* part = static_cast<A*>(p.partials);
 
   const int n = static_cast<int>(p.n);
@@ -68,7 +67,7 @@ __global__ void __launch_bounds__(kLossBlock) policy_loss_partials_kernel(Policy
   const bool weighted = p.combine != kCombineTokenThm1;
   const bool row_weights = weighted && p.weights_per_row;
   const A eps_lo = static_cast<A>(p.eps_lo), eps_hi = static_cast<A>(p.eps_hi);
-  const A dual_clip = static_cast<A>(p.dual_clip), beta = static_cast<A>(p.beta_loss);
+  const A dual_clip = static_cast<A>(p.dual_clip);
 
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
     sMean[i] = stats[L.mean() + i];
@@ -92,24 +91,26 @@ __global__ void __launch_bounds__(kLossBlock) policy_loss_partials_kernel(Policy
     A sums[kLossPartialSize] = {A(0), A(0), A(0), A(0), A(0)};
     for (int64_t t = t_begin + threadIdx.x; t < t_end; t += blockDim.x) {
       const int64_t bt = b * T + t;
-      A g = A(0);
+      A at = A(0);
       if (p.mask[bt]) {
-        const A at = combined_advantage(adv, plane, bt, n, sMean, sIstd, sW, p.whiten, p.noon, p.combine,
-                                        p.prefs != nullptr ? sPref : nullptr);
+        at = combined_advantage(adv, plane, bt, n, sMean, sIstd, sW, p.whiten, p.noon, p.combine,
+                                  p.prefs != nullptr ? sPref : nullptr);
         const A lp = load(logp, bt), olp = load(old_logp, bt);
         A dl;
         bool clipped;
         const A l = ppo_token_loss(at, lp, olp, eps_lo, eps_hi, dual_clip, dl, clipped);
-        A k3 = A(0), dk = A(0);
-        if (ref_logp != nullptr) k3 = k3_kl(lp, load(ref_logp, bt), dk);
-        g = dl + beta * dk;
+        A k3 = A(0);
+        if (ref_logp != nullptr) {
+          A dk;
+          k3 = k3_kl(lp, load(ref_logp, bt), dk);
+        }
         sums[0] += l;
         sums[1] += k3;
         sums[2] += clipped ? A(1) : A(0);
         sums[3] += olp - lp;
         sums[4] += at > A(0) ? A(1) : A(0);
       }
-      coef[bt] = g;
+      a_tilde[bt] = at;
     }
     block_reduce_sum_vec<kLossBlock>(sums, red);
     if (threadIdx.x == 0) {
@@ -135,21 +136,35 @@ __global__ void __launch_bounds__(kFinalizeBlock) policy_loss_finalize_kernel(Po
                          static_cast<A>(p.beta_loss), static_cast<A*>(p.loss), static_cast<A*>(p.metrics));
 }
 
-// grad_logp[b, t] = mask ? (grad_loss * row_scale[b]) * coef[b, t] : 0, coef = dl/dlogp + beta_loss *
-// dk3/dlogp from the forward (the same association as the CPU kernel, so both round alike).
+// grad_logp[b, t] = mask ? (grad_loss * row_scale[b]) * (dl/dlogp + beta_loss * dk3/dlogp) : 0
+// (the same association as the CPU kernel, so both round alike).
 template <typename S>
 __global__ void __launch_bounds__(kElementwiseBlock) policy_loss_backward_kernel(PolicyLossBackwardParams p) {
   using A = acc_t_of<S>;
-  const A* coef = static_cast<const A*>(p.a_tilde);
+  const S* logp = static_cast<const S*>(p.logp);
+  const S* old_logp = static_cast<const S*>(p.old_logp);
+  const S* ref_logp = static_cast<const S*>(p.ref_logp);
+  const A* a_tilde = static_cast<const A*>(p.a_tilde);
   const A* row_scale = static_cast<const A*>(p.row_scale);
   S* grad = static_cast<S*>(p.grad_logp);
   const A g_loss = static_cast<const A*>(p.grad_loss)[0];
+  const A eps_lo = static_cast<A>(p.eps_lo), eps_hi = static_cast<A>(p.eps_hi);
+  const A dual_clip = static_cast<A>(p.dual_clip), beta = static_cast<A>(p.beta_loss);
   const int64_t total = p.B * p.T;
 
   for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
        idx += int64_t(gridDim.x) * blockDim.x) {
     A g = A(0);  // masked-out tokens get an exact 0, whatever grad_loss is
-    if (p.mask[idx]) g = (g_loss * row_scale[idx / p.T]) * coef[idx];
+    if (p.mask[idx]) {
+      const A lp = load(logp, idx);
+      A dl;
+      bool clipped;
+      ppo_token_loss(a_tilde[idx], lp, load(old_logp, idx), eps_lo, eps_hi, dual_clip, dl, clipped);
+      A dk = A(0);
+      if (ref_logp != nullptr) k3_kl(lp, load(ref_logp, idx), dk);
+      const A scale = g_loss * row_scale[idx / p.T];
+      g = scale * (dl + beta * dk);
+    }
     store(grad, idx, g);
   }
 }

@@ -38,23 +38,23 @@ def nbytes(n: int, B: int, T: int, elt: int, mask_elt: int, single_pass: bool = 
     """What the fused kernels read and write, pass by pass (docs/kernels.md §4, §10), default options
     (pama / token, whitening). CPU (``single_pass``): the moments pass reads mask + advantages; the
     loss pass mask, advantages, logp, old_logp (and computes the indicator statistics and the
-    finite checks on the way) and writes the gradient coefficient (accumulation dtype: 8 bytes for
-    fp64, else 4); the backward reads the coefficient and the mask and writes grad. CUDA
+    finite checks on the way) and writes a_tilde (accumulation dtype: 8 bytes for fp64, else 4); the
+    backward reads logp, old_logp, mask and a_tilde and writes grad (it recomputes dl/dlogp). CUDA
     (``single_pass=False``): a separate indicator pass (mask, advantages, logp, old_logp) before the
     loss pass. Inputs are counted as if every token were masked in."""
     bt = B * T
     acc = 8 if elt == 8 else 4
     indicators = 0 if single_pass else bt * (mask_elt + n * elt + 2 * elt)
     fwd = bt * (mask_elt + n * elt) + indicators + bt * (mask_elt + n * elt + 2 * elt) + bt * acc
-    bwd = bt * (acc + mask_elt) + bt * elt
+    bwd = bt * (2 * elt + mask_elt + acc) + bt * elt
     return fwd + bwd
 
 
 # The passes of the fused CPU op (forward + backward, default options) and what forces them.
 PASSES = (
     "fused (CPU): moments (mask, advantages) -> loss (mask, advantages, logp, old_logp; the indicator "
-    "statistics, the token counts and the check_finite flags on the way; writes the gradient coefficient) -> "
-    "backward (coefficient, mask; writes grad). The whitening moments are needed before any token's loss, so "
+    "statistics, the token counts and the check_finite flags on the way; writes a_tilde) -> "
+    "backward (logp, old_logp, mask, a_tilde; writes grad). The whitening moments are needed before any token's loss, so "
     "the advantages are read twice; without whitening (e.g. the plain-PPO options) the forward is one pass. "
     "Method 'linear' and pama/token only: sequence / batch / Gram weights need the indicators in a pass of "
     "their own before the loss."
@@ -63,8 +63,8 @@ PASSES = (
 
 def min_nbytes(n: int, B: int, T: int, elt: int, mask_elt: int) -> int:
     """What the op must minimally move (see PASSES), which the CPU kernels now move: forward
-    2 x (mask + advantages) + logp + old_logp read, the gradient coefficient (accumulation dtype)
-    written; backward the coefficient and the mask read, grad written."""
+    2 x (mask + advantages) + logp + old_logp read, a_tilde (accumulation dtype) written; backward
+    logp, old_logp, mask, a_tilde read, grad written."""
     return nbytes(n, B, T, elt, mask_elt, single_pass=True)
 
 
