@@ -15,7 +15,8 @@
 # Either way the venv's own site-packages come first on sys.path, so the wheel installed there is
 # what `import pama_ext` finds, even next to an editable install of the source tree.
 # Then: the wheel is installed with --no-deps (--force-reinstall, so an editable install of the
-# same version in the system site-packages cannot stand in for it), the test deps (pytest,
+# same version in the system site-packages cannot stand in for it), `pip check` confirms that the
+# torch there satisfies the wheel's Requires-Dist, the test deps (pytest,
 # hypothesis, expecttest, numpy) are installed if missing and a registry is reachable, and
 # python_tests/ plus README.md (test_readme.py reads ../README.md), docs/ and csrc/ are copied to a temporary folder
 # where pytest runs with PAMA_EXT_REQUIRE_NATIVE=1. A check before pytest and an extra test
@@ -76,6 +77,13 @@ fi
 
 step "pip install --no-deps $(basename "$WHEEL")"
 "$VPY" -m pip install -q --no-deps --force-reinstall "$WHEEL"
+
+# the wheel's Requires-Dist (torch's release series of the build, numpy) holds for the torch installed
+step "pip check (Requires-Dist: $(unzip -p "$WHEEL" '*.dist-info/METADATA' | sed -n 's/^Requires-Dist: //p' | paste -sd, -))"
+# (only pama_ext's own line counts: a --system-site-packages venv may hold unrelated broken packages)
+if "$VPY" -m pip check 2>&1 | grep -i '^pama[-_]ext'; then
+  echo "verify_wheel: the torch in the venv does not satisfy the wheel's Requires-Dist" >&2; exit 5
+fi
 
 if ! "$VPY" -c "import pytest, hypothesis, expecttest, numpy" 2>/dev/null; then
   step "pip install test deps (pytest hypothesis expecttest numpy)"
