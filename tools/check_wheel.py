@@ -41,6 +41,12 @@ def tracked_package_files() -> list[str]:
     return sorted(p for p in out if not p.endswith(".pyc"))
 
 
+def clauses(requirement: str) -> set:
+    """'torch<2.12,>=2.11' -> {'<2.12', '>=2.11'}: the specifier clauses of a name-only requirement,
+    in any order (the wheel's METADATA orders them its own way)."""
+    return {c.strip() for c in requirement.replace(" ", "")[len("torch"):].split(",")}
+
+
 def check(path: pathlib.Path, repaired: bool) -> list[str]:
     problems = []
     z = zipfile.ZipFile(path)
@@ -73,10 +79,11 @@ def check(path: pathlib.Path, repaired: bool) -> list[str]:
     if meta is None:
         problems.append("no .dist-info/METADATA")
         return problems
-    requires = meta.get_all("Requires-Dist") or []
+    # the unconditional requirements (the extras' are the optional-dependencies of pyproject.toml)
+    requires = [r for r in meta.get_all("Requires-Dist") or [] if ";" not in r]
     want = load_abi().torch_requirement(record["BUILT_WITH_TORCH"])
-    torch_req = [r for r in requires if r.replace(" ", "").startswith("torch")]
-    if [r.replace(" ", "") for r in torch_req] != [want.replace(" ", "")]:
+    torch_req = [r for r in requires if r.startswith("torch") and not r[len("torch"):][:1].isalnum()]
+    if len(torch_req) != 1 or clauses(torch_req[0]) != clauses(want):
         problems.append(f"Requires-Dist on torch is {torch_req}, expected [{want!r}] (built against "
                         f"torch {record['BUILT_WITH_TORCH']})")
     if meta["Version"] != record["VERSION"]:
