@@ -200,3 +200,62 @@ def test_build_wheels_finds_pyenv_and_explicit_interpreters(tmp_path):
     lines = r.stdout.splitlines()
     assert str(tmp_path / "pyenv" / "versions" / "3.10.13" / "bin" / "python3.10") in lines[0]  # the newest 3.10
     assert str(explicit) in lines[1]
+
+
+# tools/check_wheel.py: what `make wheels` asserts about every wheel it writes
+
+
+def fake_wheel(path: pathlib.Path, *, drop=(), extra=(), requires="torch<2.14,>=2.13", built_torch="2.13.0+cpu"):
+    """A wheel-shaped zip holding every tracked file of pama_ext/ (minus ``drop``), a stand-in library,
+    a build record and METADATA with the given torch requirement."""
+    import zipfile
+
+    tracked = subprocess.run(["git", "-C", str(ROOT), "ls-files", "pama_ext"], capture_output=True, text=True,
+                             check=True).stdout.split()
+    version = "0.1.0+cpu.torch2.13"
+    with zipfile.ZipFile(path, "w") as z:
+        for name in tracked:
+            if name not in drop:
+                z.writestr(name, "")
+        for name in ["pama_ext/_C.cpython-311-x86_64-linux-gnu.so", *extra]:
+            z.writestr(name, b"\x7fELF")
+        z.writestr("pama_ext/_build_info.py", f"VERSION = {version!r}\nBUILT_WITH_TORCH = {built_torch!r}\n"
+                                              "BUILT_WITH_CUDA = None\nCUDA_ARCHS = ''\n")
+        di = f"pama_ext-{version}.dist-info"
+        z.writestr(f"{di}/METADATA", f"Metadata-Version: 2.1\nName: pama_ext\nVersion: {version}\n"
+                                     f"Requires-Dist: {requires}\nRequires-Dist: numpy\n"
+                                     'Requires-Dist: pytest>=7; extra == "test"\n\n')
+        z.writestr(f"{di}/entry_points.txt", "[console_scripts]\npama-ext = pama_ext.cli:main\n")
+    return path
+
+
+def check_wheel(path, *args):
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "check_wheel.py"), *args, str(path)],
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.skipif(not (ROOT / "tools" / "check_wheel.py").exists() or shutil.which("git") is None
+                    or not (ROOT / ".git").exists(), reason="needs the source checkout (tools/, git)")
+def test_check_wheel_accepts_a_complete_wheel_and_names_what_is_wrong(tmp_path):
+    name = "pama_ext-0.1.0+cpu.torch2.13-cp311-cp311-{}.whl"
+    good = fake_wheel(tmp_path / name.format("manylinux_2_34_x86_64"))
+    r = check_wheel(good, "--repaired")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Requires-Dist torch<2.14,>=2.13, numpy" in r.stdout
+
+    cases = [
+        (dict(drop=("pama_ext/triton_kernels.py", "pama_ext/schemas.def")), "manylinux_2_34_x86_64",
+         ["missing from the wheel", "pama_ext/triton_kernels.py", "pama_ext/schemas.def"]),
+        (dict(drop=("pama_ext/benchmarks/bench_ops.py",)), "manylinux_2_34_x86_64", ["pama_ext/benchmarks/bench_ops.py"]),
+        (dict(requires="torch>=2.4"), "manylinux_2_34_x86_64", ["Requires-Dist on torch", "torch>=2.13,<2.14"]),
+        (dict(built_torch="2.12.0"), "manylinux_2_34_x86_64", ["expected ['torch>=2.12,<2.13']"]),
+        (dict(extra=("pama_ext.libs/libgomp-a34b3233.so.1",)), "manylinux_2_34_x86_64", ["grafted", "libgomp"]),
+        ({}, "linux_x86_64", ["platform tag linux_x86_64 is not manylinux_*"]),
+    ]
+    for k, (kwargs, plat, words) in enumerate(cases):
+        folder = tmp_path / str(k)
+        folder.mkdir()
+        r = check_wheel(fake_wheel(folder / name.format(plat), **kwargs), "--repaired")
+        assert r.returncode == 1, (kwargs, r.stdout, r.stderr)
+        for word in words:
+            assert word in r.stderr, (word, r.stderr)
