@@ -13,9 +13,9 @@
 #   make bench           CPU benchmark of the fused ops (pama_ext/benchmarks/bench_ops.py: pama-ext bench ops)
 #   make info            versions, compiled archs, kernels per device
 #   make gpu-report      ptxas registers/spills and SASS load widths per kernel, sm_80 and sm_90 (no GPU needed)
-#   make wheel           a wheel for the installed torch into dist/ (CPU here; CUDA sm_80+sm_90 with a CUDA torch)
+#   make wheel           a wheel for the installed torch into dist/ (CPU here; CUDA sm_80+sm_90, sm_90 PTX, with a CUDA torch)
 #   make verify-wheel    install the newest wheel into a fresh venv and run the op tests against it
-#   make wheel-cuda      a CUDA wheel (sm_80 + sm_90) built on any machine with nvcc: a build venv
+#   make wheel-cuda      a CUDA wheel (sm_80 + sm_90, sm_90 PTX) built on any machine with nvcc: a build venv
 #                        (.venv-cuda) gets $(CUDA_TORCH_SPEC) from the registry, no GPU needed
 #   make verify-wheel-cuda  that wheel, installed into a fresh venv with $(CUDA_TORCH_SPEC), tested
 #                        (CUDA cases run only where a GPU is present; PAMA_EXT_REQUIRE_CUDA=1 to insist)
