@@ -103,7 +103,7 @@ venv_of() { local v=${1#*-}; echo "$WHEEL_VENVS/cp${v/./}-$(torch_spec "$1" | tr
 wheel_of() {
   local v=${1#*-} accel=cpu
   [[ $1 == cu-* ]] && accel=cu
-  ls -1t "$DIST"/pama_ext-*+"$accel"*-cp"${v/./}"-cp"${v/./}"-manylinux_*.whl 2>/dev/null | head -1
+  ls -1t "$DIST"/pama_ext-*+"$accel"*-cp"${v/./}"-cp"${v/./}"-manylinux_*.whl 2>/dev/null | head -1 || true
 }
 
 if [[ $mode == list ]]; then
