@@ -5,6 +5,7 @@
 #   tools/build_wheels.sh cu-3.12 cpu-3.10 # just these entries
 #   tools/build_wheels.sh --verify [ENTRY ...]  # verify the built wheels instead (make verify-wheels)
 #   tools/build_wheels.sh --list           # the matrix and the interpreters found
+#   tools/build_wheels.sh --repair [ENTRY ...]  # repair + check the raw wheels built before, no build
 #
 # Matrix entries are KIND-PYTHON: cpu-3.10 .. cpu-3.13 (CPU kernels, built against $TORCH_SPEC,
 # torch 2.13) and cu-3.11, cu-3.12 (CPU + CUDA kernels, built against $CUDA_TORCH_SPEC, torch 2.11 whose
@@ -58,6 +59,7 @@ mode=build
 case "${1:-}" in
   --verify) mode=verify; shift ;;
   --list) mode=list; shift ;;
+  --repair) mode=repair; shift ;;
   -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
 esac
 entries=("$@")
@@ -147,7 +149,7 @@ if [[ -z "${AUDITWHEEL:-}" ]]; then
   fi
   AUDITWHEEL="$WHEEL_VENVS/tools/bin/auditwheel"
 fi
-if printf '%s\n' "${entries[@]}" | grep -q '^cu-'; then
+if [[ $mode == build ]] && printf '%s\n' "${entries[@]}" | grep -q '^cu-'; then
   CUDA_HOME=${CUDA_HOME:-$(bash tools/cuda_home.sh)}
   [[ -n "$CUDA_HOME" && -x "$CUDA_HOME/bin/nvcc" ]] ||
     die "the CUDA entries need a CUDA toolkit (nvcc): none found (CUDA_HOME='$CUDA_HOME'); set CUDA_HOME or put nvcc on PATH, or build only the cpu-* entries"
@@ -158,20 +160,22 @@ built=()
 for e in "${entries[@]}"; do
   v=${e#*-} spec=$(torch_spec "$e") venv=$(venv_of "$e")
   start=$(date +%s)
-  echo "== build_wheels $e: python ${PY[$v]}, $spec, venv $venv"
-  if [[ ! -x "$venv/bin/python" ]] || ! "$venv/bin/python" -c "import torch, numpy, ninja, setuptools, wheel" 2>/dev/null; then
-    "${PY[$v]}" -m venv "$venv"
-    nice -n "$NICE" "$venv/bin/python" -m pip install -q "$spec" numpy ninja setuptools wheel
-  fi
   raw="build/wheels-raw/$e"
-  rm -rf "$raw"
-  if [[ $e == cu-* ]]; then
-    CUDA_HOME=$CUDA_HOME PATH="$CUDA_HOME/bin:$PATH" PAMA_EXT_CUDA=1 PYTHON="$venv/bin/python" DIST="$raw" \
-      nice -n "$NICE" bash tools/build_wheel.sh
-  else
-    PAMA_EXT_CUDA=0 PYTHON="$venv/bin/python" DIST="$raw" nice -n "$NICE" bash tools/build_wheel.sh
+  if [[ $mode == build ]]; then
+    echo "== build_wheels $e: python ${PY[$v]}, $spec, venv $venv"
+    if [[ ! -x "$venv/bin/python" ]] || ! "$venv/bin/python" -c "import torch, numpy, ninja, setuptools, wheel" 2>/dev/null; then
+      "${PY[$v]}" -m venv "$venv"
+      nice -n "$NICE" "$venv/bin/python" -m pip install -q "$spec" numpy ninja setuptools wheel
+    fi
+    rm -rf "$raw"
+    if [[ $e == cu-* ]]; then
+      CUDA_HOME=$CUDA_HOME PATH="$CUDA_HOME/bin:$PATH" PAMA_EXT_CUDA=1 PYTHON="$venv/bin/python" DIST="$raw" \
+        nice -n "$NICE" bash tools/build_wheel.sh
+    else
+      PAMA_EXT_CUDA=0 PYTHON="$venv/bin/python" DIST="$raw" nice -n "$NICE" bash tools/build_wheel.sh
+    fi
   fi
-  w=$(ls -1 "$raw"/pama_ext-*.whl)
+  w=$(ls -1 "$raw"/pama_ext-*.whl 2>/dev/null) || die "no raw wheel of $e in $raw (build it first)"
   # an earlier build of the same entry in dist/ is replaced
   old=$(wheel_of "$e")
   [[ -z "$old" ]] || rm -f "$old"
@@ -181,7 +185,7 @@ for e in "${entries[@]}"; do
   PATH="$(dirname "$AUDITWHEEL"):$PATH" "$AUDITWHEEL" repair ${AUDITWHEEL_PLAT:+--plat "$AUDITWHEEL_PLAT"} "${excludes[@]}" -w "$DIST" "$w"
   out=$(wheel_of "$e")
   [[ -n "$out" ]] || die "auditwheel wrote no manylinux wheel for $e into $DIST"
-  "$venv/bin/python" tools/check_wheel.py --repaired "$out" | tail -1
+  "${PY[$v]}" tools/check_wheel.py --repaired "$out" | tail -1
   echo "== build_wheels $e: $out ($(( $(date +%s) - start )) s)"
   built+=("$out")
 done
