@@ -13,12 +13,19 @@
 #   make bench           CPU benchmark of the fused ops (pama_ext/benchmarks/bench_ops.py: pama-ext bench ops)
 #   make info            versions, compiled archs, kernels per device
 #   make gpu-report      ptxas registers/spills and SASS load widths per kernel, sm_80 and sm_90 (no GPU needed)
-#   make wheel           a wheel for the installed torch into dist/ (CPU here; CUDA sm_80+sm_90 with a CUDA torch)
+#   make wheel           a wheel for the installed torch into dist/ (CPU here; CUDA sm_80+sm_90, sm_90 PTX, with a CUDA torch)
 #   make verify-wheel    install the newest wheel into a fresh venv and run the op tests against it
-#   make wheel-cuda      a CUDA wheel (sm_80 + sm_90) built on any machine with nvcc: a build venv
+#   make wheel-cuda      a CUDA wheel (sm_80 + sm_90, sm_90 PTX) built on any machine with nvcc: a build venv
 #                        (.venv-cuda) gets $(CUDA_TORCH_SPEC) from the registry, no GPU needed
 #   make verify-wheel-cuda  that wheel, installed into a fresh venv with $(CUDA_TORCH_SPEC), tested
 #                        (CUDA cases run only where a GPU is present; PAMA_EXT_REQUIRE_CUDA=1 to insist)
+#   make wheels          the release matrix into dist/, each wheel repaired to a manylinux tag
+#                        (tools/build_wheels.sh): CPU wheels for CPython 3.10-3.13 against $(TORCH_SPEC), CUDA
+#                        wheels (sm_80 + sm_90, sm_90 PTX) for 3.11 and 3.12 against $(CUDA_TORCH_SPEC);
+#                        interpreters from pyenv; WHEELS="cu-3.12 cpu-3.10" for some entries. Slow (about
+#                        an hour on 2 cores, several GB of torch downloads) and not part of `make test`
+#   make verify-wheels   each of those wheels installed into a fresh venv with its Python and torch, op tests
+#                        run against it; results appended to dist/verify-results.tsv
 VENV ?= .venv
 PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
@@ -58,7 +65,7 @@ CU_OBJECTS := $(patsubst csrc/cuda/%.cu,build/nvcc/%.o,$(CU_SOURCES))
 CU_HEADERS := $(wildcard csrc/*.h) $(wildcard csrc/cuda/*.cuh)
 
 .PHONY: test install build nvcc-check bench info clean demo study demo-dpo wheel verify-wheel gpu-report verl-deps \
-	test-verl wheel-cuda verify-wheel-cuda
+	test-verl wheel-cuda verify-wheel-cuda wheels verify-wheels
 
 test: install
 	$(MAKE) -j4 nvcc-check VENV="$(VENV)" PYTHON="$(PYTHON)"
@@ -167,6 +174,15 @@ wheel-cuda: $(CUDA_VENV)/.created
 verify-wheel-cuda:
 	TORCH_SPEC="$(CUDA_TORCH_SPEC)" VERIFY_SYSTEM_SITE=0 PYTHON=$(PYTHON) \
 		bash tools/verify_wheel.sh $$(ls -1t dist/pama_ext-*+cu*.whl | head -1)
+
+# the matrix entries of tools/build_wheels.sh to build or verify (empty: all of them)
+WHEELS ?=
+wheels:
+	TORCH_SPEC="$(TORCH_SPEC)" CUDA_TORCH_SPEC="$(CUDA_TORCH_SPEC)" CUDA_HOME="$(CUDA_HOME)" \
+		bash tools/build_wheels.sh $(WHEELS)
+
+verify-wheels:
+	TORCH_SPEC="$(TORCH_SPEC)" CUDA_TORCH_SPEC="$(CUDA_TORCH_SPEC)" bash tools/build_wheels.sh --verify $(WHEELS)
 
 # ptxas resources and SASS load widths of every kernel, one pair of files per arch of NVCC_ARCHS:
 # benchmarks/results/ptxas_sm<ARCH>.txt and sass_summary_sm<ARCH>.txt (no GPU needed; the SASS part needs

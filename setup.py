@@ -3,16 +3,20 @@
 Always builds the CPU kernels; adds the CUDA kernels when a CUDA-enabled torch and CUDA_HOME are
 present. Environment:
   PAMA_EXT_CUDA=auto|0|1      CUDA kernels: detect (default), never, or required
-  TORCH_CUDA_ARCH_LIST        CUDA targets, default "8.0;9.0"
+  TORCH_CUDA_ARCH_LIST        CUDA targets, default "8.0;9.0+PTX" (machine code for sm_80 and sm_90, and
+                              PTX of sm_90, which the driver compiles for newer GPUs)
   PAMA_EXT_LOCAL_VERSION      override the local version label (set it empty for none)
 Build with `pip install --no-build-isolation -e .` so the torch already installed is the one used.
 
 Version: BASE_VERSION plus a PEP 440 local label naming what the compiled library is tied to, the
 CUDA toolkit of the build (or "cpu" when no CUDA kernels are built) and torch's major.minor:
 0.1.0+cpu.torch2.13 for a CPU build, 0.1.0+cu130.torch2.11 for a CUDA 13.0 build against torch 2.11.
-A wheel only loads with the torch it was built against (the C++ ABI is not stable across releases).
+A wheel only loads with the torch release series it was built against (the C++ ABI is not stable
+across releases): its Requires-Dist pins that series (torch>=2.13,<2.14) and pama_ext/_build_info.py
+records the build for the import-time check (pama_ext/abi.py holds both rules).
 """
 import glob
+import importlib.util
 import os
 import re
 import sys
@@ -23,6 +27,18 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BASE_VERSION = "0.1.0"
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+
+
+def load_abi():
+    """pama_ext/abi.py, loaded by path (the package itself imports the compiled library)."""
+    spec = importlib.util.spec_from_file_location("pama_ext_abi", os.path.join(HERE, "pama_ext", "abi.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+ABI = load_abi()
 
 
 def want_cuda() -> bool:
@@ -46,7 +62,7 @@ def local_version_label(use_cuda: bool) -> str:
     if override is not None:
         label = override
     else:
-        major_minor = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+        major_minor = ABI.torch_series(torch.__version__)
         accel = "cu" + torch.version.cuda.replace(".", "") if use_cuda else "cpu"
         label = f"{accel}.torch{major_minor}"
     label = re.sub(r"[^0-9A-Za-z.]+", ".", label).strip(".")
@@ -96,7 +112,7 @@ def extensions(use_cuda: bool):
     # by csrc/cuda/*.cu + csrc/cuda/ops_cuda.cpp
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     if use_cuda:
-        archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
         write_build_info(True, archs)
         sources += sorted(glob.glob("csrc/cuda/*.cu")) + ["csrc/cuda/ops_cuda.cpp"]
         return [
@@ -124,6 +140,8 @@ USE_CUDA = want_cuda()
 
 setup(
     version=full_version(USE_CUDA),
+    # pyproject.toml lists dependencies as dynamic: the torch series this build is tied to
+    install_requires=[ABI.torch_requirement(torch.__version__), "numpy"],
     ext_modules=extensions(USE_CUDA),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

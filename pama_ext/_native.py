@@ -8,12 +8,30 @@ suite does this, so a build problem never passes silently).
 import os
 import warnings
 
-import torch  # noqa: F401  (loads libc10/libtorch, which the compiled library links against)
+import torch  # (loads libc10/libtorch, which the compiled library links against)
+
+from .abi import incompatibility
 
 NATIVE_AVAILABLE = False
 NATIVE_ERROR = None
 
+
+def _check_torch() -> None:
+    """Raises ImportError naming both versions where the build (pama_ext/_build_info.py) was made
+    against another torch release series or CUDA major version than the one imported (pama_ext.abi),
+    before the library is loaded: loading it would fail with an undefined C++ symbol, or worse."""
+    try:
+        from . import _build_info
+    except ImportError:  # a source tree without a build: importing _C fails on its own
+        return
+    problem = incompatibility(_build_info.BUILT_WITH_TORCH, _build_info.BUILT_WITH_CUDA, torch.__version__,
+                              torch.version.cuda, _build_info.VERSION)
+    if problem is not None:
+        raise ImportError(problem)
+
+
 try:
+    _check_torch()
     from . import _C  # noqa: F401  (import registers the ops)
 
     NATIVE_AVAILABLE = True

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 
@@ -37,10 +38,15 @@ def tree(tmp_path):
     return work
 
 
+# the Makefile's overridable variables (``NAME ?= default``): make would take them from the environment
+MAKE_VARIABLES = set(re.findall(r"^(\w+) \?=", (ROOT / "Makefile").read_text(), flags=re.M))
+
+
 def make(tree, *args, env=None):
-    # nothing from an enclosing make (``make test`` runs pytest) or the caller's NVCC settings leaks in
+    # nothing from an enclosing make (``make test`` runs pytest), the caller's NVCC settings or a variable
+    # of the Makefile set in the environment (tools/build_wheels.sh --verify sets TORCH_SPEC) leaks in
     full_env = {k: v for k, v in os.environ.items()
-                if not k.startswith(("MAKE", "MFLAGS", "NVCC", "PAMA_EXT_REQUIRE_NVCC"))}
+                if not k.startswith(("MAKE", "MFLAGS", "NVCC", "PAMA_EXT_REQUIRE_NVCC")) and k not in MAKE_VARIABLES}
     full_env.update(env or {})
     return subprocess.run(["make", "--no-print-directory", "-C", str(tree), *args], capture_output=True,
                           text=True, env=full_env, timeout=120)

@@ -9,12 +9,14 @@
 # built against the very torch it will run with. What kind of wheel comes out follows setup.py:
 #   PAMA_EXT_CUDA=auto|0|1    CUDA kernels: when torch has CUDA and CUDA_HOME is found (default),
 #                             never, or required (fails without CUDA)
-#   TORCH_CUDA_ARCH_LIST      CUDA targets, default here "8.0;9.0" (sm_80 A100, sm_90 H100/H200)
+#   TORCH_CUDA_ARCH_LIST      CUDA targets, setup.py's default "8.0;9.0+PTX" (sm_80 A100 and sm_90
+#                             H100/H200 machine code, sm_90 PTX that newer GPUs' drivers compile)
 # The version carries a PEP 440 local label with the build's CUDA and torch versions:
 #   pama_ext-0.1.0+cpu.torch2.13-cp311-cp311-linux_x86_64.whl    (CPU build, torch 2.13)
 #   pama_ext-0.1.0+cu130.torch2.11-cp311-cp311-linux_x86_64.whl  (CUDA 13.0 build, torch 2.11)
-# The platform tag is the plain linux_x86_64 (no auditwheel repair): the library links against
-# the libtorch / libc10 of the installed torch, which must be the same major.minor at run time.
+# The platform tag is the plain linux_x86_64: tools/build_wheels.sh (make wheels) builds the release
+# matrix and repairs each wheel to a manylinux tag. The library links against the libtorch / libc10
+# of the installed torch, which must be the same major.minor at run time (the wheel's Requires-Dist).
 # Environment: DIST (output folder, default dist/), PYTHON.
 set -euo pipefail
 
@@ -32,8 +34,8 @@ DIST=${DIST:-dist}
 read -r TORCH_VERSION TORCH_CUDA < <("$PYTHON" -c "import torch; print(torch.__version__, torch.version.cuda)")
 mode=${PAMA_EXT_CUDA:-auto}
 if [[ "$TORCH_CUDA" != "None" && "$mode" != "0" && "$mode" != "off" && "$mode" != "no" && "$mode" != "false" ]]; then
-  export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;9.0"}
-  echo "build_wheel: torch $TORCH_VERSION (CUDA $TORCH_CUDA), PAMA_EXT_CUDA=$mode, TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST"
+  echo "build_wheel: torch $TORCH_VERSION (CUDA $TORCH_CUDA), PAMA_EXT_CUDA=$mode," \
+    "TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-unset, the default of setup.py}"
   command -v nvcc >/dev/null && nvcc --version | tail -1
 else
   echo "build_wheel: torch $TORCH_VERSION (CPU build of the extension), PAMA_EXT_CUDA=$mode"
@@ -57,18 +59,7 @@ echo "build_wheel: built in $(( $(date +%s) - start )) s"
 
 wheel=$(ls -1t "$DIST"/pama_ext-*.whl | head -1)
 echo "build_wheel: contents of $wheel"
-"$PYTHON" - "$wheel" <<'PY'
-import sys, zipfile
-z = zipfile.ZipFile(sys.argv[1])
-libs = [i for i in z.infolist() if i.filename.endswith(".so")]
-for i in z.infolist():
-    if not i.filename.endswith(".pyc"):
-        print(f"  {i.file_size:>10}  {i.filename}")
-if len(libs) != 1:
-    sys.exit(f"build_wheel: expected exactly one compiled library in the wheel, found {len(libs)}")
-info = z.read("pama_ext/_build_info.py").decode()
-print("".join("  " + l + "\n" for l in info.splitlines()[1:]), end="")
-PY
+"$PYTHON" tools/check_wheel.py "$wheel"
 # Which GPU architectures the library carries (machine code per sm_XX, and PTX if any), where a
 # cuobjdump is at hand (tools/find_cuda_tool.sh).
 CUOBJDUMP=$(PYTHON="$PYTHON" bash tools/find_cuda_tool.sh cuobjdump CUOBJDUMP)

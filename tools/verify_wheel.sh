@@ -15,9 +15,11 @@
 # Either way the venv's own site-packages come first on sys.path, so the wheel installed there is
 # what `import pama_ext` finds, even next to an editable install of the source tree.
 # Then: the wheel is installed with --no-deps (--force-reinstall, so an editable install of the
-# same version in the system site-packages cannot stand in for it), the test deps (pytest,
-# hypothesis, expecttest, numpy) are installed if missing and a registry is reachable, and
-# python_tests/ plus README.md (test_readme.py reads ../README.md), docs/ and csrc/ are copied to a temporary folder
+# same version in the system site-packages cannot stand in for it), `pip check` confirms that the
+# torch there satisfies the wheel's Requires-Dist, the test deps (pytest,
+# hypothesis, expecttest, numpy, scipy, tqdm) are installed if missing and a registry is reachable, and
+# python_tests/ plus README.md (test_readme.py reads ../README.md), docs/, csrc/, the Makefile and
+# pyproject.toml are copied to a temporary folder
 # where pytest runs with PAMA_EXT_REQUIRE_NATIVE=1. A check before pytest and an extra test
 # inside the pytest session assert that `import pama_ext` resolves to the venv's site-packages.
 #
@@ -77,11 +79,18 @@ fi
 step "pip install --no-deps $(basename "$WHEEL")"
 "$VPY" -m pip install -q --no-deps --force-reinstall "$WHEEL"
 
-if ! "$VPY" -c "import pytest, hypothesis, expecttest, numpy" 2>/dev/null; then
-  step "pip install test deps (pytest hypothesis expecttest numpy)"
-  "$VPY" -m pip install -q pytest hypothesis expecttest numpy || {
+# the wheel's Requires-Dist (torch's release series of the build, numpy) holds for the torch installed
+step "pip check (Requires-Dist: $(unzip -p "$WHEEL" '*.dist-info/METADATA' | sed -n 's/^Requires-Dist: //p' | grep -v ';' | paste -sd' ' -))"
+# (only pama_ext's own line counts: a --system-site-packages venv may hold unrelated broken packages)
+if "$VPY" -m pip check 2>&1 | grep -i '^pama[-_]ext'; then
+  echo "verify_wheel: the torch in the venv does not satisfy the wheel's Requires-Dist" >&2; exit 5
+fi
+
+if ! "$VPY" -c "import pytest, hypothesis, expecttest, numpy, scipy, tqdm" 2>/dev/null; then
+  step "pip install test deps (pytest hypothesis expecttest numpy scipy tqdm)"
+  "$VPY" -m pip install -q pytest hypothesis expecttest numpy scipy tqdm || {
     echo "verify_wheel: could not install the test deps (no registry?); install pytest, hypothesis," \
-         "expecttest and numpy into $PYTHON's site-packages and use VERIFY_SYSTEM_SITE=1" >&2; exit 3; }
+         "expecttest, numpy, scipy and tqdm into $PYTHON's site-packages and use VERIFY_SYSTEM_SITE=1" >&2; exit 3; }
 fi
 
 TESTDIR="$WORK/tests"
@@ -92,6 +101,8 @@ cp "$ROOT/README.md" "$TESTDIR/README.md"
 # the C++/CUDA sources of the no-host-read lint; no Python sources, which would shadow the wheel
 cp -r "$ROOT/docs" "$TESTDIR/docs"
 cp -r "$ROOT/csrc" "$TESTDIR/csrc"
+# the Makefile and pyproject.toml: read by the tests of the Makefile and of the triton pin
+cp "$ROOT/Makefile" "$ROOT/pyproject.toml" "$TESTDIR/"
 find "$TESTDIR" -name __pycache__ -prune -exec rm -rf {} +
 SITE=$("$VPY" -c "import sysconfig; print(sysconfig.get_paths()['platlib'])")
 # Asserted again inside the pytest session, after conftest.py has set up sys.path.
