@@ -116,9 +116,11 @@ inline acc bad_lane(K keep, acc v) {
 // The per-objective sums of the Theorem-1 token weights over a tile (pama_math.h's thm1: the weight
 // of each end of the range [mn, mx] shared by the objectives that tie there): N holds n rows of
 // kVecTile values, out[i] += Σ_t weight of objective i at t. Masked-out tokens (m = 0; NaN padding)
-// add nothing. nmin, nmax, wmin, wmax: scratch tiles.
+// add nothing. nmin, nmax, wmin, wmax: scratch tiles. Always inlined: an out-of-line copy is compiled
+// for the baseline ISA only (the target clones are of the chunk functions that call it), which made the
+// n = 4 pama/token forward 4x slower when GCC chose not to inline it.
 template <typename acc>
-inline void thm1_weight_sums(const acc* N, int n, int len, const acc* mn, const acc* mx, const uint8_t* m, acc* nmin,
+__attribute__((always_inline)) inline void thm1_weight_sums(const acc* N, int n, int len, const acc* mn, const acc* mx, const uint8_t* m, acc* nmin,
                              acc* nmax, acc* wmin, acc* wmax, acc* out) {
 #pragma omp simd
   for (int t = 0; t < len; ++t) nmin[t] = nmax[t] = acc(0);
