@@ -44,17 +44,9 @@ PAMA_CPU_CLONES __attribute__((noinline)) void steered_thm1_tile(const PolicyLos
   for (int i = 0; i < n; ++i) {
     whiten_noon_tile(adv + i * BT, len, C.mean[i], C.istd[i], p.whiten, p.noon, N);
     const acc f = C.pref[i];
-    if (i == 0) {
 #pragma omp simd
-      for (int t = 0; t < len; ++t) A[t] = mx[t] = pref_scaled(N[t], f);
-    } else {
-#pragma omp simd
-      for (int t = 0; t < len; ++t) {
-        const acc v = pref_scaled(N[t], f);
-        A[t] = minv(A[t], v);
-        mx[t] = maxv(mx[t], v);
-      }
-    }
+    for (int t = 0; t < len; ++t) N[t] = pref_scaled(N[t], f);
+    range_update(i, N, len, A, mx);  // A holds the running minimum
   }
 #pragma omp simd
   for (int t = 0; t < len; ++t) A[t] = thm1_value(A[t], mx[t]);
@@ -91,15 +83,8 @@ inline void tile_a_tilde(const PolicyLossParams& p, const LossConsts<acc>& C, co
       const acc wi = w[i];
 #pragma omp simd
       for (int t = 0; t < len; ++t) A[t] += wi * N[t];
-    } else if (i == 0) {
-#pragma omp simd
-      for (int t = 0; t < len; ++t) mn[t] = mx[t] = N[t];
     } else {
-#pragma omp simd
-      for (int t = 0; t < len; ++t) {
-        mn[t] = minv(mn[t], N[t]);
-        mx[t] = maxv(mx[t], N[t]);
-      }
+      range_update(i, N, len, mn, mx);
     }
   }
   if (thm && C.steer) {

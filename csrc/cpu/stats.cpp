@@ -91,16 +91,7 @@ PAMA_CPU_CLONES void indicators_chunk(const StatsParams& p, const acc_of<scalar_
         s_i += keep_or_zero(ind[t], x);
         s_pos += keep_or_zero(m[t], x > acc(0) ? acc(1) : acc(0));
       }
-      if (i == 0) {  // the range of N over the objectives, per token
-#pragma omp simd
-        for (int t = 0; t < len; ++t) mn[t] = mx[t] = Ni[t];
-      } else {
-#pragma omp simd
-        for (int t = 0; t < len; ++t) {
-          mn[t] = minv(mn[t], Ni[t]);
-          mx[t] = maxv(mx[t], Ni[t]);
-        }
-      }
+      range_update(i, Ni, len, mn, mx);  // the range of N over the objectives, per token
       out[P.sum_i() + i] += s_i;
       out[P.pos() + i] += s_pos;
     }

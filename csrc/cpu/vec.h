@@ -113,6 +113,23 @@ inline acc bad_lane(K keep, acc v) {
   return keep_lanes(keep, (v - v) == acc(0) ? acc(0) : acc(1));
 }
 
+// The per-token range [mn, mx] over the objectives, grown by one objective's tile x (i: its index; the
+// first one starts the range). Always inlined, like thm1_weight_sums below, so that it runs in the ISA
+// clone of its caller.
+template <typename acc>
+__attribute__((always_inline)) inline void range_update(int i, const acc* x, int len, acc* mn, acc* mx) {
+  if (i == 0) {
+#pragma omp simd
+    for (int t = 0; t < len; ++t) mn[t] = mx[t] = x[t];
+  } else {
+#pragma omp simd
+    for (int t = 0; t < len; ++t) {
+      mn[t] = minv(mn[t], x[t]);
+      mx[t] = maxv(mx[t], x[t]);
+    }
+  }
+}
+
 // The per-objective sums of the Theorem-1 token weights over a tile (pama_math.h's thm1: the weight
 // of each end of the range [mn, mx] shared by the objectives that tie there): N holds n rows of
 // kVecTile values, out[i] += Σ_t weight of objective i at t. Masked-out tokens (m = 0; NaN padding)
