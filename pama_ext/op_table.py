@@ -121,8 +121,9 @@ def _is_tensor_type(t) -> bool:
 
 
 def schema_args(op: str, values: Mapping[str, Any], *, detach: Sequence[str] = ()) -> Named:
-    """The arguments of ``op`` by schema name, taken from ``values`` (e.g. the entry point's
-    ``locals()``): names the schema does not have are left out, arguments ``values`` does not have get
+    """The arguments of ``op`` by schema name, taken from ``values`` (the entry point's parameters as
+    an explicit ``dict(name=name, ...)``; not ``locals()``, which Dynamo before torch 2.13 cannot
+    trace, and test_op_table.py checks each dict against its signature): names the schema does not have are left out, arguments ``values`` does not have get
     the schema default, and scalars are normalised: a ``float`` argument given as None is +inf (the
     documented "disabled" of ``dual_clip`` and ``clip``), floats and bools are converted to Python
     ``float`` / ``bool``. The tensors named in ``detach`` are detached (inputs that get no gradient)."""

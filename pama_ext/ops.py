@@ -85,7 +85,8 @@ def token_rewards(
     ``r_i[b,t] = -beta_kl * mask * (old_logp - ref_logp) + [t is the last masked-in t of row b] * scores[i,b]``.
     Differentiable w.r.t. scores, old_logp and ref_logp.
     """
-    args = schema_args("token_rewards", locals())
+    args = schema_args("token_rewards", dict(scores=scores, old_logp=old_logp, ref_logp=ref_logp, mask=mask,
+                                              beta_kl=beta_kl))
     return call_native("token_rewards", args) if _native.available() else fallback("token_rewards", args)
 
 
@@ -98,7 +99,7 @@ def multi_gae(
     recursion. ``gamma`` and ``lam`` are finite numbers in [0, 1]. Differentiable w.r.t. rewards
     and values (a fused adjoint scan).
     """
-    args = schema_args("multi_gae", locals())
+    args = schema_args("multi_gae", dict(rewards=rewards, values=values, mask=mask, gamma=gamma, lam=lam))
     return call_native("multi_gae", args) if _native.available() else fallback("multi_gae", args)
 
 
@@ -110,7 +111,7 @@ def objective_moments(advantages: Tensor, mask: Tensor, *, group: Optional[Any] 
     more). With ``group``, those of the global batch (the ranks' moments gathered and combined in
     rank order)."""
     _needs_native(group, "objective_moments")
-    args = schema_args("objective_moments", locals(), detach=("advantages",))
+    args = schema_args("objective_moments", dict(advantages=advantages, mask=mask), detach=("advantages",))
     if not _native.available():
         return fallback("objective_moments", args)
     local = call_native("objective_moments", args)
@@ -137,9 +138,11 @@ def objective_stats(
     (:mod:`pama_ext.distributed`).
     """
     _needs_native(group, "objective_stats")
+    values = dict(advantages=advantages, logp=logp, old_logp=old_logp, mask=mask, eps_hi=eps_hi, whiten=whiten,
+                  noon=noon)
     if group is not None:
-        return _global_stats(locals(), group)
-    args = schema_args("objective_stats", locals(), detach=("advantages", "logp", "old_logp"))
+        return _global_stats(values, group)
+    args = schema_args("objective_stats", values, detach=("advantages", "logp", "old_logp"))
     return call_native("objective_stats", args) if _native.available() else fallback("objective_stats", args)
 
 
@@ -155,7 +158,8 @@ def pareto_weights(
     :func:`pama_ext.pareto.gram_weights` on the statistics Gram (``prefs`` as CAGrad's w and
     ``cagrad_c`` as its c), exact up to float64 rounding (docs/algorithms.md §6).
     """
-    args = schema_args("pareto_weights", locals(), detach=("stats",))
+    args = schema_args("pareto_weights", dict(stats=stats, method=method, granularity=granularity, prefs=prefs,
+                                               cagrad_c=cagrad_c), detach=("stats",))
     return call_native("pareto_weights", args) if _native.available() else fallback("pareto_weights", args)
 
 
@@ -220,7 +224,11 @@ def pama_policy_loss(
     and ``weights``.
     """
     _needs_native(group, "pama_policy_loss")
-    args = schema_args("pama_policy_loss", locals(), detach=("advantages",))
+    args = schema_args("pama_policy_loss", dict(
+        logp=logp, old_logp=old_logp, advantages=advantages, mask=mask, ref_logp=ref_logp, eps_lo=eps_lo,
+        eps_hi=eps_hi, dual_clip=dual_clip, noon=noon, whiten=whiten, method=method, granularity=granularity,
+        prefs=prefs, agg=agg, beta_loss=beta_loss, check_finite=check_finite, cagrad_c=cagrad_c),
+        detach=("advantages",))
     if not _native.available():
         return fallback("pama_policy_loss", args)
     loss, metrics, _, _ = policy_loss_native(args, group)
@@ -264,7 +272,9 @@ def multi_value_loss(
     and metrics have their global values on every rank (as in :func:`pama_policy_loss`).
     """
     _needs_native(group, "multi_value_loss")
-    args = schema_args("multi_value_loss", locals(), detach=("old_values", "returns"))
+    args = schema_args("multi_value_loss", dict(values=values, old_values=old_values, returns=returns, mask=mask,
+                                                 clip=clip, agg=agg, check_finite=check_finite),
+                       detach=("old_values", "returns"))
     if not _native.available():
         return fallback("multi_value_loss", args)
     if group is not None:

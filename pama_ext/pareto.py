@@ -52,7 +52,8 @@ def gram_weights(G: Tensor, w: Optional[Tensor] = None, method: str = "mgda", c:
         raise ValueError(f"gram_weights: c must be finite and >= 0, got {c}")
     if not _native.available("gram_weights"):
         return reference.gram_weights(_acc(G), w, method, c)
-    return call_native("gram_weights", schema_args("gram_weights", locals(), detach=("G", "w")))
+    return call_native("gram_weights", schema_args("gram_weights", dict(G=G, w=w, method=method, c=c),
+                                                          detach=("G", "w")))
 
 
 def pama_weights(v: Tensor) -> Tensor:

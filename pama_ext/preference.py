@@ -60,7 +60,10 @@ def multi_dpo_loss(
     Both in float32 (float64 for float64 inputs). ``losses`` is differentiable w.r.t. the four
     log-prob tensors (fused backward kernel).
     """
-    args = schema_args("multi_dpo_loss", locals())
+    args = schema_args("multi_dpo_loss", dict(
+        policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps,
+        ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps, labels=labels, beta=beta,
+        chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths))
     return call_native("multi_dpo_loss", args) if _native.available("multi_dpo_loss") else fallback("multi_dpo_loss", args)
 
 

@@ -4,12 +4,15 @@ points, autograd) uses the schema names. The behaviour of each op on both paths 
 file; this file tests the wiring."""
 from __future__ import annotations
 
+import ast
 import inspect
+import pathlib
+import textwrap
 
 import pytest
 import torch
 
-from pama_ext import op_table, ops, preference
+from pama_ext import op_table, ops, pareto, preference
 from pama_testutils import require_native
 
 # the ops of the library that are not in the table: they describe the build, not tensors
@@ -56,6 +59,49 @@ def test_entry_points_take_schema_names(fn):
     params = set(inspect.signature(fn).parameters) - {"group"}
     names = set(op_table.arg_names(fn.__name__))
     assert params <= names, params - names
+
+
+def _schema_args_dict(fn):
+    """The op name and the ``dict(name=name, ...)`` keywords that ``fn`` hands to ``schema_args``
+    (directly, or through one local variable assigned that dict)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(inspect.unwrap(fn))))
+    assigned = {node.targets[0].id: node.value for node in ast.walk(tree)
+                if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)}
+    calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call)
+             and getattr(node.func, "id", getattr(node.func, "attr", None)) == "schema_args"]
+    assert calls, f"{fn.__name__} does not call schema_args"
+    found = set()
+    for call in calls:
+        op, values = call.args[0].value, call.args[1]
+        if isinstance(values, ast.Name):
+            values = assigned[values.id]
+        assert isinstance(values, ast.Call) and values.func.id == "dict" and not values.args, ast.unparse(values)
+        for kw in values.keywords:
+            assert isinstance(kw.value, ast.Name) and kw.value.id == kw.arg, f"{fn.__name__}: {ast.unparse(kw)}"
+        found.add((op, frozenset(kw.arg for kw in values.keywords)))
+    assert len(found) == 1, found
+    return found.pop()
+
+
+@pytest.mark.parametrize("fn", ENTRY_POINTS + [pareto.gram_weights], ids=lambda f: f.__name__)
+def test_entry_points_pass_every_parameter_by_name(fn):
+    """Each entry point hands schema_args an explicit ``dict(name=name, ...)`` of all its parameters
+    (``locals()`` would be shorter, but Dynamo before torch 2.13 cannot trace it, so
+    ``torch.compile(fullgraph=True)`` of the ops failed there). schema_args fills a name it is not
+    given with the schema default, so a parameter left out of the dict would be silently ignored:
+    this checks the dict against the signature."""
+    op, keys = _schema_args_dict(fn)
+    assert op == fn.__name__
+    assert keys == set(inspect.signature(fn).parameters) - {"group"}
+
+
+def test_no_locals_in_the_package():
+    """``locals()`` cannot be traced by Dynamo before torch 2.13 (see above): none in the package."""
+    root = pathlib.Path(op_table.__file__).parent
+    hits = [f"{p.relative_to(root)}:{node.lineno}" for p in sorted(root.rglob("*.py"))
+            for node in ast.walk(ast.parse(p.read_text())) if isinstance(node, ast.Call)
+            and getattr(node.func, "id", None) in ("locals", "vars") and not node.args]
+    assert not hits, hits
 
 
 def test_schema_args_normalises_and_fills_defaults():
