@@ -83,6 +83,7 @@ def write_build_info(use_cuda: bool, archs: str) -> None:
         f"BUILT_WITH_TORCH = {torch.__version__!r}\n"
         f"BUILT_WITH_CUDA = {torch.version.cuda if use_cuda else None!r}\n"
         f"CUDA_ARCHS = {archs if use_cuda else ''!r}\n"
+        f"SOURCE_DIGEST = {ABI.source_digest(HERE)!r}\n"
     )
     with open(path + ".tmp", "w") as f:
         f.write(text)

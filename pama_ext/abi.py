@@ -63,3 +63,29 @@ def incompatibility(built_torch: str, built_cuda, torch_version: str, torch_cuda
             f"{torch_version} with CUDA {torch_cuda} (another CUDA major version, another CUDA runtime). {fix}"
         )
     return None
+
+
+#: the files the compiled library is built from, relative to the source tree (setup.py compiles csrc/
+#: and registers the schemas of pama_ext/schemas.def)
+LIBRARY_SOURCES = ("csrc/**/*", "pama_ext/schemas.def")
+
+
+def source_digest(root: str) -> str:
+    """A short SHA-256 over the paths and contents of the files of :data:`LIBRARY_SOURCES` under the
+    source tree ``root``. setup.py records it in ``_build_info.SOURCE_DIGEST``, so a library (e.g. one
+    taken from a prebuilt wheel) can be checked against a tree: equal digests, same kernels."""
+    import glob
+    import hashlib
+    import os
+
+    files = sorted({p for pattern in LIBRARY_SOURCES for p in glob.glob(os.path.join(root, pattern), recursive=True)
+                    if os.path.isfile(p)})
+    if not files:
+        raise FileNotFoundError(f"no library sources ({', '.join(LIBRARY_SOURCES)}) under {root}")
+    h = hashlib.sha256()
+    for path in files:
+        h.update(os.path.relpath(path, root).replace(os.sep, "/").encode() + b"\0")
+        with open(path, "rb") as f:
+            h.update(f.read())
+        h.update(b"\0")
+    return h.hexdigest()[:16]

@@ -41,6 +41,19 @@ def _kernel_table() -> List[str]:
     return lines
 
 
+def library_sources_line(built: Optional[str]) -> str:
+    """The digest of the sources the loaded library was built from (pama_ext.abi.source_digest) and, in a
+    source tree (csrc/ next to the package: an editable install), whether the tree still matches it."""
+    from . import abi
+
+    if built is None:
+        return "(not recorded: built before the digest existed)"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.isdir(os.path.join(root, "csrc")):
+        return built
+    same = abi.source_digest(root) == built
+    return f"{built} ({'matches this source tree' if same else 'this source tree differs: rebuild'} {root})"
+
 def cmd_info(_args) -> int:
     import torch
 
@@ -58,6 +71,7 @@ def cmd_info(_args) -> int:
 
             print(f"built with      torch {bi.BUILT_WITH_TORCH}, CUDA {bi.BUILT_WITH_CUDA}")
             print(f"CUDA archs      {bi.CUDA_ARCHS or '(none: CPU-only build)'}")
+            print(f"library sources {library_sources_line(getattr(bi, 'SOURCE_DIGEST', None))}")
         except ImportError:
             print("built with      (no build info)")
         print(f"compiled lib    {os.path.abspath(pama_ext._C.__file__)}")

@@ -259,3 +259,92 @@ def test_check_wheel_accepts_a_complete_wheel_and_names_what_is_wrong(tmp_path):
         assert r.returncode == 1, (kwargs, r.stdout, r.stderr)
         for word in words:
             assert word in r.stderr, (word, r.stderr)
+
+
+# ---- the source digest and a carried wheel's library (tools/wheel_library.py, tools/gpu_session.sh) ----
+needs_sources = pytest.mark.skipif(not (ROOT / "csrc").is_dir() or not (ROOT / "tools" / "wheel_library.py").exists(),
+                                   reason="no csrc/ or tools/ (an installed wheel's test run)")
+
+
+def library_tree(tmp_path) -> pathlib.Path:
+    """A copy of what the digest and tools/wheel_library.py read: csrc/, pama_ext/{abi.py,schemas.def}, tools/."""
+    tree = tmp_path / "tree"
+    shutil.copytree(ROOT / "csrc", tree / "csrc")
+    (tree / "pama_ext").mkdir()
+    for name in ("abi.py", "schemas.def"):
+        shutil.copy(ROOT / "pama_ext" / name, tree / "pama_ext" / name)
+    (tree / "tools").mkdir()
+    shutil.copy(ROOT / "tools" / "wheel_library.py", tree / "tools" / "wheel_library.py")
+    return tree
+
+
+@needs_sources
+def test_source_digest_follows_every_library_source(tmp_path):
+    tree = library_tree(tmp_path)
+    digest = abi.source_digest(str(tree))
+    assert digest == abi.source_digest(str(ROOT)) and len(digest) == 16
+    kernel = next(tree.glob("csrc/cpu/*.cpp"))
+    kernel.write_bytes(kernel.read_bytes() + b" ")
+    assert abi.source_digest(str(tree)) != digest
+    kernel.write_bytes(kernel.read_bytes()[:-1])
+    assert abi.source_digest(str(tree)) == digest
+    (tree / "pama_ext" / "schemas.def").write_text((tree / "pama_ext" / "schemas.def").read_text() + "\n")
+    assert abi.source_digest(str(tree)) != digest
+    shutil.copy(ROOT / "pama_ext" / "schemas.def", tree / "pama_ext" / "schemas.def")
+    (tree / "csrc" / "cuda" / "new.cuh").write_text("")
+    assert abi.source_digest(str(tree)) != digest  # a new file counts, even an empty one
+    with pytest.raises(FileNotFoundError, match="no library sources"):
+        abi.source_digest(str(tmp_path / "empty"))
+
+
+def library_wheel(path, tag, record):
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("pama_ext/_build_info.py", "".join(f"{k} = {v!r}\n" for k, v in record.items()))
+        z.writestr(f"pama_ext/_C.cpython-{tag[2:]}-x86_64-linux-gnu.so", b"library bytes")
+        z.writestr("pama_ext/__init__.py", "")
+    return path
+
+
+@needs_sources
+def test_wheel_library_takes_only_a_wheel_of_these_sources_python_and_torch(tmp_path):
+    tree = library_tree(tmp_path)
+    tag = f"cp{sys.version_info[0]}{sys.version_info[1]}"
+    record = {"VERSION": "0.1.0+x", "BUILT_WITH_TORCH": torch.__version__, "BUILT_WITH_CUDA": torch.version.cuda,
+              "CUDA_ARCHS": "", "SOURCE_DIGEST": abi.source_digest(str(tree))}
+    other_torch = f"{MAJOR}.{MINOR + 1}.0"
+
+    def run(name, tag, **changes):
+        whl = library_wheel(tmp_path / f"pama_ext-0.1.0-{tag}-{tag}-linux_x86_64-{name}.whl", tag, {**record, **changes})
+        return subprocess.run([sys.executable, str(tree / "tools" / "wheel_library.py"), str(whl)],
+                              capture_output=True, text=True, timeout=120)
+
+    for name, t, changes, words in [
+        ("stale", tag, {"SOURCE_DIGEST": "0123456789abcdef"}, "built from other library sources"),
+        ("old", tag, {"SOURCE_DIGEST": None}, "built from other library sources"),
+        ("py", "cp39", {}, "not for this Python"),
+        ("torch", tag, {"BUILT_WITH_TORCH": other_torch}, f"built against torch {other_torch}"),
+    ]:
+        r = run(name, t, **changes)
+        assert r.returncode == 1 and words in r.stderr, (name, r.stdout, r.stderr)
+        assert not list((tree / "pama_ext").glob("_C*")) and not (tree / "pama_ext" / "_build_info.py").exists()
+    r = run("good", tag)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lib = tree / "pama_ext" / f"_C.cpython-{tag[2:]}-x86_64-linux-gnu.so"
+    assert lib.read_bytes() == b"library bytes"
+    assert f"SOURCE_DIGEST = {record['SOURCE_DIGEST']!r}" in (tree / "pama_ext" / "_build_info.py").read_text()
+    assert not (tree / "pama_ext" / "__init__.py").exists()  # only the library and its build record
+
+
+def test_info_says_whether_the_library_matches_the_source_tree():
+    from pama_ext import cli
+
+    assert "not recorded" in cli.library_sources_line(None)
+    package_root = pathlib.Path(pama_ext.__file__).resolve().parent.parent
+    if not (package_root / "csrc").is_dir():  # an installed package: the digest alone
+        assert cli.library_sources_line("0123456789abcdef") == "0123456789abcdef"
+        return
+    here = abi.source_digest(str(package_root))
+    assert cli.library_sources_line(here).startswith(f"{here} (matches this source tree")
+    assert "this source tree differs: rebuild" in cli.library_sources_line("0123456789abcdef")

@@ -71,7 +71,7 @@ def check(path: pathlib.Path, repaired: bool) -> list[str]:
         return problems
     record: dict = {}
     exec(z.read("pama_ext/_build_info.py").decode(), record)
-    print("".join(f"  {k} = {record[k]!r}\n" for k in ("VERSION", "BUILT_WITH_TORCH", "BUILT_WITH_CUDA", "CUDA_ARCHS")),
+    print("".join(f"  {k} = {record[k]!r}\n" for k in ("VERSION", "BUILT_WITH_TORCH", "BUILT_WITH_CUDA", "CUDA_ARCHS", "SOURCE_DIGEST") if k in record),
           end="")
 
     dist_info = [n for n in names if n.endswith(".dist-info/METADATA")]

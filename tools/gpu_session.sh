@@ -14,11 +14,19 @@
 # or times out is recorded and skipped on later calls (name it to retry); every stage has its
 # own time limit (`timeout`), so one failure does not eat the budget.
 #
+# Before the GPU call, on the CPU machine: `make wheels WHEELS=cu-3.12` at the commit to be run (the GPU
+# machines' Python 3.12 and torch 2.11+cu130), and pass that wheel in the device tool's `carry`
+# (e.g. carry=["dist/pama_ext-0.1.0+cu130.torch2.11-cp312-cp312-manylinux_2_34_x86_64.whl"], 9 MB): the
+# build stage then takes seconds instead of several minutes of the device budget. A wheel built from
+# other csrc/ or schemas.def is refused (source digest) and the stage compiles.
+#
 # Stages, in order (max seconds):
 #   env          nvidia-smi, python/torch/CUDA/nvcc versions; transformers etc. from ./.gpu_wheels
 #                if that wheelhouse was carried along and transformers is missing              (60)
-#   build        PAMA_EXT_CUDA=1 pip install --no-build-isolation --no-deps -e .  (archs: this GPU's,
-#                EDITABLE_ARCHS to override; the wheel carries 8.0;9.0)                        (480)
+#   build        the library of a carried CUDA wheel of this Python (dist/pama_ext-*+cu*-cpXY-*.whl, or
+#                GPU_WHEEL) when tools/wheel_library.py finds it built from this tree's sources (seconds);
+#                else PAMA_EXT_CUDA=1 pip install --no-build-isolation --no-deps -e .  (archs: this
+#                GPU's, EDITABLE_ARCHS to override; the wheel carries 8.0;9.0)                  (480)
 #   info         python -m pama_ext.cli info                                                  (60)
 #   gpu_tests    test_cuda_graphs.py + the CUDA cases of test_invariants.py (sync, graphs)     (240)
 #   tests        the whole suite, PAMA_EXT_REQUIRE_NATIVE=1 PAMA_EXT_REQUIRE_CUDA=1; trainer and
@@ -26,7 +34,8 @@
 #   bench_ops    pama_ext.benchmarks.bench_gpu --only bandwidth,policy_loss,gae,stats (full sweeps)  (540)
 #   bench_models pama_ext.benchmarks.bench_gpu --only headline,e2e (124M and 1B models)           (480)
 #   bench_gram   pama_ext.benchmarks.gradient_gram --device cuda, fp32 and bf16 gradients   (300)
-#   wheel        tools/build_wheel.sh: CUDA wheel, TORCH_CUDA_ARCH_LIST=8.0;9.0                 (420)
+#   wheel        tools/build_wheel.sh: CUDA wheel, TORCH_CUDA_ARCH_LIST=8.0;9.0 (nothing to do when the
+#                carried wheel was built from this tree)                                         (420)
 #   verify       tools/verify_wheel.sh on that wheel, PAMA_EXT_REQUIRE_CUDA=1, the CUDA cases
 #                of the op tests (VERIFY_PYTEST_ARGS; the full suite ran in `tests`)           (420)
 #   gpu_report   tools/gpu_report.sh: ptxas registers/spills + SASS load widths for sm_90 ->
@@ -53,6 +62,9 @@ QUICK_OUT=build/gpu_session/bench_quick
 mkdir -p "$OUT" "$STATE" "$LOGS" "$QUICK_OUT"
 export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+# the tree's pama_ext for every stage and the subprocesses of the tests, whether the library came from
+# the editable build or from a carried wheel (stage build)
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 T_START=$(date +%s)
 CALL_ID=$(date +%Y%m%d-%H%M%S)
 
@@ -108,7 +120,22 @@ PY
   "$PY" -m pip freeze >"$LOGS/pip_freeze.txt" 2>/dev/null || true
 }
 
+# the carried CUDA wheel (dist/, `carry` of the device tool) of this interpreter, if one is there
+carried_wheel() {
+  local tag
+  tag=$("$PY" -c "import sys; print(f'cp{sys.version_info[0]}{sys.version_info[1]}')")
+  ls -1t dist/pama_ext-*+cu*-"$tag"-"$tag"-*.whl 2>/dev/null | head -1
+}
+
 stage_build() {
+  local whl
+  whl=${GPU_WHEEL:-$(carried_wheel)}
+  if [[ -n "$whl" ]]; then  # built from these sources on a CPU machine: saves the CUDA compile
+    if "$PY" tools/wheel_library.py "$whl" && have_cuda_build; then
+      echo "using the compiled library of $whl (no build)"; return 0
+    fi
+    echo "the carried wheel does not serve; building from source"
+  fi
   local archs=${EDITABLE_ARCHS:-$("$PY" -c "import torch; c = torch.cuda.get_device_capability(0); print(f'{c[0]}.{c[1]}')" 2>/dev/null || echo "9.0")}
   echo "PAMA_EXT_CUDA=1 TORCH_CUDA_ARCH_LIST=$archs MAX_JOBS=${MAX_JOBS:-$(nproc)}"
   PAMA_EXT_CUDA=1 TORCH_CUDA_ARCH_LIST="$archs" MAX_JOBS=${MAX_JOBS:-$(nproc)} \
@@ -137,6 +164,11 @@ stage_tests() {
 }
 
 stage_wheel() {
+  local whl
+  whl=${GPU_WHEEL:-$(carried_wheel)}
+  if [[ -n "$whl" ]] && "$PY" tools/wheel_library.py "$whl" >/dev/null 2>&1; then
+    echo "the carried $whl was built from these sources: verify that one (no build)"; return 0
+  fi
   rm -f dist/pama_ext-*+cu*.whl
   PAMA_EXT_CUDA=1 TORCH_CUDA_ARCH_LIST="8.0;9.0" MAX_JOBS=${MAX_JOBS:-$(nproc)} PYTHON="$PY" bash tools/build_wheel.sh
 }
