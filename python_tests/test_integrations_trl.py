@@ -487,7 +487,7 @@ def test_output_layer_cost(world, tmp_path):
     logits of B·(L-1) rows at once (tiles of 4096 tokens x 32768 vocabulary; on CUDA only the
     completion's tokens), not kept for the backward, which recomputes them: 4 matmuls. The fused path
     reads the completion's B·T rows only (one chunk here), 3 matmuls with rollout log-probs (single
-    pass), 4 without them (log-probs first)."""
+    pass), 4 without them (log-probs first). Matmuls in units of one B·T x H x V matmul."""
     from pama_ext.benchmarks.trl_step import output_layer_profile
 
     trainer = make_trainer(world, tmp_path, [chars_reward, vowel_reward], fused_linear=True, bf16=False)
@@ -497,10 +497,13 @@ def test_output_layer_cost(world, tmp_path):
     B, T = on_policy["completion_ids"].shape
     L = T + on_policy["prompt_ids"].shape[1]
 
-    def cost(inputs, fused):
-        return output_layer_profile(lambda: loss_and_grads(trainer, inputs, fused), V)
+    H = trainer.model.get_output_embeddings().weight.shape[1]
 
-    assert cost(off, False) == (4, B * (L - 1)) and cost(on_policy, False) == (4, B * (L - 1))
+    def cost(inputs, fused):  # (matmuls of B·T x H x V, rows of logits at once)
+        macs, rows = output_layer_profile(lambda: loss_and_grads(trainer, inputs, fused), V)
+        return macs / (B * T * H * V), rows
+
+    assert cost(off, False) == cost(on_policy, False) == (4 * (L - 1) / T, B * (L - 1))
     assert cost(off, True) == (3, B * T)
     assert cost(on_policy, True) == (4, B * T)
 
@@ -530,9 +533,9 @@ def test_fused_linear_bf16_autocast(world, tmp_path):
 
 
 def test_call_through_wrapper():
-    """The call runs as the inner module's forward, called through the wrapper; the inner module's own
-    forward (a class method, or an instance one as accelerate and TRL patch it) is back afterwards,
-    also when the call raises."""
+    """The call runs as the inner module's forward, called through the wrapper with the arguments;
+    the inner module's own forward (a class method, or an instance one as accelerate and TRL patch
+    it) is back afterwards, also when the call raises."""
     from pama_ext.integrations.trl import call_through_wrapper
 
     class Wrapper(torch.nn.Module):
@@ -544,8 +547,8 @@ def test_call_through_wrapper():
             return ("wrapped", self.module(*args, **kwargs))
 
     inner = torch.nn.Linear(2, 2)
-    assert call_through_wrapper(inner, inner, lambda: 3) == 3
-    assert call_through_wrapper(Wrapper(inner), inner, lambda: 3) == ("wrapped", 3)
+    assert call_through_wrapper(inner, inner, lambda x, y=0: x + y, 3, y=1) == 4
+    assert call_through_wrapper(Wrapper(inner), inner, lambda x, y=0: x + y, 3, y=1) == ("wrapped", 4)
     assert "forward" not in inner.__dict__
     own = inner.forward = lambda x: x
     assert call_through_wrapper(Wrapper(inner), inner, lambda: inner.forward) == ("wrapped", own)
@@ -557,6 +560,26 @@ def test_call_through_wrapper():
     with pytest.raises(KeyError):
         call_through_wrapper(Wrapper(inner), inner, boom)
     assert inner.forward is own
+
+
+def test_fused_linear_under_ddp(world, tmp_path):
+    """The fused path with the model wrapped in DistributedDataParallel (one gloo process): the loss
+    runs through DDP's forward and gives the unwrapped model's loss and gradients."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    trainer = make_trainer(world, tmp_path, [chars_reward, vowel_reward], method="pama", fused_linear=True, bf16=False)
+    inputs = off_policy(trainer, generation_batch(world, trainer, n_prompts=4))
+    want = loss_and_grads(trainer, inputs, fused=True)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'ddp_init'}", rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(trainer.model)
+        assert trainer.accelerator.unwrap_model(ddp) is trainer.model
+        assert_same_loss_and_grads(loss_and_grads(trainer, inputs, fused=True, model=ddp), want)
+    finally:
+        dist.destroy_process_group()
 
 
 def test_fused_linear_refuses_what_it_cannot_compute(world, tmp_path):

@@ -1,4 +1,4 @@
-"""``PamaGRPOTrainer``'s loss step (``_compute_loss`` forward + backward, no generation) on TRL's
+"""``PamaGRPOTrainer``'s loss step (``compute_loss`` forward + backward, no generation) on TRL's
 log-probs (``fused_linear=False``: TRL 1.16's tiled LM head, ``fused_lm_head=True``) against the
 fused output layer (``fused_linear=True``: ``pama_ext.fused_linear_policy_loss`` from the last
 hidden states), one fresh process per case, on a randomly initialised GPT-2-shaped model.
@@ -14,8 +14,9 @@ Cases:
 Per case: the peak resident set of the first step above the resident set before it (``VmHWM`` after
 ``clear_refs``, glibc returning large blocks: common.peak_memory_mb), the process's whole ``ru_maxrss``,
 the median time of ``--repeats`` further steps, and, from one more step under the profiler
-(:func:`output_layer_profile`), the output-layer matmuls per step and the most rows of a ``[rows, V]``
-tensor the step reads (``B·T`` rows: the completion's logits materialised at once).
+(:func:`output_layer_profile`), the output layer's matmul work per step in units of one
+``B·T × H × V`` matmul and the most rows of a ``[rows, V]`` tensor the step reads (``B·T`` rows: the
+completion's logits materialised at once).
 Options: method ``pama``, token granularity, two objectives, loss type ``grpo``, ``beta`` 0, float32
 (``bf16=False``; ``--bf16`` for GRPOConfig's bf16 autocast).
 """
@@ -40,25 +41,29 @@ from . import common
 MODULE = "pama_ext.benchmarks.trl_step"
 CASES = ("trl", "fused", "fused-onpolicy")
 _MATMULS = frozenset(("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm"))
+_WITH_ADDEND = frozenset(("aten::addmm", "aten::addmm_", "aten::baddbmm"))  # (addend, m1, m2, ...)
 #: ops that call those (not counted twice; their operands are no logits either)
 _MATMUL_WRAPPERS = frozenset(("aten::matmul", "aten::linear"))
 
 
 def output_layer_profile(fn: Callable[[], object], vocab: int) -> Tuple[int, int]:
-    """``(matmuls, rows)`` of one call ``fn()`` under the torch profiler (forward and backward, custom
-    autograd functions included): the matmuls (aten mm / addmm / bmm) with an operand of a dimension
-    ``vocab`` (the output layer's), and the most rows of a tensor ``[..., vocab]`` that any other op
-    reads (``B·T`` rows: the completion's logits materialised at once)."""
+    """``(macs, rows)`` of one call ``fn()`` under the torch profiler (forward and backward, custom
+    autograd functions included): the multiply-adds of the matmuls (aten mm / addmm / bmm) with an
+    operand of a dimension ``vocab`` (the output layer's; one ``N × H × V`` matmul is ``N·H·V``), and
+    the most rows of a tensor ``[..., vocab]`` that any other op reads (``B·T`` rows: the completion's
+    logits materialised at once)."""
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         fn()
-    matmuls = rows = 0
+    macs = rows = 0
     for e in prof.events():
-        shapes = [s for s in e.input_shapes if isinstance(s, (list, tuple)) and len(s) >= 2]
+        shapes = [list(s) if isinstance(s, (list, tuple)) else [] for s in e.input_shapes]
         if e.name in _MATMULS:
-            matmuls += any(vocab in s for s in shapes)
+            a, b = shapes[1:3] if e.name in _WITH_ADDEND else shapes[:2]
+            if vocab in a or vocab in b:
+                macs += math.prod(a) * b[-1]
         elif e.name not in _MATMUL_WRAPPERS:
-            rows = max([rows] + [math.prod(s[:-1]) for s in shapes if s[-1] == vocab])
-    return matmuls, rows
+            rows = max([rows] + [math.prod(s[:-1]) for s in shapes if len(s) >= 2 and s[-1] == vocab])
+    return macs, rows
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -127,7 +132,7 @@ def make_step(case: str, args):
     def step():
         for p in params:
             p.grad = None
-        trainer._compute_loss(trainer.model, inputs).backward()
+        trainer.compute_loss(trainer.model, inputs).backward()
 
     return step, trainer
 
@@ -146,10 +151,11 @@ def run_case(args) -> int:
         step()
         times.append((time.perf_counter() - t0) * 1e3)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3  # KiB on Linux
-    matmuls, rows = output_layer_profile(step, args.vocab)
+    macs, rows = output_layer_profile(step, args.vocab)
+    full = args.batch * args.response * args.hidden * args.vocab  # one B·T x H x V matmul
     print(json.dumps(dict(extra_mb=extra, peak_rss_mb=peak, first_ms=first,
                           median_ms=statistics.median(times) if times else first, repeats=len(times),
-                          head_matmuls=matmuls, max_vocab_rows=rows)))
+                          head_matmuls=macs / full, max_vocab_rows=rows)))
     return 0
 
 
@@ -176,17 +182,18 @@ def run(args) -> int:
         row.update(common.child_result(MODULE, argv, args.case_timeout))
         rows.append(row)
         print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
-    common.finish_cpu_report(rows, "bench_trl_step", args.out, table, desc, load, cmd)
+    common.finish_cpu_report(rows, "bench_trl_step_bf16" if args.bf16 else "bench_trl_step", args.out, table, desc,
+                             load, cmd)
     return 0
 
 
 def table(rows: List[Dict[str, object]], header: str) -> str:
     base = next((r for r in rows if r.get("status") == "ok" and r["case"] == "trl"), None)
     lines = [header, "",
-             "step: PamaGRPOTrainer._compute_loss + backward on one micro-batch (no generation); extra MB: peak resident "
+             "step: PamaGRPOTrainer.compute_loss + backward on one micro-batch (no generation); extra MB: peak resident "
              "set of the first step above the resident set before it; peak RSS: the whole process; ms: median of the "
-             "timed steps; head matmuls: output-layer matmuls per step; max [rows, V]: the most rows of a V-wide tensor "
-             "the step creates; load: 1-minute load average when the case started.", "",
+             "timed steps; head matmuls: the output layer's matmul work per step in units of one B·T x H x V matmul; max [rows, V]: the most rows of a V-wide tensor "
+             "the step reads; load: 1-minute load average when the case started.", "",
              "| case | B | T | H | V | ms | ms / trl | extra MB | extra / trl | peak RSS MB | head matmuls | "
              "max [rows, V] | load |", "|" + "---|" * 13]
     for r in rows:
@@ -196,7 +203,7 @@ def table(rows: List[Dict[str, object]], header: str) -> str:
         ratio = (lambda k: f"{r[k] / base[k]:.2f}x" if base and base[k] else "—")
         lines.append(f"| {r['case']} | {r['B']} | {r['T']} | {r['H']} | {r['V']} | {r['median_ms']:.0f} | "
                      f"{ratio('median_ms')} | {r['extra_mb']:.0f} | {ratio('extra_mb')} | {r['peak_rss_mb']:.0f} | "
-                     f"{r['head_matmuls']} | {r['max_vocab_rows']} | {r['load']} |")
+                     f"{r['head_matmuls']:.2f} | {r['max_vocab_rows']} | {r['load']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -11,6 +11,10 @@ Everything else (generation, reference model, KL term ``beta``, clipping ``epsil
 follows the GRPOConfig. With one reward function, ``method="linear", noon=False, whiten=False`` the
 loss is TRL's own GRPO loss.
 
+The loss comes by default straight from the model's last hidden states and output-layer weight
+through :func:`pama_ext.fused_linear_policy_loss` (``fused_linear=True``: the logits never exist;
+see :class:`PamaGRPOTrainer`), or with ``fused_linear=False`` from TRL's own per-token log-probs.
+
 The loss path never reads a value back to the host: the loss metrics are kept as device tensors
 and turned into numbers only when the trainer logs.
 """
@@ -23,9 +27,9 @@ import torch
 from torch import Tensor
 from trl import GRPOTrainer
 
+from .. import ops
 from ..fused_linear import fused_linear_logp, fused_linear_policy_loss
 from ..lm.policy import check_logits_transform, fused_head_inputs, fused_scale_softcap, logits_transform
-from .. import ops
 from ._common import call_policy_loss, check_pama_options, loss_call_options, rescale_to_global
 
 __all__ = ["PamaGRPOTrainer", "group_normalized_advantages", "LOSS_TYPE_AGG", "trl_normalized_loss",
@@ -110,13 +114,14 @@ def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if is_peft_model(model) else model
 
 
-def call_through_wrapper(wrapper: torch.nn.Module, module: torch.nn.Module, fn: Any) -> Any:
-    """``fn()`` run as the forward of ``module`` called through ``wrapper`` (DDP and the like), so that
-    the wrapper's forward hooks run (DDP prepares its gradient reduction there) although ``fn`` calls
-    submodules of ``module`` directly. ``module.forward`` is restored before ``fn`` runs (``fn`` may
-    call it) and in every case afterwards. Without a wrapper (``wrapper is module``) just ``fn()``."""
+def call_through_wrapper(wrapper: torch.nn.Module, module: torch.nn.Module, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` run as the forward of ``module`` called through ``wrapper(*args, **kwargs)``
+    (DDP and the like), so that the wrapper's forward runs (DDP prepares its gradient reduction there;
+    it also moves the arguments to the module's device) although ``fn`` calls submodules of ``module``
+    directly. ``module.forward`` is restored before ``fn`` runs (``fn`` may call it) and in every case
+    afterwards. Without a wrapper (``wrapper is module``) just ``fn(*args, **kwargs)``."""
     if wrapper is module:
-        return fn()
+        return fn(*args, **kwargs)
     had_own = "forward" in module.__dict__
     own = module.__dict__.get("forward")
 
@@ -126,13 +131,13 @@ def call_through_wrapper(wrapper: torch.nn.Module, module: torch.nn.Module, fn: 
         else:
             module.__dict__.pop("forward", None)
 
-    def redirected(*args: Any, **kwargs: Any) -> Any:
+    def redirected(*a: Any, **k: Any) -> Any:
         restore()
-        return fn()
+        return fn(*a, **k)
 
     module.forward = redirected
     try:
-        return wrapper()
+        return wrapper(*args, **kwargs)
     finally:
         restore()
 
@@ -171,7 +176,7 @@ class PamaGRPOTrainer(GRPOTrainer):
       not logged on this path (the op does not compute it). The model's logits must be
       ``lm_head(base_model(...))`` or one of the transforms :func:`pama_ext.lm.policy.logits_transform`
       reads from the config (checked at construction: ValueError otherwise); text-only models, no
-      DeepSpeed ZeRO-3 / FSDP. ``False``: TRL's own log-probs (``fused_lm_head=True``), then the loss.
+      DeepSpeed / FSDP (the op reads the output layer's weight directly). ``False``: TRL's own log-probs (``fused_lm_head=True``), then the loss.
 
     Unsupported GRPOConfig settings (sequence-level importance sampling, entropy masks or bonus,
     off-policy masks, vLLM importance-sampling correction, two-sided ``delta``, MoE aux loss, loss types
@@ -330,7 +335,7 @@ class PamaGRPOTrainer(GRPOTrainer):
         unwrapped = self.accelerator.unwrap_model(model)
         T = completion_ids.size(1)
 
-        def forward():
+        def forward(input_ids, attention_mask):
             lm = causal_lm(unwrapped)
             with self.accelerator.autocast():
                 h = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
@@ -351,7 +356,7 @@ class PamaGRPOTrainer(GRPOTrainer):
             return fused_linear_policy_loss(*head, ids, m, old_logp, adv, ref_logp, logit_scale=scale, softcap=cap,
                                             **options)
 
-        return call_through_wrapper(model, unwrapped, forward)
+        return call_through_wrapper(model, unwrapped, forward, input_ids, attention_mask)
 
     # -- logging ---------------------------------------------------------------------------------
     def log(self, logs: Dict[str, float], start_time: Optional[float] = None) -> None:
