@@ -57,14 +57,14 @@ def vowel_reward(completions, **kwargs):
 
 def make_trainer(world, tmp_path, reward_funcs, *, loss_type="grpo", beta=0.0, grad_accum=1, max_steps=2,
                  mask_truncated_completions=False, temperature=1.0, model=None, peft_config=None, bf16=None,
-                 **pama):
+                 cast_lm_head_to_fp32=False, **pama):
     torch.manual_seed(0)
     args = GRPOConfig(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_generations=NUM_GEN,
         max_completion_length=5, max_steps=max_steps, gradient_accumulation_steps=grad_accum, logging_steps=1,
         report_to="none", use_cpu=True, save_strategy="no", learning_rate=1e-2, seed=0, loss_type=loss_type,
         beta=beta, use_bias_correction_kl=False, mask_truncated_completions=mask_truncated_completions,
-        temperature=temperature, **({} if bf16 is None else {"bf16": bf16}),
+        temperature=temperature, cast_lm_head_to_fp32=cast_lm_head_to_fp32, **({} if bf16 is None else {"bf16": bf16}),
     )
     ds = Dataset.from_dict({"prompt": world.train_prompts[:8]})
     extra = {} if peft_config is None else {"peft_config": peft_config}
@@ -192,6 +192,7 @@ def test_default_path_is_trl_grpo_loss(world, tmp_path, loss_type, beta, grad_ac
         am = torch.cat([inputs["prompt_mask"], mask], 1)
         logp, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, am, mask.shape[1])
     inputs["old_per_token_logps"] = logp + 0.3 * torch.randn(logp.shape, generator=g)
+    inputs = moved_reference(inputs)  # beta > 0: a KL term with a gradient
     assert bool((inputs["advantages"] != 0).any())
 
     params = [p for p in trainer.model.parameters() if p.requires_grad]
@@ -417,7 +418,17 @@ def off_policy(trainer, inputs, seed=1):
         ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
         am = torch.cat([inputs["prompt_mask"], mask], 1)
         logp, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, am, mask.shape[1])
-    return dict(inputs, old_per_token_logps=logp + 0.3 * torch.randn(logp.shape, generator=g))
+    return dict(moved_reference(inputs, seed + 1), old_per_token_logps=logp + 0.3 * torch.randn(logp.shape, generator=g))
+
+
+def moved_reference(inputs, seed=2):
+    """The reference log-probs (beta > 0) away from the policy's: the reference starts as a copy of
+    the policy, where the k3 KL term and its gradient are 0."""
+    ref = inputs.get("ref_per_token_logps")
+    if ref is None:
+        return inputs
+    g = torch.Generator().manual_seed(seed)
+    return dict(inputs, ref_per_token_logps=ref + 0.2 * torch.randn(ref.shape, generator=g))
 
 
 TEMPERATURE = 0.7
@@ -434,7 +445,7 @@ def test_fused_linear_matches_trl_log_probs(world, tmp_path, method, loss_type, 
     trainer = make_trainer(world, tmp_path, [chars_reward, vowel_reward], loss_type=loss_type, beta=beta, grad_accum=2,
                            temperature=TEMPERATURE, method=method, fused_linear=True, bf16=False)
     trainer.current_gradient_accumulation_steps = 2
-    on_policy = generation_batch(world, trainer, n_prompts=4)
+    on_policy = moved_reference(generation_batch(world, trainer, n_prompts=4))
     assert on_policy.get("old_per_token_logps") is None
     assert (beta != 0) == (on_policy.get("ref_per_token_logps") is not None)
     for inputs in (off_policy(trainer, on_policy), on_policy):
@@ -530,6 +541,21 @@ def test_fused_linear_bf16_autocast(world, tmp_path):
     assert g_err_trl > 1e-4 * scale  # bf16 is in play
     assert loss_err[0] <= 2 * loss_err[1] + 1e-5 * abs(float(want[0])), loss_err
     assert g_err <= 2 * g_err_trl + 1e-5 * scale, (g_err, g_err_trl, scale)
+
+
+def test_fused_linear_cast_lm_head_to_fp32(world, tmp_path):
+    """GRPOConfig(cast_lm_head_to_fp32=True) under the default bf16 autocast: TRL runs its head in float32
+    on float32 hidden states; so does the fused path, and both agree to float32 precision. (TRL's cast
+    needs an untied output layer on GPT-2 and no reference model.)"""
+    model = world.load_model()
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    trainer = make_trainer(world, tmp_path, [chars_reward, vowel_reward], temperature=TEMPERATURE, method="pama",
+                           model=model, cast_lm_head_to_fp32=True, fused_linear=True)
+    assert trainer.accelerator.mixed_precision == "bf16"
+    assert trainer.model.get_output_embeddings().weight.dtype == torch.float32
+    inputs = off_policy(trainer, generation_batch(world, trainer, n_prompts=4))
+    assert_same_loss_and_grads(loss_and_grads(trainer, inputs, fused=True), loss_and_grads(trainer, inputs, fused=False))
 
 
 def test_call_through_wrapper():
