@@ -120,7 +120,8 @@ def make_step(case: str, args):
     trainer.model.train()
     g = torch.Generator().manual_seed(args.seed)
     lengths = torch.randint(T // 2, T + 1, (B, 1), generator=g)
-    inputs = dict(prompt_ids=torch.randint(0, V - 1, (B, P), generator=g), prompt_mask=torch.ones(B, P, dtype=torch.long),
+    inputs = dict(prompt_ids=torch.randint(0, V - 1, (B, P), generator=g),
+                  prompt_mask=torch.ones(B, P, dtype=torch.long),
                   completion_ids=torch.randint(0, V - 1, (B, T), generator=g),
                   completion_mask=(torch.arange(T)[None] < lengths).long(),
                   objective_advantages=torch.randn(B, 2, generator=g), advantages=torch.randn(B, generator=g))
@@ -192,8 +193,8 @@ def table(rows: List[Dict[str, object]], header: str) -> str:
     lines = [header, "",
              "step: PamaGRPOTrainer.compute_loss + backward on one micro-batch (no generation); extra MB: peak resident "
              "set of the first step above the resident set before it; peak RSS: the whole process; ms: median of the "
-             "timed steps; head matmuls: the output layer's matmul work per step in units of one B·T x H x V matmul; max [rows, V]: the most rows of a V-wide tensor "
-             "the step reads; load: 1-minute load average when the case started.", "",
+             "timed steps; head matmuls: the output layer's matmul work per step in units of one B·T x H x V "
+             "matmul; max [rows, V]: the most rows of a V-wide tensor the step reads; load: 1-minute load average when the case started.", "",
              "| case | B | T | H | V | ms | ms / trl | extra MB | extra / trl | peak RSS MB | head matmuls | "
              "max [rows, V] | load |", "|" + "---|" * 13]
     for r in rows:

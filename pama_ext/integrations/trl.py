@@ -176,7 +176,8 @@ class PamaGRPOTrainer(GRPOTrainer):
       not logged on this path (the op does not compute it). The model's logits must be
       ``lm_head(base_model(...))`` or one of the transforms :func:`pama_ext.lm.policy.logits_transform`
       reads from the config (checked at construction: ValueError otherwise); text-only models, no
-      DeepSpeed / FSDP (the op reads the output layer's weight directly). ``False``: TRL's own log-probs (``fused_lm_head=True``), then the loss.
+      DeepSpeed / FSDP (the op reads the output layer's weight directly). ``False``: TRL's own
+      log-probs (``fused_lm_head=True``), then the loss.
 
     Unsupported GRPOConfig settings (sequence-level importance sampling, entropy masks or bonus,
     off-policy masks, vLLM importance-sampling correction, two-sided ``delta``, MoE aux loss, loss types
@@ -237,12 +238,13 @@ class PamaGRPOTrainer(GRPOTrainer):
         """The (scale, softcap) of the policy's logits for ``fused_linear=True``, after checking that the
         fused path can compute its log-probs; ValueError naming ``fused_linear`` otherwise."""
         lm = causal_lm(self.model)
+        head_weight = getattr(lm.get_output_embeddings(), "weight", None)
         why = None
         if getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_enabled", False):
             why = "DeepSpeed / FSDP shard the output layer's weight, which the fused op reads directly"
         elif getattr(lm, "config", None) is None or lm.config.get_text_config() is not lm.config:
             why = f"{type(lm).__name__} is not a text-only causal LM (multimodal inputs are not passed)"
-        elif getattr(lm.get_output_embeddings(), "weight", None) is None or lm.get_output_embeddings().weight.dim() != 2:
+        elif not isinstance(head_weight, torch.Tensor) or head_weight.dim() != 2:
             why = f"{type(lm).__name__} has no [V, H] output-layer weight"
         if why is not None:
             raise ValueError(f"fused_linear=True: {why}; pass fused_linear=False")
