@@ -56,17 +56,20 @@ def vowel_reward(completions, **kwargs):
 
 
 def make_trainer(world, tmp_path, reward_funcs, *, loss_type="grpo", beta=0.0, grad_accum=1, max_steps=2,
-                 mask_truncated_completions=False, **pama):
+                 mask_truncated_completions=False, temperature=1.0, model=None, peft_config=None, bf16=None,
+                 cast_lm_head_to_fp32=False, **pama):
     torch.manual_seed(0)
     args = GRPOConfig(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_generations=NUM_GEN,
         max_completion_length=5, max_steps=max_steps, gradient_accumulation_steps=grad_accum, logging_steps=1,
         report_to="none", use_cpu=True, save_strategy="no", learning_rate=1e-2, seed=0, loss_type=loss_type,
         beta=beta, use_bias_correction_kl=False, mask_truncated_completions=mask_truncated_completions,
+        temperature=temperature, cast_lm_head_to_fp32=cast_lm_head_to_fp32, **({} if bf16 is None else {"bf16": bf16}),
     )
     ds = Dataset.from_dict({"prompt": world.train_prompts[:8]})
-    return PamaGRPOTrainer(model=world.load_model(), reward_funcs=reward_funcs, args=args, train_dataset=ds,
-                           processing_class=world.load_tokenizer(), **pama)
+    extra = {} if peft_config is None else {"peft_config": peft_config}
+    return PamaGRPOTrainer(model=world.load_model() if model is None else model, reward_funcs=reward_funcs,
+                           args=args, train_dataset=ds, processing_class=world.load_tokenizer(), **extra, **pama)
 
 
 def generation_batch(world, trainer, n_prompts=2):
@@ -164,12 +167,15 @@ def zero_rows(inputs, rows):
     ("dapo", 0.0, 2, "truncated"), ("grpo", 0.1, 2, (0, 3)), ("dr_grpo", 0.1, 1, (1,)), ("bnpo", 0.0, 2, (0, 1)),
     ("dapo", 0.1, 1, (2,)),
 ])
-def test_default_path_is_trl_grpo_loss(world, tmp_path, loss_type, beta, grad_accum, empty):
+@pytest.mark.parametrize("fused", [False, True])
+def test_default_path_is_trl_grpo_loss(world, tmp_path, loss_type, beta, grad_accum, empty, fused):
     """algorithms §9 through TRL: one reward function, linear, no Noon, no whitening = TRL's GRPO loss,
-    also with fully masked (truncated) completions."""
+    also with fully masked (truncated) completions. ``fused``: the loss through the fused output layer
+    (float32: under GRPOConfig's default bf16 autocast the two output layers round differently,
+    test_fused_linear_bf16_autocast); otherwise on TRL's own log-probs (GRPOConfig's defaults)."""
     trainer = make_trainer(world, tmp_path, [chars_reward], loss_type=loss_type, beta=beta, grad_accum=grad_accum,
                            mask_truncated_completions=empty == "truncated", method="linear", noon=False,
-                           whiten=False)
+                           whiten=False, fused_linear=fused, bf16=False if fused else None)
     trainer.current_gradient_accumulation_steps = grad_accum
     inputs = generation_batch(world, trainer)
     if empty:
@@ -186,6 +192,7 @@ def test_default_path_is_trl_grpo_loss(world, tmp_path, loss_type, beta, grad_ac
         am = torch.cat([inputs["prompt_mask"], mask], 1)
         logp, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, am, mask.shape[1])
     inputs["old_per_token_logps"] = logp + 0.3 * torch.randn(logp.shape, generator=g)
+    inputs = moved_reference(inputs)  # beta > 0: a KL term with a gradient
     assert bool((inputs["advantages"] != 0).any())
 
     params = [p for p in trainer.model.parameters() if p.requires_grad]
@@ -329,20 +336,21 @@ def test_trl_normalization_data_parallel_two_ranks(native, tmp_path):
     assert not wrong, "gradients differ from TRL's: " + "; ".join(wrong)
 
 
-@pytest.mark.parametrize("method,granularity,grad_accum", [("pama", "token", 1), ("linear", "token", 1),
-                                                           ("pama", "sequence", 2)])
-def test_training_runs_and_logs(world, tmp_path, method, granularity, grad_accum):
+@pytest.mark.parametrize("method,granularity,grad_accum,fused", [
+    ("pama", "token", 1, True), ("linear", "token", 1, True), ("pama", "sequence", 2, True), ("pama", "token", 1, False),
+])
+def test_training_runs_and_logs(world, tmp_path, method, granularity, grad_accum, fused):
     """Two optimizer steps; with gradient accumulation TRL splits and shuffles the generation batch,
-    objective advantages included."""
+    objective advantages included. The entropy metric exists only on TRL's log-prob path."""
     trainer = make_trainer(world, tmp_path, [chars_reward, vowel_reward], method=method, granularity=granularity,
-                           grad_accum=grad_accum)
+                           grad_accum=grad_accum, fused_linear=fused)
     before = [p.detach().clone() for p in trainer.model.parameters()]
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 2
     for h in logs:
-        for key in ("pama/weights/chars_reward", "pama/weights/vowel_reward", "pama/active", "entropy",
-                    "clip_ratio/region_mean"):
+        assert ("entropy" in h) == (not fused)
+        for key in ("pama/weights/chars_reward", "pama/weights/vowel_reward", "pama/active", "clip_ratio/region_mean"):
             assert key in h and math.isfinite(h[key]), key
         w = (h["pama/weights/chars_reward"], h["pama/weights/vowel_reward"])
         if method == "linear":  # linear uses GRPOConfig's reward_weights (default 1 each), as TRL's sum does
@@ -362,6 +370,253 @@ def test_unsupported_settings(world, tmp_path):
         make_trainer(world, tmp_path, [chars_reward], granularity="episode")
     with pytest.raises(ValueError, match="prefs"):
         make_trainer(world, tmp_path, [chars_reward, vowel_reward], method="linear", prefs=[1.0, 0.0, 0.0])
+
+
+# ------------------------------------------------------------------------------------------------
+# fused_linear=True: the loss from the last hidden states and the output layer's weight
+# ------------------------------------------------------------------------------------------------
+def loss_and_grads(trainer, inputs, fused, model=None):
+    """The adapter's loss and every trainable parameter's gradient, on the fused path or on TRL's log-probs."""
+    trainer.pama_fused_linear = fused
+    if not hasattr(trainer, "current_gradient_accumulation_steps"):  # set by train()
+        trainer.current_gradient_accumulation_steps = trainer.args.gradient_accumulation_steps
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    trainer.model.zero_grad()
+    loss = trainer._compute_loss(trainer.model if model is None else model, inputs)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in params]
+
+
+def grad_error(got, want):
+    """(largest |difference| of any gradient entry, largest |entry| of want's gradients)."""
+    return (max(float((a - b).abs().max()) for a, b in zip(got[1], want[1])),
+            max(float(b.abs().max()) for b in want[1]))
+
+
+def assert_same_loss_and_grads(got, want):
+    """float32 against float32 (no autocast; both paths take the logsumexp in float32, the two differ
+    by summation order only, measured 1e-7 of the largest gradient entry)."""
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    diff, scale = grad_error(got, want)
+    assert scale > 0 and diff <= 1e-5 * scale, (diff, scale)
+
+
+def differs(got, want):
+    """True when ``got`` is outside assert_same_loss_and_grads' tolerance of ``want``."""
+    try:
+        assert_same_loss_and_grads(got, want)
+    except AssertionError:
+        return True
+    return False
+
+
+def off_policy(trainer, inputs, seed=1):
+    """Rollout log-probs away from the current policy (ratios differ from 1, some clipped)."""
+    g = torch.Generator().manual_seed(seed)
+    mask = inputs["completion_mask"]
+    with torch.no_grad():
+        ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+        am = torch.cat([inputs["prompt_mask"], mask], 1)
+        logp, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, am, mask.shape[1])
+    return dict(moved_reference(inputs, seed + 1), old_per_token_logps=logp + 0.3 * torch.randn(logp.shape, generator=g))
+
+
+def moved_reference(inputs, seed=2):
+    """The reference log-probs (beta > 0) away from the policy's: the reference starts as a copy of
+    the policy, where the k3 KL term and its gradient are 0."""
+    ref = inputs.get("ref_per_token_logps")
+    if ref is None:
+        return inputs
+    g = torch.Generator().manual_seed(seed)
+    return dict(inputs, ref_per_token_logps=ref + 0.2 * torch.randn(ref.shape, generator=g))
+
+
+TEMPERATURE = 0.7
+
+
+@pytest.mark.parametrize("method", ["pama", "linear"])
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("beta", [0.0, 0.1])
+def test_fused_linear_matches_trl_log_probs(world, tmp_path, method, loss_type, beta):
+    """Two objectives, token granularity, temperature 0.7: the fused path's loss and every parameter's
+    gradient equal those of the same loss on TRL's own log-probs, with rollout log-probs (the op's
+    single pass) and without them (on-policy: fused_linear_logp, then the loss); a wrong temperature
+    on the fused path is detected."""
+    trainer = make_trainer(world, tmp_path, [chars_reward, vowel_reward], loss_type=loss_type, beta=beta, grad_accum=2,
+                           temperature=TEMPERATURE, method=method, fused_linear=True, bf16=False)
+    trainer.current_gradient_accumulation_steps = 2
+    on_policy = moved_reference(generation_batch(world, trainer, n_prompts=4))
+    assert on_policy.get("old_per_token_logps") is None
+    assert (beta != 0) == (on_policy.get("ref_per_token_logps") is not None)
+    for inputs in (off_policy(trainer, on_policy), on_policy):
+        want = loss_and_grads(trainer, inputs, fused=False)
+        assert_same_loss_and_grads(loss_and_grads(trainer, inputs, fused=True), want)
+    trainer.temperature = TEMPERATURE * 1.05  # the fused path reads it at each call; TRL's head keeps 0.7
+    assert differs(loss_and_grads(trainer, inputs, fused=True), want)
+
+
+def test_fused_linear_sequence_granularity_and_wrapper(world, tmp_path):
+    """pama at sequence granularity (the op's two-pass path) equals TRL's log-probs path, also when the
+    model is called through a wrapper module (as DDP wraps it): the wrapper's forward runs once per loss."""
+    trainer = make_trainer(world, tmp_path, [chars_reward, vowel_reward], beta=0.1, method="pama",
+                           granularity="sequence", fused_linear=True, bf16=False)
+    inputs = off_policy(trainer, generation_batch(world, trainer, n_prompts=4))
+    want = loss_and_grads(trainer, inputs, fused=False)
+    assert_same_loss_and_grads(loss_and_grads(trainer, inputs, fused=True), want)
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module, self.calls = module, 0
+
+        def forward(self, *args, **kwargs):
+            self.calls += 1
+            return self.module(*args, **kwargs)
+
+    wrapper = Wrapper(trainer.model)
+    forward = trainer.model.forward  # TRL's fused-LM-head forward, an instance attribute
+    trainer.accelerator.unwrap_model = lambda m, **kw: m.module if isinstance(m, Wrapper) else m
+    assert_same_loss_and_grads(loss_and_grads(trainer, inputs, fused=True, model=wrapper), want)
+    assert wrapper.calls == 1 and trainer.model.forward == forward
+
+
+def test_fused_linear_peft(world, tmp_path):
+    """A LoRA policy (TRL wraps it with peft; the reference is the adapter disabled): the fused path
+    reads the base model's backbone (LoRA layers inside) and output layer; gradients of the LoRA weights."""
+    peft = pytest.importorskip("peft")
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], task_type="CAUSAL_LM", init_lora_weights=False)
+    trainer = make_trainer(world, tmp_path, [chars_reward, vowel_reward], beta=0.1, temperature=TEMPERATURE,
+                           peft_config=cfg, method="pama", fused_linear=True, bf16=False)
+    assert any("lora" in n for n, p in trainer.model.named_parameters() if p.requires_grad)
+    inputs = off_policy(trainer, generation_batch(world, trainer, n_prompts=4))
+    assert_same_loss_and_grads(loss_and_grads(trainer, inputs, fused=True), loss_and_grads(trainer, inputs, fused=False))
+
+
+def test_output_layer_cost(world, tmp_path):
+    """What one loss step (forward + backward, torch profiler) costs in the output layer. TRL 1.16's
+    tiled LM head scores every position of prompt + completion on the CPU: its first tile holds the
+    logits of B·(L-1) rows at once (tiles of 4096 tokens x 32768 vocabulary; on CUDA only the
+    completion's tokens), not kept for the backward, which recomputes them: 4 matmuls. The fused path
+    reads the completion's B·T rows only (one chunk here), 3 matmuls with rollout log-probs (single
+    pass), 4 without them (log-probs first). Matmuls in units of one B·T x H x V matmul."""
+    from pama_ext.benchmarks.trl_step import output_layer_profile
+
+    trainer = make_trainer(world, tmp_path, [chars_reward, vowel_reward], fused_linear=True, bf16=False)
+    on_policy = generation_batch(world, trainer, n_prompts=4)
+    off = off_policy(trainer, on_policy)
+    V = trainer.model.get_output_embeddings().weight.shape[0]
+    B, T = on_policy["completion_ids"].shape
+    L = T + on_policy["prompt_ids"].shape[1]
+
+    H = trainer.model.get_output_embeddings().weight.shape[1]
+
+    def cost(inputs, fused):  # (matmuls of B·T x H x V, rows of logits at once)
+        macs, rows = output_layer_profile(lambda: loss_and_grads(trainer, inputs, fused), V)
+        return macs / (B * T * H * V), rows
+
+    assert cost(off, False) == cost(on_policy, False) == (4 * (L - 1) / T, B * (L - 1))
+    assert cost(off, True) == (3, B * T)
+    assert cost(on_policy, True) == (4, B * T)
+
+
+def test_fused_linear_bf16_autocast(world, tmp_path):
+    """GRPOConfig's default bf16 autocast on CPU: the fused path's error against the float32 loss and
+    gradients (TRL's log-probs path with autocast off) is at most 2x that of TRL's own bf16 path plus
+    a small floor (the project's dtype rule)."""
+    import contextlib
+
+    trainer = make_trainer(world, tmp_path, [chars_reward, vowel_reward], beta=0.1, temperature=TEMPERATURE,
+                           method="pama", fused_linear=True)
+    assert trainer.accelerator.mixed_precision == "bf16"
+    inputs = off_policy(trainer, generation_batch(world, trainer, n_prompts=4))
+    fused, trl_bf16 = loss_and_grads(trainer, inputs, fused=True), loss_and_grads(trainer, inputs, fused=False)
+    autocast = trainer.accelerator.autocast
+    trainer.accelerator.autocast = contextlib.nullcontext
+    try:
+        want = loss_and_grads(trainer, inputs, fused=False)
+    finally:
+        trainer.accelerator.autocast = autocast
+    loss_err = [float((x[0] - want[0]).abs()) for x in (fused, trl_bf16)]
+    (g_err, scale), (g_err_trl, _) = grad_error(fused, want), grad_error(trl_bf16, want)
+    assert g_err_trl > 1e-4 * scale  # bf16 is in play
+    assert loss_err[0] <= 2 * loss_err[1] + 1e-5 * abs(float(want[0])), loss_err
+    assert g_err <= 2 * g_err_trl + 1e-5 * scale, (g_err, g_err_trl, scale)
+
+
+def test_fused_linear_cast_lm_head_to_fp32(world, tmp_path):
+    """GRPOConfig(cast_lm_head_to_fp32=True) under the default bf16 autocast: TRL runs its head in float32
+    on float32 hidden states; so does the fused path, and both agree to float32 precision. (TRL's cast
+    needs an untied output layer on GPT-2 and no reference model.)"""
+    model = world.load_model()
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    trainer = make_trainer(world, tmp_path, [chars_reward, vowel_reward], temperature=TEMPERATURE, method="pama",
+                           model=model, cast_lm_head_to_fp32=True, fused_linear=True)
+    assert trainer.accelerator.mixed_precision == "bf16"
+    assert trainer.model.get_output_embeddings().weight.dtype == torch.float32
+    inputs = off_policy(trainer, generation_batch(world, trainer, n_prompts=4))
+    assert_same_loss_and_grads(loss_and_grads(trainer, inputs, fused=True), loss_and_grads(trainer, inputs, fused=False))
+
+
+def test_call_through_wrapper():
+    """The call runs as the inner module's forward, called through the wrapper with the arguments;
+    the inner module's own forward (a class method, or an instance one as accelerate and TRL patch
+    it) is back afterwards, also when the call raises."""
+    from pama_ext.integrations.trl import call_through_wrapper
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args, **kwargs):
+            return ("wrapped", self.module(*args, **kwargs))
+
+    inner = torch.nn.Linear(2, 2)
+    assert call_through_wrapper(inner, inner, lambda x, y=0: x + y, 3, y=1) == 4
+    assert call_through_wrapper(Wrapper(inner), inner, lambda x, y=0: x + y, 3, y=1) == ("wrapped", 4)
+    assert "forward" not in inner.__dict__
+    own = inner.forward = lambda x: x
+    assert call_through_wrapper(Wrapper(inner), inner, lambda: inner.forward) == ("wrapped", own)
+    assert inner.forward is own
+
+    def boom():
+        raise KeyError("x")
+
+    with pytest.raises(KeyError):
+        call_through_wrapper(Wrapper(inner), inner, boom)
+    assert inner.forward is own
+
+
+def test_fused_linear_under_ddp(world, tmp_path):
+    """The fused path with the model wrapped in DistributedDataParallel (one gloo process): the loss
+    runs through DDP's forward and gives the unwrapped model's loss and gradients."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    trainer = make_trainer(world, tmp_path, [chars_reward, vowel_reward], method="pama", fused_linear=True, bf16=False)
+    inputs = off_policy(trainer, generation_batch(world, trainer, n_prompts=4))
+    want = loss_and_grads(trainer, inputs, fused=True)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'ddp_init'}", rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(trainer.model)
+        assert trainer.accelerator.unwrap_model(ddp) is trainer.model
+        assert_same_loss_and_grads(loss_and_grads(trainer, inputs, fused=True, model=ddp), want)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fused_linear_refuses_what_it_cannot_compute(world, tmp_path):
+    """A model whose logits are not lm_head(hidden) under a declared transform (here: GPT-2 ignores a
+    logit_scale its config carries) and a non-boolean option raise at construction, naming the option."""
+    with pytest.raises(ValueError, match="fused_linear: expected True or False"):
+        make_trainer(world, tmp_path, [chars_reward], fused_linear="yes")
+    model = world.load_model()
+    model.config.logit_scale = 2.0
+    with pytest.raises(ValueError, match=r"not lm_head\(base_model.*fused_linear=False"):
+        make_trainer(world, tmp_path, [chars_reward], model=model, fused_linear=True)
 
 
 def test_doc_snippet_trl(world, tmp_path, monkeypatch):

@@ -5,7 +5,7 @@ Run a suite with ``pama-ext bench SUITE [options]`` or ``python -m pama_ext.benc
 ``pama-ext bench SUITE --help`` lists its options. Results go to ``--out`` (default: a source
 checkout's benchmarks/results/, else ./bench_results/). Layout: common.py (timing, inputs, rows,
 files), baselines.py (the baselines, defined once), one module per op family (policy_loss, gae,
-stats, value_loss, token_rewards, dpo_loss, gradient_gram, gram_solvers, fused_linear, trainer_scale, headline, e2e; models.py
+stats, value_loss, token_rewards, dpo_loss, gradient_gram, gram_solvers, fused_linear, trainer_scale, trl_step, headline, e2e; models.py
 holds the GPT-2 of the last two) and the drivers below.
 """
 from __future__ import annotations
@@ -22,6 +22,8 @@ SUITES = {
                                      "LigerFusedLinearGRPOLoss: time and peak memory (fresh process per case)"),
     "trainer-scale": ("trainer_scale", "one PPO step of a random GPT-2-small-shaped model (124M) under the "
                                        "trainer's memory / precision options: peak resident set and step time"),
+    "trl-step": ("trl_step", "PamaGRPOTrainer's loss step on TRL's tiled LM head vs fused_linear=True: time, peak "
+                             "memory, output-layer matmuls (fresh process per case)"),
     "distributed": ("distributed", "policy + value loss across ranks (gloo / nccl): collective overhead"),
     "plot": ("plot_ops", "re-draw the bench_ops plot from its CSV"),
 }

@@ -52,20 +52,28 @@ def objectives_first(advantages: Tensor, mask: Tensor, layout_hint: str) -> Tens
     )
 
 
-def call_policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
-                     ref_logp: Optional[Tensor], group: Optional[Any], prefs: Optional[Tensor] = None,
-                     **options) -> tuple:
-    """``pama_ext.pama_policy_loss`` with ``group=`` passed only when a process group is configured.
-    ``prefs`` (as :func:`check_pama_options` returns it) must have one weight per objective of the
-    ``[n, B, T]`` advantages; it is moved to logp's device and dtype."""
+def loss_call_options(advantages: Tensor, like: Tensor, group: Optional[Any], prefs: Optional[Tensor] = None,
+                      **options) -> Dict[str, Any]:
+    """The keyword options of ``pama_ext.pama_policy_loss`` (and of ``pama_ext.fused_linear_policy_loss``,
+    which takes the same): ``options`` plus ``prefs`` (as :func:`check_pama_options` returns it; it must
+    have one weight per objective of the ``[n, B, T]`` advantages and is moved to ``like``'s device and
+    dtype) and ``group=`` only when a process group is configured."""
     if prefs is not None:
         n = advantages.shape[0]
         if prefs.numel() != n:
             raise ValueError(f"prefs: {prefs.numel()} weights for {n} objectives in advantages")
-        prefs = prefs.to(device=logp.device, dtype=logp.dtype)
+        prefs = prefs.to(device=like.device, dtype=like.dtype)
     options["prefs"] = prefs
     if group is not None:
         options["group"] = group
+    return options
+
+
+def call_policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
+                     ref_logp: Optional[Tensor], group: Optional[Any], prefs: Optional[Tensor] = None,
+                     **options) -> tuple:
+    """``pama_ext.pama_policy_loss`` with the options of :func:`loss_call_options`."""
+    options = loss_call_options(advantages, logp, group, prefs, **options)
     return ops.pama_policy_loss(logp, old_logp, advantages, mask, ref_logp, **options)
 
 

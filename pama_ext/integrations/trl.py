@@ -11,6 +11,10 @@ Everything else (generation, reference model, KL term ``beta``, clipping ``epsil
 follows the GRPOConfig. With one reward function, ``method="linear", noon=False, whiten=False`` the
 loss is TRL's own GRPO loss.
 
+The loss comes by default straight from the model's last hidden states and output-layer weight
+through :func:`pama_ext.fused_linear_policy_loss` (``fused_linear=True``: the logits never exist;
+see :class:`PamaGRPOTrainer`), or with ``fused_linear=False`` from TRL's own per-token log-probs.
+
 The loss path never reads a value back to the host: the loss metrics are kept as device tensors
 and turned into numbers only when the trainer logs.
 """
@@ -23,9 +27,13 @@ import torch
 from torch import Tensor
 from trl import GRPOTrainer
 
-from ._common import call_policy_loss, check_pama_options, rescale_to_global
+from .. import ops
+from ..fused_linear import fused_linear_logp, fused_linear_policy_loss
+from ..lm.policy import check_logits_transform, fused_head_inputs, fused_scale_softcap, logits_transform
+from ._common import call_policy_loss, check_pama_options, loss_call_options, rescale_to_global
 
-__all__ = ["PamaGRPOTrainer", "group_normalized_advantages", "LOSS_TYPE_AGG", "trl_normalized_loss"]
+__all__ = ["PamaGRPOTrainer", "group_normalized_advantages", "LOSS_TYPE_AGG", "trl_normalized_loss",
+           "causal_lm", "call_through_wrapper"]
 
 #: TRL loss types and the aggregation of the fused loss whose sums each one normalises.
 LOSS_TYPE_AGG = {
@@ -98,6 +106,42 @@ def group_normalized_advantages(rewards: Tensor, num_generations: int, scale_rew
     return torch.nan_to_num(adv, nan=0.0)
 
 
+def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers causal LM of a (possibly PEFT-wrapped, already unwrapped from DDP) model: a
+    ``PeftModel``'s base model (its adapter layers are inside it), else ``model`` itself."""
+    from accelerate.utils import is_peft_model
+
+    return model.get_base_model() if is_peft_model(model) else model
+
+
+def call_through_wrapper(wrapper: torch.nn.Module, module: torch.nn.Module, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` run as the forward of ``module`` called through ``wrapper(*args, **kwargs)``
+    (DDP and the like), so that the wrapper's forward runs (DDP prepares its gradient reduction there;
+    it also moves the arguments to the module's device) although ``fn`` calls submodules of ``module``
+    directly. ``module.forward`` is restored before ``fn`` runs (``fn`` may call it) and in every case
+    afterwards. Without a wrapper (``wrapper is module``) just ``fn(*args, **kwargs)``."""
+    if wrapper is module:
+        return fn(*args, **kwargs)
+    had_own = "forward" in module.__dict__
+    own = module.__dict__.get("forward")
+
+    def restore() -> None:
+        if had_own:
+            module.forward = own
+        else:
+            module.__dict__.pop("forward", None)
+
+    def redirected(*a: Any, **k: Any) -> Any:
+        restore()
+        return fn(*a, **k)
+
+    module.forward = redirected
+    try:
+        return wrapper(*args, **kwargs)
+    finally:
+        restore()
+
+
 def _nanstd(x: Tensor, dim: int) -> Tensor:
     """Unbiased standard deviation over ``dim`` ignoring NaNs (keepdim)."""
     mean = torch.nanmean(x, dim=dim, keepdim=True)
@@ -120,7 +164,20 @@ class PamaGRPOTrainer(GRPOTrainer):
     - ``prefs``: objective weights of ``linear``;
     - ``process_group``: a ``torch.distributed`` process group over which the loss statistics are
       all-reduced (passed to the op only when set);
-    - ``check_finite``: raise on NaN/Inf inputs.
+    - ``check_finite``: raise on NaN/Inf inputs;
+    - ``fused_linear`` (default True): the loss straight from the model's last hidden states and
+      output-layer weight with :func:`pama_ext.fused_linear_policy_loss` (completion positions only,
+      the logits divided by GRPOConfig's ``temperature`` through its ``logit_scale``; the ``[B, T, V]``
+      logits never exist). With rollout log-probs (``old_per_token_logps``, e.g. ``num_iterations >
+      1``) and options whose combined advantage does not depend on the ratios (``linear``, or
+      ``pama`` at token granularity or with one reward function) it is the op's single pass: 3
+      output-layer matmuls per micro-batch, against 4 for TRL's tiled LM head; otherwise the log-probs
+      come from :func:`pama_ext.fused_linear_logp` (4 matmuls, as TRL's). The ``entropy`` metric is
+      not logged on this path (the op does not compute it). The model's logits must be
+      ``lm_head(base_model(...))`` or one of the transforms :func:`pama_ext.lm.policy.logits_transform`
+      reads from the config (checked at construction: ValueError otherwise); text-only models, no
+      DeepSpeed / FSDP (the op reads the output layer's weight directly). ``False``: TRL's own
+      log-probs (``fused_lm_head=True``), then the loss.
 
     Unsupported GRPOConfig settings (sequence-level importance sampling, entropy masks or bonus,
     off-policy masks, vLLM importance-sampling correction, two-sided ``delta``, MoE aux loss, loss types
@@ -129,8 +186,10 @@ class PamaGRPOTrainer(GRPOTrainer):
 
     def __init__(self, *args: Any, method: str = "pama", granularity: str = "token", noon: bool = True,
                  whiten: bool = False, prefs: Optional[Any] = None, process_group: Optional[Any] = None,
-                 check_finite: bool = True, **kwargs: Any) -> None:
+                 check_finite: bool = True, fused_linear: bool = True, **kwargs: Any) -> None:
         prefs_t = check_pama_options(method, granularity, prefs)
+        if not isinstance(fused_linear, bool):
+            raise ValueError(f"fused_linear: expected True or False, got {fused_linear!r}")
         super().__init__(*args, **kwargs)
         self.pama_method, self.pama_granularity = method, granularity
         self.pama_noon, self.pama_whiten = bool(noon), bool(whiten)
@@ -142,6 +201,9 @@ class PamaGRPOTrainer(GRPOTrainer):
             raise ValueError(f"prefs: {prefs_t.numel()} weights for {n} reward functions")
         self.pama_prefs = prefs_t
         self._check_supported()
+        self.pama_fused_linear = fused_linear
+        #: (scale, softcap) of the model's logits on top of its output layer (fused_linear only)
+        self._pama_head_transform = self._check_fused_linear() if fused_linear else None
         self._pama_agg = LOSS_TYPE_AGG[self.loss_type]
         self._pama_rewards: Optional[Tensor] = None
         self._pama_pending: Dict[str, Dict[str, List[Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
@@ -172,6 +234,24 @@ class PamaGRPOTrainer(GRPOTrainer):
         if bad:
             raise ValueError("PamaGRPOTrainer does not support these GRPOConfig settings: " + "; ".join(bad))
 
+    def _check_fused_linear(self):
+        """The (scale, softcap) of the policy's logits for ``fused_linear=True``, after checking that the
+        fused path can compute its log-probs; ValueError naming ``fused_linear`` otherwise."""
+        lm = causal_lm(self.model)
+        head_weight = getattr(lm.get_output_embeddings(), "weight", None)
+        why = None
+        if getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_enabled", False):
+            why = "DeepSpeed / FSDP shard the output layer's weight, which the fused op reads directly"
+        elif getattr(lm, "config", None) is None or lm.config.get_text_config() is not lm.config:
+            why = f"{type(lm).__name__} is not a text-only causal LM (multimodal inputs are not passed)"
+        elif not isinstance(head_weight, torch.Tensor) or head_weight.dim() != 2:
+            why = f"{type(lm).__name__} has no [V, H] output-layer weight"
+        if why is not None:
+            raise ValueError(f"fused_linear=True: {why}; pass fused_linear=False")
+        transform = logits_transform(lm)
+        check_logits_transform(lm, transform, "PamaGRPOTrainer(fused_linear=True) (pass fused_linear=False)")
+        return transform
+
     # -- rewards and advantages ------------------------------------------------------------------
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
@@ -193,6 +273,12 @@ class PamaGRPOTrainer(GRPOTrainer):
         return output
 
     # -- loss ------------------------------------------------------------------------------------
+    def _pama_loss_options(self) -> Dict[str, Any]:
+        """The policy-loss options from the trainer's settings (both paths)."""
+        return dict(eps_lo=self.epsilon_low, eps_hi=self.epsilon_high, dual_clip=None, noon=self.pama_noon,
+                    whiten=self.pama_whiten, method=self.pama_method, granularity=self.pama_granularity,
+                    agg=self._pama_agg, beta_loss=float(self.beta), check_finite=self.pama_check_finite)
+
     def _compute_loss(self, model, inputs):
         prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
@@ -200,24 +286,24 @@ class PamaGRPOTrainer(GRPOTrainer):
         attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
         T = completion_ids.size(1)
         mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
-        extra = {k: inputs[k] for k in ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask",
-                                        "spatial_shapes", "num_tiles", "image_sizes", "token_type_ids",
-                                        "mm_token_type_ids", "image_position_ids") if k in inputs}
-        logp, entropies, _ = self._get_per_token_logps_and_entropies(
-            model, input_ids, attention_mask, T, compute_entropy=True, **extra
-        )
         old_logp = inputs.get("old_per_token_logps")
-        old_logp = logp.detach() if old_logp is None else old_logp
         ref_logp = inputs.get("ref_per_token_logps") if self.beta != 0.0 else None
-
         obj = inputs["objective_advantages"]  # [B, n]
-        adv = obj.to(logp.dtype).t()[:, :, None].expand(-1, -1, T).contiguous()  # [n, B, T]
-        loss, metrics = call_policy_loss(
-            logp, old_logp, adv, mask, ref_logp, self.pama_group,
-            eps_lo=self.epsilon_low, eps_hi=self.epsilon_high, dual_clip=None, noon=self.pama_noon,
-            whiten=self.pama_whiten, method=self.pama_method, granularity=self.pama_granularity, prefs=self.pama_prefs,
-            agg=self._pama_agg, beta_loss=float(self.beta), check_finite=self.pama_check_finite,
-        )
+        entropies = None
+        if self.pama_fused_linear:
+            loss, metrics = self._fused_linear_loss(model, input_ids, attention_mask, completion_ids, mask, old_logp,
+                                                    ref_logp, obj)
+        else:
+            extra = {k: inputs[k] for k in ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask",
+                                            "spatial_shapes", "num_tiles", "image_sizes", "token_type_ids",
+                                            "mm_token_type_ids", "image_position_ids") if k in inputs}
+            logp, entropies, _ = self._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, T, compute_entropy=True, **extra
+            )
+            old_logp = logp.detach() if old_logp is None else old_logp
+            adv = obj.to(logp.dtype).t()[:, :, None].expand(-1, -1, T).contiguous()  # [n, B, T]
+            loss, metrics = call_policy_loss(logp, old_logp, adv, mask, ref_logp, self.pama_group,
+                                             prefs=self.pama_prefs, **self._pama_loss_options())
         mode = "train" if self.model.training else "eval"
         accum = self.current_gradient_accumulation_steps if mode == "train" else 1.0
         dapo_normalizer = None
@@ -229,9 +315,10 @@ class PamaGRPOTrainer(GRPOTrainer):
         loss = trl_normalized_loss(loss, mask, self.loss_type, max_completion_length=self.max_completion_length,
                                    accumulation=accum, dapo_normalizer=dapo_normalizer, group=self.pama_group)
 
-        m = mask.to(entropies.dtype)
         pending = self._pama_pending[mode]
-        pending["entropy"].append((entropies.detach() * m).sum() / m.sum().clamp(min=1.0))
+        if entropies is not None:
+            m = mask.to(entropies.dtype)
+            pending["entropy"].append((entropies.detach() * m).sum() / m.sum().clamp(min=1.0))
         pending["clip_ratio/region_mean"].append(metrics["clipfrac"].detach())
         pending["pama/approx_kl"].append(metrics["approx_kl"].detach())
         pending["pama/active"].append(metrics["active"].detach())
@@ -241,6 +328,37 @@ class PamaGRPOTrainer(GRPOTrainer):
             pending[f"pama/weights/{name}"].append(metrics["weights"][i].detach())
             pending[f"pama/pos/{name}"].append(metrics["pos"][i].detach())
         return loss
+
+    def _fused_linear_loss(self, model, input_ids, attention_mask, completion_ids, mask, old_logp, ref_logp, obj):
+        """``(loss, metrics)`` of the policy loss through the fused output layer (``fused_linear=True``): the
+        backbone's last hidden states at the positions that predict the completion, the output layer's
+        weight and bias, and the logits' transform and temperature as ``logit_scale`` / ``softcap``. Run
+        as the forward of the (DDP-)wrapped model, so that the wrapper's hooks see the call."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        T = completion_ids.size(1)
+
+        def forward(input_ids, attention_mask):
+            lm = causal_lm(unwrapped)
+            with self.accelerator.autocast():
+                h = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+                lm_head = lm.get_output_embeddings()
+                h = h[:, -T - 1:-1].to(lm_head.weight.device)  # position t predicts token t + 1
+                if self.args.cast_lm_head_to_fp32:  # TRL's option: the output layer in float32 (its weight already is)
+                    head = (h.float(), lm_head.weight, lm_head.bias)
+                else:
+                    head = fused_head_inputs(lm_head, h)  # in the autocast dtype, as the output layer would run
+            scale, cap = fused_scale_softcap(self._pama_head_transform, self.temperature)
+            ids, m = completion_ids.to(h.device), mask.to(h.device)
+            dtype = torch.float32 if old_logp is None else old_logp.dtype
+            adv = obj.to(dtype).t()[:, :, None].expand(-1, -1, T).contiguous()  # [n, B, T]
+            options = loss_call_options(adv, adv, self.pama_group, self.pama_prefs, **self._pama_loss_options())
+            if old_logp is None:  # on-policy: the ratio is exp(logp - logp.detach()); the log-probs come first
+                logp = fused_linear_logp(*head, ids, m, out_dtype=dtype, logit_scale=scale, softcap=cap)
+                return ops.pama_policy_loss(logp, logp.detach(), adv, m, ref_logp, **options)
+            return fused_linear_policy_loss(*head, ids, m, old_logp, adv, ref_logp, logit_scale=scale, softcap=cap,
+                                            **options)
+
+        return call_through_wrapper(model, unwrapped, forward, input_ids, attention_mask)
 
     # -- logging ---------------------------------------------------------------------------------
     def log(self, logs: Dict[str, float], start_time: Optional[float] = None) -> None:

@@ -21,7 +21,8 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["PolicyWithValueHeads", "PolicyOutput", "frozen_copy", "position_ids_from_mask", "hidden_size",
-           "fused_head_inputs", "logits_transform", "transformed_logits", "fused_scale_softcap", "PLAIN_HEAD"]
+           "fused_head_inputs", "logits_transform", "transformed_logits", "fused_scale_softcap", "PLAIN_HEAD",
+           "check_logits_transform"]
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
@@ -125,6 +126,28 @@ def _trunk(lm: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     return out[0]
 
 
+@torch.no_grad()
+def check_logits_transform(lm: nn.Module, transform: Tuple[float, Optional[float]], user: str) -> None:
+    """Raises ValueError unless ``lm``'s logits are ``transformed_logits(lm_head(base_model(...)), transform)``
+    (checked once on a short sequence against the model's own logits). ``user`` names who relies on
+    it in the message (e.g. "the trainer")."""
+    dev = next(lm.parameters()).device
+    ids = torch.arange(6, device=dev).remainder(lm.get_output_embeddings().weight.shape[0])[None]
+    am = torch.ones_like(ids)
+    training = lm.training
+    lm.eval()  # no dropout in either forward
+    try:
+        ref = lm(input_ids=ids, attention_mask=am, position_ids=position_ids_from_mask(am)).logits.float()
+        mine = transformed_logits(lm.get_output_embeddings()(_trunk(lm, ids, am)).float(), transform)
+    finally:
+        lm.train(training)
+    if ref.shape != mine.shape or not torch.allclose(ref, mine, atol=1e-4, rtol=1e-4):
+        raise ValueError(f"{type(lm).__name__}: its logits are not lm_head(base_model(...)), nor that under a "
+                         f"transform its config declares ((scale, softcap) = {transform}: "
+                         f"pama_ext.lm.policy.logits_transform); {user} does not support other post-processed "
+                         "logits")
+
+
 class PolicyWithValueHeads(nn.Module):
     """``lm`` (trained) plus ``value_heads = nn.Linear(hidden, n_heads)`` (zero-initialised)."""
 
@@ -141,7 +164,7 @@ class PolicyWithValueHeads(nn.Module):
         self.head_transform = logits_transform(lm)
         self._checkpointed: list = []
         if check:
-            self._check_logits()
+            check_logits_transform(lm, self.head_transform, "the trainer")
 
     def enable_gradient_checkpointing(self) -> None:
         """The LM's own gradient checkpointing (``gradient_checkpointing_enable``), active whether or not
@@ -163,20 +186,6 @@ class PolicyWithValueHeads(nn.Module):
     @property
     def n_heads(self) -> int:
         return self.value_heads.out_features
-
-    @torch.no_grad()
-    def _check_logits(self) -> None:
-        dev = next(self.lm.parameters()).device
-        ids = torch.arange(6, device=dev).remainder(self.lm.get_output_embeddings().weight.shape[0])[None]
-        am = torch.ones_like(ids)
-        ref = self.lm(input_ids=ids, attention_mask=am, position_ids=position_ids_from_mask(am)).logits.float()
-        mine = transformed_logits(self.lm.get_output_embeddings()(_trunk(self.lm, ids, am)).float(),
-                                  self.head_transform)
-        if ref.shape != mine.shape or not torch.allclose(ref, mine, atol=1e-4, rtol=1e-4):
-            raise ValueError(f"{type(self.lm).__name__}: its logits are not lm_head(base_model(...)), nor that "
-                             f"under a transform its config declares ((scale, softcap) = {self.head_transform}: "
-                             "pama_ext.lm.policy.logits_transform); the trainer does not support other "
-                             "post-processed logits")
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, response_len: int, temperature: float = 1.0,
                 with_values: bool = True, with_logp: bool = True) -> PolicyOutput:
