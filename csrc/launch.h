@@ -96,16 +96,19 @@ struct WeightsParams {
 // `combine` (kCombineTokenThm1: thm1 s*; kCombineWeighted: Σ w_i N_i with w = weights (global) or
 // seq_weights[b] when weights_per_row); l = ppo_token_loss(Ã, …); k3 when ref_logp != nullptr.
 // Writes a_tilde (0 on masked tokens), partials (kLossPartialSize per chunk), then row_scale,
-// loss and metrics (finalize_row_scale / finalize_policy_loss). a_tilde stays Ã, not the gradient
-// coefficient: the backward op recomputes dl/dlogp from (Ã, logp), and the fused output layer calls
-// it per chunk at log-probs the forward never saw (fused_linear.py).
+// loss and metrics (finalize_row_scale / finalize_policy_loss). Also writes dlogp, the gradient
+// coefficient dl/dlogp + beta_loss · dk3/dlogp of each token at these log-probs (0 on masked
+// tokens; not yet scaled by row_scale), from which the op's autograd backward is one multiply.
+// a_tilde stays Ã: the backward op recomputes dl/dlogp from (Ã, logp), and the fused output layer
+// calls it per chunk at log-probs the forward never saw (fused_linear.py).
 // single_pass (a backend with Backend::single_pass_loss; method linear, or pama/token): the
 // indicator statistics are not needed before the loss, so this pass also computes what the
 // indicator pass would: per chunk [cnt, bad(4), sumI(n), pos(n), ctok(n)] (SinglePassPartial, in
 // `extra_partials`), from which the launcher writes row_count, stats[count, num_seqs, abar, pos,
 // ctok] and weights (finalize_weights) before the loss. `stats` holds the moments on entry (when
 // whiten; mean 0 / var 0 otherwise). bad: masked-in non-finite logp, old_logp, advantages,
-// check_ref (counts, written to finite_flags [4]; check_ref = ref_logp to check, or nullptr).
+// check_ref (finite_flags [4]: nonzero (NaN) where some masked-in value is not finite; check_ref =
+// ref_logp to check, or nullptr).
 struct PolicyLossParams {
   const void* logp;        // dtype [B, T]
   const void* old_logp;    // dtype [B, T]
@@ -123,6 +126,7 @@ struct PolicyLossParams {
   int combine, agg;
   void* a_tilde;    // acc [B, T] out
   void* row_scale;  // acc [B] out
+  void* dlogp;      // acc [B, T] out
   void* loss;       // acc [1] out
   void* metrics;    // acc [loss_metrics_size(n)] out
   void* partials;   // acc [B * chunks_per_row * kLossPartialSize]

@@ -473,7 +473,7 @@ at::Tensor pareto_weights(const at::Tensor& stats, const c10::optional<at::Tenso
   return run_weights(backend_for(stats, kPW), s, pr, n, m, g, cagrad_c);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pama_policy_loss(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pama_policy_loss(
     const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages, const at::Tensor& mask,
     const c10::optional<at::Tensor>& ref_logp, const c10::optional<at::Tensor>& prefs, double eps_lo,
     double eps_hi, double dual_clip, bool noon, bool whiten, const std::string& method,
@@ -540,6 +540,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pama_policy_loss(
     weights = run_weights(L, stats, pr, in.n, m, g, cagrad_c);
   }
   at::Tensor a_tilde = at::empty({in.B, in.T}, opts);
+  at::Tensor dlogp = at::empty({in.B, in.T}, opts);
   at::Tensor row_scale = at::empty({in.B}, opts);
   at::Tensor loss = at::empty({}, opts);
   at::Tensor metrics = at::empty({loss_metrics_size(static_cast<int>(in.n))}, opts);
@@ -552,7 +553,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pama_policy_loss(
                      weights.data_ptr(), seq_weights.data_ptr(), in.n, in.B, in.T, chunk_len, cpr,
                      eps_lo, eps_hi, dual_clip, beta_loss, whiten, noon, per_row,
                      token ? kCombineTokenThm1 : kCombineWeighted, a,
-                     a_tilde.data_ptr(), row_scale.data_ptr(), loss.data_ptr(), metrics.data_ptr(),
+                     a_tilde.data_ptr(), row_scale.data_ptr(), dlogp.data_ptr(), loss.data_ptr(), metrics.data_ptr(),
                      partials.data_ptr(), dtype_code(in.logp.scalar_type())};
   // prefs: method linear's weights on the single pass; pama/token's §4b weighted Theorem 1
   if (pr.defined() && (single || token)) p.prefs = pr.data_ptr();
@@ -576,7 +577,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pama_policy_loss(
                       {"advantages", whiten ? stats.narrow(0, SL.var(), in.n) : at::Tensor(), CheckKind::kVariance}},
                      in.mask, kPL);
   }
-  return {loss, metrics, a_tilde, row_scale};
+  return {loss, metrics, a_tilde, row_scale, dlogp};
 }
 
 at::Tensor pama_policy_loss_backward(const at::Tensor& grad_loss, const at::Tensor& logp, const at::Tensor& old_logp,

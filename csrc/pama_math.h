@@ -99,9 +99,13 @@ PAMA_HD int value_partial_size(int n) { return 2 + n; }
 // value-loss metrics vector: [clipfrac, head_loss(n)]
 PAMA_HD int value_metrics_size(int n) { return 1 + n; }
 
+// x clamped to [lo, hi] (lo <= hi); NaN stays NaN. Two selects of the form `a < b ? b : a`, which
+// the compilers turn into one max / min instruction each (a nested select became two compares and
+// two blends per value in the vectorised CPU loops).
 template <typename T>
 PAMA_HD T clampv(T x, T lo, T hi) {
-  return x < lo ? lo : (x > hi ? hi : x);
+  const T y = x < lo ? lo : x;
+  return y > hi ? hi : y;
 }
 template <typename T>
 PAMA_HD T maxv(T a, T b) {

@@ -18,7 +18,8 @@ Everything else comes from the op schemas in ``csrc/registration.cpp``, read by 
 - the Python entry points build their arguments by schema name (:func:`schema_args`), and the
   fallback hands each function the arguments it names, so the argument order is written only in
   the schema;
-- the autograd formula of an op with a ``<op>_backward`` op is derived from the two schemas: an
+- the autograd formula of an op with a ``<op>_backward`` op (unless :func:`register` is given a
+  Python formula for it) is derived from the two schemas: an
   argument ``grad_<output>`` of the backward takes the gradient of that forward output (zeros when
   only another output is used), any other argument is the forward input or output of that name, and
   the backward returns ``grad_<input>`` for the inputs it differentiates. Forward outputs that no
@@ -177,7 +178,7 @@ def _acc_like(t: Tensor, shape) -> Tensor:
 def _policy_loss_outputs(a: Named):
     logp, n = a["logp"], a["advantages"].shape[0]
     return (_acc_like(logp, ()), _acc_like(logp, (len(METRIC_SCALARS) + 3 * n,)), _acc_like(logp, logp.shape),
-            _acc_like(logp, (logp.shape[0],)))
+            _acc_like(logp, (logp.shape[0],)), _acc_like(logp, logp.shape))
 
 
 def _policy_finite_extra(a: Named) -> Named:
@@ -368,8 +369,10 @@ def schema_autograd(op: str, spec: OpSpec):
 def register(python_autograd: Optional[Mapping[str, Tuple[Callable, Callable]]] = None) -> None:
     """Register the fake of every op in :data:`OPS` that the library has, the schema-derived autograd
     of every op with a ``<op>_backward`` op, and ``python_autograd`` (op -> (backward, setup_context))
-    for ops whose backward is a Python formula. Called once, when the library is loaded."""
+    for ops whose backward is a Python formula (which takes the place of a schema-derived one: the
+    ``<op>_backward`` op stays callable for other users). Called once, when the library is loaded."""
     lib = "pama_ext::"
+    python_autograd = dict(python_autograd or {})
     for op, spec in OPS.items():
         if not hasattr(torch.ops.pama_ext, op):
             continue
@@ -377,8 +380,8 @@ def register(python_autograd: Optional[Mapping[str, Tuple[Callable, Callable]]] 
         if op.endswith("_backward"):
             backward, setup = not_twice_differentiable(op[: -len("_backward")])
             torch.library.register_autograd(lib + op, backward, setup_context=setup)
-        elif hasattr(torch.ops.pama_ext, op + "_backward"):
+        elif hasattr(torch.ops.pama_ext, op + "_backward") and op not in python_autograd:
             backward, setup = schema_autograd(op, spec)
             torch.library.register_autograd(lib + op, backward, setup_context=setup)
-    for op, (backward, setup) in (python_autograd or {}).items():
+    for op, (backward, setup) in python_autograd.items():
         torch.library.register_autograd(lib + op, backward, setup_context=setup)

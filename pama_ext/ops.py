@@ -244,7 +244,7 @@ def policy_loss_native(args: Dict[str, Any], group: Optional[Any] = None
     ``pama_policy_loss_backward`` reads besides the log-probs. Needs the compiled library."""
     if group is not None:
         args = dict(args, global_stats=_global_stats({**args, "with_gram": args["method"] in GRAM_BASED}, group))
-    loss, metrics, a_tilde, row_scale = call_native("pama_policy_loss", args)
+    loss, metrics, a_tilde, row_scale, _ = call_native("pama_policy_loss", args)
     if group is not None:  # the loss and per-token metric sums are this shard's shares
         k = len(METRIC_SCALARS)
         total = dp.all_reduce_sum(torch.cat([loss.reshape(1), metrics[:k]]), group)
@@ -307,5 +307,47 @@ def _token_rewards_autograd():
     return backward, setup
 
 
+class _FirstOrderOnly(torch.autograd.Function):
+    """``dlogp * scale[:, None]`` where a graph of the backward is recorded (create_graph=True): the
+    first derivative as usual, a second one (the gradient depends on ``logp``, passed for that)
+    raises instead of silently leaving out the coefficient's own derivative."""
+
+    @staticmethod
+    def forward(ctx, dlogp, scale, logp):
+        return dlogp * scale.unsqueeze(-1)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        op_table.not_twice_differentiable("pama_policy_loss")[0](ctx, *grads)
+
+
+def _policy_loss_autograd():
+    """The op's own backward: its ``dlogp`` output (per token dl/dlogp + beta_loss * dk3/dlogp at the
+    forward's log-probs, 0 on masked-out tokens) times the row's scale and the incoming gradient,
+    one multiply over ``[B, T]`` (no recompute; the same product, so the same bits, as
+    ``pama_policy_loss_backward``, which recomputes it from Ã and stays for callers that need the
+    gradient at log-probs the forward never saw: pama_ext.fused_linear)."""
+    names = arg_names("pama_policy_loss")
+    k_logp = names.index("logp")
+
+    def setup(ctx, inputs, output):
+        _, metrics, a_tilde, row_scale, dlogp = output
+        ctx.mark_non_differentiable(metrics, a_tilde, row_scale, dlogp)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(dlogp, row_scale, inputs[k_logp])  # logp: for create_graph (no copy)
+        ctx.logp_dtype = inputs[k_logp].dtype
+
+    def backward(ctx, grad_loss, *_):
+        grads = [None] * len(names)
+        if grad_loss is not None and ctx.needs_input_grad[k_logp]:
+            dlogp, row_scale, logp = ctx.saved_tensors
+            scale = grad_loss.to(dlogp.dtype) * row_scale
+            g = _FirstOrderOnly.apply(dlogp, scale, logp) if torch.is_grad_enabled() else dlogp * scale.unsqueeze(-1)
+            grads[k_logp] = g.to(ctx.logp_dtype)
+        return tuple(grads)
+
+    return backward, setup
+
+
 if _native.NATIVE_AVAILABLE:
-    op_table.register({"token_rewards": _token_rewards_autograd()})
+    op_table.register({"token_rewards": _token_rewards_autograd(), "pama_policy_loss": _policy_loss_autograd()})

@@ -96,7 +96,9 @@ inline void tile_a_tilde(const PolicyLossParams& p, const LossConsts<acc>& C, co
 }
 
 // One chunk of the forward pass: writes Ã of each token (into p.a_tilde, 0 on masked-out tokens: the
-// backward recomputes dl/dlogp from it, as the fused output layer does per chunk) and the chunk's kLossPartialSize partial sums; with
+// backward op recomputes dl/dlogp from it, as the fused output layer does per chunk), the gradient
+// coefficient dl/dlogp + beta_loss · dk3/dlogp (into p.dlogp, 0 on masked-out tokens: the op's own
+// autograd backward multiplies it by the row scale) and the chunk's kLossPartialSize partial sums; with
 // kSingle (PolicyLossParams::single_pass) also the chunk's SinglePassPartial into `extra` (its token
 // count, non-finite counts and the indicator sums of the statistics). N: scratch of n * kVecTile acc.
 template <typename scalar_t, bool kSingle>
@@ -111,14 +113,15 @@ PAMA_CPU_CLONES void loss_chunk(const PolicyLossParams& p, const LossConsts<acc_
   auto* ref = static_cast<const scalar_t*>(p.ref_logp);
   auto* chk_ref = static_cast<const scalar_t*>(p.check_ref);
   auto* a_out = static_cast<acc*>(p.a_tilde);
-  const acc eps_lo = C.eps_lo, eps_hi = C.eps_hi, dual = C.dual;
+  auto* d_out = static_cast<acc*>(p.dlogp);
+  const acc eps_lo = C.eps_lo, eps_hi = C.eps_hi, dual = C.dual, beta = static_cast<acc>(p.beta_loss);
   const acc hi = acc(1) + eps_hi;
   const bool with_ctok = kSingle && p.combine == kCombineTokenThm1;
   const SinglePassPartial X(n);
   acc s_l = 0, s_kl = 0, s_clip = 0, s_akl = 0, s_active = 0;
   acc cnt = 0, bad_l = 0, bad_o = 0, bad_a = 0, bad_r = 0;
   K mk[kVecTile], ind[kVecTile];
-  acc A[kVecTile], mn[kVecTile], mx[kVecTile];
+  acc A[kVecTile], U[kVecTile], D[kVecTile], mn[kVecTile], mx[kVecTile];  // U: ratios, D: dl/dlogp
   acc nmin[kSingle ? kVecTile : 1], nmax[kSingle ? kVecTile : 1], wmin[kSingle ? kVecTile : 1],
       wmax[kSingle ? kVecTile : 1];  // scratch of the Theorem-1 token weights
   if (kSingle)
@@ -133,23 +136,33 @@ PAMA_CPU_CLONES void loss_chunk(const PolicyLossParams& p, const LossConsts<acc_
     const scalar_t* l_b = lp + base;
     const scalar_t* o_b = old + base;
     acc* a_b = a_out + base;
-#pragma omp simd reduction(+ : s_l, s_clip, s_akl, s_active, cnt, bad_l, bad_o)
+    acc* d_b = d_out + base;
+    // two loops over the tile (the ratio, then the loss on it), each with few enough live values to
+    // stay in registers: one loop spilled its sums and the exponential's constants to the stack
+#pragma omp simd reduction(+ : s_akl, cnt, bad_l, bad_o)
     for (int t = 0; t < len; ++t) {
       const K k = mk[t];
-      const acc l_p = static_cast<acc>(l_b[t]), o_p = static_cast<acc>(o_b[t]), a_t = A[t];
-      const acc u = vexp(ppo_log_ratio(l_p, o_p));
-      const TokenLoss<acc> r = ppo_token_from_exp(a_t, l_p, o_p, u, eps_lo, eps_hi, dual);
-      a_b[t] = keep_lanes(k, a_t);
-      s_l += keep_lanes(k, r.loss);
-      s_clip += keep_lanes(k, r.clipped);
+      const acc l_p = static_cast<acc>(l_b[t]), o_p = static_cast<acc>(o_b[t]);
+      U[t] = vexp_bounded(ppo_log_ratio(l_p, o_p));
       s_akl += keep_lanes(k, o_p - l_p);
-      s_active += keep_lanes(k, a_t > acc(0) ? acc(1) : acc(0));
       if (kSingle) {
-        ind[t] = k & lane_mask<K>(u <= hi);  // I_i = ind ? N_i : 0
         cnt += keep_lanes(k, acc(1));
         bad_l += bad_lane(k, l_p);
         bad_o += bad_lane(k, o_p);
       }
+    }
+#pragma omp simd reduction(+ : s_l, s_clip, s_active)
+    for (int t = 0; t < len; ++t) {
+      const K k = mk[t];
+      const acc a_t = A[t], u = U[t];
+      const TokenLoss<acc> r = ppo_token_from_exp(a_t, static_cast<acc>(l_b[t]), static_cast<acc>(o_b[t]), u,
+                                                  eps_lo, eps_hi, dual);
+      a_b[t] = keep_lanes(k, a_t);
+      D[t] = r.dlogp;
+      s_l += keep_lanes(k, r.loss);
+      s_clip += keep_lanes(k, r.clipped);
+      s_active += keep_lanes(k, a_t > acc(0) ? acc(1) : acc(0));
+      if (kSingle) ind[t] = k & lane_mask<K>(u <= hi);  // I_i = ind ? N_i : 0
     }
     if (ref != nullptr) {
       const scalar_t* r_b = ref + base;
@@ -158,7 +171,11 @@ PAMA_CPU_CLONES void loss_chunk(const PolicyLossParams& p, const LossConsts<acc_
         const acc l_p = static_cast<acc>(l_b[t]), r_p = static_cast<acc>(r_b[t]);
         const TokenLoss<acc> k3 = k3_token(l_p, r_p);
         s_kl += keep_lanes(mk[t], k3.loss);
+        d_b[t] = keep_lanes(mk[t], D[t] + beta * k3.dlogp);  // the backward's coefficient (dlogp)
       }
+    } else {
+#pragma omp simd
+      for (int t = 0; t < len; ++t) d_b[t] = keep_lanes(mk[t], D[t] + beta * acc(0));
     }
     if (!kSingle) continue;
     if (chk_ref != nullptr) {

@@ -32,11 +32,12 @@ constexpr int kVecTile = 256;  // tokens per tile: the tile buffers of a chunk f
 // reduction x = k·ln2 + r (ln2 in two parts), a degree-7 polynomial for e^r on |r| <= ln2/2
 // (Cephes' expf coefficients), and 2^k from the exponent bits. Error < 1 ulp on [-86, 88.72];
 // 0 below -86 (exp(-86) ~ 4e-38: no denormals), +inf above ln(FLT_MAX), NaN for NaN.
-inline float vexp(float x) {
-  const float xc = x < -86.0f ? -86.0f : (x > 88.72283f ? 88.72283f : x);
-  // k = round(xc / ln2) by the 1.5·2^23 shift (round to nearest; no SSE4.1 rounding instruction needed)
-  const float k = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  float r = xc - k * 0.693359375f;
+// vexp_bounded is the same for x in [-86, 88.72] or NaN only (NaN propagates through the
+// polynomial), without the range selects: for arguments clamped before (the PPO log-ratio).
+inline float vexp_bounded(float x) {
+  // k = round(x / ln2) by the 1.5·2^23 shift (round to nearest; no SSE4.1 rounding instruction needed)
+  const float k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = x - k * 0.693359375f;
   r = r - k * -2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -45,16 +46,22 @@ inline float vexp(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   const float e = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(k) + 126) << 23;  // 2^(k-1): k - 1 + 127 in [1, 254]
+  // 2^(k-1): k - 1 + 127 in [1, 254] (for NaN, any bits: e is NaN)
+  const int32_t bits = (static_cast<int32_t>(k) + 126) << 23;
   float s;
   std::memcpy(&s, &bits, sizeof s);
-  float y = (e * s) * 2.0f;
+  return (e * s) * 2.0f;
+}
+inline float vexp(float x) {
+  const float xc = x < -86.0f ? -86.0f : (x > 88.72283f ? 88.72283f : x);
+  float y = vexp_bounded(xc);
   y = x < -86.0f ? 0.0f : y;
   y = x > 88.72283f ? std::numeric_limits<float>::infinity() : y;
   return x != x ? x : y;
 }
 // float64 keeps the library exponential (its tests compare with the reference at ~1e-12).
 inline double vexp(double x) { return std::exp(x); }
+inline double vexp_bounded(double x) { return std::exp(x); }
 
 // The mask as bytes (bool is one byte holding 0 or 1): a byte loads into a vector lane, a bool
 // does not.
@@ -107,10 +114,11 @@ inline V keep_lanes(K k, V v) {
   std::memcpy(&v, &bits, sizeof v);
   return v;
 }
-// 1 where a masked-in value is NaN or Inf ((v - v) == 0 holds exactly for finite v), else 0.
+// 0 where a value is finite or masked out, NaN where a masked-in value is NaN or Inf (v - v is 0
+// exactly for finite v): a sum of these is nonzero (NaN) iff some masked-in value is not finite.
 template <typename K, typename acc>
 inline acc bad_lane(K keep, acc v) {
-  return keep_lanes(keep, (v - v) == acc(0) ? acc(0) : acc(1));
+  return keep_lanes(keep, v - v);
 }
 
 // The per-token range [mn, mx] over the objectives, grown by one objective's tile x (i: its index; the
@@ -159,8 +167,13 @@ __attribute__((always_inline)) inline void thm1_weight_sums(const acc* N, int n,
   for (int i = 0; i < n; ++i) {
     const acc* Ni = N + i * kVecTile;
     acc s_c = 0;
+    // the weights are loaded unconditionally and then selected: `c ? wmin[t] : 0` became a masked
+    // load (vmaskmovps) and kept the sum on the stack, a quarter of the n = 4 loss pass
 #pragma omp simd reduction(+ : s_c)
-    for (int t = 0; t < len; ++t) s_c += (Ni[t] == mn[t] ? wmin[t] : acc(0)) + (Ni[t] == mx[t] ? wmax[t] : acc(0));
+    for (int t = 0; t < len; ++t) {
+      const acc x = Ni[t], lo = wmin[t], hi = wmax[t];
+      s_c += (x == mn[t] ? lo : acc(0)) + (x == mx[t] ? hi : acc(0));
+    }
     out[i] += s_c;
   }
 }

@@ -3,7 +3,8 @@
 // Forward = two kernels on the stream:
 //   1. partials: one block per chunk (grid-stride over the chunks). Threads stride over the chunk's
 //      tokens; per masked-in token they combine the whitened/Noon advantages into Ã, evaluate the
-//      PPO token loss (and k3 when ref_logp is given), write a_tilde, and keep five running sums
+//      PPO token loss (and k3 when ref_logp is given), write a_tilde and the gradient coefficient
+//      dlogp (what the op's autograd backward scales), and keep five running sums
 //      that one deterministic block reduction turns into the chunk's kLossPartialSize entries.
 //   2. finalize (single block): finalize_row_scale, barrier, then finalize_policy_loss on thread 0.
 // Backward: elementwise grad_logp, recomputing dl/dlogp from a_tilde with the same ppo_token_loss.
@@ -59,6 +60,7 @@ __global__ void __launch_bounds__(kLossBlock) policy_loss_partials_kernel(Policy
   const A* weights = static_cast<const A*>(p.weights);
   const A* seq_weights = static_cast<const A*>(p.seq_weights);
   A* a_tilde = static_cast<A*>(p.a_tilde);
+  A* dlogp = static_cast<A*>(p.dlogp);
   A* part = static_cast<A*>(p.partials);
 
   const int n = static_cast<int>(p.n);
@@ -67,7 +69,7 @@ __global__ void __launch_bounds__(kLossBlock) policy_loss_partials_kernel(Policy
   const bool weighted = p.combine != kCombineTokenThm1;
   const bool row_weights = weighted && p.weights_per_row;
   const A eps_lo = static_cast<A>(p.eps_lo), eps_hi = static_cast<A>(p.eps_hi);
-  const A dual_clip = static_cast<A>(p.dual_clip);
+  const A dual_clip = static_cast<A>(p.dual_clip), beta = static_cast<A>(p.beta_loss);
 
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
     sMean[i] = stats[L.mean() + i];
@@ -91,7 +93,7 @@ __global__ void __launch_bounds__(kLossBlock) policy_loss_partials_kernel(Policy
     A sums[kLossPartialSize] = {A(0), A(0), A(0), A(0), A(0)};
     for (int64_t t = t_begin + threadIdx.x; t < t_end; t += blockDim.x) {
       const int64_t bt = b * T + t;
-      A at = A(0);
+      A at = A(0), coef = A(0);  // coef: dl/dlogp + beta_loss · dk3/dlogp (the backward's, unscaled)
       if (p.mask[bt]) {
         at = combined_advantage(adv, plane, bt, n, sMean, sIstd, sW, p.whiten, p.noon, p.combine,
                                   p.prefs != nullptr ? sPref : nullptr);
@@ -99,11 +101,9 @@ __global__ void __launch_bounds__(kLossBlock) policy_loss_partials_kernel(Policy
         A dl;
         bool clipped;
         const A l = ppo_token_loss(at, lp, olp, eps_lo, eps_hi, dual_clip, dl, clipped);
-        A k3 = A(0);
-        if (ref_logp != nullptr) {
-          A dk;
-          k3 = k3_kl(lp, load(ref_logp, bt), dk);
-        }
+        A k3 = A(0), dk = A(0);
+        if (ref_logp != nullptr) k3 = k3_kl(lp, load(ref_logp, bt), dk);
+        coef = dl + beta * dk;
         sums[0] += l;
         sums[1] += k3;
         sums[2] += clipped ? A(1) : A(0);
@@ -111,6 +111,7 @@ __global__ void __launch_bounds__(kLossBlock) policy_loss_partials_kernel(Policy
         sums[4] += at > A(0) ? A(1) : A(0);
       }
       a_tilde[bt] = at;
+      dlogp[bt] = coef;
     }
     block_reduce_sum_vec<kLossBlock>(sums, red);
     if (threadIdx.x == 0) {
