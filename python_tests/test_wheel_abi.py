@@ -267,14 +267,16 @@ needs_sources = pytest.mark.skipif(not (ROOT / "csrc").is_dir() or not (ROOT / "
 
 
 def library_tree(tmp_path) -> pathlib.Path:
-    """A copy of what the digest and tools/wheel_library.py read: csrc/, pama_ext/{abi.py,schemas.def}, tools/."""
+    """A copy of what the digest and tools/wheel_library.py read: csrc/, pama_ext/{abi.py,schemas.def}, and
+    tools/wheel_library.py with the check_wheel.py it imports."""
     tree = tmp_path / "tree"
     shutil.copytree(ROOT / "csrc", tree / "csrc")
     (tree / "pama_ext").mkdir()
     for name in ("abi.py", "schemas.def"):
         shutil.copy(ROOT / "pama_ext" / name, tree / "pama_ext" / name)
     (tree / "tools").mkdir()
-    shutil.copy(ROOT / "tools" / "wheel_library.py", tree / "tools" / "wheel_library.py")
+    for name in ("wheel_library.py", "check_wheel.py"):
+        shutil.copy(ROOT / "tools" / name, tree / "tools" / name)
     return tree
 
 

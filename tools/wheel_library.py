@@ -19,20 +19,12 @@ reason on stderr) otherwise: build from source instead.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import pathlib
 import sys
 import zipfile
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-
-
-def load_abi():
-    spec = importlib.util.spec_from_file_location("pama_ext_abi", ROOT / "pama_ext" / "abi.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from check_wheel import ROOT, load_abi  # tools/ is the script's directory, first on sys.path
 
 
 def why_not(wheel: pathlib.Path, record: dict, torch_version: str, torch_cuda) -> str | None:

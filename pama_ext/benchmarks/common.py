@@ -18,6 +18,7 @@ import math
 import os
 import platform
 import re
+import resource
 import signal
 import statistics
 import subprocess
@@ -229,6 +230,24 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> Optional[f
         return None
     fn()
     return (_proc_status_kb("VmHWM") - base) / 1e3
+
+
+def first_call_then_repeats(step: Callable[[], object], repeats: int) -> Dict[str, object]:
+    """One CPU case of a fresh-process benchmark: the first ``step()`` with its peak extra memory
+    (:func:`peak_memory_mb`) and wall time, then ``repeats`` timed calls; the process's peak resident
+    set at the end. Keys: extra_mb, peak_rss_mb, first_ms, median_ms (the first call's time when
+    ``repeats`` is 0), repeats (all times in ms, memory in MB)."""
+    t0 = time.perf_counter()
+    extra = peak_memory_mb(step, torch.device("cpu"))  # the first call, in this fresh process
+    first = (time.perf_counter() - t0) * 1e3
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - t0) * 1e3)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3  # KiB on Linux
+    return dict(extra_mb=extra, peak_rss_mb=peak, first_ms=first,
+                median_ms=statistics.median(times) if times else first, repeats=len(times))
 
 
 # ------------------------------------------------------------------------------------------------

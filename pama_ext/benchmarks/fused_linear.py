@@ -28,7 +28,6 @@ import argparse
 import importlib.util
 import json
 import os
-import resource
 import statistics
 import sys
 import time
@@ -144,17 +143,7 @@ def run_case(args) -> int:
             p.grad = None
         call().backward()
 
-    t0 = time.perf_counter()
-    extra = common.peak_memory_mb(step, torch.device("cpu"))  # the first call, in this fresh process
-    first = (time.perf_counter() - t0) * 1e3
-    times = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - t0) * 1e3)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3  # KiB on Linux
-    print(json.dumps(dict(extra_mb=extra, peak_rss_mb=peak, first_ms=first,
-                          median_ms=statistics.median(times) if times else first, repeats=len(times))))
+    print(json.dumps(common.first_call_then_repeats(step, args.repeats)))
     return 0
 
 

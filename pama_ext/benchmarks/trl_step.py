@@ -26,11 +26,8 @@ import argparse
 import json
 import math
 import os
-import resource
-import statistics
 import sys
 import tempfile
-import time
 from typing import Callable, Dict, List, Tuple
 
 import torch
@@ -143,20 +140,10 @@ def run_case(args) -> int:
         torch.set_num_threads(args.threads)
     common.malloc_returns_large_blocks()
     step, trainer = make_step(args.case, args)
-    t0 = time.perf_counter()
-    extra = common.peak_memory_mb(step, torch.device("cpu"))  # the first step, in this fresh process
-    first = (time.perf_counter() - t0) * 1e3
-    times = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - t0) * 1e3)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3  # KiB on Linux
+    result = common.first_call_then_repeats(step, args.repeats)
     macs, rows = output_layer_profile(step, args.vocab)
     full = args.batch * args.response * args.hidden * args.vocab  # one B·T x H x V matmul
-    print(json.dumps(dict(extra_mb=extra, peak_rss_mb=peak, first_ms=first,
-                          median_ms=statistics.median(times) if times else first, repeats=len(times),
-                          head_matmuls=macs / full, max_vocab_rows=rows)))
+    print(json.dumps(dict(result, head_matmuls=macs / full, max_vocab_rows=rows)))
     return 0
 
 
