@@ -317,10 +317,10 @@ def test_wheel_library_takes_only_a_wheel_of_these_sources_python_and_torch(tmp_
               "CUDA_ARCHS": "", "SOURCE_DIGEST": abi.source_digest(str(tree))}
     other_torch = f"{MAJOR}.{MINOR + 1}.0"
 
-    def run(name, tag, **changes):
+    def run(name, tag, check=False, **changes):
         whl = library_wheel(tmp_path / f"pama_ext-0.1.0-{tag}-{tag}-linux_x86_64-{name}.whl", tag, {**record, **changes})
-        return subprocess.run([sys.executable, str(tree / "tools" / "wheel_library.py"), str(whl)],
-                              capture_output=True, text=True, timeout=120)
+        return subprocess.run([sys.executable, str(tree / "tools" / "wheel_library.py"), *(["--check"] * check),
+                               str(whl)], capture_output=True, text=True, timeout=120)
 
     for name, t, changes, words in [
         ("stale", tag, {"SOURCE_DIGEST": "0123456789abcdef"}, "built from other library sources"),
@@ -331,6 +331,9 @@ def test_wheel_library_takes_only_a_wheel_of_these_sources_python_and_torch(tmp_
         r = run(name, t, **changes)
         assert r.returncode == 1 and words in r.stderr, (name, r.stdout, r.stderr)
         assert not list((tree / "pama_ext").glob("_C*")) and not (tree / "pama_ext" / "_build_info.py").exists()
+    r = run("good", tag, check=True)
+    assert r.returncode == 0 and "serves this tree" in r.stdout, r.stdout + r.stderr
+    assert not list((tree / "pama_ext").glob("_C*"))  # --check extracts nothing
     r = run("good", tag)
     assert r.returncode == 0, r.stdout + r.stderr
     lib = tree / "pama_ext" / f"_C.cpython-{tag[2:]}-x86_64-linux-gnu.so"

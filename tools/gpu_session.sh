@@ -166,7 +166,7 @@ stage_tests() {
 stage_wheel() {
   local whl
   whl=${GPU_WHEEL:-$(carried_wheel)}
-  if [[ -n "$whl" ]] && "$PY" tools/wheel_library.py "$whl" >/dev/null 2>&1; then
+  if [[ -n "$whl" ]] && "$PY" tools/wheel_library.py --check "$whl"; then
     echo "the carried $whl was built from these sources: verify that one (no build)"; return 0
   fi
   rm -f dist/pama_ext-*+cu*.whl

@@ -2,6 +2,7 @@
 from these sources for this Python and torch; otherwise says why not and changes nothing.
 
     python tools/wheel_library.py dist/pama_ext-0.1.0+cu130.torch2.11-cp312-cp312-manylinux_2_34_x86_64.whl
+    python tools/wheel_library.py --check WHEEL   # only say whether it would serve (exit status 0 / 1)
 
 Used by tools/gpu_session.sh: a GPU machine lent for minutes runs the tree it is given, and compiling
 the CUDA kernels there costs several of those minutes; a wheel built beforehand on a CPU machine
@@ -44,6 +45,8 @@ def why_not(wheel: pathlib.Path, record: dict, torch_version: str, torch_cuda) -
 
 def main(argv=None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    check_only = args[:1] == ["--check"]
+    args = args[1:] if check_only else args
     if len(args) != 1:
         print(__doc__, file=sys.stderr)
         return 2
@@ -60,6 +63,9 @@ def main(argv=None) -> int:
         if reason:
             print(f"wheel_library: not using {wheel.name}: {reason}", file=sys.stderr)
             return 1
+        if check_only:
+            print(f"wheel_library: {wheel.name} serves this tree (sources {record['SOURCE_DIGEST']})")
+            return 0
         members = [n for n in z.namelist() if n == "pama_ext/_build_info.py"
                    or (n.startswith("pama_ext/_C") and n.endswith(".so"))]
         for old in (ROOT / "pama_ext").glob("_C*.so"):
