@@ -9,8 +9,11 @@
 # The device tool runs one command for at most 600 s, so one call does what fits in
 # GPU_SESSION_BUDGET (default 540 s) and says which stages are left: call it again (the machine
 # stays warm between calls, and with it the build and build/gpu_session/state) until it prints
-# "ALL STAGES DONE". Roughly 20-25 min of device time in all, 3 or 4 calls; the stages are in
-# priority order, so what a cut-short session misses is the least important. A stage that fails
+# "ALL STAGES DONE". All stages take roughly 20-25 min of device time (3 or 4 calls), more than the
+# 15 minutes a task is lent now (machine start included): the stages are in priority order, so what a
+# cut-short session misses is the least important. With a carried wheel (below) the build stage takes
+# seconds, so the first call reaches gpu_tests at once; tests starts only with 360 s of the call's
+# budget left (MINS), so it may need a second call. A stage that fails
 # or times out is recorded and skipped on later calls (name it to retry); every stage has its
 # own time limit (`timeout`), so one failure does not eat the budget.
 #
