@@ -106,6 +106,12 @@ def group_normalized_advantages(rewards: Tensor, num_generations: int, scale_rew
     return torch.nan_to_num(adv, nan=0.0)
 
 
+def token_advantages(obj: Tensor, T: int, dtype: torch.dtype) -> Tensor:
+    """The per-sequence objective advantages ``[B, n]`` as the loss takes them: ``[n, B, T]``, every token
+    of a completion with its sequence's advantage."""
+    return obj.to(dtype).t()[:, :, None].expand(-1, -1, T).contiguous()
+
+
 def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers causal LM of a (possibly PEFT-wrapped, already unwrapped from DDP) model: a
     ``PeftModel``'s base model (its adapter layers are inside it), else ``model`` itself."""
@@ -301,7 +307,7 @@ class PamaGRPOTrainer(GRPOTrainer):
                 model, input_ids, attention_mask, T, compute_entropy=True, **extra
             )
             old_logp = logp.detach() if old_logp is None else old_logp
-            adv = obj.to(logp.dtype).t()[:, :, None].expand(-1, -1, T).contiguous()  # [n, B, T]
+            adv = token_advantages(obj, T, logp.dtype)
             loss, metrics = call_policy_loss(logp, old_logp, adv, mask, ref_logp, self.pama_group,
                                              prefs=self.pama_prefs, **self._pama_loss_options())
         mode = "train" if self.model.training else "eval"
@@ -350,7 +356,7 @@ class PamaGRPOTrainer(GRPOTrainer):
             scale, cap = fused_scale_softcap(self._pama_head_transform, self.temperature)
             ids, m = completion_ids.to(h.device), mask.to(h.device)
             dtype = torch.float32 if old_logp is None else old_logp.dtype
-            adv = obj.to(dtype).t()[:, :, None].expand(-1, -1, T).contiguous()  # [n, B, T]
+            adv = token_advantages(obj, T, dtype)
             options = loss_call_options(adv, adv, self.pama_group, self.pama_prefs, **self._pama_loss_options())
             if old_logp is None:  # on-policy: the ratio is exp(logp - logp.detach()); the log-probs come first
                 logp = fused_linear_logp(*head, ids, m, out_dtype=dtype, logit_scale=scale, softcap=cap)
