@@ -11,6 +11,10 @@ exists as an installed package, hence no imports from the package.
 """
 from __future__ import annotations
 
+import glob
+import hashlib
+import os
+
 
 def release(version: str) -> tuple:
     """(major, minor) of a version string: '2.13.0+cpu' -> (2, 13), '13.0' -> (13, 0)."""
@@ -74,10 +78,6 @@ def source_digest(root: str) -> str:
     """A short SHA-256 over the paths and contents of the files of :data:`LIBRARY_SOURCES` under the
     source tree ``root``. setup.py records it in ``_build_info.SOURCE_DIGEST``, so a library (e.g. one
     taken from a prebuilt wheel) can be checked against a tree: equal digests, same kernels."""
-    import glob
-    import hashlib
-    import os
-
     files = sorted({p for pattern in LIBRARY_SOURCES for p in glob.glob(os.path.join(root, pattern), recursive=True)
                     if os.path.isfile(p)})
     if not files:
