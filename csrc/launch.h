@@ -100,7 +100,8 @@ struct WeightsParams {
 // coefficient dl/dlogp + beta_loss · dk3/dlogp of each token at these log-probs (0 on masked
 // tokens; not yet scaled by row_scale), from which the op's autograd backward is one multiply.
 // a_tilde stays Ã: the backward op recomputes dl/dlogp from (Ã, logp), and the fused output layer
-// calls it per chunk at log-probs the forward never saw (fused_linear.py).
+// calls it per chunk at log-probs the forward never saw (fused_linear.py). a_tilde == nullptr
+// (return_a_tilde=False: the entry point, which reads only the loss and the metrics) skips that write.
 // single_pass (a backend with Backend::single_pass_loss; method linear, or pama/token): the
 // indicator statistics are not needed before the loss, so this pass also computes what the
 // indicator pass would: per chunk [cnt, bad(4), sumI(n), pos(n), ctok(n)] (SinglePassPartial, in
@@ -124,7 +125,7 @@ struct PolicyLossParams {
   double eps_lo, eps_hi, dual_clip, beta_loss;
   bool whiten, noon, weights_per_row;
   int combine, agg;
-  void* a_tilde;    // acc [B, T] out
+  void* a_tilde;    // acc [B, T] out, or nullptr (not written: return_a_tilde=False)
   void* row_scale;  // acc [B] out
   void* dlogp;      // acc [B, T] out
   void* loss;       // acc [1] out

@@ -478,7 +478,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pama_poli
     const c10::optional<at::Tensor>& ref_logp, const c10::optional<at::Tensor>& prefs, double eps_lo,
     double eps_hi, double dual_clip, bool noon, bool whiten, const std::string& method,
     const std::string& granularity, const std::string& agg, double beta_loss, bool check_finite,
-    const c10::optional<at::Tensor>& global_stats, double cagrad_c) {
+    const c10::optional<at::Tensor>& global_stats, double cagrad_c, bool return_a_tilde) {
   c10::OptionalDeviceGuard guard(logp.defined() ? logp.device() : at::Device(at::kCPU));
   PolicyInputs in = policy_inputs(logp, old_logp, advantages, mask, ref_logp, kPL);
   at::Tensor gstats = supplied_stats(global_stats, StatsLayout(in.n).size(), in.logp, kPL, "global_stats",
@@ -539,7 +539,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pama_poli
     }
     weights = run_weights(L, stats, pr, in.n, m, g, cagrad_c);
   }
-  at::Tensor a_tilde = at::empty({in.B, in.T}, opts);
+  // Ã is written only for callers that read it (pama_policy_loss_backward's callers: the fused output
+  // layer); the entry point and the op's own autograd do not, and get an empty [0] tensor.
+  at::Tensor a_tilde = return_a_tilde ? at::empty({in.B, in.T}, opts) : at::empty({0}, opts);
   at::Tensor dlogp = at::empty({in.B, in.T}, opts);
   at::Tensor row_scale = at::empty({in.B}, opts);
   at::Tensor loss = at::empty({}, opts);
@@ -553,7 +555,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pama_poli
                      weights.data_ptr(), seq_weights.data_ptr(), in.n, in.B, in.T, chunk_len, cpr,
                      eps_lo, eps_hi, dual_clip, beta_loss, whiten, noon, per_row,
                      token ? kCombineTokenThm1 : kCombineWeighted, a,
-                     a_tilde.data_ptr(), row_scale.data_ptr(), dlogp.data_ptr(), loss.data_ptr(), metrics.data_ptr(),
+                     return_a_tilde ? a_tilde.data_ptr() : nullptr, row_scale.data_ptr(), dlogp.data_ptr(), loss.data_ptr(), metrics.data_ptr(),
                      partials.data_ptr(), dtype_code(in.logp.scalar_type())};
   // prefs: method linear's weights on the single pass; pama/token's §4b weighted Theorem 1
   if (pr.defined() && (single || token)) p.prefs = pr.data_ptr();

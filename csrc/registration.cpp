@@ -43,6 +43,8 @@ TORCH_LIBRARY_IMPL(pama_ext, CPU, m) {
   pama::register_preference_impls(m);
 }
 
+TORCH_LIBRARY_IMPL(pama_ext, Autograd, m) { pama::register_autograd_impls(m); }
+
 // The extension is imported as the Python module pama_ext._C; loading it runs the registrations
 // above. It defines no Python functions of its own: everything is reached through torch.ops.
 #include <Python.h>

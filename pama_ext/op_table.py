@@ -19,7 +19,8 @@ Everything else comes from the op schemas in ``csrc/registration.cpp``, read by 
   fallback hands each function the arguments it names, so the argument order is written only in
   the schema;
 - the autograd formula of an op with a ``<op>_backward`` op (unless :func:`register` is given a
-  Python formula for it) is derived from the two schemas: an
+  Python formula for it, or the library registers the op's Autograd kernel itself, as it does for
+  the policy loss in ``csrc/autograd.cpp``) is derived from the two schemas: an
   argument ``grad_<output>`` of the backward takes the gradient of that forward output (zeros when
   only another output is used), any other argument is the forward input or output of that name, and
   the backward returns ``grad_<input>`` for the inputs it differentiates. Forward outputs that no
@@ -177,7 +178,8 @@ def _acc_like(t: Tensor, shape) -> Tensor:
 
 def _policy_loss_outputs(a: Named):
     logp, n = a["logp"], a["advantages"].shape[0]
-    return (_acc_like(logp, ()), _acc_like(logp, (len(METRIC_SCALARS) + 3 * n,)), _acc_like(logp, logp.shape),
+    a_tilde = logp.shape if a["return_a_tilde"] else (0,)
+    return (_acc_like(logp, ()), _acc_like(logp, (len(METRIC_SCALARS) + 3 * n,)), _acc_like(logp, a_tilde),
             _acc_like(logp, (logp.shape[0],)), _acc_like(logp, logp.shape))
 
 
@@ -236,7 +238,7 @@ OPS: Dict[str, OpSpec] = {
         devices=("logp", "old_logp", "advantages", "mask", "ref_logp", "prefs", "global_stats"),
         outputs=_policy_loss_outputs, check=checks.policy_loss_args, reference=reference.pama_policy_loss,
         finite=("logp", "old_logp", "advantages", "ref_logp"), finite_extra=_policy_finite_extra,
-        native_only=("check_finite", "global_stats")),
+        native_only=("check_finite", "global_stats", "return_a_tilde")),
     "pama_policy_loss_backward": OpSpec(devices=(), outputs=_empty_like("logp")),
     "multi_value_loss": OpSpec(
         devices=("values", "old_values", "returns", "mask", "denominators"),
@@ -285,6 +287,12 @@ def _fake(op: str, spec: OpSpec):
         return spec.outputs(a)
 
     return fake
+
+
+def has_native_autograd(op: str) -> bool:
+    """Whether the compiled library registers ``op``'s Autograd kernel itself (csrc/autograd.cpp),
+    checked before any Python registration (which would land on the same dispatch key)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("pama_ext::" + op, "Autograd")
 
 
 def not_twice_differentiable(op: str):
@@ -370,18 +378,26 @@ def register(python_autograd: Optional[Mapping[str, Tuple[Callable, Callable]]] 
     """Register the fake of every op in :data:`OPS` that the library has, the schema-derived autograd
     of every op with a ``<op>_backward`` op, and ``python_autograd`` (op -> (backward, setup_context))
     for ops whose backward is a Python formula (which takes the place of a schema-derived one: the
-    ``<op>_backward`` op stays callable for other users). Called once, when the library is loaded."""
+    ``<op>_backward`` op stays callable for other users). An op whose Autograd kernel the library
+    registers itself (:func:`has_native_autograd`: the policy loss, csrc/autograd.cpp) keeps it. Called
+    once, when the library is loaded."""
     lib = "pama_ext::"
     python_autograd = dict(python_autograd or {})
-    for op, spec in OPS.items():
-        if not hasattr(torch.ops.pama_ext, op):
+    present = [op for op in OPS if hasattr(torch.ops.pama_ext, op)]
+    native = {op for op in present if has_native_autograd(op)}  # before any Python registration
+    clash = sorted(native & set(python_autograd))
+    if clash:
+        raise RuntimeError(f"pama_ext: {clash} have an Autograd kernel in the library; a Python formula cannot "
+                           "take its place")
+    for op in present:
+        torch.library.register_fake(lib + op)(_fake(op, OPS[op]))
+        if op in native:
             continue
-        torch.library.register_fake(lib + op)(_fake(op, spec))
         if op.endswith("_backward"):
             backward, setup = not_twice_differentiable(op[: -len("_backward")])
             torch.library.register_autograd(lib + op, backward, setup_context=setup)
         elif hasattr(torch.ops.pama_ext, op + "_backward") and op not in python_autograd:
-            backward, setup = schema_autograd(op, spec)
+            backward, setup = schema_autograd(op, OPS[op])
             torch.library.register_autograd(lib + op, backward, setup_context=setup)
     for op, (backward, setup) in python_autograd.items():
         torch.library.register_autograd(lib + op, backward, setup_context=setup)

@@ -66,11 +66,10 @@ def _global_stats(values: Dict[str, Any], group) -> Tensor:
 
 
 def _split_metrics(metrics: Tensor, n: int) -> Dict[str, Tensor]:
-    out = {name: metrics[k] for k, name in enumerate(METRIC_SCALARS)}
-    k = len(METRIC_SCALARS)
-    out["abar"] = metrics[k : k + n]
-    out["pos"] = metrics[k + n : k + 2 * n]
-    out["weights"] = metrics[k + 2 * n : k + 3 * n]
+    # views of the one metrics vector: two calls (split, unbind) rather than one indexing call per entry
+    scalars, abar, pos, weights = metrics.split((len(METRIC_SCALARS), n, n, n))
+    out = dict(zip(METRIC_SCALARS, scalars.unbind(0)))
+    out.update(abar=abar, pos=pos, weights=weights)
     return out
 
 
@@ -231,6 +230,7 @@ def pama_policy_loss(
         detach=("advantages",))
     if not _native.available():
         return fallback("pama_policy_loss", args)
+    args["return_a_tilde"] = False  # read by nobody here: the op skips writing it
     loss, metrics, _, _ = policy_loss_native(args, group)
     return loss, metrics
 
@@ -240,8 +240,9 @@ def policy_loss_native(args: Dict[str, Any], group: Optional[Any] = None
     """The compiled ``pama_policy_loss`` on its schema arguments ``args``
     (:func:`pama_ext.op_table.schema_args`), with the statistics and reductions of a data-parallel
     ``group``: ``(loss, metrics, a_tilde, row_scale)``, where ``a_tilde`` ``[B, T]`` (the combined
-    advantage) and ``row_scale`` ``[B]`` (the aggregation's per-row factor) are what
-    ``pama_policy_loss_backward`` reads besides the log-probs. Needs the compiled library."""
+    advantage; empty ``[0]`` when ``args["return_a_tilde"]`` is False) and ``row_scale`` ``[B]`` (the
+    aggregation's per-row factor) are what ``pama_policy_loss_backward`` reads besides the log-probs.
+    Needs the compiled library."""
     if group is not None:
         args = dict(args, global_stats=_global_stats({**args, "with_gram": args["method"] in GRAM_BASED}, group))
     loss, metrics, a_tilde, row_scale, _ = call_native("pama_policy_loss", args)
@@ -307,47 +308,5 @@ def _token_rewards_autograd():
     return backward, setup
 
 
-class _FirstOrderOnly(torch.autograd.Function):
-    """``dlogp * scale[:, None]`` where a graph of the backward is recorded (create_graph=True): the
-    first derivative as usual, a second one (the gradient depends on ``logp``, passed for that)
-    raises instead of silently leaving out the coefficient's own derivative."""
-
-    @staticmethod
-    def forward(ctx, dlogp, scale, logp):
-        return dlogp * scale.unsqueeze(-1)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        op_table.not_twice_differentiable("pama_policy_loss")[0](ctx, *grads)
-
-
-def _policy_loss_autograd():
-    """The op's own backward: its ``dlogp`` output (per token dl/dlogp + beta_loss * dk3/dlogp at the
-    forward's log-probs, 0 on masked-out tokens) times the row's scale and the incoming gradient,
-    one multiply over ``[B, T]`` (no recompute; the same product, so the same bits, as
-    ``pama_policy_loss_backward``, which recomputes it from Ã and stays for callers that need the
-    gradient at log-probs the forward never saw: pama_ext.fused_linear)."""
-    names = arg_names("pama_policy_loss")
-    k_logp = names.index("logp")
-
-    def setup(ctx, inputs, output):
-        _, metrics, a_tilde, row_scale, dlogp = output
-        ctx.mark_non_differentiable(metrics, a_tilde, row_scale, dlogp)
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(dlogp, row_scale, inputs[k_logp])  # logp: for create_graph (no copy)
-        ctx.logp_dtype = inputs[k_logp].dtype
-
-    def backward(ctx, grad_loss, *_):
-        grads = [None] * len(names)
-        if grad_loss is not None and ctx.needs_input_grad[k_logp]:
-            dlogp, row_scale, logp = ctx.saved_tensors
-            scale = grad_loss.to(dlogp.dtype) * row_scale
-            g = _FirstOrderOnly.apply(dlogp, scale, logp) if torch.is_grad_enabled() else dlogp * scale.unsqueeze(-1)
-            grads[k_logp] = g.to(ctx.logp_dtype)
-        return tuple(grads)
-
-    return backward, setup
-
-
 if _native.NATIVE_AVAILABLE:
-    op_table.register({"token_rewards": _token_rewards_autograd(), "pama_policy_loss": _policy_loss_autograd()})
+    op_table.register({"token_rewards": _token_rewards_autograd()})

@@ -138,3 +138,18 @@ def test_naming_rule_violation_is_an_error(monkeypatch):
     parsed["multi_value_loss_backward"] = torch._C.parse_schema(bad.replace("pama_ext::", ""))
     with pytest.raises(RuntimeError, match="name each output grad_<input"):
         op_table.schema_autograd("multi_value_loss", op_table.OPS["multi_value_loss"])
+
+
+def test_policy_loss_autograd_is_the_librarys_own():
+    """pama_policy_loss's Autograd kernel is the C++ one (csrc/autograd.cpp): register() left it in place
+    (no Python formula on top of it), the loss's graph node is that kernel's, and a Python formula
+    for it is refused rather than silently stacked on the same dispatch key."""
+    require_native()
+    assert op_table.has_native_autograd("pama_policy_loss")
+    logp = torch.randn(2, 5, requires_grad=True)
+    loss = torch.ops.pama_ext.pama_policy_loss(
+        logp, logp.detach(), torch.randn(1, 2, 5), torch.ones(2, 5, dtype=torch.bool), None, None, 0.2, 0.2, 3.0,
+        False, False, "linear", "token", "token-mean", 0.0, True)[0]
+    assert "PolicyLossFunction" in loss.grad_fn.name()
+    with pytest.raises(RuntimeError, match="have an Autograd kernel in the library"):
+        op_table.register({"pama_policy_loss": (lambda ctx, *g: None, lambda ctx, inputs, output: None)})

@@ -46,6 +46,7 @@ def _pool(dtype, device, seed=0):
     pool["denominators"] = None
     pool["with_gram"] = True
     pool["prefs"] = None
+    pool["return_a_tilde"] = True
     g = torch.Generator().manual_seed(seed + 1)
     pool["grad_advantages"] = torch.randn(x.values.shape, generator=g, dtype=torch.float64).to(dtype).to(device)
     pool["grad_returns"] = torch.randn(x.values.shape, generator=g, dtype=torch.float64).to(dtype).to(device)
@@ -105,6 +106,17 @@ def test_opcheck_policy_loss_variants(device, method, granularity):
     op = torch.ops.pama_ext.pama_policy_loss.default
     opcheck(op, _args(op._schema, pool))
     op = torch.ops.pama_ext.pareto_weights.default
+    opcheck(op, _args(op._schema, pool))
+
+
+@pytest.mark.parametrize("method,granularity", [("linear", "token"), ("pama", "sequence")])
+def test_opcheck_policy_loss_without_a_tilde(device, method, granularity):
+    """return_a_tilde=False (what the entry point asks for): an empty a_tilde, in the fake too."""
+    _opcheck_device(device)
+    pool = _pool(torch.float32, device, seed=4)
+    pool.update(method=method, granularity=granularity, return_a_tilde=False)
+    pool["logp"] = pool["logp"].detach().clone().requires_grad_(True)
+    op = torch.ops.pama_ext.pama_policy_loss.default
     opcheck(op, _args(op._schema, pool))
 
 

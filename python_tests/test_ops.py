@@ -147,6 +147,36 @@ def test_huge_finite_advantages_f32(device, scale):
 
 
 # ----------------------------------------------------------------------------------------------
+# return_a_tilde=False (the entry point): the same loss, metrics, coefficients and gradient, no Ã
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method,granularity,whiten", [("linear", "token", False), ("pama", "token", True),
+                                                       ("pama", "sequence", True), ("mgda", "batch", True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_policy_loss_without_a_tilde_is_the_same_op(device, method, granularity, whiten, dtype):
+    require_native()
+    x = make_inputs(3, 5, 301, seed=11, mask="holes").to(dtype, device)
+    op = torch.ops.pama_ext.pama_policy_loss
+
+    def call(flag):
+        logp = x.logp.detach().clone().requires_grad_(True)
+        out = op(logp, x.old_logp, x.advantages, x.mask, x.ref_logp, None, 0.2, 0.25, 3.0, True, whiten, method,
+                 granularity, "seq-mean-token-mean", 0.1, True, None, 0.4, flag)
+        (g,) = torch.autograd.grad(out[0] * 1.7, logp)
+        return out, g
+
+    (with_a, g_with), (without, g_without) = call(True), call(False)
+    assert with_a[2].shape == x.logp.shape and without[2].shape == (0,)
+    for k in (0, 1, 3, 4):  # loss, metrics, row_scale, dlogp: bit for bit
+        assert torch.equal(with_a[k], without[k]), k
+    assert torch.equal(g_with, g_without)
+    # and Ã is still what pama_policy_loss_backward takes: the op's own gradient, recomputed from it
+    g_op = torch.ops.pama_ext.pama_policy_loss_backward(
+        torch.tensor(1.7, dtype=with_a[0].dtype, device=device), x.logp, x.old_logp, x.ref_logp, x.mask, with_a[2],
+        with_a[3], 0.2, 0.25, 3.0, 0.1)
+    assert torch.equal(g_op, g_with)
+
+
+# ----------------------------------------------------------------------------------------------
 # double backward: an error, not a second derivative that silently misses the op's term
 # ----------------------------------------------------------------------------------------------
 def _second_derivative(total, leaf):

@@ -95,8 +95,8 @@ inline void tile_a_tilde(const PolicyLossParams& p, const LossConsts<acc>& C, co
   }
 }
 
-// One chunk of the forward pass: writes Ã of each token (into p.a_tilde, 0 on masked-out tokens: the
-// backward op recomputes dl/dlogp from it, as the fused output layer does per chunk), the gradient
+// One chunk of the forward pass: writes Ã of each token (into p.a_tilde unless nullptr, 0 on masked-out
+// tokens: the backward op recomputes dl/dlogp from it, as the fused output layer does per chunk), the gradient
 // coefficient dl/dlogp + beta_loss · dk3/dlogp (into p.dlogp, 0 on masked-out tokens: the op's own
 // autograd backward multiplies it by the row scale) and the chunk's kLossPartialSize partial sums; with
 // kSingle (PolicyLossParams::single_pass) also the chunk's SinglePassPartial into `extra` (its token
@@ -135,7 +135,6 @@ PAMA_CPU_CLONES void loss_chunk(const PolicyLossParams& p, const LossConsts<acc_
     tile_a_tilde<scalar_t>(p, C, w, base, len, mk, A, mn, mx, kSingle ? N : nullptr, kSingle ? &bad_a : nullptr);
     const scalar_t* l_b = lp + base;
     const scalar_t* o_b = old + base;
-    acc* a_b = a_out + base;
     acc* d_b = d_out + base;
     // two loops over the tile (the ratio, then the loss on it), each with few enough live values to
     // stay in registers: one loop spilled its sums and the exponential's constants to the stack
@@ -157,12 +156,16 @@ PAMA_CPU_CLONES void loss_chunk(const PolicyLossParams& p, const LossConsts<acc_
       const acc a_t = A[t], u = U[t];
       const TokenLoss<acc> r = ppo_token_from_exp(a_t, static_cast<acc>(l_b[t]), static_cast<acc>(o_b[t]), u,
                                                   eps_lo, eps_hi, dual);
-      a_b[t] = keep_lanes(k, a_t);
       D[t] = r.dlogp;
       s_l += keep_lanes(k, r.loss);
       s_clip += keep_lanes(k, r.clipped);
       s_active += keep_lanes(k, a_t > acc(0) ? acc(1) : acc(0));
       if (kSingle) ind[t] = k & lane_mask<K>(u <= hi);  // I_i = ind ? N_i : 0
+    }
+    if (a_out != nullptr) {  // Ã for the callers that read it (return_a_tilde), from the tile in L1
+      acc* a_b = a_out + base;
+#pragma omp simd
+      for (int t = 0; t < len; ++t) a_b[t] = keep_lanes(mk[t], A[t]);
     }
     if (ref != nullptr) {
       const scalar_t* r_b = ref + base;

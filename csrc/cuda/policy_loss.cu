@@ -110,7 +110,7 @@ __global__ void __launch_bounds__(kLossBlock) policy_loss_partials_kernel(Policy
         sums[3] += olp - lp;
         sums[4] += at > A(0) ? A(1) : A(0);
       }
-      a_tilde[bt] = at;
+      if (a_tilde != nullptr) a_tilde[bt] = at;  // uniform over the grid
       dlogp[bt] = coef;
     }
     block_reduce_sum_vec<kLossBlock>(sums, red);

@@ -42,12 +42,12 @@ import torch
 
 from pama_ext import NATIVE_AVAILABLE
 
-from . import common, dpo_loss, gae, policy_loss, token_rewards, value_loss
+from . import common, dpo_loss, gae, policy_loss, stats, token_rewards, value_loss
 
 # the op families of the sweep: each module has IMPLS, nbytes(n, B, T, elt, mask_elt) and
 # run_point(n, B, T, args, device, plan, state, bar) -> {impl: row}
 FAMILIES = {"policy_loss": policy_loss, "gae": gae, "value_loss": value_loss, "token_rewards": token_rewards,
-            "dpo_loss": dpo_loss}
+            "dpo_loss": dpo_loss, "stats": stats}
 
 SIZES: List[Tuple[int, int]] = [(16, 1024), (32, 4096), (256, 4096)]  # 2^14, 2^17, 2^20 tokens
 NS = [1, 2, 4, 8]

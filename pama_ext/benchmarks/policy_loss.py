@@ -38,14 +38,15 @@ def nbytes(n: int, B: int, T: int, elt: int, mask_elt: int, single_pass: bool = 
     """What the fused kernels read and write, pass by pass (docs/kernels.md §4, §10), default options
     (pama / token, whitening). CPU (``single_pass``): the moments pass reads mask + advantages; the
     loss pass mask, advantages, logp, old_logp (and computes the indicator statistics and the
-    finite checks on the way) and writes a_tilde and the gradient coefficient dlogp (accumulation
-    dtype: 8 bytes for fp64, else 4); the backward (the op's autograd) reads dlogp and writes grad.
+    finite checks on the way) and writes the gradient coefficient dlogp (accumulation dtype: 8 bytes
+    for fp64, else 4; not a_tilde, which the entry point does not ask for); the backward (the op's
+    autograd) reads dlogp and writes grad.
     CUDA (``single_pass=False``): a separate indicator pass (mask, advantages, logp, old_logp) before
     the loss pass. Inputs are counted as if every token were masked in."""
     bt = B * T
     acc = 8 if elt == 8 else 4
     indicators = 0 if single_pass else bt * (mask_elt + n * elt + 2 * elt)
-    fwd = bt * (mask_elt + n * elt) + indicators + bt * (mask_elt + n * elt + 2 * elt) + 2 * bt * acc
+    fwd = bt * (mask_elt + n * elt) + indicators + bt * (mask_elt + n * elt + 2 * elt) + bt * acc
     bwd = bt * acc + bt * elt
     return fwd + bwd
 
@@ -53,19 +54,19 @@ def nbytes(n: int, B: int, T: int, elt: int, mask_elt: int, single_pass: bool = 
 # The passes of the fused CPU op (forward + backward, default options) and what forces them.
 PASSES = (
     "fused (CPU): moments (mask, advantages) -> loss (mask, advantages, logp, old_logp; the indicator "
-    "statistics, the token counts and the check_finite flags on the way; writes a_tilde and the gradient "
+    "statistics, the token counts and the check_finite flags on the way; writes the gradient "
     "coefficient dlogp) -> backward (dlogp; writes grad). The whitening moments are needed before any "
     "token's loss, so the advantages are read twice; without whitening (e.g. the plain-PPO options) the "
     "forward is one pass. Method 'linear' and pama/token only: sequence / batch / Gram weights need the "
-    "indicators in a pass of their own before the loss. a_tilde (Ã) is written for the op's contract "
-    "(pama_policy_loss_backward, the fused output layer), not for the op's own backward."
+    "indicators in a pass of their own before the loss. a_tilde (Ã) is written only for callers that ask "
+    "for it (return_a_tilde: pama_policy_loss_backward's, the fused output layer), not by the entry point."
 )
 
 
 def min_nbytes(n: int, B: int, T: int, elt: int, mask_elt: int) -> int:
     """What the op must minimally move (see PASSES), which the CPU kernels now move: forward
-    2 x (mask + advantages) + logp + old_logp read, a_tilde and dlogp (accumulation dtype) written;
-    backward dlogp read, grad written."""
+    2 x (mask + advantages) + logp + old_logp read, dlogp (accumulation dtype) written; backward
+    dlogp read, grad written."""
     return nbytes(n, B, T, elt, mask_elt, single_pass=True)
 
 
@@ -191,7 +192,7 @@ def section(args, device, budget) -> None:
                 common.write_csv(rows, "bench_gpu_policy_loss", args.tag, args.out)
     md = common.section_header(
         args, "policy_loss", "`pama_policy_loss` forward + backward (pama / token, Noon, whitening, dual clip 3), "
-        "bool mask. GB/s = policy_loss.nbytes (the kernels' traffic pass by pass: 3ne + 5e + 3m + 3a "
+        "bool mask. GB/s = policy_loss.nbytes (the kernels' traffic pass by pass: 3ne + 5e + 3m + 2a "
         "bytes per token, see benchmarks/README.md) / median time. "
         "`fused` passes check_finite=False (no host sync); `checked` is the default check_finite=True. "
         f"`compile`: torch.compile(baselines.reference_policy_loss_flat, "

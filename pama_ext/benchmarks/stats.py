@@ -1,5 +1,6 @@
-"""Statistics + weights family: ``objective_stats`` (its two launchers: moments and indicators, each a
-partials kernel + a single-block finalize kernel) and ``pareto_weights`` (one launch), bench_gpu.py's
+"""Statistics + weights family. On the CPU, bench_ops.py's ``stats`` family (:func:`run_point`). On
+the GPU: ``objective_stats`` (its two launchers: moments and indicators, each a partials kernel + a
+single-block finalize kernel) and ``pareto_weights`` (one launch), bench_gpu.py's
 ``stats`` section: whole-op times and per-kernel device times from torch.profiler, so the
 finalize / weights cost is seen apart from the pass over the data.
 """
@@ -10,10 +11,11 @@ from typing import Callable, Dict, List, Tuple
 
 import torch
 
-from pama_ext import ops
+from pama_ext import ops, reference
 
 from . import common, policy_loss
 
+IMPLS = ["fused", "eager", "compile"]  # bench_ops.py's ``stats`` family
 STATS_BT = (128, 8192)  # 2^20 tokens
 STATS_NS = [1, 2, 4, 8, 16]
 QUICK_STATS_NS = [2, 16]
@@ -43,6 +45,42 @@ def kernel_times(fn: Callable[[], object], iters: int) -> Dict[str, Tuple[float,
     return {k: (t / iters, c // iters) for k, (t, c) in out.items()}
 
 
+def nbytes(n: int, B: int, T: int, elt: int, mask_elt: int) -> int:
+    """``objective_stats``'s two passes (the moments are needed before the indicators): moments read
+    mask + advantages, indicators mask + advantages + logp + old_logp; nothing per token written."""
+    return B * T * (2 * mask_elt + 2 * n * elt + 2 * elt)
+
+
+def _stats_then_weights(stats_fn: Callable, weights_fn: Callable) -> Callable:
+    def fn(advantages, logp, old_logp, mask):
+        return weights_fn(stats_fn(advantages, logp, old_logp, mask), "pama", "batch")
+    return fn
+
+
+def make_inputs(n, B, T, seed, device, dtype, mask_dtype) -> Dict[str, torch.Tensor]:
+    x = common.make_policy_inputs(n, B, T, seed, device, dtype, mask_dtype)
+    x["logp"] = x["logp"].detach()
+    return x
+
+
+def run_point(n, B, T, args, device, plan, state: Dict, bar) -> Dict[str, Dict]:
+    """bench_ops.py's ``stats`` family: ``objective_stats`` + ``pareto_weights`` (pama / batch), the
+    statistics a pama/sequence, pama/batch or Gram-method policy loss computes before its loss pass:
+    ``fused`` (pama_ext.ops), ``eager`` (the reference), ``compile`` (torch.compile of the reference)."""
+    n_sets, sets = common.input_sets(make_inputs, n, B, T, args, device)
+    fused = _stats_then_weights(ops.objective_stats, ops.pareto_weights)
+    eager = _stats_then_weights(reference.objective_stats, reference.pareto_weights)
+
+    def runner(f):
+        return lambda i: f(sets[i]["advantages"], sets[i]["logp"], sets[i]["old_logp"], sets[i]["mask"])
+
+    err = float((runner(fused)(0) - runner(eager)(0)).abs().max())
+    with torch.no_grad():
+        return common.fused_eager_compile(f"stats n={n} {B}x{T}", runner, fused, eager,
+                                          lambda: torch.compile(eager, dynamic=False), n_sets, args, B, T, device,
+                                          plan, bar, err)
+
+
 def section(args, device, budget) -> None:
     B, T = args.stats_bt or STATS_BT
     ns = args.stats_ns or (QUICK_STATS_NS if args.quick else STATS_NS)
@@ -65,7 +103,7 @@ def section(args, device, budget) -> None:
                 return ops.objective_stats(x["advantages"], x["logp"], x["old_logp"], x["mask"])
 
             r = dict(base, what="objective_stats", **common.timed_row(stats_fn, n_sets, plan, device))
-            common.add_rate(r, 2 * n * B * T * elt + 2 * B * T * elt + 2 * B * T, args.copy_bw)
+            common.add_rate(r, nbytes(n, B, T, elt, 1), args.copy_bw)
             rows.append(r)
             st = stats_fn(0)
             for method, gran in WEIGHT_METHODS:
