@@ -169,6 +169,108 @@ inline void task_block(const int64_t* part_offset, int64_t K, int64_t task, int6
   c = task - part_offset[k];
 }
 
+namespace {
+
+// The dot products of row x with the J rows y[0..J) of a tile over `padded` elements (a multiple of
+// kLanes): kLanes partial sums per product, added in lane order. The J products share the loads of x
+// and give J * kLanes / (vector width) independent accumulator chains (J = 4: eight AVX2 registers).
+template <int J, typename acc>
+__attribute__((always_inline)) inline void tile_dots(const acc* x, const acc* const* y, int padded, acc* out) {
+  acc lanes[J][kLanes] = {};
+  for (int e = 0; e < padded; e += kLanes)
+    for (int jj = 0; jj < J; ++jj) {
+      const acc* yj = y[jj] + e;
+#pragma omp simd
+      for (int l = 0; l < kLanes; ++l) lanes[jj][l] += x[e + l] * yj[l];
+    }
+  for (int jj = 0; jj < J; ++jj) {
+    acc s = 0;
+    for (int l = 0; l < kLanes; ++l) s += lanes[jj][l];
+    out[jj] = s;
+  }
+}
+
+// One Gram task: elements [e0, e1) of parameter k, in tiles of kTile converted to acc (dead rows, a
+// None gradient, are zeros and their products are dropped); sums[q] = the task's <g_i, g_j> of each
+// upper-triangle pair q. buf: n * kTile scratch.
+template <typename scalar_t>
+PAMA_CPU_CLONES void gram_task(const GradGramParams& p, int64_t k, int64_t e0, int64_t e1, acc_of<scalar_t>* sums,
+                               acc_of<scalar_t>* buf) {
+  using acc = acc_of<scalar_t>;
+  const int n = static_cast<int>(p.n);
+  bool live[kMaxObjectives];
+  const acc* rows[kMaxObjectives];
+  for (int i = 0; i < n; ++i) {
+    live[i] = p.ptrs[i * p.K + k] != nullptr;
+    rows[i] = buf + static_cast<size_t>(i) * kTile;
+  }
+  for (int q = 0; q < gram_pairs(n); ++q) sums[q] = acc(0);
+  for (int64_t base = e0; base < e1; base += kTile) {
+    const int len = static_cast<int>(std::min<int64_t>(kTile, e1 - base));
+    const int padded = (len + kLanes - 1) / kLanes * kLanes;
+    for (int i = 0; i < n; ++i) {
+      acc* row = buf + static_cast<size_t>(i) * kTile;
+      if (live[i]) {
+        const scalar_t* g = static_cast<const scalar_t*>(p.ptrs[i * p.K + k]) + base;
+#pragma omp simd
+        for (int e = 0; e < len; ++e) row[e] = static_cast<acc>(g[e]);
+        for (int e = len; e < padded; ++e) row[e] = acc(0);
+      } else {
+        for (int e = 0; e < padded; ++e) row[e] = acc(0);
+      }
+    }
+    int q = 0;
+    for (int i = 0; i < n; ++i) {
+      int j = i;
+      acc d[4];
+      // blocks of four pairs (i, j..j+3)
+      for (; j + 4 <= n; j += 4, q += 4) {
+        tile_dots<4>(rows[i], rows + j, padded, d);
+        for (int jj = 0; jj < 4; ++jj)
+          if (live[i] && live[j + jj]) sums[q + jj] += d[jj];
+      }
+      const int rest = n - j;  // 0-3 pairs left in this row of the triangle: one call for them all
+      if (rest == 3) tile_dots<3>(rows[i], rows + j, padded, d);
+      if (rest == 2) tile_dots<2>(rows[i], rows + j, padded, d);
+      if (rest == 1) tile_dots<1>(rows[i], rows + j, padded, d);
+      for (int jj = 0; jj < rest; ++jj)
+        if (live[i] && live[j + jj]) sums[q + jj] += d[jj];
+      q += rest;
+    }
+  }
+}
+
+// One combine task: elements [e0, e1) of parameter k, in tiles of kTile (i in order into an acc tile).
+template <typename G, typename O, typename acc>
+PAMA_CPU_CLONES void combine_task(const CombineGradsParams& p, int64_t k, int64_t e0, int64_t e1) {
+  const auto* coeffs = static_cast<const acc*>(p.coeffs);
+  O* out = static_cast<O*>(p.outs[k]);
+  acc tmp[kTile];
+  for (int64_t base = e0; base < e1; base += kTile) {
+    const int len = static_cast<int>(std::min<int64_t>(kTile, e1 - base));
+#pragma omp simd
+    for (int e = 0; e < len; ++e) tmp[e] = acc(0);
+    for (int64_t i = 0; i < p.n; ++i) {
+      auto* g = static_cast<const G*>(p.ptrs[i * p.K + k]);
+      if (g == nullptr) continue;
+      const acc ci = coeffs[i];
+      g += base;
+#pragma omp simd
+      for (int e = 0; e < len; ++e) tmp[e] += ci * static_cast<acc>(g[e]);
+    }
+    O* o = out + base;
+    if (p.accumulate) {
+#pragma omp simd
+      for (int e = 0; e < len; ++e) o[e] = static_cast<O>(static_cast<acc>(o[e]) + tmp[e]);
+    } else {
+#pragma omp simd
+      for (int e = 0; e < len; ++e) o[e] = static_cast<O>(tmp[e]);
+    }
+  }
+}
+
+}  // namespace
+
 void gradient_gram(const GradGramParams& p, void*) {
   dispatch(p.dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
@@ -178,40 +280,12 @@ void gradient_gram(const GradGramParams& p, void*) {
     const int64_t ntasks = p.part_offset[p.K];
     auto* part = static_cast<acc*>(p.partials);
     at::parallel_for(0, ntasks, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<acc> buf(static_cast<size_t>(n) * kTile), sums(P);
-      std::vector<char> live(n);
+      std::vector<acc> buf(static_cast<size_t>(n) * kTile);
       for (int64_t task = t0; task < t1; ++task) {
         int64_t k, c;
         task_block(p.part_offset, p.K, task, k, c);
         const int64_t e0 = c * p.block, e1 = std::min(p.numel[k], e0 + p.block);
-        std::fill(sums.begin(), sums.end(), acc(0));
-        for (int64_t base = e0; base < e1; base += kTile) {
-          const int len = static_cast<int>(std::min<int64_t>(kTile, e1 - base));
-          const int padded = (len + kLanes - 1) / kLanes * kLanes;
-          for (int i = 0; i < n; ++i) {
-            auto* g = static_cast<const scalar_t*>(p.ptrs[i * p.K + k]);
-            live[i] = g != nullptr;
-            if (!live[i]) continue;
-            acc* row = buf.data() + static_cast<size_t>(i) * kTile;
-            for (int e = 0; e < len; ++e) row[e] = static_cast<acc>(g[base + e]);
-            for (int e = len; e < padded; ++e) row[e] = acc(0);
-          }
-          int q = 0;
-          for (int i = 0; i < n; ++i) {
-            for (int j = i; j < n; ++j, ++q) {
-              if (!live[i] || !live[j]) continue;
-              const acc* x = buf.data() + static_cast<size_t>(i) * kTile;
-              const acc* y = buf.data() + static_cast<size_t>(j) * kTile;
-              acc lanes[kLanes] = {};
-              for (int e = 0; e < padded; e += kLanes)
-                for (int l = 0; l < kLanes; ++l) lanes[l] += x[e + l] * y[e + l];
-              acc s = 0;
-              for (int l = 0; l < kLanes; ++l) s += lanes[l];
-              sums[q] += s;
-            }
-          }
-        }
-        std::copy(sums.begin(), sums.end(), part + task * P);
+        gram_task<scalar_t>(p, k, e0, e1, part + task * P, buf.data());
       }
     });
     finalize_gram(part, ntasks, n, static_cast<acc*>(p.gram), 0, 1);
@@ -221,31 +295,14 @@ void gradient_gram(const GradGramParams& p, void*) {
 template <typename G, typename O>
 void combine_typed(const CombineGradsParams& p) {
   using acc = std::conditional_t<std::is_same_v<G, double> || std::is_same_v<O, double>, double, float>;
-  const auto* coeffs = static_cast<const acc*>(p.coeffs);
   std::vector<int64_t> offset(p.K + 1, 0);
   for (int64_t k = 0; k < p.K; ++k) offset[k + 1] = offset[k] + (p.numel[k] + kGramBlockCpu - 1) / kGramBlockCpu;
   at::parallel_for(0, offset[p.K], 1, [&](int64_t t0, int64_t t1) {
-    acc tmp[kTile];
     for (int64_t task = t0; task < t1; ++task) {
       int64_t k, c;
       task_block(offset.data(), p.K, task, k, c);
-      O* out = static_cast<O*>(p.outs[k]);
       const int64_t e0 = c * kGramBlockCpu, e1 = std::min(p.numel[k], e0 + kGramBlockCpu);
-      for (int64_t base = e0; base < e1; base += kTile) {
-        const int len = static_cast<int>(std::min<int64_t>(kTile, e1 - base));
-        for (int e = 0; e < len; ++e) tmp[e] = acc(0);
-        for (int64_t i = 0; i < p.n; ++i) {
-          auto* g = static_cast<const G*>(p.ptrs[i * p.K + k]);
-          if (g == nullptr) continue;
-          const acc ci = coeffs[i];
-          for (int e = 0; e < len; ++e) tmp[e] += ci * static_cast<acc>(g[base + e]);
-        }
-        if (p.accumulate) {
-          for (int e = 0; e < len; ++e) out[base + e] = static_cast<O>(static_cast<acc>(out[base + e]) + tmp[e]);
-        } else {
-          for (int e = 0; e < len; ++e) out[base + e] = static_cast<O>(tmp[e]);
-        }
-      }
+      combine_task<G, O, acc>(p, k, e0, e1);
     }
   });
 }
