@@ -27,9 +27,10 @@ constexpr int64_t kDpoChunk = 8192;
 
 inline int64_t dpo_tasks(int64_t B) { return (B + kDpoChunk - 1) / kDpoChunk; }
 
-// The length-normalisation divisors of a tile (1 where a length tensor is absent).
+// The length-normalisation divisors of a tile (1 where a length tensor is absent). Always inlined,
+// so that it runs in the ISA clone of its caller.
 template <typename acc>
-inline void length_tile(const acc* lengths, int64_t base, int len, acc* L) {
+__attribute__((always_inline)) inline void length_tile(const acc* lengths, int64_t base, int len, acc* L) {
   if (lengths != nullptr) {
 #pragma omp simd
     for (int t = 0; t < len; ++t) L[t] = dpo_length(lengths, base + t);
