@@ -579,15 +579,30 @@ template <typename T>
 PAMA_HD T dpo_margin(T pc, T pr, T rc, T rr, T len_c, T len_r) {
   return (pc - rc) / len_c - (pr - rr) / len_r;
 }
-// One (objective, pair) term: returns -log sigmoid(z), z = beta*s*h (stable form), and writes
-// coef = dL_i/dh_b = -(beta/B) * s * sigmoid(-z) (inv_b = 1/max(B, 1)).
+// The logit of one (objective, pair) term, z = beta*s*h, and the argument -|z| of its exponential.
+template <typename T>
+PAMA_HD T dpo_logit(T beta, T s, T h) {
+  return beta * s * h;
+}
+template <typename T>
+PAMA_HD T dpo_exp_arg(T z) {
+  return -(z < T(0) ? -z : z);
+}
+// One (objective, pair) term from z, e = exp(-|z|) in [0, 1] and l1p = log1p(e), computed by the
+// caller (the CPU passes cpu::vexp / cpu::vlog1p, which vectorise): returns -log sigmoid(z) (stable
+// form) and writes coef = dL_i/dh_b = -(beta/B) * s * sigmoid(-z) (inv_b = 1/max(B, 1)); sigmoid(-z)
+// is e/(1+e) for z >= 0, 1/(1+e) otherwise, one division either way.
+template <typename T>
+PAMA_HD T dpo_pair_loss_from_exp(T beta, T s, T z, T e, T l1p, T inv_b, T& coef) {
+  const T sig_neg = (z >= T(0) ? e : T(1)) / (T(1) + e);
+  coef = -(beta * inv_b) * s * sig_neg;
+  return maxv(-z, T(0)) + l1p;
+}
 template <typename T>
 PAMA_HD T dpo_pair_loss(T beta, T s, T h, T inv_b, T& coef) {
-  const T z = beta * s * h;
-  const T e = std::exp(-(z < T(0) ? -z : z));  // exp(-|z|) in (0, 1]
-  const T sig_neg = z >= T(0) ? e / (T(1) + e) : T(1) / (T(1) + e);
-  coef = -(beta * inv_b) * s * sig_neg;
-  return maxv(-z, T(0)) + std::log1p(e);
+  const T z = dpo_logit(beta, s, h);
+  const T e = std::exp(dpo_exp_arg(z));
+  return dpo_pair_loss_from_exp(beta, s, z, e, std::log1p(e), inv_b, coef);
 }
 
 // ---- §6 Gram of per-objective gradients --------------------------------------------------------

@@ -7,6 +7,7 @@ formulation; combine_gradients against the explicit sum; determinism; bad input;
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 
@@ -163,6 +164,72 @@ def test_dpo_deterministic(device):
     b = run_dpo(pama_ext.multi_dpo_loss, x, torch.float32)
     for u, v in zip(a, b):
         assert torch.equal(u, v)
+
+
+# odd pair counts around the CPU kernel's tile (256) and task (8192) sizes, and many tasks
+DPO_SIZES = [1, 7, 255, 257, 100_003]
+
+
+def dpo_edge_inputs(n, P, *, seed, lengths, device):
+    """dpo_inputs with float labels whose ties are 0 or NaN; lengths: "none", "chosen" (one side only)
+    or "both"."""
+    x = dpo_inputs(n, P, seed=seed, lengths=lengths != "none", label_dtype=F64, device=device)
+    x["labels"].view(-1)[1::5] = float("nan")  # NaN reads as a tie
+    if lengths == "chosen":
+        x["rejected_lengths"] = None
+    return x
+
+
+@pytest.mark.parametrize("lengths", ["none", "chosen", "both"])
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=str)
+@pytest.mark.parametrize("P", DPO_SIZES)
+@pytest.mark.parametrize("n", [1, 8])
+def test_dpo_odd_sizes(device, n, P, dtype, lengths):
+    """Forward and backward against the reference on pair counts off the kernel's tile and task
+    boundaries, with 0 and NaN ties and each length option (float32: the tolerance rule)."""
+    require_native()
+    x = dpo_edge_inputs(n, P, seed=P + n, lengths=lengths, device=device)
+    x = {k: (v.to(dtype).to(F64) if k in ("pc", "pr", "rc", "rr") and v is not None else v) for k, v in x.items()}
+    cpu = {k: (v.cpu() if v is not None else None) for k, v in x.items()}
+    got = run_dpo(pama_ext.multi_dpo_loss, x, dtype)
+    ref64 = run_dpo(reference.multi_dpo_loss, cpu, F64)
+    reflow = run_dpo(reference.multi_dpo_loss, cpu, dtype)
+    for name, a, b, c in zip(NAMES, got, ref64, reflow):
+        compare(name, a, b, c, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=str)
+def test_dpo_extreme_margins(device, dtype):
+    """|z| = beta |h| up to 1e4 (past the float32 exponential's range on both sides): finite losses,
+    coefficients and gradients, equal to the reference's (a tie there is still log 2). No h = 0: the
+    reference's autograd takes a one-sided derivative of its clamp at that kink."""
+    require_native()
+    mags = torch.tensor([1e-6, 1e-3, 0.5, 1.0, 5.0, 17.0, 20.0, 85.0, 86.0, 87.0, 88.8, 89.0, 103.0, 104.0,
+                         1e3, 1e4], dtype=F64)
+    h = torch.cat([mags, -mags])
+    P = h.numel()
+    signs = torch.tensor([1.0, -1.0, 0.0, float("nan")], dtype=F64)
+    labels = signs.repeat_interleave(P).view(4, P)
+    z = torch.zeros(P, dtype=F64)
+    x = dict(pc=h.to(device), pr=z.to(device), rc=z.to(device), rr=z.to(device), labels=labels.to(device),
+             chosen_lengths=None, rejected_lengths=None)
+    cpu = {k: (v.cpu() if v is not None else None) for k, v in x.items()}
+    got = run_dpo(pama_ext.multi_dpo_loss, x, dtype, beta=1.0)
+    for name, a in zip(NAMES, got):
+        assert torch.isfinite(a).all(), f"{name}: not finite: {a}"
+    ref64 = run_dpo(reference.multi_dpo_loss, cpu, F64, beta=1.0)
+    reflow = run_dpo(reference.multi_dpo_loss, cpu, dtype, beta=1.0)
+    for name, a, b, c in zip(NAMES, got, ref64, reflow):
+        compare(name, a, b, c, dtype)
+    # per pair (B = 1): -log sigmoid(z) itself, where float32 has no sum to hide an error in (the
+    # float32 exponential of the CPU kernels returns 0 below -86, cpu/vec.h: atol = exp(-86))
+    for k in range(h.numel()):
+        one = {key: (v[..., k:k + 1] if v is not None else None) for key, v in x.items()}
+        l1 = run_dpo(pama_ext.multi_dpo_loss, one, dtype, beta=1.0)[0]
+        l64 = run_dpo(reference.multi_dpo_loss, {key: (v.cpu() if v is not None else None) for key, v in one.items()},
+                      F64, beta=1.0)[0]
+        torch.testing.assert_close(l1.double().cpu(), l64, rtol=4 * torch.finfo(dtype).eps,
+                                   atol=math.exp(-86) if dtype == torch.float32 else 0.0)
 
 
 # ----------------------------------------------------------------------------------------------

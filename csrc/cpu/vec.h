@@ -63,6 +63,31 @@ inline float vexp(float x) {
 inline double vexp(double x) { return std::exp(x); }
 inline double vexp_bounded(double x) { return std::exp(x); }
 
+// log1p(x) for float x in [0, 1] (DPO's log1p(exp(-|z|))), branch-free so that a loop calling it
+// vectorises (std::log1p does not). x < 0.5: f = x; x >= 0.5: log1p(x) = ln2 + log1p(f) with
+// f = (x - 1)/2, exact (Sterbenz). Then log1p(f) = f - f²/2 + f³·P(f) on f in [-0.25, 0.5): P of
+// degree 7, a relative-error minimax fit made for this function (fit error < 1e-8), ln2 in two parts.
+// Error <= 1 ulp on [0, 1] (python_tests/test_vec_math.py sweeps it); NaN propagates. Outside [0, 1]
+// the result is not log1p.
+inline float vlog1p(float x) {
+  const float k = x >= 0.5f ? 1.0f : 0.0f;
+  const float f = x >= 0.5f ? (x - 1.0f) * 0.5f : x;
+  const float f2 = f * f;
+  float p = -0.045071073f;
+  p = p * f + 0.10461988f;
+  p = p * f + -0.13160475f;
+  p = p * f + 0.14478303f;
+  p = p * f + -0.16647367f;
+  p = p * f + 0.19990873f;
+  p = p * f + -0.25000095f;
+  p = p * f + 0.33333448f;
+  float y = f2 * f * p + k * -2.12194440e-4f;  // ln2 - 0.693359375
+  y = y - 0.5f * f2;
+  return (f + y) + k * 0.693359375f;
+}
+// float64: the library log1p (as vexp)
+inline double vlog1p(double x) { return std::log1p(x); }
+
 // The mask as bytes (bool is one byte holding 0 or 1): a byte loads into a vector lane, a bool
 // does not.
 inline const uint8_t* mask_bytes(const bool* m) { return reinterpret_cast<const uint8_t*>(m); }
@@ -214,6 +239,17 @@ template <typename T>
 inline TokenLoss<T> k3_token(T logp, T ref_logp) {
   TokenLoss<T> r;
   r.loss = k3_kl_from_exp(logp, ref_logp, vexp(k3_log_arg(logp, ref_logp)), r.dlogp);
+  r.clipped = T(0);
+  return r;
+}
+// One DPO (objective, pair) term (pama_math.h dpo_pair_loss) with the vectorisable exp and log1p:
+// loss and coef = dL_i/dh_b (in dlogp).
+template <typename T>
+inline TokenLoss<T> dpo_term(T beta, T s, T h, T inv_b) {
+  TokenLoss<T> r;
+  const T z = dpo_logit(beta, s, h);
+  const T e = vexp(dpo_exp_arg(z));
+  r.loss = dpo_pair_loss_from_exp(beta, s, z, e, vlog1p(e), inv_b, r.dlogp);
   r.clipped = T(0);
   return r;
 }
