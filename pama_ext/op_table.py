@@ -365,11 +365,13 @@ def schema_autograd(op: str, spec: OpSpec):
         res = getattr(torch.ops.pama_ext, op + "_backward")(*args)
         res = tuple(res) if isinstance(res, (tuple, list)) else (res,)
         by_name = dict(zip(results, res))
-        for name, twin in negated.items():
-            by_name[name] = -by_name[twin]
         # needs_input_grad covers the arguments the call passed (trailing defaults may be left out)
         need = ctx.needs_input_grad
-        return tuple(by_name.get(n) if k < len(need) and need[k] else None for k, n in enumerate(input_names))
+        wanted = {n for k, n in enumerate(input_names) if k < len(need) and need[k]}
+        for name, twin in negated.items():
+            if name in wanted:  # a negation is a pass over the gradient: only where one is asked for
+                by_name[name] = -by_name[twin]
+        return tuple(by_name.get(n) if n in wanted else None for n in input_names)
 
     return backward, setup_context
 
