@@ -188,6 +188,9 @@ struct ValueLossParams {
   void* metrics;    // acc [value_metrics_size(n)] out
   void* partials;   // acc [B * chunks_per_row * value_partial_size(n)]
   int dtype;
+  // With Backend::value_loss_checks: nullptr, or (check_finite) set to whether some masked-in value,
+  // old value or return is NaN/Inf, computed in the loss pass (a host bool: CPU backends only)
+  bool* nonfinite = nullptr;
 };
 // grad_values[i,b,t] = grad_loss * 0.5 * mask * row_scale[b] * dl_i/dV
 struct ValueLossBackwardParams {
@@ -299,6 +302,7 @@ struct Backend {
   int64_t chunk_len;   // tokens per chunk for the chunked passes
   int64_t gram_block;  // elements per Gram partial / combine task
   bool single_pass_loss;  // policy_loss_forward supports PolicyLossParams::single_pass
+  bool value_loss_checks;  // value_loss_forward fills ValueLossParams::nonfinite
   // RL ops (ops.cpp)
   void (*token_rewards)(const TokenRewardsParams&, void* stream);
   void (*multi_gae)(const GaeParams&, void* stream);

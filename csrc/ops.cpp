@@ -655,10 +655,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_value_loss(const at::Tensor
                                      "the global [token count, sequence count]");
   const int a = parse_agg(agg, kVL);
   TORCH_CHECK_VALUE(clip >= 0, kVL, ": clip must be >= 0 (inf disables it), got ", clip);
-  if (check_finite) {
+  auto check_inputs = [&] {
     check_finite_all({{"values", in.values}, {"old_values", in.old_values}, {"returns", in.returns}}, in.mask, kVL);
-  }
+  };
   Launch L = backend_for(values, kVL);
+  // A backend with value_loss_checks tests the inputs in the loss pass; only when that finds a
+  // non-finite value does the separate check run, to name the argument.
+  const bool check_in_pass = check_finite && L.be.value_loss_checks;
+  if (check_finite && !check_in_pass) check_inputs();
   auto opts = in.values.options().dtype(acc_type(in.values.scalar_type()));
   int64_t chunk_len = 0;
   const int64_t cpr = chunks_per_row(L.be, in.T, chunk_len);
@@ -671,7 +675,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_value_loss(const at::Tensor
                     denoms.defined() ? denoms.data_ptr() : nullptr,
                     in.n, in.B, in.T, chunk_len, cpr, clip, a, row_scale.data_ptr(), loss.data_ptr(),
                     metrics.data_ptr(), partials.data_ptr(), dtype_code(in.values.scalar_type())};
+  bool nonfinite = false;
+  if (check_in_pass) p.nonfinite = &nonfinite;
   L.be.value_loss_forward(p, L.stream);
+  if (nonfinite) {
+    check_inputs();
+    TORCH_CHECK_VALUE(false, kVL, ": values, old_values or returns is NaN or Inf on a masked-in position");
+  }
   return {loss, metrics, row_scale};
 }
 

@@ -10,6 +10,7 @@ const Backend& table() {
                          kChunkLen,
                          kGramBlockCpu,
                          /*single_pass_loss=*/true,
+                         /*value_loss_checks=*/true,
                          &token_rewards,
                          &multi_gae,
                          &multi_gae_backward,
