@@ -52,6 +52,25 @@ def test_value_loss_lowp(native, device, n, agg, dtype):
     compare_all(got, run_value_loss(ref, x.as64(), 0.2, agg), run_value_loss(ref, x, 0.2, agg), dtype)
 
 
+@pytest.mark.parametrize("dtype", (F64, torch.float32, torch.bfloat16, torch.float16), ids=str)
+@pytest.mark.parametrize("n,B,T", [(1, 3, 2049), (3, 2, 4099), (2, 5, 2047), (5, 1, 6001)])
+def test_value_loss_rows_of_several_chunks(native, device, n, B, T, dtype):
+    """Rows of one chunk and of several (the CPU kernel's blocks), odd B and T, rows with holes and
+    fully masked rows: forward and backward against the reference in every dtype."""
+    x = make_inputs(n, B, T, dtype=dtype, seed=T + n, mask="holes")
+    x.mask[B // 2] = False  # one row masked out entirely (seq-mean aggregation skips it)
+    cases = [(0.2, "token-mean"), (0.05, "seq-mean-token-mean")]
+    if dtype == F64:  # a token sum over thousands of tokens: in float32 its last bit exceeds the rule's floor
+        cases.append((None, "seq-mean-token-sum"))
+    for clip, agg in cases:
+        got = run_value_loss(ops, x.to(device=device), clip, agg)
+        check_dtypes(got, dtype, device, acc_keys=["loss", "clipfrac", "head_loss"], io_keys=["grad_values"])
+        if dtype == F64:
+            compare_all(got, run_value_loss(ref, x, clip, agg))
+        else:
+            compare_all(got, run_value_loss(ref, x.as64(), clip, agg), run_value_loss(ref, x, clip, agg), dtype)
+
+
 @pytest.mark.parametrize("clip,agg", [(0.2, "token-mean"), (None, "seq-mean-token-mean"), (0.1, "seq-mean-token-sum")])
 def test_gradcheck_value_loss(clip, agg):
     x = make_inputs(3, 3, 7, seed=52, mask="holes")
