@@ -189,6 +189,12 @@ struct ValueLossParams {
   void* metrics;    // acc [value_metrics_size(n)] out
   void* partials;   // acc [B * chunks_per_row * value_partial_size(n)]
   int dtype;
+  // With Backend::value_loss_checks: nullptr, or (check_finite) set to whether some masked-in value,
+  // old value or return is NaN/Inf, computed in the loss pass (a host bool: CPU backends only)
+  bool* nonfinite = nullptr;
+  // With Backend::value_loss_float_mask: nullptr, or the caller's float32 mask [B, T] (nonzero = in),
+  // read in place of `mask` (which is then nullptr)
+  const float* mask_f32 = nullptr;
 };
 // grad_values[i,b,t] = grad_loss * 0.5 * mask * row_scale[b] * dl_i/dV
 struct ValueLossBackwardParams {
@@ -202,6 +208,7 @@ struct ValueLossBackwardParams {
   double clip;
   void* grad_values;  // dtype [n, B, T] out
   int dtype;
+  const float* mask_f32 = nullptr;  // as ValueLossParams::mask_f32
 };
 
 // One table of launchers per device.
@@ -300,6 +307,8 @@ struct Backend {
   int64_t chunk_len;   // tokens per chunk for the chunked passes
   int64_t gram_block;  // elements per Gram partial / combine task
   bool single_pass_loss;  // policy_loss_forward supports PolicyLossParams::single_pass
+  bool value_loss_checks;  // value_loss_forward fills ValueLossParams::nonfinite
+  bool value_loss_float_mask;  // the value-loss launchers read ValueLossParams::mask_f32 (and the backward's)
   // RL ops (ops.cpp)
   void (*token_rewards)(const TokenRewardsParams&, void* stream);
   void (*multi_gae)(const GaeParams&, void* stream);

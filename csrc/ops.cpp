@@ -70,16 +70,27 @@ void check_like(const at::Tensor& t, const at::Tensor& like, const char* op, con
               " is on ", like.device());
 }
 
-// mask: [B, T], any dtype (nonzero = in), same device. Returns a contiguous bool copy or view.
-at::Tensor bool_mask(const at::Tensor& mask, int64_t B, int64_t T, const at::Tensor& like, const char* like_name,
-                     const char* op) {
+// mask: [B, T], any real dtype (nonzero = in), on the device of `like`.
+void check_mask(const at::Tensor& mask, int64_t B, int64_t T, const at::Tensor& like, const char* like_name,
+                const char* op) {
   check_defined(mask, op, "mask");
   check_shape(mask, {B, T}, op, "mask", "[B, T]");
   TORCH_CHECK(mask.device() == like.device(), op, ": mask is on ", mask.device(), " but ", like_name, " is on ",
               like.device());
   TORCH_CHECK(!mask.is_complex(), op, ": mask must be bool or real, got ", mask.scalar_type());
+}
+
+// A checked mask as a contiguous bool copy or view.
+at::Tensor as_bool_mask(const at::Tensor& mask) {
   // to(kBool) is nonzero -> true, as ne(0), and ~10x faster on a float mask (a plain conversion kernel)
   return (mask.scalar_type() == at::kBool ? mask : mask.to(at::kBool)).contiguous();
+}
+
+// The mask (check_mask) as a contiguous bool copy or view.
+at::Tensor bool_mask(const at::Tensor& mask, int64_t B, int64_t T, const at::Tensor& like, const char* like_name,
+                     const char* op) {
+  check_mask(mask, B, T, like, like_name, op);
+  return as_bool_mask(mask);
 }
 
 // Non-finite values on masked-in positions are an error naming the argument (algorithms §9). `checks`
@@ -621,8 +632,19 @@ at::Tensor pama_policy_loss_backward(const at::Tensor& grad_loss, const at::Tens
 }
 
 struct ValueInputs {
-  at::Tensor values, old_values, returns, mask;
+  at::Tensor values, old_values, returns;
+  // As given (checked) until for_backend; then bool, or (float_mask) the caller's float32 mask, which
+  // a backend with Backend::value_loss_float_mask reads as it is instead of a bool copy made per call.
+  at::Tensor mask;
+  bool float_mask = false;
   int64_t n, B, T;
+  void for_backend(const Backend& be) {
+    float_mask = be.value_loss_float_mask && mask.scalar_type() == at::kFloat;
+    mask = float_mask ? mask.contiguous() : as_bool_mask(mask);
+  }
+  at::Tensor mask_as_bool() const { return float_mask ? as_bool_mask(mask) : mask; }
+  const bool* mask_bool() const { return float_mask ? nullptr : mask.data_ptr<bool>(); }
+  const float* mask_f32() const { return float_mask ? mask.data_ptr<float>() : nullptr; }
 };
 
 ValueInputs value_inputs(const at::Tensor& values, const at::Tensor& old_values, const at::Tensor& returns,
@@ -638,7 +660,8 @@ ValueInputs value_inputs(const at::Tensor& values, const at::Tensor& old_values,
   check_shape(old_values, values.sizes(), op, "old_values", "[n, B, T] (the shape of values)");
   check_like(returns, values, op, "returns", "values");
   check_shape(returns, values.sizes(), op, "returns", "[n, B, T] (the shape of values)");
-  in.mask = bool_mask(mask, in.B, in.T, values, "values", op);
+  check_mask(mask, in.B, in.T, values, "values", op);
+  in.mask = mask;
   in.values = values.contiguous();
   in.old_values = old_values.contiguous();
   in.returns = returns.contiguous();
@@ -657,10 +680,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_value_loss(const at::Tensor
                                      "the global [token count, sequence count]");
   const int a = parse_agg(agg, kVL);
   TORCH_CHECK_VALUE(clip >= 0, kVL, ": clip must be >= 0 (inf disables it), got ", clip);
-  if (check_finite) {
-    check_finite_all({{"values", in.values}, {"old_values", in.old_values}, {"returns", in.returns}}, in.mask, kVL);
-  }
+  auto check_inputs = [&] {
+    check_finite_all({{"values", in.values}, {"old_values", in.old_values}, {"returns", in.returns}},
+                     in.mask_as_bool(), kVL);
+  };
   Launch L = backend_for(values, kVL);
+  in.for_backend(L.be);
+  // A backend with value_loss_checks tests the inputs in the loss pass; only when that finds a
+  // non-finite value does the separate check run, to name the argument.
+  const bool check_in_pass = check_finite && L.be.value_loss_checks;
+  if (check_finite && !check_in_pass) check_inputs();
   auto opts = in.values.options().dtype(acc_type(in.values.scalar_type()));
   int64_t chunk_len = 0;
   const int64_t cpr = chunks_per_row(L.be, in.T, chunk_len);
@@ -669,11 +698,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_value_loss(const at::Tensor
   at::Tensor metrics = at::empty({value_metrics_size(static_cast<int>(in.n))}, opts);
   at::Tensor partials =
       at::empty({std::max<int64_t>(1, in.B * cpr * value_partial_size(static_cast<int>(in.n)))}, opts);
-  ValueLossParams p{in.values.data_ptr(), in.old_values.data_ptr(), in.returns.data_ptr(), in.mask.data_ptr<bool>(),
+  ValueLossParams p{in.values.data_ptr(), in.old_values.data_ptr(), in.returns.data_ptr(), in.mask_bool(),
                     denoms.defined() ? denoms.data_ptr() : nullptr,
                     in.n, in.B, in.T, chunk_len, cpr, clip, a, row_scale.data_ptr(), loss.data_ptr(),
                     metrics.data_ptr(), partials.data_ptr(), dtype_code(in.values.scalar_type())};
+  p.mask_f32 = in.mask_f32();
+  bool nonfinite = false;
+  if (check_in_pass) p.nonfinite = &nonfinite;
   L.be.value_loss_forward(p, L.stream);
+  if (nonfinite) {
+    check_inputs();
+    TORCH_CHECK_VALUE(false, kVL, ": values, old_values or returns is NaN or Inf on a masked-in position");
+  }
   return {loss, metrics, row_scale};
 }
 
@@ -692,9 +728,11 @@ at::Tensor multi_value_loss_backward(const at::Tensor& grad_loss, const at::Tens
   at::Tensor grad = at::empty_like(in.values);
   if (grad.numel() == 0) return grad;
   Launch L = backend_for(values, op);
+  in.for_backend(L.be);
   ValueLossBackwardParams p{g.data_ptr(), in.values.data_ptr(), in.old_values.data_ptr(), in.returns.data_ptr(),
-                            in.mask.data_ptr<bool>(), rs.data_ptr(), in.n, in.B, in.T, clip, grad.data_ptr(),
+                            in.mask_bool(), rs.data_ptr(), in.n, in.B, in.T, clip, grad.data_ptr(),
                             dtype_code(in.values.scalar_type())};
+  p.mask_f32 = in.mask_f32();
   L.be.value_loss_backward(p, L.stream);
   return grad;
 }

@@ -229,6 +229,47 @@ def test_non_finite_found_in_any_chunk(device, threads, where):
         torch.set_num_threads(prev)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+@pytest.mark.parametrize("arg", ["values", "old_values", "returns"])
+def test_value_loss_non_finite_found_in_any_chunk(device, arg, threads, where):
+    """multi_value_loss checks its inputs inside the loss pass on CPU: one Inf on the last head, in
+    any chunk of rows of several chunks, with 1 or 2 threads, is an error naming the argument, and
+    nothing when masked out."""
+    gen = torch.Generator().manual_seed(1)
+    n, B, T = 3, 3, 5000
+    a = {k: torch.randn(n, B, T, generator=gen).to(device) for k in ("values", "old_values", "returns")}
+    mask = torch.ones(B, T, dtype=torch.bool, device=device)
+    k = {"first": 0, "middle": B * T // 2 + 1_234, "last": B * T - 1}[where]
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        bad = dict(a)
+        bad[arg] = a[arg].clone()
+        bad[arg][-1].view(-1)[k] = float("inf")
+        with pytest.raises(ValueError, match=f"multi_value_loss: {arg} has NaN or Inf"):
+            ops.multi_value_loss(bad["values"], bad["old_values"], bad["returns"], mask)
+        hole = mask.clone()
+        hole.view(-1)[k] = False
+        loss, _ = ops.multi_value_loss(bad["values"], bad["old_values"], bad["returns"], hole)
+        assert torch.isfinite(loss)
+    finally:
+        torch.set_num_threads(prev)
+
+
+def test_value_loss_first_non_finite_argument_is_named(device):
+    """Several bad inputs: the error names the first in argument order (values before returns), wherever
+    the bad positions lie."""
+    x = bad_input_batch(device)
+    m = x.mask.bool()
+    first, last = m.reshape(-1).nonzero()[0], m.reshape(-1).nonzero()[-1]
+    values, returns = x.values.clone(), x.returns.clone()
+    values[-1].view(-1)[last] = float("nan")
+    returns[0].view(-1)[first] = float("inf")
+    with pytest.raises(ValueError, match=r"multi_value_loss: values has NaN or Inf"):
+        ops.multi_value_loss(values, x.old_values, returns, x.mask)
+
+
 def test_first_non_finite_argument_is_named(device):
     """With several bad inputs the error names the first in argument order (logp before advantages)."""
     x = bad_input_batch(device)

@@ -210,6 +210,16 @@ def test_dpo_loss_deterministic_across_thread_counts():
     _assert_same_for_thread_counts(run)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_value_loss_deterministic_across_thread_counts(dtype):
+    """multi_value_loss (finite checks inside the loss pass) over rows of several chunks, odd T, holes
+    and a fully masked row: bitwise the same loss, metrics and gradient with 1, 2 and 3 threads."""
+    x = make_inputs(5, 7, 4099, seed=194, mask="holes").to(dtype)
+    x.mask[3] = False
+    for agg in ("token-mean", "seq-mean-token-sum"):
+        _assert_same_for_thread_counts(lambda: run_value_loss(ops, x, 0.2, agg))
+
+
 def _thread_cpu_ticks():
     """CPU time (utime + stime, clock ticks) of every thread of this process, from /proc."""
     out = {}

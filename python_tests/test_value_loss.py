@@ -52,6 +52,66 @@ def test_value_loss_lowp(native, device, n, agg, dtype):
     compare_all(got, run_value_loss(ref, x.as64(), 0.2, agg), run_value_loss(ref, x, 0.2, agg), dtype)
 
 
+@pytest.mark.parametrize("dtype", (F64, torch.float32, torch.bfloat16, torch.float16), ids=str)
+@pytest.mark.parametrize("n,B,T", [(1, 3, 2049), (3, 2, 4099), (2, 5, 2047), (5, 1, 6001)])
+def test_value_loss_rows_of_several_chunks(native, device, n, B, T, dtype):
+    """Rows of one chunk and of several (the CPU kernel's blocks), odd B and T, rows with holes and
+    fully masked rows: forward and backward against the reference in every dtype."""
+    x = make_inputs(n, B, T, dtype=dtype, seed=T + n, mask="holes")
+    x.mask[B // 2] = False  # one row masked out entirely (seq-mean aggregation skips it)
+    cases = [(0.2, "token-mean"), (0.05, "seq-mean-token-mean")]
+    if dtype == F64:  # a token sum over thousands of tokens: in float32 its last bit exceeds the rule's floor
+        cases.append((None, "seq-mean-token-sum"))
+    for clip, agg in cases:
+        got = run_value_loss(ops, x.to(device=device), clip, agg)
+        check_dtypes(got, dtype, device, acc_keys=["loss", "clipfrac", "head_loss"], io_keys=["grad_values"])
+        if dtype == F64:
+            compare_all(got, run_value_loss(ref, x, clip, agg))
+        else:
+            compare_all(got, run_value_loss(ref, x.as64(), clip, agg), run_value_loss(ref, x, clip, agg), dtype)
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mask_dtype", [torch.float32, torch.float64, torch.uint8], ids=str)
+def test_value_loss_mask_dtypes_match_bool(device, dtype, mask_dtype):
+    """A mask of any real dtype is nonzero = in (NaN and -2 in, -0.0 out): loss, metrics and gradient
+    bitwise those of the bool mask (the CPU kernels read a float32 mask as it is), with and without
+    the finite checks, over rows of several chunks."""
+    x = make_inputs(3, 4, 2500, dtype=dtype, seed=21, mask="holes")
+    x.mask[1] = False
+    m = x.mask.to(mask_dtype)
+    if mask_dtype.is_floating_point:
+        on, off = x.mask.nonzero(), (~x.mask).nonzero()
+        m[tuple(on[0])], m[tuple(on[1])], m[tuple(on[2])] = float("nan"), -2.0, 0.5
+        m[tuple(off[0])] = -0.0
+    elif mask_dtype == torch.uint8:
+        m[x.mask] = 7
+    xd = x.to(device=device)
+    want = run_value_loss(ops, xd, 0.2, "seq-mean-token-mean")
+    for check_finite in (True, False):
+        v = xd.values.clone().requires_grad_(True)
+        loss, metrics = ops.multi_value_loss(v, xd.old_values, xd.returns, m.to(device), 0.2,
+                                             "seq-mean-token-mean", check_finite)
+        (g,) = torch.autograd.grad(loss * 0.6, v)
+        assert torch.equal(loss, want["loss"]) and torch.equal(g, want["grad_values"])
+        assert torch.equal(metrics["clipfrac"], want["clipfrac"])
+        assert torch.equal(metrics["head_loss"], want["head_loss"])
+
+
+def test_value_loss_float_mask_non_finite_is_named(device):
+    """With a float32 mask (read by the kernel), a masked-in NaN is still an error naming the argument,
+    and a masked-out one is ignored."""
+    x = make_inputs(2, 3, 300, dtype=torch.float32, seed=22, mask="holes").to(device=device)
+    m = x.mask.to(torch.float32)
+    on, off = x.mask.nonzero()[-1], (~x.mask).nonzero()[0]
+    returns = x.returns.clone()
+    returns[(1,) + tuple(off)] = float("nan")
+    loss, _ = ops.multi_value_loss(x.values, x.old_values, returns, m)
+    assert torch.isfinite(loss)
+    returns[(1,) + tuple(on)] = float("inf")
+    expect_error("returns", ops.multi_value_loss, x.values, x.old_values, returns, m)
+
+
 @pytest.mark.parametrize("clip,agg", [(0.2, "token-mean"), (None, "seq-mean-token-mean"), (0.1, "seq-mean-token-sum")])
 def test_gradcheck_value_loss(clip, agg):
     x = make_inputs(3, 3, 7, seed=52, mask="holes")

@@ -10,6 +10,8 @@ const Backend& table() {
                          kChunkLen,
                          kGramBlockCpu,
                          /*single_pass_loss=*/true,
+                         /*value_loss_checks=*/true,
+                         /*value_loss_float_mask=*/true,
                          &token_rewards,
                          &multi_gae,
                          &multi_gae_backward,

@@ -16,7 +16,8 @@ IMPLS = ["fused", "eager", "compile"]
 
 def nbytes(n: int, B: int, T: int, elt: int, mask_elt: int) -> int:
     """Forward: values, old_values, returns and mask read; backward: the same read again and the
-    gradient of the values written (an estimate of the minimal traffic, not a count of the kernels')."""
+    gradient of the values written. The minimal traffic of the two passes; the CPU kernels move
+    exactly this with a bool or float32 mask (another mask dtype adds its conversion to bool)."""
     return 7 * n * B * T * elt + 2 * B * T * mask_elt
 
 
