@@ -1,11 +1,13 @@
-// autograd.cpp — the Autograd kernel of pama_policy_loss, in C++.
+// autograd.cpp — the Autograd kernels of pama_policy_loss and multi_value_loss, in C++.
 //
 // Every other op gets its autograd from Python (pama_ext/op_table.py: torch.library.register_autograd,
 // derived from the op's schema and its <op>_backward op). That path costs about 150 µs of Python per
 // forward + backward (torch's generated autograd.Function, its argument re-binding, the Python
 // backward), which is as long as the whole kernel at 2^15 tokens. The policy loss is the op a trainer
-// calls every micro-batch and its backward is one multiply, so its Autograd kernel is written here;
-// op_table.register leaves alone every op that already has an Autograd kernel from this library.
+// calls every micro-batch and its backward is one multiply, so its Autograd kernel is written here,
+// and so is the value loss's (called as often; its backward is the multi_value_loss_backward op on the
+// saved inputs, exactly what the schema-derived formula calls). op_table.register leaves alone every op
+// that already has an Autograd kernel from this library.
 //
 // Forward: the op below autograd; outputs other than the loss take no gradient. Backward: the forward's
 // `dlogp` output (dl/dlogp + beta_loss · dk3/dlogp at the forward's log-probs, 0 on masked-out
@@ -104,8 +106,69 @@ PolicyLossOut policy_loss_autograd(const at::Tensor& logp, const at::Tensor& old
   return {out[0], out[1], out[2], out[3], out[4]};
 }
 
+// ---- multi_value_loss: backward = the multi_value_loss_backward op on the saved inputs ----------
+using ValueLossOut = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using ValueLossSig = ValueLossOut(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
+                                  const std::string&, bool, const c10::optional<at::Tensor>&);
+using ValueLossBackwardSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                        const at::Tensor&, const at::Tensor&, double);
+
+struct ValueLossFunction : public torch::autograd::Function<ValueLossFunction> {
+  template <typename Call>
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& values, const at::Tensor& old_values,
+                               const at::Tensor& returns, const at::Tensor& mask, double clip, const Call& call) {
+    ValueLossOut out;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      out = call(values);
+    }
+    auto& [loss, metrics, row_scale] = out;
+    ctx->mark_non_differentiable({metrics, row_scale});
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({values, old_values, returns, mask, row_scale});
+    ctx->saved_data["clip"] = clip;
+    return {loss, metrics, row_scale};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list none(6);  // one per forward argument after ctx
+    if (!grads[0].defined()) return none;
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("pama_ext::multi_value_loss_backward", "")
+                               .typed<ValueLossBackwardSig>();
+    const auto s = ctx->get_saved_variables();
+    const double clip = ctx->saved_data["clip"].toDouble();
+    // With create_graph the backward op goes through its own autograd (a second derivative raises,
+    // op_table.not_twice_differentiable); otherwise straight to the kernel.
+    if (at::GradMode::is_enabled()) {
+      none[0] = op.call(grads[0], s[0], s[1], s[2], s[3], s[4], clip);
+    } else {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      none[0] = op.call(grads[0], s[0], s[1], s[2], s[3], s[4], clip);
+    }
+    return none;
+  }
+};
+
+ValueLossOut value_loss_autograd(const at::Tensor& values, const at::Tensor& old_values, const at::Tensor& returns,
+                                 const at::Tensor& mask, double clip, const std::string& agg, bool check_finite,
+                                 const c10::optional<at::Tensor>& denominators) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("pama_ext::multi_value_loss", "")
+                             .typed<ValueLossSig>();
+  auto call = [&](const at::Tensor& v) {
+    return op.call(v, old_values, returns, mask, clip, agg, check_finite, denominators);
+  };
+  // values is the differentiable input; the other tensors are saved for the backward op only
+  const variable_list out = ValueLossFunction::apply(values, old_values.detach(), returns.detach(), mask, clip, call);
+  return {out[0], out[1], out[2]};
+}
+
 }  // namespace
 
-void register_autograd_impls(torch::Library& m) { m.impl("pama_policy_loss", &policy_loss_autograd); }
+void register_autograd_impls(torch::Library& m) {
+  m.impl("pama_policy_loss", &policy_loss_autograd);
+  m.impl("multi_value_loss", &value_loss_autograd);
+}
 
 }  // namespace pama

@@ -25,7 +25,7 @@ Launch backend_for_device(const at::Device& d, const char* op);
 // Registers every op implementation on a dispatch key (CPU in ops.cpp, CUDA in ops_cuda.cpp).
 void register_impls(torch::Library& m);
 
-// Registers the Autograd kernels written in C++ (autograd.cpp: pama_policy_loss); every other op's
+// Registers the Autograd kernels written in C++ (autograd.cpp: pama_policy_loss, multi_value_loss); every other op's
 // autograd is registered from Python (pama_ext/op_table.py).
 void register_autograd_impls(torch::Library& m);
 

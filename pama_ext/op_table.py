@@ -20,7 +20,7 @@ Everything else comes from the op schemas in ``csrc/registration.cpp``, read by 
   the schema;
 - the autograd formula of an op with a ``<op>_backward`` op (unless :func:`register` is given a
   Python formula for it, or the library registers the op's Autograd kernel itself, as it does for
-  the policy loss in ``csrc/autograd.cpp``) is derived from the two schemas: an
+  the policy and value losses in ``csrc/autograd.cpp``) is derived from the two schemas: an
   argument ``grad_<output>`` of the backward takes the gradient of that forward output (zeros when
   only another output is used), any other argument is the forward input or output of that name, and
   the backward returns ``grad_<input>`` for the inputs it differentiates. Forward outputs that no
@@ -381,7 +381,7 @@ def register(python_autograd: Optional[Mapping[str, Tuple[Callable, Callable]]] 
     of every op with a ``<op>_backward`` op, and ``python_autograd`` (op -> (backward, setup_context))
     for ops whose backward is a Python formula (which takes the place of a schema-derived one: the
     ``<op>_backward`` op stays callable for other users). An op whose Autograd kernel the library
-    registers itself (:func:`has_native_autograd`: the policy loss, csrc/autograd.cpp) keeps it. Called
+    registers itself (:func:`has_native_autograd`: the policy and value losses, csrc/autograd.cpp) keeps it. Called
     once, when the library is loaded."""
     lib = "pama_ext::"
     python_autograd = dict(python_autograd or {})

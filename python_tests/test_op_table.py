@@ -141,11 +141,16 @@ def test_naming_rule_violation_is_an_error(monkeypatch):
 
 
 def test_policy_loss_autograd_is_the_librarys_own():
-    """pama_policy_loss's Autograd kernel is the C++ one (csrc/autograd.cpp): register() left it in place
-    (no Python formula on top of it), the loss's graph node is that kernel's, and a Python formula
-    for it is refused rather than silently stacked on the same dispatch key."""
+    """pama_policy_loss's and multi_value_loss's Autograd kernels are the C++ ones (csrc/autograd.cpp):
+    register() left them in place (no Python formula on top), the losses' graph nodes are those
+    kernels', and a Python formula for one is refused rather than silently stacked on the same
+    dispatch key."""
     require_native()
-    assert op_table.has_native_autograd("pama_policy_loss")
+    assert op_table.has_native_autograd("pama_policy_loss") and op_table.has_native_autograd("multi_value_loss")
+    values = torch.randn(2, 3, 5, requires_grad=True)
+    vloss = torch.ops.pama_ext.multi_value_loss(values, values.detach(), torch.randn(2, 3, 5),
+                                                torch.ones(3, 5, dtype=torch.bool), 0.2, "token-mean", True)[0]
+    assert "ValueLossFunction" in vloss.grad_fn.name()
     logp = torch.randn(2, 5, requires_grad=True)
     loss = torch.ops.pama_ext.pama_policy_loss(
         logp, logp.detach(), torch.randn(1, 2, 5), torch.ones(2, 5, dtype=torch.bool), None, None, 0.2, 0.2, 3.0,
