@@ -3,14 +3,15 @@
 // over fixed work items (results do not depend on the thread count).
 //
 // GAE is a scan along T, one per (objective, row) sequence; one scalar scan is bound by the
-// latency of its loop-carried dependency (~2 ns a token here), not by memory. So the scans run W
-// sequences side by side (W = 8 float or 4 double lanes of a 32-byte vector): a block of W
-// consecutive timesteps of W sequences is loaded as W row vectors, transposed in registers so that
-// vector j holds timestep j of every sequence, stepped with pama::gae_step on whole vectors (one
-// step advances W independent scans, each in its own order t = T-1 … 0: the recurrence is not
-// reassociated), and transposed back. A group is W consecutive sequences s = i·B + b (the last
-// group may have fewer: its missing lanes repeat its first sequence and are not stored), so a
-// sequence's result does not depend on its lane, its group or the thread count.
+// latency of its loop-carried dependency (~5 cycles a token), not by memory. So the scans run W
+// sequences side by side (W = 8 float or 4 double lanes of a 32-byte vector): a group's rows are
+// staged a tile of timesteps at a time (contiguous runs, converted to acc), W timesteps of the W
+// rows are transposed in registers so that vector j holds timestep j of every sequence, stepped
+// with pama::gae_step on whole vectors (one step advances W independent scans, each in its own
+// order t = T-1 … 0: the recurrence is not reassociated), and transposed back. A group is W
+// consecutive sequences s = i·B + b (the last group may have fewer: its missing lanes repeat its
+// first sequence and are not stored), so a sequence's result does not depend on its lane, its
+// group or the thread count.
 // 32-byte vector arguments of always-inlined helpers (and of pama_math.h's gae_step with vector
 // lanes): in the baseline clone GCC splits them into 16-byte halves; nothing crosses the library.
 #if defined(__GNUC__) && !defined(__clang__)
@@ -23,7 +24,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <type_traits>
 
 #include "../checks.h"
 #include "../pama_math.h"
@@ -90,32 +90,25 @@ __attribute__((always_inline)) inline void transpose(Vec (&x)[4]) {
   x[3] = PAMA_SHUFFLE(I, t1, t3, 2, 3, 6, 7);
 }
 
-// W consecutive elements of one sequence as a vector of acc; kFull = false: the first len only, the
-// rest 0 (the end of T).
-template <bool kFull, typename acc, typename scalar_t>
-__attribute__((always_inline)) inline typename Lanes<acc>::V load_row(const scalar_t* p, int len) {
-  constexpr int W = Lanes<acc>::W;
-  acc tmp[W];
-  for (int j = 0; j < W; ++j) tmp[j] = (kFull || j < len) ? static_cast<acc>(p[j]) : acc(0);
+// W consecutive acc of a tile row as a vector, and back.
+template <typename acc>
+__attribute__((always_inline)) inline typename Lanes<acc>::V load_vec(const acc* p) {
   typename Lanes<acc>::V v;
-  std::memcpy(&v, tmp, sizeof v);
+  std::memcpy(&v, p, sizeof v);
   return v;
 }
-template <bool kFull, typename acc, typename scalar_t>
-__attribute__((always_inline)) inline void store_row(scalar_t* p, const typename Lanes<acc>::V& v, int len) {
-  constexpr int W = Lanes<acc>::W;
-  acc tmp[W];
-  std::memcpy(tmp, &v, sizeof v);
-  for (int j = 0; j < (kFull ? W : len); ++j) p[j] = static_cast<scalar_t>(tmp[j]);
+template <typename acc>
+__attribute__((always_inline)) inline void store_vec(acc* p, const typename Lanes<acc>::V& v) {
+  std::memcpy(p, &v, sizeof v);
 }
-// W mask bytes (0 or 1) of one row as lane masks: each lane shifts its byte down from a broadcast
-// word (no byte-to-lane conversion instruction needed); beyond len (kFull = false) masked out.
-template <bool kFull, typename acc>
-__attribute__((always_inline)) inline typename Lanes<acc>::M load_mask_row(const uint8_t* p, int len) {
+// W mask bytes (0 or 1) of a tile row as lane masks (all ones where masked in): each lane shifts its
+// byte down from a broadcast word (no byte-to-lane conversion instruction needed).
+template <typename acc>
+__attribute__((always_inline)) inline typename Lanes<acc>::M load_mask_vec(const uint8_t* p) {
   using M = typename Lanes<acc>::M;
   constexpr int W = Lanes<acc>::W;
   uint8_t b[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  std::memcpy(b, p, kFull ? W : len);
+  std::memcpy(b, p, W);
   uint32_t lo, hi;
   std::memcpy(&lo, b, 4);
   std::memcpy(&hi, b + 4, 4);
@@ -125,25 +118,6 @@ __attribute__((always_inline)) inline typename Lanes<acc>::M load_mask_row(const
     sh[l] = 8 * (l % 4);
   }
   return -((x >> sh) & 1);
-}
-
-// The W rows of a group are W separate streams through memory that the hardware prefetchers do
-// not follow (one load instruction walks all of them, a block at a time): each block asks for the
-// lines kPrefetchSteps timesteps ahead in the direction of the scan (d = ±kPrefetchSteps), of the
-// inputs, the mask and the outputs (for writing: a store to a line not in cache stalls as well).
-// The callers only ask for timesteps inside the row.
-template <typename scalar_t>
-constexpr int64_t kPrefetchSteps = 1024 / sizeof(scalar_t);
-template <typename In, typename Out, int W>
-__attribute__((always_inline)) inline void prefetch_rows(const In* a, const In* b, const uint8_t* m, Out* x, Out* y,
-                                                         const int64_t (&off)[W], const int64_t (&moff)[W], int64_t d) {
-  for (int l = 0; l < W; ++l) {
-    __builtin_prefetch(a + off[l] + d, 0);
-    __builtin_prefetch(b + off[l] + d, 0);
-    __builtin_prefetch(m + moff[l] + d, 0);
-    __builtin_prefetch(x + off[l] + d, 1);
-    __builtin_prefetch(y + off[l] + d, 1);
-  }
 }
 
 // The lanes of group g: element offsets of its sequences and of their mask rows.
@@ -162,111 +136,140 @@ struct Group {
   }
 };
 
-// One block [t0, t0 + W) (or [t0, T) when !kFull) of the forward scan of a group.
-template <bool kFull, typename scalar_t, typename acc>
-__attribute__((always_inline)) inline void gae_block(const GaeParams& p, const Group<Lanes<acc>::W>& G, int64_t t0,
-                                                     const typename Lanes<acc>::V& gamma, const typename Lanes<acc>::V& gl,
-                                                     typename Lanes<acc>::V& next_v, typename Lanes<acc>::V& last_a) {
-  using L = Lanes<acc>;
-  constexpr int W = L::W;
-  const int len = kFull ? W : static_cast<int>(p.T - t0);
-  auto* r = static_cast<const scalar_t*>(p.rewards) + t0;
-  auto* v = static_cast<const scalar_t*>(p.values) + t0;
-  const uint8_t* m = mask_bytes(p.mask) + t0;
-  auto* adv = static_cast<scalar_t*>(p.advantages) + t0;
-  auto* ret = static_cast<scalar_t*>(p.returns) + t0;
-  if (kFull && t0 >= kPrefetchSteps<scalar_t>)
-    prefetch_rows<scalar_t, scalar_t, W>(r, v, m, adv, ret, G.off, G.moff, -kPrefetchSteps<scalar_t>);
-  typename L::V R[W], Vl[W];
-  typename L::M Mk[W];
-  for (int l = 0; l < W; ++l) {
-    R[l] = load_row<kFull, acc>(r + G.off[l], len);
-    Vl[l] = load_row<kFull, acc>(v + G.off[l], len);
-    Mk[l] = load_mask_row<kFull, acc>(m + G.moff[l], len);
+// A group's rows are staged kScanTile timesteps at a time: each row's part of the tile is read
+// (and written back) as one contiguous run, converted to acc, and the scan works on the tile in L1.
+// (Stepping the W rows a vector at a time straight from memory, 32 bytes per row and array at a
+// time, all rows in one L1 set when T·elt is a multiple of 4 KiB, ran no faster than one scalar scan
+// per sequence.)
+constexpr int kScanTile = 256;
+
+template <typename acc>
+struct ScanTile {
+  static constexpr int W = Lanes<acc>::W;
+  alignas(64) acc x[W][kScanTile];  // rewards -> advantages (forward); dL/dA -> dL/dr (adjoint)
+  alignas(64) acc y[W][kScanTile];  // values -> returns; dL/dreturns -> dL/dV
+  alignas(64) uint8_t m[W][kScanTile];
+};
+
+// Rows [t0, t0 + len) of the group's sequences of a and b, and their mask rows, into the tile; the
+// rest of a partial tile zero (masked out).
+template <typename scalar_t, typename acc>
+__attribute__((always_inline)) inline void stage_in(ScanTile<acc>& S, const scalar_t* a, const scalar_t* b,
+                                                    const bool* mask, const Group<Lanes<acc>::W>& G, int64_t t0, int len) {
+  for (int l = 0; l < ScanTile<acc>::W; ++l) {
+    const scalar_t* pa = a + G.off[l] + t0;
+    const scalar_t* pb = b + G.off[l] + t0;
+    for (int t = 0; t < len; ++t) S.x[l][t] = static_cast<acc>(pa[t]);
+    for (int t = 0; t < len; ++t) S.y[l][t] = static_cast<acc>(pb[t]);
+    std::memcpy(S.m[l], mask_bytes(mask) + G.moff[l] + t0, len);
+    for (int t = len; t < kScanTile; ++t) {
+      S.x[l][t] = S.y[l][t] = acc(0);
+      S.m[l][t] = 0;
+    }
   }
-  transpose(R);
-  transpose(Vl);
-  transpose(Mk);
-  // padded steps (!kFull, j >= len) are masked out: they leave the carry at its start (0, 0)
-  for (int j = W - 1; j >= 0; --j) {
-    R[j] = gae_step(R[j], Vl[j], Mk[j], gamma, gl, next_v, last_a);  // R now holds A
-    Vl[j] = R[j] + Vl[j];                                           // Vl now holds the returns
-  }
-  transpose(R);
-  transpose(Vl);
+}
+template <typename scalar_t, typename acc>
+__attribute__((always_inline)) inline void stage_out(const ScanTile<acc>& S, scalar_t* a, scalar_t* b,
+                                                     const Group<Lanes<acc>::W>& G, int64_t t0, int len) {
   for (int l = 0; l < G.lanes; ++l) {
-    store_row<kFull, acc>(adv + G.off[l], R[l], len);
-    store_row<kFull, acc>(ret + G.off[l], Vl[l], len);
+    scalar_t* pa = a + G.off[l] + t0;
+    scalar_t* pb = b + G.off[l] + t0;
+    for (int t = 0; t < len; ++t) pa[t] = static_cast<scalar_t>(S.x[l][t]);
+    for (int t = 0; t < len; ++t) pb[t] = static_cast<scalar_t>(S.y[l][t]);
   }
 }
 
+// Timesteps [j0, j0 + W) of the tile as W step vectors (vector j: timestep j0 + j of every lane).
+template <typename acc>
+__attribute__((always_inline)) inline void tile_load(const ScanTile<acc>& S, int j0, typename Lanes<acc>::V (&X)[Lanes<acc>::W],
+                                                     typename Lanes<acc>::V (&Y)[Lanes<acc>::W],
+                                                     typename Lanes<acc>::M (&Mk)[Lanes<acc>::W]) {
+  for (int l = 0; l < Lanes<acc>::W; ++l) {
+    X[l] = load_vec(S.x[l] + j0);
+    Y[l] = load_vec(S.y[l] + j0);
+    Mk[l] = load_mask_vec<acc>(S.m[l] + j0);
+  }
+  transpose(X);
+  transpose(Y);
+  transpose(Mk);
+}
+template <typename acc>
+__attribute__((always_inline)) inline void tile_store(ScanTile<acc>& S, int j0, typename Lanes<acc>::V (&X)[Lanes<acc>::W],
+                                                      typename Lanes<acc>::V (&Y)[Lanes<acc>::W]) {
+  transpose(X);
+  transpose(Y);
+  for (int l = 0; l < Lanes<acc>::W; ++l) {
+    store_vec(S.x[l] + j0, X[l]);
+    store_vec(S.y[l] + j0, Y[l]);
+  }
+}
+
+// The forward scans of groups [g0, g1), tiles from the end of T (a partial one first); in a
+// partial tile the padded steps come first and are masked out: the carry stays (0, 0).
 template <typename scalar_t, typename acc = acc_of<scalar_t>>
 PAMA_CPU_CLONES void gae_groups(const GaeParams& p, int64_t g0, int64_t g1) {
   using L = Lanes<acc>;
   constexpr int W = L::W;
   const typename L::V gamma = typename L::V() + static_cast<acc>(p.gamma);
   const typename L::V gl = typename L::V() + static_cast<acc>(p.gamma * p.lam);  // product in double
-  const int64_t full = p.T / W * W;
+  auto* r = static_cast<const scalar_t*>(p.rewards);
+  auto* v = static_cast<const scalar_t*>(p.values);
+  auto* adv = static_cast<scalar_t*>(p.advantages);
+  auto* ret = static_cast<scalar_t*>(p.returns);
+  ScanTile<acc> S;
   for (int64_t g = g0; g < g1; ++g) {
     const Group<W> G(g, p.n * p.B, p.B, p.T);
     typename L::V next_v = typename L::V(), last_a = typename L::V();
-    if (full < p.T) gae_block<false, scalar_t, acc>(p, G, full, gamma, gl, next_v, last_a);
-    for (int64_t t0 = full - W; t0 >= 0; t0 -= W) gae_block<true, scalar_t, acc>(p, G, t0, gamma, gl, next_v, last_a);
+    for (int64_t t0 = (p.T - 1) / kScanTile * kScanTile; t0 >= 0; t0 -= kScanTile) {
+      const int len = static_cast<int>(std::min<int64_t>(kScanTile, p.T - t0));
+      stage_in(S, r, v, p.mask, G, t0, len);
+      for (int j0 = (len - 1) / W * W; j0 >= 0; j0 -= W) {
+        typename L::V X[W], Y[W];
+        typename L::M Mk[W];
+        tile_load(S, j0, X, Y, Mk);
+        for (int j = W - 1; j >= 0; --j) {
+          X[j] = gae_step(X[j], Y[j], Mk[j], gamma, gl, next_v, last_a);  // X now holds A
+          Y[j] = X[j] + Y[j];                                             // Y the returns
+        }
+        tile_store(S, j0, X, Y);
+      }
+      stage_out(S, adv, ret, G, t0, len);
+    }
   }
 }
 
-// One block of the adjoint scan of a group (walked forward in time).
-template <bool kFull, typename scalar_t, typename acc>
-__attribute__((always_inline)) inline void gae_adjoint_block(const GaeBackwardParams& p, const Group<Lanes<acc>::W>& G,
-                                                             int64_t t0, const typename Lanes<acc>::V& gamma,
-                                                             const typename Lanes<acc>::V& gl, typename Lanes<acc>::V& c_la,
-                                                             typename Lanes<acc>::V& c_nv) {
-  using L = Lanes<acc>;
-  constexpr int W = L::W;
-  const int len = kFull ? W : static_cast<int>(p.T - t0);
-  auto* ga = static_cast<const scalar_t*>(p.grad_advantages) + t0;
-  auto* gret = static_cast<const scalar_t*>(p.grad_returns) + t0;
-  const uint8_t* m = mask_bytes(p.mask) + t0;
-  auto* gr = static_cast<scalar_t*>(p.grad_rewards) + t0;
-  auto* gv = static_cast<scalar_t*>(p.grad_values) + t0;
-  if (kFull && t0 + kPrefetchSteps<scalar_t> < p.T)
-    prefetch_rows<scalar_t, scalar_t, W>(ga, gret, m, gr, gv, G.off, G.moff, kPrefetchSteps<scalar_t>);
-  typename L::V GA[W], GRET[W];
-  typename L::M Mk[W];
-  for (int l = 0; l < W; ++l) {
-    GA[l] = load_row<kFull, acc>(ga + G.off[l], len);
-    GRET[l] = load_row<kFull, acc>(gret + G.off[l], len);
-    Mk[l] = load_mask_row<kFull, acc>(m + G.moff[l], len);
-  }
-  transpose(GA);
-  transpose(GRET);
-  transpose(Mk);
-  for (int j = 0; j < W; ++j) {
-    typename L::V g_r, g_v;
-    gae_adjoint_step(GA[j] + GRET[j], Mk[j], gamma, gl, c_la, c_nv, g_r, g_v);
-    GA[j] = g_r;                // GA now holds dL/dr
-    GRET[j] = g_v + GRET[j];    // GRET now holds dL/dV
-  }
-  transpose(GA);
-  transpose(GRET);
-  for (int l = 0; l < G.lanes; ++l) {
-    store_row<kFull, acc>(gr + G.off[l], GA[l], len);
-    store_row<kFull, acc>(gv + G.off[l], GRET[l], len);
-  }
-}
-
+// The adjoint scans of groups [g0, g1), walked forward in time (padded steps last, not stored).
 template <typename scalar_t, typename acc = acc_of<scalar_t>>
 PAMA_CPU_CLONES void gae_adjoint_groups(const GaeBackwardParams& p, int64_t g0, int64_t g1) {
   using L = Lanes<acc>;
   constexpr int W = L::W;
   const typename L::V gamma = typename L::V() + static_cast<acc>(p.gamma);
   const typename L::V gl = typename L::V() + static_cast<acc>(p.gamma * p.lam);
-  const int64_t full = p.T / W * W;
+  auto* ga = static_cast<const scalar_t*>(p.grad_advantages);
+  auto* gret = static_cast<const scalar_t*>(p.grad_returns);
+  auto* gr = static_cast<scalar_t*>(p.grad_rewards);
+  auto* gv = static_cast<scalar_t*>(p.grad_values);
+  ScanTile<acc> S;
   for (int64_t g = g0; g < g1; ++g) {
     const Group<W> G(g, p.n * p.B, p.B, p.T);
     typename L::V c_la = typename L::V(), c_nv = typename L::V();
-    for (int64_t t0 = 0; t0 < full; t0 += W) gae_adjoint_block<true, scalar_t, acc>(p, G, t0, gamma, gl, c_la, c_nv);
-    if (full < p.T) gae_adjoint_block<false, scalar_t, acc>(p, G, full, gamma, gl, c_la, c_nv);
+    for (int64_t t0 = 0; t0 < p.T; t0 += kScanTile) {
+      const int len = static_cast<int>(std::min<int64_t>(kScanTile, p.T - t0));
+      stage_in(S, ga, gret, p.mask, G, t0, len);
+      for (int j0 = 0; j0 < len; j0 += W) {
+        typename L::V X[W], Y[W];
+        typename L::M Mk[W];
+        tile_load(S, j0, X, Y, Mk);
+        for (int j = 0; j < W; ++j) {
+          typename L::V g_r, g_v;
+          gae_adjoint_step(X[j] + Y[j], Mk[j], gamma, gl, c_la, c_nv, g_r, g_v);
+          X[j] = g_r;        // X now holds dL/dr
+          Y[j] = g_v + Y[j]; // Y dL/dV
+        }
+        tile_store(S, j0, X, Y);
+      }
+      stage_out(S, gr, gv, G, t0, len);
+    }
   }
 }
 
