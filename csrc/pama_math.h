@@ -128,28 +128,28 @@ PAMA_HD ChunkBounds chunk_bounds(int64_t chunk, int64_t chunks_per_row, int64_t 
 
 // ---- §2 GAE --------------------------------------------------------------------------------
 // One backward-in-time step; carry (next_v, last_a) starts at (0, 0) at t = T-1.
-// Returns A[t] (= last_a after the step). M is bool, or (cpu/gae.cpp, which scans several
-// sequences at once) a lane-mask vector of GCC's vector extension: selects only, no branch.
-template <typename T, typename M>
-PAMA_HD T gae_step(T r, T v, M m, T gamma, T gamma_lam, T& next_v, T& last_a) {
+// Returns A[t] (= last_a after the step).
+template <typename T>
+PAMA_HD T gae_step(T r, T v, bool m, T gamma, T gamma_lam, T& next_v, T& last_a) {
   T delta = r + gamma * next_v - v;
   T a = delta + gamma_lam * last_a;
-  next_v = m ? v : next_v;
-  last_a = m ? a : last_a;
+  if (m) {
+    next_v = v;
+    last_a = a;
+  }
   return last_a;
 }
 
 // Adjoint of gae_step, walked forward in time (t = 0 … T-1) with carry (c_la, c_nv) = (0, 0).
 // g_adv is dL/dA[t] + dL/dreturns[t]; adds dL/dr[t] and dL/dV[t] (excluding the returns term).
-// T() is zero for a scalar and for a vector alike.
-template <typename T, typename M>
-PAMA_HD void gae_adjoint_step(T g_adv, M m, T gamma, T gamma_lam, T& c_la, T& c_nv, T& g_r, T& g_v) {
+template <typename T>
+PAMA_HD void gae_adjoint_step(T g_adv, bool m, T gamma, T gamma_lam, T& c_la, T& c_nv, T& g_r, T& g_v) {
   T g_la = g_adv + c_la;
-  T g_a = m ? g_la : T();  // a[t] is stored only on masked-in steps
-  g_r = g_a;               // dδ/dr = 1, dA/dδ = 1
-  g_v = (m ? c_nv : T()) - g_a;
-  c_la = (m ? T() : g_la) + gamma_lam * g_a;
-  c_nv = (m ? T() : c_nv) + gamma * g_a;
+  T g_a = m ? g_la : T(0);  // a[t] is stored only on masked-in steps
+  g_r = g_a;                // dδ/dr = 1, dA/dδ = 1
+  g_v = (m ? c_nv : T(0)) - g_a;
+  c_la = (m ? T(0) : g_la) + gamma_lam * g_a;
+  c_nv = (m ? T(0) : c_nv) + gamma * g_a;
 }
 
 // ---- §3 whitening and Noon ------------------------------------------------------------------

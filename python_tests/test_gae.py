@@ -58,9 +58,9 @@ def test_multi_gae_lowp(native, device, n, dtype):
     compare_all(got, run_multi_gae(ref, x.as64(), 0.99, 0.95), run_multi_gae(ref, x, 0.99, 0.95), dtype)
 
 
-# The CPU kernel scans 8 (float32) or 4 (float64) sequences at once in blocks of as many timesteps:
-# T around and below a block, and n * B (here 3 * 5 = 15) not a multiple of the lane count, so that
-# the last group is partial; "holes" has an all-masked-out row.
+# Shapes for kernels that scan several sequences at once in blocks of timesteps (a vector of 8 float32
+# or 4 float64 lanes): T around and below a block, n * B (here 3 * 5 = 15) not a multiple of the lane
+# count; "holes" has an all-masked-out row.
 @pytest.mark.parametrize("T", [1, 7, 9, 255, 257])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_multi_gae_partial_blocks_and_groups(device, dtype, T):
@@ -74,9 +74,9 @@ def test_multi_gae_partial_blocks_and_groups(device, dtype, T):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_multi_gae_sequence_independent_of_its_lane(device, dtype):
-    """A sequence's advantages, returns and gradients are bitwise the same whichever lane and group
-    of the vectorised scan it lands in: the rows rolled by 3 give the rolled results."""
+def test_multi_gae_sequence_independent_of_its_position(device, dtype):
+    """A sequence's advantages, returns and gradients are bitwise the same wherever it sits in the
+    batch (whichever task, chunk or vector lane scans it): the rows rolled by 3 give the rolled results."""
     x = make_inputs(3, 7, 37, dtype=dtype, seed=301, mask="holes")
     g = torch.Generator().manual_seed(302)
     up = [torch.randn(3, 7, 37, generator=g, dtype=dtype) for _ in range(2)]  # dL/dA, dL/dreturns
