@@ -58,6 +58,40 @@ def test_multi_gae_lowp(native, device, n, dtype):
     compare_all(got, run_multi_gae(ref, x.as64(), 0.99, 0.95), run_multi_gae(ref, x, 0.99, 0.95), dtype)
 
 
+# Shapes for kernels that scan several sequences at once in blocks of timesteps (a vector of 8 float32
+# or 4 float64 lanes): T around and below a block, n * B (here 3 * 5 = 15) not a multiple of the lane
+# count; "holes" has an all-masked-out row.
+@pytest.mark.parametrize("T", [1, 7, 9, 255, 257])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_multi_gae_partial_blocks_and_groups(device, dtype, T):
+    x = make_inputs(3, 5, T, dtype=dtype, seed=300 + T, mask="holes")
+    got = run_multi_gae(ops, x.to(device=device), 0.99, 0.95)
+    check_dtypes(got, dtype, device, io_keys=["advantages", "returns", "grad_rewards", "grad_values"])
+    if dtype == F64:
+        compare_all(got, run_multi_gae(ref, x, 0.99, 0.95))
+    else:
+        compare_all(got, run_multi_gae(ref, x.as64(), 0.99, 0.95), run_multi_gae(ref, x, 0.99, 0.95), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_multi_gae_sequence_independent_of_its_position(device, dtype):
+    """A sequence's advantages, returns and gradients are bitwise the same wherever it sits in the
+    batch (whichever task, chunk or vector lane scans it): the rows rolled by 3 give the rolled results."""
+    x = make_inputs(3, 7, 37, dtype=dtype, seed=301, mask="holes")
+    g = torch.Generator().manual_seed(302)
+    up = [torch.randn(3, 7, 37, generator=g, dtype=dtype) for _ in range(2)]  # dL/dA, dL/dreturns
+
+    def run(shift):
+        r, v = (t.roll(shift, dims=1).to(device).requires_grad_(True) for t in (x.rewards, x.values))
+        adv, ret = ops.multi_gae(r, v, x.mask.roll(shift, dims=0).to(device), gamma=0.99, lam=0.95)
+        gr, gv = torch.autograd.grad((adv, ret), (r, v), [u.roll(shift, dims=1).to(device) for u in up])
+        return {k: t.roll(-shift, dims=1) for k, t in dict(adv=adv, ret=ret, gr=gr, gv=gv).items()}
+
+    base, got = run(0), run(3)
+    for k in base:
+        assert torch.equal(got[k], base[k]), k
+
+
 @pytest.mark.parametrize("gamma,lam", GAE_PARAMS)
 def test_gradcheck_multi_gae(gamma, lam):
     x = make_inputs(2, 3, 9, seed=53, mask="holes")

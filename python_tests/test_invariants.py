@@ -166,6 +166,19 @@ def test_deterministic_across_thread_counts():
     _assert_same_for_thread_counts(run)
 
 
+def test_gae_and_token_rewards_deterministic_across_thread_counts():
+    """multi_gae (forward and adjoint, in groups of 8 sequences with a partial last group and a
+    partial last block of T) and token_rewards give bitwise the same results with 1, 2 and 3 threads."""
+    x = make_inputs(3, 11, 257, seed=194, mask="holes").to(torch.float32)
+
+    def run():
+        out = {f"gae.{k}": v for k, v in run_multi_gae(ops, x, 0.99, 0.95).items()}
+        out.update({f"tr.{k}": v for k, v in run_token_rewards(ops, x, 0.05).items()})
+        return out
+
+    _assert_same_for_thread_counts(run)
+
+
 def _assert_same_for_thread_counts(run, counts=(1, 2, 3)):
     """run() (a dict of tensors) gives bitwise the same tensors with each intra-op thread count."""
     prev = torch.get_num_threads()

@@ -41,6 +41,25 @@ def test_token_rewards_lowp(native, device, n, dtype):
     compare_all(got, run_token_rewards(ref, x.as64(), 0.05), run_token_rewards(ref, x, 0.05), dtype)
 
 
+# The CPU kernel works in tiles of 256 tokens per row and finds each row's last masked-in token once:
+# T around a tile, rows whose last token is the row's last, in a later tile or absent.
+@pytest.mark.parametrize("T", [1, 7, 255, 256, 257, 600])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_token_rewards_tiles_and_last_tokens(device, dtype, T):
+    x = make_inputs(3, 5, T, dtype=dtype, seed=310 + T, mask="holes")  # row 2 is all masked out
+    x.mask[0] = True                     # last token at T - 1
+    x.mask[1] = False
+    x.mask[1, : (T + 1) // 2] = True     # last token inside the row
+    x.mask[3, -1] = False                # a hole at the end
+    got = run_token_rewards(ops, x.to(device=device), 0.05)
+    check_dtypes(got, dtype, device, io_keys=["rewards", "grad_scores", "grad_old_logp", "grad_ref_logp"])
+    if dtype == F64:
+        compare_all(got, run_token_rewards(ref, x, 0.05))
+    else:
+        compare_all(got, run_token_rewards(ref, x.as64(), 0.05), run_token_rewards(ref, x, 0.05), dtype)
+    assert (got["rewards"][:, 2] == 0).all() and not got["rewards"][:, 2].signbit().any()
+
+
 @pytest.mark.parametrize("beta_kl", [0.0, 0.3])
 def test_gradcheck_token_rewards(beta_kl):
     x = make_inputs(2, 3, 9, seed=54, mask="random")

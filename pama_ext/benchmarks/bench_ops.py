@@ -12,6 +12,7 @@ Op families (``--ops``, default ``policy_loss,gae``; one module each, implementa
   process: the reference loops over T in Python, so dynamo unrolls T steps), ``loop``, a
   per-timestep, per-objective Python loop the way TRL / verl write GAE, and ``loop_folded``, the same
   loop with the objectives folded into the batch (one loop over t for all n).
+* ``gae_fb`` (``multi_gae`` forward + backward, autograd.grad of both outputs): ``fused``, ``eager``.
 * ``value_loss`` (``multi_value_loss`` forward + backward), ``token_rewards`` (forward),
   ``dpo_loss`` (``multi_dpo_loss`` forward + backward, B pairs of length T): ``fused``, ``eager``,
   ``compile``.
@@ -46,8 +47,8 @@ from . import common, dpo_loss, gae, policy_loss, stats, token_rewards, value_lo
 
 # the op families of the sweep: each module has IMPLS, nbytes(n, B, T, elt, mask_elt) and
 # run_point(n, B, T, args, device, plan, state, bar) -> {impl: row}
-FAMILIES = {"policy_loss": policy_loss, "gae": gae, "value_loss": value_loss, "token_rewards": token_rewards,
-            "dpo_loss": dpo_loss, "stats": stats}
+FAMILIES = {"policy_loss": policy_loss, "gae": gae, "gae_fb": gae.FWD_BWD, "value_loss": value_loss,
+            "token_rewards": token_rewards, "dpo_loss": dpo_loss, "stats": stats}
 
 SIZES: List[Tuple[int, int]] = [(16, 1024), (32, 4096), (256, 4096)]  # 2^14, 2^17, 2^20 tokens
 NS = [1, 2, 4, 8]

@@ -1,11 +1,16 @@
-"""GAE family: ``multi_gae`` forward.
+"""GAE families: ``multi_gae`` forward (``gae``) and forward + backward (``gae_fb``, :data:`FWD_BWD`).
 
-Implementations: ``fused`` (pama_ext.ops), ``eager`` (the reference), ``compile``
+Implementations of ``gae``: ``fused`` (pama_ext.ops), ``eager`` (the reference), ``compile``
 (torch.compile(reference), time-boxed in a child process: the reference loops over T in Python, so
 dynamo unrolls T steps), ``loop`` (baselines.gae_python_loop, TRL / verl's per-timestep loop) and
 ``loop_folded`` (the same loop with the objectives folded into the batch, baselines.gae_python_loop_folded).
 
-* :func:`run_point`: one (n, B, T) of bench_ops.py's sweep.
+``gae_fb`` times the forward and ``torch.autograd.grad`` of (advantages, returns) with fixed upstream
+gradients on (rewards, values): ``fused`` (the forward and the adjoint scan) and ``eager`` (autograd
+through the reference's loop over T, up to T = GAE_LOOP_MAX_T); no compile or loop baselines (their backward through T
+unrolled steps is not what a user would run).
+
+* :func:`run_point`: one (n, B, T) of bench_ops.py's sweep (``gae``); :data:`FWD_BWD`: the ``gae_fb`` family.
 * :func:`section`: bench_gpu.py's ``gae`` section.
 * ``python -m pama_ext.benchmarks.gae --child-compile n,B,T ...``: the compile child (internal).
 """
@@ -75,6 +80,45 @@ def run_point(n, B, T, args, device, plan, state: Dict, bar) -> Dict[str, Dict]:
         bar.set_postfix_str(f"gae n={n} {B}x{T} loop_folded")
         out["loop_folded"] = common.timed_row(runner(baselines.gae_python_loop_folded, sets), n_sets, plan, device)
     return out
+
+
+def nbytes_fwd_bwd(n: int, B: int, T: int, elt: int, mask_elt: int) -> int:
+    """The forward's bytes (:func:`nbytes`) and the adjoint scan's: dL/dA, dL/dreturns and mask
+    read, dL/drewards and dL/dvalues written."""
+    return 2 * nbytes(n, B, T, elt, mask_elt)
+
+
+def runner_fwd_bwd(gae_fn, sets, upstream):
+    def fn(i):
+        x = sets[i]
+        r, v = x["rewards"].detach().requires_grad_(True), x["values"].detach().requires_grad_(True)
+        adv, ret = gae_fn(r, v, x["mask"], GAMMA, LAM)
+        return torch.autograd.grad((adv, ret), (r, v), upstream)
+    return fn
+
+
+def run_point_fwd_bwd(n, B, T, args, device, plan, state: Dict, bar) -> Dict[str, Dict]:
+    """bench_ops.py (``gae_fb``): fused / eager forward + backward at one (n, B, T)."""
+    n_sets, sets = input_sets(n, B, T, args, device)
+    g = torch.Generator().manual_seed(args.seed + 2)
+    upstream = [torch.randn(n, B, T, generator=g).to(device=device, dtype=args.dtype) for _ in range(2)]
+    fused, eager = runner_fwd_bwd(ops.multi_gae, sets, upstream), runner_fwd_bwd(baselines.EAGER["gae"], sets, upstream)
+    with_eager = T <= GAE_LOOP_MAX_T
+    err = max(float((a - b).abs().max()) for a, b in zip(fused(0), eager(0))) if with_eager else float("nan")
+    out: Dict[str, Dict] = {}
+    bar.set_postfix_str(f"gae_fb n={n} {B}x{T} fused")
+    out["fused"] = common.timed_row(fused, n_sets, plan, device)
+    out["fused"]["max_abs_err_vs_eager"] = err
+    if with_eager:
+        bar.set_postfix_str(f"gae_fb n={n} {B}x{T} eager")
+        out["eager"] = common.timed_row(eager, n_sets, plan, device)
+    else:
+        out["eager"] = common.skipped(f"T={T} > {GAE_LOOP_MAX_T}: autograd through T unrolled steps")
+    return out
+
+
+#: the ``gae_fb`` family of bench_ops.py
+FWD_BWD = SimpleNamespace(IMPLS=["fused", "eager"], nbytes=nbytes_fwd_bwd, run_point=run_point_fwd_bwd)
 
 
 def compile_row(n, B, T, args, state: Dict) -> Dict[str, object]:
