@@ -101,7 +101,8 @@ struct WeightsParams {
 // tokens; not yet scaled by row_scale), from which the op's autograd backward is one multiply.
 // a_tilde stays Ã: the backward op recomputes dl/dlogp from (Ã, logp), and the fused output layer
 // calls it per chunk at log-probs the forward never saw (fused_linear.py). a_tilde == nullptr
-// (return_a_tilde=False: the entry point, which reads only the loss and the metrics) skips that write.
+// (return_a_tilde=False: the entry point, which reads only the loss and the metrics): the CPU skips
+// that write; the CUDA kernel stores Ã into the token's dlogp slot, which its next store overwrites.
 // single_pass (a backend with Backend::single_pass_loss; method linear, or pama/token): the
 // indicator statistics are not needed before the loss, so this pass also computes what the
 // indicator pass would: per chunk [cnt, bad(4), sumI(n), pos(n), ctok(n)] (SinglePassPartial, in

@@ -59,8 +59,10 @@ __global__ void __launch_bounds__(kLossBlock) policy_loss_partials_kernel(Policy
   const A* stats = static_cast<const A*>(p.stats);
   const A* weights = static_cast<const A*>(p.weights);
   const A* seq_weights = static_cast<const A*>(p.seq_weights);
-  A* a_tilde = static_cast<A*>(p.a_tilde);
   A* dlogp = static_cast<A*>(p.dlogp);
+  // Without return_a_tilde, Ã goes to the token's dlogp slot, which the next store overwrites: the same
+  // cache line, no branch (a branch around the store made ptxas cap the kernel at 32 registers and spill)
+  A* a_tilde = p.a_tilde != nullptr ? static_cast<A*>(p.a_tilde) : dlogp;
   A* part = static_cast<A*>(p.partials);
 
   const int n = static_cast<int>(p.n);
@@ -110,8 +112,8 @@ __global__ void __launch_bounds__(kLossBlock) policy_loss_partials_kernel(Policy
         sums[3] += olp - lp;
         sums[4] += at > A(0) ? A(1) : A(0);
       }
-      if (a_tilde != nullptr) a_tilde[bt] = at;  // uniform over the grid
-      dlogp[bt] = coef;
+      a_tilde[bt] = at;
+      dlogp[bt] = coef;  // after a_tilde[bt]: the order matters when a_tilde is dlogp
     }
     block_reduce_sum_vec<kLossBlock>(sums, red);
     if (threadIdx.x == 0) {
