@@ -55,23 +55,13 @@ PAMA_CPU_CLONES void value_chunk(const ValueLossParams& p, const M* mask, int64_
       auto* ov = static_cast<const scalar_t*>(p.old_values) + off;
       auto* ret = static_cast<const scalar_t*>(p.returns) + off;
       acc s = 0, ci = 0, bi = 0;
-      if (kCheck) {
 #pragma omp simd reduction(+ : s, ci, bi)
-        for (int t = 0; t < len; ++t) {
-          const acc x = static_cast<acc>(v[t]), o = static_cast<acc>(ov[t]), r = static_cast<acc>(ret[t]);
-          const TokenLoss<acc> l = value_token(x, o, r, clip);
-          s += keep_lanes(mk[t], l.loss);
-          ci += keep_lanes(mk[t], l.clipped);
-          bi += keep_lanes(mk[t], (x - x) + (o - o) + (r - r));
-        }
-      } else {
-#pragma omp simd reduction(+ : s, ci)
-        for (int t = 0; t < len; ++t) {
-          const TokenLoss<acc> l = value_token(static_cast<acc>(v[t]), static_cast<acc>(ov[t]),
-                                               static_cast<acc>(ret[t]), clip);
-          s += keep_lanes(mk[t], l.loss);
-          ci += keep_lanes(mk[t], l.clipped);
-        }
+      for (int t = 0; t < len; ++t) {
+        const acc x = static_cast<acc>(v[t]), o = static_cast<acc>(ov[t]), r = static_cast<acc>(ret[t]);
+        const TokenLoss<acc> l = value_token(x, o, r, clip);
+        s += keep_lanes(mk[t], l.loss);
+        ci += keep_lanes(mk[t], l.clipped);
+        if (kCheck) bi += keep_lanes(mk[t], (x - x) + (o - o) + (r - r));  // a template constant: no branch
       }
       out[2 + i] += s;
       c += ci;
