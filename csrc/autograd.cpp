@@ -53,13 +53,6 @@ using PolicyLossSig = PolicyLossOut(const at::Tensor&, const at::Tensor&, const 
                                     double, double, bool, bool, const std::string&, const std::string&,
                                     const std::string&, double, bool, const c10::optional<at::Tensor>&, double, bool);
 
-const c10::TypedOperatorHandle<PolicyLossSig>& policy_loss_handle() {
-  static const auto handle = c10::Dispatcher::singleton()
-                                 .findSchemaOrThrow("pama_ext::pama_policy_loss", "")
-                                 .typed<PolicyLossSig>();
-  return handle;
-}
-
 struct PolicyLossFunction : public torch::autograd::Function<PolicyLossFunction> {
   // logp is the only differentiable input; the rest ride along as non-tensor state of the call.
   template <typename Call>
@@ -95,10 +88,12 @@ PolicyLossOut policy_loss_autograd(const at::Tensor& logp, const at::Tensor& old
                                    const std::string& granularity, const std::string& agg, double beta_loss,
                                    bool check_finite, const c10::optional<at::Tensor>& global_stats,
                                    double cagrad_c, bool return_a_tilde) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("pama_ext::pama_policy_loss", "")
+                             .typed<PolicyLossSig>();
   auto call = [&](const at::Tensor& lp) {
-    return policy_loss_handle().call(lp, old_logp, advantages, mask, ref_logp, prefs, eps_lo, eps_hi, dual_clip,
-                                     noon, whiten, method, granularity, agg, beta_loss, check_finite,
-                                     global_stats, cagrad_c, return_a_tilde);
+    return op.call(lp, old_logp, advantages, mask, ref_logp, prefs, eps_lo, eps_hi, dual_clip, noon, whiten,
+                   method, granularity, agg, beta_loss, check_finite, global_stats, cagrad_c, return_a_tilde);
   };
   // Only logp gets a gradient (the schema's contract): the other tensors are read under the guard of
   // the forward, so a gradient flowing to them is never recorded.
