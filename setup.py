@@ -107,8 +107,12 @@ def extensions(use_cuda: bool):
     omp_cxx, omp_link = openmp_flags()
     # -fno-trapping-math: the CPU kernels' loops are written with selects, which GCC turns into vector
     # blends only when floating-point operations may be evaluated unconditionally (cpu/vec.h); it
-    # changes no result, only the floating-point exception flags, which nothing reads
-    cxx = ["-O3", "-std=c++17", "-fno-trapping-math"] + omp_cxx
+    # changes no result, only the floating-point exception flags, which nothing reads.
+    # -fno-wrapv: Python's own CFLAGS, which setuptools passes first, hold -fwrapv (signed overflow
+    # wraps); then GCC cannot take an index such as t + l (the lanes of cpu/vec.h's lane_sum, the
+    # tile dot products) for a contiguous one and loads each lane on its own. The library's code does
+    # not rely on signed wraparound, and torch itself is built without -fwrapv.
+    cxx = ["-O3", "-std=c++17", "-fno-trapping-math", "-fno-wrapv"] + omp_cxx
     # op bodies + registration (csrc/*.cpp) and the CPU kernels (csrc/cpu/*.cpp), mirrored for CUDA
     # by csrc/cuda/*.cu + csrc/cuda/ops_cuda.cpp
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))

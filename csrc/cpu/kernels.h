@@ -16,7 +16,6 @@ constexpr int64_t kChunkLen = 2048;
 
 constexpr int64_t kGramBlockCpu = 32768;  // elements per Gram partial / combine task
 constexpr int kTile = 256;                // elements converted to acc at a time (L1-resident)
-constexpr int kLanes = 16;                // independent partial sums per dot product (vectorisable)
 
 template <typename F>
 inline void for_chunks(int64_t B, int64_t T, int64_t chunk_len, int64_t cpr, F&& f) {

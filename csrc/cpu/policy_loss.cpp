@@ -55,10 +55,14 @@ PAMA_CPU_CLONES __attribute__((noinline)) void steered_thm1_tile(const PolicyLos
 // Ã of one tile (len tokens from flat index `base`): Theorem 1 per token (the range [mn, mx] of the
 // N_i kept in mn, mx; with prefs, C.steer, Ã is Theorem 1 of the N_i / ρ_i, §4b), or Σ_i w_i N_i.
 // With Nst != nullptr the tiles N_i are kept there (n rows of kVecTile), and with bad != nullptr
-// *bad counts the masked-in (mk) non-finite raw advantages.
+// *bad counts the masked-in (mk) non-finite raw advantages. With nmin != nullptr (Theorem 1 only) the tie
+// counts of the range go there and to nmax (range_update). `next`: the tokens of the row's next tile,
+// whose advantages are prefetched. Always inlined: an out-of-line copy is compiled for the baseline ISA
+// only (the target clones are of loss_chunk), and GCC stopped inlining it as it grew.
 template <typename scalar_t, typename acc = acc_of<scalar_t>>
-inline void tile_a_tilde(const PolicyLossParams& p, const LossConsts<acc>& C, const acc* w, int64_t base, int len,
-                         const lane_mask_t<acc>* mk, acc* A, acc* mn, acc* mx, acc* Nst, acc* bad) {
+__attribute__((always_inline)) inline void tile_a_tilde(const PolicyLossParams& p, const LossConsts<acc>& C, const acc* w, int64_t base, int len,
+                         int64_t next, const lane_mask_t<acc>* mk, acc* A, acc* mn, acc* mx, acc* nmin, acc* nmax,
+                         acc* Nst, acc* bad) {
   const int n = static_cast<int>(p.n);
   const int64_t BT = p.B * p.T;
   auto* adv = static_cast<const scalar_t*>(p.advantages) + base;
@@ -72,19 +76,14 @@ inline void tile_a_tilde(const PolicyLossParams& p, const LossConsts<acc>& C, co
   for (int i = 0; i < n; ++i) {
     const scalar_t* a = adv + i * BT;
     acc* N = Nst != nullptr ? Nst + i * kVecTile : Nloc;
-    if (bad != nullptr) {
-      acc s = 0;
-#pragma omp simd reduction(+ : s)
-      for (int t = 0; t < len; ++t) s += bad_lane(mk[t], static_cast<acc>(a[t]));
-      *bad += s;
-    }
-    whiten_noon_tile(a, len, C.mean[i], C.istd[i], whiten, noon, N);
+    prefetch_tile(a + kVecTile, next);
+    whiten_noon_tile(a, len, C.mean[i], C.istd[i], whiten, noon, N, mk, bad);
     if (!thm) {
       const acc wi = w[i];
 #pragma omp simd
       for (int t = 0; t < len; ++t) A[t] += wi * N[t];
     } else {
-      range_update(i, N, len, mn, mx);
+      range_update(i, N, len, mn, mx, nmin, nmax);
     }
   }
   if (thm && C.steer) {
@@ -130,11 +129,17 @@ PAMA_CPU_CLONES void loss_chunk(const PolicyLossParams& p, const LossConsts<acc_
     const int len = static_cast<int>(std::min<int64_t>(kVecTile, t1 - tt));
     const int64_t base = b * p.T + tt;
     const uint8_t* m = mask_bytes(p.mask) + base;
-#pragma omp simd
-    for (int t = 0; t < len; ++t) mk[t] = lane_mask<K>(m[t] != 0);
-    tile_a_tilde<scalar_t>(p, C, w, base, len, mk, A, mn, mx, kSingle ? N : nullptr, kSingle ? &bad_a : nullptr);
     const scalar_t* l_b = lp + base;
     const scalar_t* o_b = old + base;
+    const int64_t next = std::min<int64_t>(kVecTile, p.T - (tt + kVecTile));  // tokens of the row's next tile
+    prefetch_tile(m + kVecTile, next);
+    prefetch_tile(l_b + kVecTile, next);
+    prefetch_tile(o_b + kVecTile, next);
+    if (ref != nullptr) prefetch_tile(ref + base + kVecTile, next);
+#pragma omp simd
+    for (int t = 0; t < len; ++t) mk[t] = lane_mask<K>(m[t] != 0);
+    tile_a_tilde<scalar_t>(p, C, w, base, len, next, mk, A, mn, mx, with_ctok ? nmin : nullptr, with_ctok ? nmax : nullptr,
+                           kSingle ? N : nullptr, kSingle ? &bad_a : nullptr);
     acc* d_b = d_out + base;
     // two loops over the tile (the ratio, then the loss on it), each with few enough live values to
     // stay in registers: one loop spilled its sums and the exponential's constants to the stack
@@ -188,18 +193,8 @@ PAMA_CPU_CLONES void loss_chunk(const PolicyLossParams& p, const LossConsts<acc_
       for (int t = 0; t < len; ++t) s += bad_lane(mk[t], static_cast<acc>(r_b[t]));
       bad_r += s;
     }
-    for (int i = 0; i < n; ++i) {
-      const acc* Ni = N + i * kVecTile;
-      acc s_i = 0, s_pos = 0;
-#pragma omp simd reduction(+ : s_i, s_pos)
-      for (int t = 0; t < len; ++t) {
-        s_i += keep_lanes(ind[t], Ni[t]);
-        s_pos += keep_lanes(mk[t], Ni[t] > acc(0) ? acc(1) : acc(0));
-      }
-      extra[X.sum_i() + i] += s_i;
-      extra[X.pos() + i] += s_pos;
-    }
-    if (with_ctok) thm1_weight_sums(N, n, len, mn, mx, m, nmin, nmax, wmin, wmax, extra + X.ctok());
+    indicator_sums(N, n, ind, mk, len, extra + X.sum_i(), extra + X.pos());
+    if (with_ctok) thm1_weight_sums(N, n, len, mn, mx, nmin, nmax, m, wmin, wmax, extra + X.ctok());
   }
   out[0] = s_l;
   out[1] = s_kl;

@@ -172,28 +172,9 @@ inline void task_block(const int64_t* part_offset, int64_t K, int64_t task, int6
 
 namespace {
 
-// The dot products of row x with the J rows y[0..J) of a tile over `padded` elements (a multiple of
-// kLanes): kLanes partial sums per product, added in lane order. The J products share the loads of x
-// and give J * kLanes / (vector width) independent accumulator chains (J = 4: eight AVX2 registers).
-template <int J, typename acc>
-__attribute__((always_inline)) inline void tile_dots(const acc* x, const acc* const* y, int padded, acc* out) {
-  acc lanes[J][kLanes] = {};
-  for (int e = 0; e < padded; e += kLanes)
-    for (int jj = 0; jj < J; ++jj) {
-      const acc* yj = y[jj] + e;
-#pragma omp simd
-      for (int l = 0; l < kLanes; ++l) lanes[jj][l] += x[e + l] * yj[l];
-    }
-  for (int jj = 0; jj < J; ++jj) {
-    acc s = 0;
-    for (int l = 0; l < kLanes; ++l) s += lanes[jj][l];
-    out[jj] = s;
-  }
-}
-
 // One Gram task: elements [e0, e1) of parameter k, in tiles of kTile converted to acc (dead rows, a
 // None gradient, are zeros and their products are dropped); sums[q] = the task's <g_i, g_j> of each
-// upper-triangle pair q. buf: n * kTile scratch.
+// upper-triangle pair q. buf: n * kTile + gram_pairs(n) * kLanes scratch (the tile, the lane sums).
 template <typename scalar_t>
 PAMA_CPU_CLONES void gram_task(const GradGramParams& p, int64_t k, int64_t e0, int64_t e1, acc_of<scalar_t>* sums,
                                acc_of<scalar_t>* buf) {
@@ -205,7 +186,8 @@ PAMA_CPU_CLONES void gram_task(const GradGramParams& p, int64_t k, int64_t e0, i
     live[i] = p.ptrs[i * p.K + k] != nullptr;
     rows[i] = buf + static_cast<size_t>(i) * kTile;
   }
-  for (int q = 0; q < gram_pairs(n); ++q) sums[q] = acc(0);
+  auto* lanes = reinterpret_cast<acc(*)[kLanes]>(buf + static_cast<size_t>(n) * kTile);
+  std::fill(lanes[0], lanes[0] + static_cast<size_t>(gram_pairs(n)) * kLanes, acc(0));
   for (int64_t base = e0; base < e1; base += kTile) {
     const int len = static_cast<int>(std::min<int64_t>(kTile, e1 - base));
     const int padded = (len + kLanes - 1) / kLanes * kLanes;
@@ -220,25 +202,10 @@ PAMA_CPU_CLONES void gram_task(const GradGramParams& p, int64_t k, int64_t e0, i
         for (int e = 0; e < padded; ++e) row[e] = acc(0);
       }
     }
-    int q = 0;
-    for (int i = 0; i < n; ++i) {
-      int j = i;
-      acc d[4];
-      // blocks of four pairs (i, j..j+3)
-      for (; j + 4 <= n; j += 4, q += 4) {
-        tile_dots<4>(rows[i], rows + j, padded, d);
-        for (int jj = 0; jj < 4; ++jj)
-          if (live[i] && live[j + jj]) sums[q + jj] += d[jj];
-      }
-      const int rest = n - j;  // 0-3 pairs left in this row of the triangle: one call for them all
-      if (rest == 3) tile_dots<3>(rows[i], rows + j, padded, d);
-      if (rest == 2) tile_dots<2>(rows[i], rows + j, padded, d);
-      if (rest == 1) tile_dots<1>(rows[i], rows + j, padded, d);
-      for (int jj = 0; jj < rest; ++jj)
-        if (live[i] && live[j + jj]) sums[q + jj] += d[jj];
-      q += rest;
-    }
+    tile_gram(rows, n, padded, lanes);
   }
+  for (int i = 0, q = 0; i < n; ++i)
+    for (int j = i; j < n; ++j, ++q) sums[q] = live[i] && live[j] ? lane_total(lanes[q]) : acc(0);
 }
 
 // One combine task: elements [e0, e1) of parameter k, in tiles of kTile (i in order into an acc tile).
@@ -281,7 +248,7 @@ void gradient_gram(const GradGramParams& p, void*) {
     const int64_t ntasks = p.part_offset[p.K];
     auto* part = static_cast<acc*>(p.partials);
     at::parallel_for(0, ntasks, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<acc> buf(static_cast<size_t>(n) * kTile);
+      std::vector<acc> buf(static_cast<size_t>(n) * kTile + static_cast<size_t>(P) * kLanes);
       for (int64_t task = t0; task < t1; ++task) {
         int64_t k, c;
         task_block(p.part_offset, p.K, task, k, c);

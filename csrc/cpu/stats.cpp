@@ -19,31 +19,34 @@ namespace cpu {
 
 namespace {
 
-// One chunk of the moments pass: [cnt, mean(n), msd(n)] (MomentsPartial).
+// One chunk of the moments pass: [cnt, mean(n), msd(n)] (MomentsPartial). The mask becomes lane masks
+// of the accumulation type's width once (so that the loops have one element width and run at full
+// vector width; the byte mask among float lanes gave 128-bit vectors), then per objective two sums over
+// the chunk (the mean, then the squared deviations from it, the chunk re-read from L1), each in
+// kSumLanes partial sums (lane_sum).
 template <typename scalar_t>
 PAMA_CPU_CLONES void moments_chunk(const StatsParams& p, int64_t b, int64_t t0, int64_t t1, acc_of<scalar_t>* out) {
   using acc = acc_of<scalar_t>;
+  using K = lane_mask_t<acc>;
   const int n = static_cast<int>(p.n);
   MomentsPartial P(n);
-  const int64_t BT = p.B * p.T, len = t1 - t0;
+  const int64_t BT = p.B * p.T;
+  const int len = static_cast<int>(t1 - t0);  // <= kChunkLen (the CPU table's chunk length)
   const uint8_t* m = mask_bytes(p.mask) + b * p.T + t0;
-  acc cnt = 0;
-#pragma omp simd reduction(+ : cnt)
-  for (int64_t t = 0; t < len; ++t) cnt += keep_or_zero(m[t], acc(1));
+  K mk[kChunkLen];
+#pragma omp simd
+  for (int t = 0; t < len; ++t) mk[t] = lane_mask<K>(m[t] != 0);
+  const acc cnt = lane_sum<acc>(len, [&](int t) { return keep_lanes(mk[t], acc(1)); });
   out[P.cnt()] = cnt;
   acc inv, rs;
   moments_chunk_scales(cnt, inv, rs);
   for (int i = 0; i < n; ++i) {
     const scalar_t* a = static_cast<const scalar_t*>(p.advantages) + i * BT + b * p.T + t0;
-    acc mean = 0;
-#pragma omp simd reduction(+ : mean)
-    for (int64_t t = 0; t < len; ++t) mean += keep_or_zero(m[t], static_cast<acc>(a[t]) * inv);
-    acc msd = 0;
-#pragma omp simd reduction(+ : msd)
-    for (int64_t t = 0; t < len; ++t) {
+    const acc mean = lane_sum<acc>(len, [&](int t) { return keep_lanes(mk[t], static_cast<acc>(a[t]) * inv); });
+    const acc msd = lane_sum<acc>(len, [&](int t) {
       const acc d = (static_cast<acc>(a[t]) - mean) * rs;
-      msd += keep_or_zero(m[t], d * d);
-    }
+      return keep_lanes(mk[t], d * d);
+    });
     out[P.mean() + i] = mean;
     out[P.msd() + i] = msd;
   }
@@ -52,12 +55,16 @@ PAMA_CPU_CLONES void moments_chunk(const StatsParams& p, int64_t b, int64_t t0, 
 // One chunk of the indicators pass (IndicatorPartial): per tile of tokens, the whitened and
 // Noon-clipped advantages N[i][t] of every objective, then per objective the sums of I_i, of
 // [N_i > 0] and of the Theorem-1 token weights (their ties shared as in pama_math.h's thm1), and
-// the Gram of I when asked. N is scratch of n * kVecTile acc.
+// the Gram of I when asked (tile_gram: lane sums over the chunk, added up at its end). The mask and
+// the indicator are lane masks of the accumulation type's width (full-width loops, cpu/vec.h).
+// scratch: n * kVecTile acc (the tiles N_i), then with_gram gram_pairs(n) * kLanes acc.
 template <typename scalar_t>
 PAMA_CPU_CLONES void indicators_chunk(const StatsParams& p, const acc_of<scalar_t>* mean, const acc_of<scalar_t>* istd,
-                                      int64_t b, int64_t t0, int64_t t1, acc_of<scalar_t>* N,
+                                      int64_t b, int64_t t0, int64_t t1, acc_of<scalar_t>* scratch,
                                       acc_of<scalar_t>* out) {
   using acc = acc_of<scalar_t>;
+  using K = lane_mask_t<acc>;
+  static_assert(kVecTile % kLanes == 0, "a tile is whole lane blocks");
   const int n = static_cast<int>(p.n);
   IndicatorPartial P(n);
   const int64_t BT = p.B * p.T;
@@ -65,7 +72,12 @@ PAMA_CPU_CLONES void indicators_chunk(const StatsParams& p, const acc_of<scalar_
   const acc hi = acc(1) + static_cast<acc>(p.eps_hi);
   auto* lp = static_cast<const scalar_t*>(p.logp);
   auto* old = static_cast<const scalar_t*>(p.old_logp);
-  uint8_t ind[kVecTile];
+  acc* N = scratch;
+  auto* lanes = reinterpret_cast<acc(*)[kLanes]>(scratch + static_cast<size_t>(n) * kVecTile);
+  const acc* rows[kMaxObjectives];
+  for (int i = 0; i < n; ++i) rows[i] = N + i * kVecTile;
+  if (p.with_gram) std::fill(lanes[0], lanes[0] + static_cast<size_t>(gram_pairs(n)) * kLanes, acc(0));
+  K mk[kVecTile], ind[kVecTile];
   acc mn[kVecTile], mx[kVecTile], nmin[kVecTile], nmax[kVecTile], wmin[kVecTile], wmax[kVecTile];
   for (int64_t tt = t0; tt < t1; tt += kVecTile) {
     const int len = static_cast<int>(std::min<int64_t>(kVecTile, t1 - tt));
@@ -73,52 +85,42 @@ PAMA_CPU_CLONES void indicators_chunk(const StatsParams& p, const acc_of<scalar_
     const uint8_t* m = mask_bytes(p.mask) + base;
     const scalar_t* l_b = lp + base;
     const scalar_t* o_b = old + base;
+    const int64_t next = std::min<int64_t>(kVecTile, p.T - (tt + kVecTile));  // tokens of the row's next tile
+    prefetch_tile(l_b + kVecTile, next);
+    prefetch_tile(o_b + kVecTile, next);
+    prefetch_tile(m + kVecTile, next);
     // ind: masked in and ratio <= 1 + eps_hi (I_i = ind ? N_i : 0)
 #pragma omp simd
     for (int t = 0; t < len; ++t) {
       const acc u = vexp(ppo_log_ratio(static_cast<acc>(l_b[t]), static_cast<acc>(o_b[t])));
-      ind[t] = static_cast<uint8_t>(m[t] & static_cast<uint8_t>(u <= hi));
+      mk[t] = lane_mask<K>(m[t] != 0);
+      ind[t] = mk[t] & lane_mask<K>(u <= hi);
     }
     for (int i = 0; i < n; ++i) {
       const scalar_t* a = static_cast<const scalar_t*>(p.advantages) + i * BT + base;
       acc* Ni = N + i * kVecTile;
-      const acc mu = mean[i], is = istd[i];
-      whiten_noon_tile(a, len, mu, is, whiten, noon, Ni);
-      acc s_i = 0, s_pos = 0;
-#pragma omp simd reduction(+ : s_i, s_pos)
-      for (int t = 0; t < len; ++t) {
-        const acc x = Ni[t];
-        s_i += keep_or_zero(ind[t], x);
-        s_pos += keep_or_zero(m[t], x > acc(0) ? acc(1) : acc(0));
-      }
-      range_update(i, Ni, len, mn, mx);  // the range of N over the objectives, per token
-      out[P.sum_i() + i] += s_i;
-      out[P.pos() + i] += s_pos;
+      prefetch_tile(a + kVecTile, next);
+      whiten_noon_tile(a, len, mean[i], istd[i], whiten, noon, Ni);
+      range_update(i, Ni, len, mn, mx, nmin, nmax);  // the range of N over the objectives and its ties
     }
-    // Theorem-1 token weights: how many objectives tie at each end, then the weight of each end
-    thm1_weight_sums(N, n, len, mn, mx, m, nmin, nmax, wmin, wmax, out + P.ctok());
+    indicator_sums(N, n, ind, mk, len, out + P.sum_i(), out + P.pos());
+    // Theorem-1 token weights: the weight of each end of the range, shared by the objectives tied there
+    thm1_weight_sums(N, n, len, mn, mx, nmin, nmax, m, wmin, wmax, out + P.ctok());
     if (p.with_gram) {
-      for (int i = 0; i < n; ++i) {  // N becomes I
+      const int padded = (len + kLanes - 1) / kLanes * kLanes;
+      for (int i = 0; i < n; ++i) {  // N becomes I, zeros after the tile's tokens
         acc* Ni = N + i * kVecTile;
 #pragma omp simd
-        for (int t = 0; t < len; ++t) Ni[t] = keep_or_zero(ind[t], Ni[t]);
+        for (int t = 0; t < len; ++t) Ni[t] = keep_lanes(ind[t], Ni[t]);
+        for (int t = len; t < padded; ++t) Ni[t] = acc(0);
       }
-      acc* G = out + P.gram();
-      for (int i = 0; i < n; ++i)
-        for (int j = i; j < n; ++j) {
-          const acc* Ii = N + i * kVecTile;
-          const acc* Ij = N + j * kVecTile;
-          acc g = 0;
-#pragma omp simd reduction(+ : g)
-          for (int t = 0; t < len; ++t) g += Ii[t] * Ij[t];
-          G[i * n + j] += g;
-        }
+      tile_gram(rows, n, padded, lanes);
     }
   }
   if (p.with_gram) {
     acc* G = out + P.gram();
-    for (int i = 0; i < n; ++i)
-      for (int j = 0; j < i; ++j) G[i * n + j] = G[j * n + i];
+    for (int i = 0, q = 0; i < n; ++i)
+      for (int j = i; j < n; ++j, ++q) G[i * n + j] = G[j * n + i] = lane_total(lanes[q]);
   }
 }
 
@@ -153,12 +155,14 @@ void stats_indicators(const StatsParams& p, void*) {
     acc mean[kMaxObjectives], istd[kMaxObjectives];
     whitening_params(stats, n, mean, istd);
     at::parallel_for(0, p.B * p.chunks_per_row, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc> N(static_cast<size_t>(n) * kVecTile);  // per task: the tile of N_i
+      // per task: the tiles N_i and the Gram's lane sums (indicators_chunk)
+      std::vector<acc> scratch(static_cast<size_t>(n) * kVecTile +
+                               (p.with_gram ? static_cast<size_t>(gram_pairs(n)) * kLanes : 0));
       for (int64_t k = begin; k < end; ++k) {
         const ChunkBounds cb = chunk_bounds(k, p.chunks_per_row, p.chunk_len, p.T);
         acc* out = part + k * psize;
         std::fill(out, out + psize, acc(0));
-        indicators_chunk<scalar_t>(p, mean, istd, cb.b, cb.t_begin, cb.t_end, N.data(), out);
+        indicators_chunk<scalar_t>(p, mean, istd, cb.b, cb.t_begin, cb.t_end, scratch.data(), out);
       }
     });
     auto* rc = static_cast<const acc*>(p.row_count);

@@ -147,78 +147,241 @@ inline acc bad_lane(K keep, acc v) {
   return keep_lanes(keep, v - v);
 }
 
-// The per-token range [mn, mx] over the objectives, grown by one objective's tile x (i: its index; the
-// first one starts the range). Always inlined, like thm1_weight_sums below, so that it runs in the ISA
-// clone of its caller.
+// Asks for the cache lines of the `len` elements from x (the next tile of a stream) without waiting
+// for them. A chunk function reads n + 3 streams a tile (1 KB) at a time, too many short runs for
+// the hardware prefetcher: the loads of the advantages were a third of the indicator pass at n = 8.
+// A prefetch never faults, but callers stay inside their rows anyway.
+template <typename scalar_t>
+__attribute__((always_inline)) inline void prefetch_tile(const scalar_t* x, int64_t len) {
+  const char* c = reinterpret_cast<const char*>(x);
+  const int64_t bytes = len * static_cast<int64_t>(sizeof(scalar_t));
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o);
+}
+
+// The sum of L partial sums (L a power of two) by halving: s[l] += s[l + L/2], ... (vector adds
+// first, a short chain at the end; a loop adding them in lane order is a chain of L - 1 adds).
+template <int L, typename acc>
+__attribute__((always_inline)) inline acc lane_tree(acc* s) {
+  static_assert(L > 0 && (L & (L - 1)) == 0, "L is a power of two");
+  for (int w = L / 2; w >= 1; w /= 2)
+    for (int l = 0; l < w; ++l) s[l] += s[l + w];
+  return s[0];
+}
+
+// Σ f(t) for t in [0, len), in kSumLanes partial sums (lane l takes the t ≡ l mod kSumLanes) added
+// in lane order at the end: several independent vector accumulators, where an `omp simd reduction`
+// keeps one and waits on the add latency at every vector (half the speed of the loads in the
+// moments pass). A fixed order: the sum does not depend on the thread count. Always inlined, so that it
+// runs in the ISA clone of its caller.
+constexpr int kSumLanes = 32;
+template <typename acc, typename F>
+__attribute__((always_inline)) inline acc lane_sum(int len, F&& f) {
+  acc s[kSumLanes] = {};
+  int t = 0;
+  for (; t + kSumLanes <= len; t += kSumLanes) {
+#pragma omp simd
+    for (int l = 0; l < kSumLanes; ++l) s[l] += f(t + l);
+  }
+  for (int l = 0; t + l < len; ++l) s[l] += f(t + l);
+  return lane_tree<kSumLanes>(s);
+}
+
+// The Gram of a tile of n rows, each `padded` elements long (a multiple of kLanes, zeros after the
+// data): every upper-triangle product <x_i, x_j> (i <= j) is accumulated into kLanes partial sums,
+// lanes[q] for pair q in the order (0,0), (0,1), ..., (0,n-1), (1,1), ... (gram_pairs(n) pairs; zeroed
+// by the caller before the first tile), and added up once after the last tile (lane_total), not per
+// tile. Blocks of four pairs (i, j..j+3) share the loads of row i and give 4 * kLanes / (vector width)
+// independent accumulator chains (eight AVX2 registers), held in registers over the tile.
+constexpr int kLanes = 16;
+template <int J, typename acc>
+__attribute__((always_inline)) inline void tile_dots(const acc* x, const acc* const* y, int padded,
+                                                     acc (*lanes)[kLanes]) {
+  acc r[J][kLanes];
+  for (int jj = 0; jj < J; ++jj)
+    for (int l = 0; l < kLanes; ++l) r[jj][l] = lanes[jj][l];
+  for (int e = 0; e < padded; e += kLanes)
+    for (int jj = 0; jj < J; ++jj) {
+      const acc* yj = y[jj] + e;
+#pragma omp simd
+      for (int l = 0; l < kLanes; ++l) r[jj][l] += x[e + l] * yj[l];
+    }
+  for (int jj = 0; jj < J; ++jj)
+    for (int l = 0; l < kLanes; ++l) lanes[jj][l] = r[jj][l];
+}
 template <typename acc>
-__attribute__((always_inline)) inline void range_update(int i, const acc* x, int len, acc* mn, acc* mx) {
+__attribute__((always_inline)) inline void tile_gram(const acc* const* rows, int n, int padded, acc (*lanes)[kLanes]) {
+  int q = 0;
+  for (int i = 0; i < n; ++i) {
+    int j = i;
+    for (; j + 4 <= n; j += 4, q += 4) tile_dots<4>(rows[i], rows + j, padded, lanes + q);
+    const int rest = n - j;  // 0-3 pairs left in this row of the triangle: one call for them all
+    if (rest == 3) tile_dots<3>(rows[i], rows + j, padded, lanes + q);
+    if (rest == 2) tile_dots<2>(rows[i], rows + j, padded, lanes + q);
+    if (rest == 1) tile_dots<1>(rows[i], rows + j, padded, lanes + q);
+    q += rest;
+  }
+}
+template <typename acc>
+inline acc lane_total(const acc* lanes) {
+  acc s[kLanes];
+  for (int l = 0; l < kLanes; ++l) s[l] = lanes[l];
+  return lane_tree<kLanes>(s);
+}
+
+// The per-token range [mn, mx] over the objectives, grown by one objective's tile x (i: its index; the
+// first one starts the range). With nmin != nullptr also how many objectives so far sit at each end
+// (nmin, nmax: a new minimum restarts the count at 1, an equal value adds one): the tie counts of
+// Theorem 1's token weights (thm1_weight_sums), the same counts as comparing every objective with the
+// final range afterwards, without those n more passes over the tile. Always inlined, like
+// thm1_weight_sums below, so that it runs in the ISA clone of its caller.
+template <typename acc>
+__attribute__((always_inline)) inline void range_update(int i, const acc* x, int len, acc* mn, acc* mx,
+                                                        acc* nmin = nullptr, acc* nmax = nullptr) {
   if (i == 0) {
 #pragma omp simd
     for (int t = 0; t < len; ++t) mn[t] = mx[t] = x[t];
-  } else {
+    if (nmin != nullptr) {
+#pragma omp simd
+      for (int t = 0; t < len; ++t) nmin[t] = nmax[t] = acc(1);
+    }
+  } else if (nmin == nullptr) {
 #pragma omp simd
     for (int t = 0; t < len; ++t) {
       mn[t] = minv(mn[t], x[t]);
       mx[t] = maxv(mx[t], x[t]);
     }
+  } else {
+#pragma omp simd
+    for (int t = 0; t < len; ++t) {
+      const acc v = x[t], lo = mn[t], hi = mx[t];
+      nmin[t] = v < lo ? acc(1) : (v == lo ? nmin[t] + acc(1) : nmin[t]);
+      nmax[t] = v > hi ? acc(1) : (v == hi ? nmax[t] + acc(1) : nmax[t]);
+      mn[t] = minv(lo, v);
+      mx[t] = maxv(hi, v);
+    }
   }
 }
 
 // The per-objective sums of the Theorem-1 token weights over a tile (pama_math.h's thm1: the weight
-// of each end of the range [mn, mx] shared by the objectives that tie there): N holds n rows of
-// kVecTile values, out[i] += Σ_t weight of objective i at t. Masked-out tokens (m = 0; NaN padding)
-// add nothing. nmin, nmax, wmin, wmax: scratch tiles. Always inlined: an out-of-line copy is compiled
-// for the baseline ISA only (the target clones are of the chunk functions that call it), which made the
-// n = 4 pama/token forward 4x slower when GCC chose not to inline it.
+// of each end of the range [mn, mx] shared by the nmin, nmax objectives that tie there, counted by
+// range_update): N holds n rows of kVecTile values, out[i] += Σ_t weight of objective i at t.
+// Masked-out tokens (m = 0; NaN padding) add nothing. wmin, wmax: scratch tiles. Always inlined: an
+// out-of-line copy is compiled for the baseline ISA only (the target clones are of the chunk functions
+// that call it), which made the n = 4 pama/token forward 4x slower when GCC chose not to inline it.
 template <typename acc>
-__attribute__((always_inline)) inline void thm1_weight_sums(const acc* N, int n, int len, const acc* mn, const acc* mx, const uint8_t* m, acc* nmin,
-                             acc* nmax, acc* wmin, acc* wmax, acc* out) {
-#pragma omp simd
-  for (int t = 0; t < len; ++t) nmin[t] = nmax[t] = acc(0);
-  for (int i = 0; i < n; ++i) {
-    const acc* Ni = N + i * kVecTile;
-#pragma omp simd
-    for (int t = 0; t < len; ++t) {
-      nmin[t] += Ni[t] == mn[t] ? acc(1) : acc(0);
-      nmax[t] += Ni[t] == mx[t] ? acc(1) : acc(0);
-    }
-  }
+__attribute__((always_inline)) inline void thm1_weight_sums(const acc* N, int n, int len, const acc* mn, const acc* mx,
+                                                            const acc* nmin, const acc* nmax, const uint8_t* m,
+                                                            acc* wmin, acc* wmax, acc* out) {
 #pragma omp simd
   for (int t = 0; t < len; ++t) {
     acc w_lo, w_hi;
     thm1_tie_weights(mn[t], mx[t], nmin[t], nmax[t], w_lo, w_hi);
-    wmin[t] = keep_or_zero(m[t], w_lo);  // masked-out tokens (NaN padding, nmin = 0) add nothing
+    wmin[t] = keep_or_zero(m[t], w_lo);  // masked-out tokens (NaN padding) add nothing
     wmax[t] = keep_or_zero(m[t], w_hi);
   }
-  for (int i = 0; i < n; ++i) {
-    const acc* Ni = N + i * kVecTile;
-    acc s_c = 0;
-    // the weights are loaded unconditionally and then selected: `c ? wmin[t] : 0` became a masked
-    // load (vmaskmovps) and kept the sum on the stack, a quarter of the n = 4 loss pass
-#pragma omp simd reduction(+ : s_c)
+  // the weights are loaded unconditionally and then selected (`c ? wmin[t] : 0` became a masked load,
+  // vmaskmovps, and kept the sum on the stack: a quarter of the n = 4 loss pass); four objectives per
+  // loop, as in indicator_sums
+  auto weight = [&](const acc* Ni, int t) {
+    const acc x = Ni[t];
+    return (x == mn[t] ? wmin[t] : acc(0)) + (x == mx[t] ? wmax[t] : acc(0));
+  };
+  int i = 0;
+  for (; i + 4 <= n; i += 4) {
+    const acc *N0 = N + i * kVecTile, *N1 = N0 + kVecTile, *N2 = N1 + kVecTile, *N3 = N2 + kVecTile;
+    acc c0 = 0, c1 = 0, c2 = 0, c3 = 0;
+#pragma omp simd reduction(+ : c0, c1, c2, c3)
     for (int t = 0; t < len; ++t) {
-      const acc x = Ni[t], lo = wmin[t], hi = wmax[t];
-      s_c += (x == mn[t] ? lo : acc(0)) + (x == mx[t] ? hi : acc(0));
+      c0 += weight(N0, t);
+      c1 += weight(N1, t);
+      c2 += weight(N2, t);
+      c3 += weight(N3, t);
     }
-    out[i] += s_c;
+    out[i] += c0, out[i + 1] += c1, out[i + 2] += c2, out[i + 3] += c3;
+  }
+  for (; i < n; ++i) {
+    const acc* Ni = N + i * kVecTile;
+    acc c0 = 0;
+#pragma omp simd reduction(+ : c0)
+    for (int t = 0; t < len; ++t) c0 += weight(Ni, t);
+    out[i] += c0;
   }
 }
 
-// N[t] = whiten_noon(a[t]) over a tile, the options tested once outside the loops (a loop-invariant
-// flag inside the loop keeps GCC from vectorising it).
-template <typename scalar_t, typename acc>
-inline void whiten_noon_tile(const scalar_t* a, int len, acc mean, acc istd, bool whiten, bool noon, acc* N) {
-  if (whiten) {
-#pragma omp simd
-    for (int t = 0; t < len; ++t) N[t] = whiten_value(static_cast<acc>(a[t]), mean, istd);
-  } else {
-#pragma omp simd
-    for (int t = 0; t < len; ++t) N[t] = static_cast<acc>(a[t]);
+// The two sums per objective of a tile that the statistics need besides the token weights
+// (algorithms §3): Σ I_i (N_i where `ind` is set) into s_i[i] and the count of masked-in (mk) N_i > 0
+// into s_pos[i], for the n rows of N (kVecTile apart). Four objectives per loop: eight independent
+// sums, where one objective per loop waits on the add latency of its two sums at every vector. One
+// definition for the indicators pass and the single-pass loss.
+template <typename K, typename acc>
+__attribute__((always_inline)) inline void indicator_sums(const acc* N, int n, const K* ind, const K* mk, int len,
+                                                          acc* s_i, acc* s_pos) {
+  int i = 0;
+  for (; i + 4 <= n; i += 4) {
+    const acc *N0 = N + i * kVecTile, *N1 = N0 + kVecTile, *N2 = N1 + kVecTile, *N3 = N2 + kVecTile;
+    acc a0 = 0, a1 = 0, a2 = 0, a3 = 0, p0 = 0, p1 = 0, p2 = 0, p3 = 0;
+#pragma omp simd reduction(+ : a0, a1, a2, a3, p0, p1, p2, p3)
+    for (int t = 0; t < len; ++t) {
+      const K in = ind[t], k = mk[t];
+      a0 += keep_lanes(in, N0[t]);
+      a1 += keep_lanes(in, N1[t]);
+      a2 += keep_lanes(in, N2[t]);
+      a3 += keep_lanes(in, N3[t]);
+      p0 += keep_lanes(k, N0[t] > acc(0) ? acc(1) : acc(0));
+      p1 += keep_lanes(k, N1[t] > acc(0) ? acc(1) : acc(0));
+      p2 += keep_lanes(k, N2[t] > acc(0) ? acc(1) : acc(0));
+      p3 += keep_lanes(k, N3[t] > acc(0) ? acc(1) : acc(0));
+    }
+    s_i[i] += a0, s_i[i + 1] += a1, s_i[i + 2] += a2, s_i[i + 3] += a3;
+    s_pos[i] += p0, s_pos[i + 1] += p1, s_pos[i + 2] += p2, s_pos[i + 3] += p3;
   }
-  if (noon) {
-#pragma omp simd
-    for (int t = 0; t < len; ++t) N[t] = noon_value(N[t]);
+  for (; i < n; ++i) {
+    const acc* Ni = N + i * kVecTile;
+    acc a0 = 0, p0 = 0;
+#pragma omp simd reduction(+ : a0, p0)
+    for (int t = 0; t < len; ++t) {
+      a0 += keep_lanes(ind[t], Ni[t]);
+      p0 += keep_lanes(mk[t], Ni[t] > acc(0) ? acc(1) : acc(0));
+    }
+    s_i[i] += a0;
+    s_pos[i] += p0;
   }
+}
+
+// N[t] = whiten_noon(a[t]) over a tile in one loop, the options as template constants (a
+// loop-invariant flag inside the loop keeps GCC from vectorising it); with kCheck it returns the sum
+// of bad_lane(mk[t], a[t]) (NaN iff a masked-in raw value is not finite), else 0.
+template <bool kWhiten, bool kNoon, bool kCheck, typename scalar_t, typename acc, typename K>
+__attribute__((always_inline)) inline acc whiten_noon_loop(const scalar_t* a, int len, acc mean, acc istd, acc* N,
+                                                           const K* mk) {
+  acc s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int t = 0; t < len; ++t) {
+    const acc x = static_cast<acc>(a[t]);
+    const acc y = kWhiten ? whiten_value(x, mean, istd) : x;
+    N[t] = kNoon ? noon_value(y) : y;
+    if (kCheck) s += bad_lane(mk[t], x);
+  }
+  return s;
+}
+// The options tested once, outside the loop. With bad != nullptr, *bad also counts the masked-in (mk)
+// non-finite raw values (the policy loss's in-pass finite check of the advantages).
+template <typename scalar_t, typename acc, typename K = lane_mask_t<acc>>
+__attribute__((always_inline)) inline void whiten_noon_tile(const scalar_t* a, int len, acc mean, acc istd, bool whiten,
+                                                            bool noon, acc* N, const K* mk = nullptr,
+                                                            acc* bad = nullptr) {
+  acc s = 0;
+  switch ((whiten ? 4 : 0) + (noon ? 2 : 0) + (bad != nullptr ? 1 : 0)) {
+    case 0: s = whiten_noon_loop<false, false, false>(a, len, mean, istd, N, mk); break;
+    case 1: s = whiten_noon_loop<false, false, true>(a, len, mean, istd, N, mk); break;
+    case 2: s = whiten_noon_loop<false, true, false>(a, len, mean, istd, N, mk); break;
+    case 3: s = whiten_noon_loop<false, true, true>(a, len, mean, istd, N, mk); break;
+    case 4: s = whiten_noon_loop<true, false, false>(a, len, mean, istd, N, mk); break;
+    case 5: s = whiten_noon_loop<true, false, true>(a, len, mean, istd, N, mk); break;
+    case 6: s = whiten_noon_loop<true, true, false>(a, len, mean, istd, N, mk); break;
+    default: s = whiten_noon_loop<true, true, true>(a, len, mean, istd, N, mk); break;
+  }
+  if (bad != nullptr) *bad += s;
 }
 
 // The per-token formulas of pama_math.h that return through references, returning by value: a
