@@ -79,6 +79,7 @@ struct StatsParams {
   void* seq_weights;  // acc [B, n]
   void* partials;     // acc [B * chunks_per_row * max(MomentsPartial.size, IndicatorPartial.size)]
   int dtype;
+  const float* mask_f32 = nullptr;  // as ValueLossParams::mask_f32 (Backend::float_mask)
 };
 
 // §4 weights from statistics (finalize_weights), one tiny launch.
@@ -144,6 +145,7 @@ struct PolicyLossParams {
   const void* check_ref = nullptr;  // dtype [B, T] or nullptr
   void* extra_partials = nullptr;   // acc [B * chunks_per_row * SinglePassPartial(n).size()]
   void* finite_flags = nullptr;     // acc [4] out: bad logp, old_logp, advantages, ref_logp
+  const float* mask_f32 = nullptr;  // as ValueLossParams::mask_f32 (Backend::float_mask)
 };
 // The extra per-chunk sums of a single-pass policy-loss forward.
 struct SinglePassPartial {
@@ -193,8 +195,8 @@ struct ValueLossParams {
   // With Backend::value_loss_checks: nullptr, or (check_finite) set to whether some masked-in value,
   // old value or return is NaN/Inf, computed in the loss pass (a host bool: CPU backends only)
   bool* nonfinite = nullptr;
-  // With Backend::value_loss_float_mask: nullptr, or the caller's float32 mask [B, T] (nonzero = in),
-  // read in place of `mask` (which is then nullptr)
+  // With Backend::float_mask: nullptr, or the caller's float32 mask [B, T] (nonzero = in, NaN too, as
+  // to(bool)), read in place of `mask` (which is then nullptr)
   const float* mask_f32 = nullptr;
 };
 // grad_values[i,b,t] = grad_loss * 0.5 * mask * row_scale[b] * dl_i/dV
@@ -309,7 +311,9 @@ struct Backend {
   int64_t gram_block;  // elements per Gram partial / combine task
   bool single_pass_loss;  // policy_loss_forward supports PolicyLossParams::single_pass
   bool value_loss_checks;  // value_loss_forward fills ValueLossParams::nonfinite
-  bool value_loss_float_mask;  // the value-loss launchers read ValueLossParams::mask_f32 (and the backward's)
+  // the launchers of the value loss, the statistics and the policy-loss forward read a float32 mask as it
+  // is (their Params::mask_f32) instead of a bool copy made per call
+  bool float_mask;
   // RL ops (ops.cpp)
   void (*token_rewards)(const TokenRewardsParams&, void* stream);
   void (*multi_gae)(const GaeParams&, void* stream);

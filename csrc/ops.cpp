@@ -332,9 +332,24 @@ std::tuple<at::Tensor, at::Tensor> multi_gae_backward(const at::Tensor& grad_adv
   return {g_r, g_v};
 }
 
-// Checked, contiguous inputs of the statistics / policy-loss ops.
-struct PolicyInputs {
-  at::Tensor logp, old_logp, advantages, mask, ref_logp;
+// The checked mask of an op's inputs, as given until for_backend; then bool, or (float_mask) the
+// caller's float32 mask, which a backend with Backend::float_mask reads as it is instead of a bool
+// copy made per call (a pass over the mask and a fresh [B, T] buffer).
+struct MaskedInputs {
+  at::Tensor mask;
+  bool float_mask = false;
+  void for_backend(const Backend& be) {
+    float_mask = be.float_mask && mask.scalar_type() == at::kFloat;
+    mask = float_mask ? mask.contiguous() : as_bool_mask(mask);
+  }
+  at::Tensor mask_as_bool() const { return float_mask ? as_bool_mask(mask) : mask; }
+  const bool* mask_bool() const { return float_mask ? nullptr : mask.data_ptr<bool>(); }
+  const float* mask_f32() const { return float_mask ? mask.data_ptr<float>() : nullptr; }
+};
+
+// Checked, contiguous inputs of the statistics / policy-loss ops (the mask: MaskedInputs).
+struct PolicyInputs : MaskedInputs {
+  at::Tensor logp, old_logp, advantages, ref_logp;
   int64_t n, B, T;
 };
 
@@ -354,7 +369,8 @@ PolicyInputs policy_inputs(const at::Tensor& logp, const at::Tensor& old_logp, c
   in.n = n;
   in.B = B;
   in.T = T;
-  in.mask = bool_mask(mask, B, T, logp, "logp", op);
+  check_mask(mask, B, T, logp, "logp", op);
+  in.mask = mask;  // as given until for_backend
   in.logp = logp.contiguous();
   in.old_logp = old_logp.contiguous();
   in.advantages = advantages.contiguous();
@@ -384,13 +400,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_stats(const Launch& L, const 
   at::Tensor row_count = at::empty({in.B}, opts);
   at::Tensor seq_weights = at::empty({in.B, in.n}, opts);
   at::Tensor partials = at::empty({std::max<int64_t>(1, in.B * cpr * psize)}, opts);
-  StatsParams p{in.advantages.data_ptr(), in.logp.data_ptr(), in.old_logp.data_ptr(), in.mask.data_ptr<bool>(),
+  StatsParams p{in.advantages.data_ptr(), in.logp.data_ptr(), in.old_logp.data_ptr(), in.mask_bool(),
                 in.n, in.B, in.T, chunk_len, cpr, eps_hi, whiten, noon, with_gram,
                 stats.data_ptr(), row_count.data_ptr(), seq_weights.data_ptr(), partials.data_ptr(),
                 dtype_code(in.logp.scalar_type())};
+  p.mask_f32 = in.mask_f32();
   if (moments.defined()) {
     stats.narrow(0, 0, moments.size(0)).copy_(moments);
-    at::sum_out(row_count, in.mask, {1}, /*keepdim=*/false, acc);
+    at::sum_out(row_count, in.mask_as_bool(), {1}, /*keepdim=*/false, acc);
   } else {
     L.be.stats_moments(p, L.stream);
   }
@@ -403,9 +420,10 @@ void run_moments(const Launch& L, const PolicyInputs& in, const at::Tensor& stat
   int64_t chunk_len = 0;
   const int64_t cpr = chunks_per_row(L.be, in.T, chunk_len);
   at::Tensor partials = at::empty({std::max<int64_t>(1, in.B * cpr * MomentsPartial(in.n).size())}, stats.options());
-  StatsParams p{in.advantages.data_ptr(), nullptr, nullptr, in.mask.data_ptr<bool>(), in.n, in.B, in.T,
+  StatsParams p{in.advantages.data_ptr(), nullptr, nullptr, in.mask_bool(), in.n, in.B, in.T,
                 chunk_len, cpr, 0.0, true, true, false, stats.data_ptr(), row_count.data_ptr(), nullptr,
                 partials.data_ptr(), dtype_code(in.advantages.scalar_type())};
+  p.mask_f32 = in.mask_f32();
   L.be.stats_moments(p, L.stream);
 }
 
@@ -443,9 +461,11 @@ at::Tensor objective_moments(const at::Tensor& advantages, const at::Tensor& mas
   in.n = advantages.size(0);
   in.B = advantages.size(1);
   in.T = advantages.size(2);
-  in.mask = bool_mask(mask, in.B, in.T, advantages, "advantages", op);
+  check_mask(mask, in.B, in.T, advantages, "advantages", op);
+  in.mask = mask;
   in.advantages = advantages.contiguous();
   Launch L = backend_for(advantages, op);
+  in.for_backend(L.be);
   const auto acc = acc_type(in.advantages.scalar_type());
   auto opts = in.advantages.options().dtype(acc);
   at::Tensor stats = at::empty({StatsLayout(in.n).size()}, opts);
@@ -463,6 +483,7 @@ at::Tensor objective_stats(const at::Tensor& advantages, const at::Tensor& logp,
   at::Tensor mom = supplied_stats(moments, StatsLayout(in.n).abar(), in.logp, kST, "moments",
                                   "the [count, num_seqs, mean(n), var(n)] moments vector");
   Launch L = backend_for(logp, kST);
+  in.for_backend(L.be);
   return std::get<0>(run_stats(L, in, eps_hi, whiten, noon, with_gram, mom));
 }
 
@@ -510,6 +531,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pama_poli
   const auto acc = acc_type(in.logp.scalar_type());
   at::Tensor pr = prefs_acc(prefs, in.n, acc, in.logp, "logp", kPL);
   Launch L = backend_for(logp, kPL);
+  in.for_backend(L.be);
   auto opts = in.logp.options().dtype(acc);
   // Without `stats` every statistic is this call's own. With the global statistics of a
   // data-parallel group, the local stages still give the per-row counts and per-sequence weights
@@ -546,7 +568,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pama_poli
                         {"ref_logp", in.ref_logp},
                         {"prefs", pr, prefs_kind},
                         {"advantages", whiten ? stats.narrow(0, SL.var(), in.n) : at::Tensor(), CheckKind::kVariance}},
-                       in.mask, kPL);
+                       in.mask_as_bool(), kPL);
     }
     weights = run_weights(L, stats, pr, in.n, m, g, cagrad_c);
   }
@@ -562,12 +584,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pama_poli
   const bool per_row = m == kMethodPama && g == kGranSequence;
   PolicyLossParams p{in.logp.data_ptr(), in.old_logp.data_ptr(),
                      (in.ref_logp.defined() && beta_loss != 0.0) ? in.ref_logp.data_ptr() : nullptr,
-                     in.advantages.data_ptr(), in.mask.data_ptr<bool>(), stats.data_ptr(), row_count.data_ptr(),
+                     in.advantages.data_ptr(), in.mask_bool(), stats.data_ptr(), row_count.data_ptr(),
                      weights.data_ptr(), seq_weights.data_ptr(), in.n, in.B, in.T, chunk_len, cpr,
                      eps_lo, eps_hi, dual_clip, beta_loss, whiten, noon, per_row,
                      token ? kCombineTokenThm1 : kCombineWeighted, a,
                      return_a_tilde ? a_tilde.data_ptr() : nullptr, row_scale.data_ptr(), dlogp.data_ptr(), loss.data_ptr(), metrics.data_ptr(),
                      partials.data_ptr(), dtype_code(in.logp.scalar_type())};
+  p.mask_f32 = in.mask_f32();
   // prefs: method linear's weights on the single pass; pama/token's §4b weighted Theorem 1
   if (pr.defined() && (single || token)) p.prefs = pr.data_ptr();
   if (single) {
@@ -588,7 +611,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pama_poli
       if (f[j] != 0) fail_check({names[j], at::Tensor()}, 0, kPL);
     check_finite_all({{"prefs", pr, prefs_kind},
                       {"advantages", whiten ? stats.narrow(0, SL.var(), in.n) : at::Tensor(), CheckKind::kVariance}},
-                     in.mask, kPL);
+                     in.mask, kPL);  // 1-d checks only: the mask (bool or float) is not read
   }
   return {loss, metrics, a_tilde, row_scale, dlogp};
 }
@@ -631,20 +654,9 @@ at::Tensor pama_policy_loss_backward(const at::Tensor& grad_loss, const at::Tens
   return grad;
 }
 
-struct ValueInputs {
+struct ValueInputs : MaskedInputs {  // the mask: MaskedInputs
   at::Tensor values, old_values, returns;
-  // As given (checked) until for_backend; then bool, or (float_mask) the caller's float32 mask, which
-  // a backend with Backend::value_loss_float_mask reads as it is instead of a bool copy made per call.
-  at::Tensor mask;
-  bool float_mask = false;
   int64_t n, B, T;
-  void for_backend(const Backend& be) {
-    float_mask = be.value_loss_float_mask && mask.scalar_type() == at::kFloat;
-    mask = float_mask ? mask.contiguous() : as_bool_mask(mask);
-  }
-  at::Tensor mask_as_bool() const { return float_mask ? as_bool_mask(mask) : mask; }
-  const bool* mask_bool() const { return float_mask ? nullptr : mask.data_ptr<bool>(); }
-  const float* mask_f32() const { return float_mask ? mask.data_ptr<float>() : nullptr; }
 };
 
 ValueInputs value_inputs(const at::Tensor& values, const at::Tensor& old_values, const at::Tensor& returns,

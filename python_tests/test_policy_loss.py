@@ -7,6 +7,7 @@ test_properties.py and test_bad_input.py.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -361,6 +362,46 @@ def test_batch_granularity_n2_closed_form(device, impl):
         a_tilde = c1 * N[0] + (1 - c1) * N[1]
         want, _, _ = vanilla_ppo(x.logp, x.old_logp, a_tilde, x.mask)
         assert loss.item() == pytest.approx(want.item(), rel=1e-9, abs=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# mask dtypes (the CPU kernels read a float32 mask as it is, Backend::float_mask)
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mask_dtype", [torch.float32, torch.float64, torch.uint8], ids=str)
+def test_policy_loss_and_stats_mask_dtypes_match_bool(device, dtype, mask_dtype):
+    """A mask of any real dtype is nonzero = in (NaN, -2 and 0.5 in, -0.0 out): the policy loss (single-
+    pass options, plain PPO, the two-pass options; with and without the finite checks), its gradient,
+    every metric, objective_stats and objective_moments are bitwise those of the bool mask, over rows
+    of several chunks and a fully masked row."""
+    x = widen_ratio(make_inputs(3, 4, 2500, dtype=dtype, seed=23, mask="holes"))
+    x.mask[1] = False
+    m = x.mask.to(mask_dtype)
+    if mask_dtype.is_floating_point:
+        on, off = x.mask.nonzero(), (~x.mask).nonzero()
+        m[tuple(on[0])], m[tuple(on[1])], m[tuple(on[2])] = float("nan"), -2.0, 0.5
+        m[tuple(off[0])] = -0.0
+    elif mask_dtype == torch.uint8:
+        m[x.mask] = 7
+    xb = x.to(device=device)
+    xm = x.to(device=device)
+    xm.mask = m.to(device)
+    options = [dict(), dict(method="linear", check_finite=False, use_ref=True, beta_loss=0.1),
+               dict(n_is_one=True, noon=False, whiten=False, method="linear", granularity="batch"),
+               dict(method="pama", granularity="sequence", agg="seq-mean-token-mean"),
+               dict(method="mgda", granularity="batch")]
+    for kw in options:
+        if kw.pop("n_is_one", False):  # the plain-PPO options: one objective
+            xb1 = dataclasses.replace(xb, advantages=xb.advantages[:1])
+            xm1 = dataclasses.replace(xm, advantages=xm.advantages[:1])
+        else:
+            xb1, xm1 = xb, xm
+        a, b = run_policy_loss(ops, xb1, **kw), run_policy_loss(ops, xm1, **kw)
+        for k in a:
+            assert torch.equal(a[k], b[k]), (kw, k)
+    assert torch.equal(ops.objective_stats(xb.advantages, xb.logp, xb.old_logp, xb.mask),
+                       ops.objective_stats(xm.advantages, xm.logp, xm.old_logp, xm.mask))
+    assert torch.equal(ops.objective_moments(xb.advantages, xb.mask), ops.objective_moments(xm.advantages, xm.mask))
 
 
 # ----------------------------------------------------------------------------------------------

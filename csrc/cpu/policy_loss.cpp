@@ -128,16 +128,13 @@ PAMA_CPU_CLONES void loss_chunk(const PolicyLossParams& p, const LossConsts<acc_
   for (int64_t tt = t0; tt < t1; tt += kVecTile) {
     const int len = static_cast<int>(std::min<int64_t>(kVecTile, t1 - tt));
     const int64_t base = b * p.T + tt;
-    const uint8_t* m = mask_bytes(p.mask) + base;
     const scalar_t* l_b = lp + base;
     const scalar_t* o_b = old + base;
-    const int64_t next = std::min<int64_t>(kVecTile, p.T - (tt + kVecTile));  // tokens of the row's next tile
-    prefetch_tile(m + kVecTile, next);
+    const int64_t next = prefetch_len(p.n, p.T, tt, kVecTile);  // tokens of the next tile to prefetch
     prefetch_tile(l_b + kVecTile, next);
     prefetch_tile(o_b + kVecTile, next);
     if (ref != nullptr) prefetch_tile(ref + base + kVecTile, next);
-#pragma omp simd
-    for (int t = 0; t < len; ++t) mk[t] = lane_mask<K>(m[t] != 0);
+    mask_lanes(p.mask, p.mask_f32, base, len, mk);
     tile_a_tilde<scalar_t>(p, C, w, base, len, next, mk, A, mn, mx, with_ctok ? nmin : nullptr, with_ctok ? nmax : nullptr,
                            kSingle ? N : nullptr, kSingle ? &bad_a : nullptr);
     acc* d_b = d_out + base;
@@ -194,7 +191,7 @@ PAMA_CPU_CLONES void loss_chunk(const PolicyLossParams& p, const LossConsts<acc_
       bad_r += s;
     }
     indicator_sums(N, n, ind, mk, len, extra + X.sum_i(), extra + X.pos());
-    if (with_ctok) thm1_weight_sums(N, n, len, mn, mx, nmin, nmax, m, wmin, wmax, extra + X.ctok());
+    if (with_ctok) thm1_weight_sums(N, n, len, mn, mx, nmin, nmax, mk, wmin, wmax, extra + X.ctok());
   }
   out[0] = s_l;
   out[1] = s_kl;

@@ -32,10 +32,8 @@ PAMA_CPU_CLONES void moments_chunk(const StatsParams& p, int64_t b, int64_t t0, 
   MomentsPartial P(n);
   const int64_t BT = p.B * p.T;
   const int len = static_cast<int>(t1 - t0);  // <= kChunkLen (the CPU table's chunk length)
-  const uint8_t* m = mask_bytes(p.mask) + b * p.T + t0;
   K mk[kChunkLen];
-#pragma omp simd
-  for (int t = 0; t < len; ++t) mk[t] = lane_mask<K>(m[t] != 0);
+  mask_lanes(p.mask, p.mask_f32, b * p.T + t0, len, mk);
   const acc cnt = lane_sum<acc>(len, [&](int t) { return keep_lanes(mk[t], acc(1)); });
   out[P.cnt()] = cnt;
   acc inv, rs;
@@ -82,18 +80,16 @@ PAMA_CPU_CLONES void indicators_chunk(const StatsParams& p, const acc_of<scalar_
   for (int64_t tt = t0; tt < t1; tt += kVecTile) {
     const int len = static_cast<int>(std::min<int64_t>(kVecTile, t1 - tt));
     const int64_t base = b * p.T + tt;
-    const uint8_t* m = mask_bytes(p.mask) + base;
     const scalar_t* l_b = lp + base;
     const scalar_t* o_b = old + base;
-    const int64_t next = std::min<int64_t>(kVecTile, p.T - (tt + kVecTile));  // tokens of the row's next tile
+    const int64_t next = prefetch_len(p.n, p.T, tt, kVecTile);  // tokens of the next tile to prefetch
     prefetch_tile(l_b + kVecTile, next);
     prefetch_tile(o_b + kVecTile, next);
-    prefetch_tile(m + kVecTile, next);
+    mask_lanes(p.mask, p.mask_f32, base, len, mk);
     // ind: masked in and ratio <= 1 + eps_hi (I_i = ind ? N_i : 0)
 #pragma omp simd
     for (int t = 0; t < len; ++t) {
       const acc u = vexp(ppo_log_ratio(static_cast<acc>(l_b[t]), static_cast<acc>(o_b[t])));
-      mk[t] = lane_mask<K>(m[t] != 0);
       ind[t] = mk[t] & lane_mask<K>(u <= hi);
     }
     for (int i = 0; i < n; ++i) {
@@ -105,7 +101,7 @@ PAMA_CPU_CLONES void indicators_chunk(const StatsParams& p, const acc_of<scalar_
     }
     indicator_sums(N, n, ind, mk, len, out + P.sum_i(), out + P.pos());
     // Theorem-1 token weights: the weight of each end of the range, shared by the objectives tied there
-    thm1_weight_sums(N, n, len, mn, mx, nmin, nmax, m, wmin, wmax, out + P.ctok());
+    thm1_weight_sums(N, n, len, mn, mx, nmin, nmax, mk, wmin, wmax, out + P.ctok());
     if (p.with_gram) {
       const int padded = (len + kLanes - 1) / kLanes * kLanes;
       for (int i = 0; i < n; ++i) {  // N becomes I, zeros after the tile's tokens

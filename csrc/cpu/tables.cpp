@@ -11,7 +11,7 @@ const Backend& table() {
                          kGramBlockCpu,
                          /*single_pass_loss=*/true,
                          /*value_loss_checks=*/true,
-                         /*value_loss_float_mask=*/true,
+                         /*float_mask=*/true,
                          &token_rewards,
                          &multi_gae,
                          &multi_gae_backward,
