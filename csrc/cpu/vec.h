@@ -168,8 +168,8 @@ inline acc bad_lane(K keep, acc v) {
 // the hardware prefetcher: the loads of the advantages were a third of the indicator pass at n = 8.
 // A prefetch never faults, but callers stay inside their rows anyway. Only from kPrefetchObjectives
 // objectives on (prefetch_len): measured on the 2-core EPYC, 2^20 tokens, the prefetches made the n = 4
-// and n = 8 statistics and policy loss 5-15 % faster and the n = 1 ones (four streams, which the
-// hardware follows) up to 10 % slower.
+// and n = 8 statistics and policy loss 5-15 % faster and the n = 1 plain-PPO options (four streams,
+// which the hardware follows) 5-18 % slower.
 constexpr int kPrefetchObjectives = 4;
 inline int64_t prefetch_len(int64_t n, int64_t T, int64_t tt, int64_t tile) {
   return n >= kPrefetchObjectives ? std::min<int64_t>(tile, T - (tt + tile)) : 0;  // the row's next tile
