@@ -334,6 +334,20 @@ def verl_agg(loss_mat, mask, agg):
     return per_seq.mean()
 
 
+def odd_mask(mask: torch.Tensor, mask_dtype: torch.dtype) -> torch.Tensor:
+    """The bool ``mask`` as ``mask_dtype`` with the values a nonzero-is-in rule must get right: a
+    floating mask has NaN, -2 and 0.5 on three masked-in places and -0.0 on a masked-out one (in, in,
+    in, out, as ``to(bool)``), an integer mask 7 for in."""
+    m = mask.to(mask_dtype)
+    if mask_dtype.is_floating_point:
+        on, off = mask.nonzero(), (~mask).nonzero()
+        m[tuple(on[0])], m[tuple(on[1])], m[tuple(on[2])] = float("nan"), -2.0, 0.5
+        m[tuple(off[0])] = -0.0
+    else:
+        m[mask] = 7
+    return m
+
+
 def nonempty_mask(B, T, seed):
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(1, T + 1, (B,), generator=g)

@@ -20,7 +20,7 @@ from pama_ext.vocab import CAGRAD_C
 from op_runners import run_multi_gae, run_objective_stats, run_policy_loss, run_value_loss
 from pama_testutils import (AGGS, BAD_NONNEG, COMBOS, GC, IMPLS, LOWP_DTYPES, NS, SHAPES, bad_input_batch,
                             check_dtypes, compare_all, expect_error, make_inputs, make_prefs, names_arg,
-                            nonempty_mask, spec_stats, thm1_loop, verl_agg, widen_ratio)
+                            nonempty_mask, odd_mask, spec_stats, thm1_loop, verl_agg, widen_ratio)
 
 F64 = torch.float64
 
@@ -376,16 +376,9 @@ def test_policy_loss_and_stats_mask_dtypes_match_bool(device, dtype, mask_dtype)
     of several chunks and a fully masked row."""
     x = widen_ratio(make_inputs(3, 4, 2500, dtype=dtype, seed=23, mask="holes"))
     x.mask[1] = False
-    m = x.mask.to(mask_dtype)
-    if mask_dtype.is_floating_point:
-        on, off = x.mask.nonzero(), (~x.mask).nonzero()
-        m[tuple(on[0])], m[tuple(on[1])], m[tuple(on[2])] = float("nan"), -2.0, 0.5
-        m[tuple(off[0])] = -0.0
-    elif mask_dtype == torch.uint8:
-        m[x.mask] = 7
     xb = x.to(device=device)
     xm = x.to(device=device)
-    xm.mask = m.to(device)
+    xm.mask = odd_mask(x.mask, mask_dtype).to(device)
     options = [dict(), dict(method="linear", check_finite=False, use_ref=True, beta_loss=0.1),
                dict(n_is_one=True, noon=False, whiten=False, method="linear", granularity="batch"),
                dict(method="pama", granularity="sequence", agg="seq-mean-token-mean"),

@@ -15,7 +15,7 @@ import pama_ext
 from pama_ext import ops, reference as ref
 from op_runners import run_value_loss
 from pama_testutils import (AGGS, GC, IMPLS, LOWP_DTYPES, NS, SHAPES, bad_input_batch, check_dtypes,
-                            compare_all, expect_error, make_inputs, nonempty_mask, verl_agg)
+                            compare_all, expect_error, make_inputs, nonempty_mask, odd_mask, verl_agg)
 
 F64 = torch.float64
 
@@ -79,13 +79,7 @@ def test_value_loss_mask_dtypes_match_bool(device, dtype, mask_dtype):
     the finite checks, over rows of several chunks."""
     x = make_inputs(3, 4, 2500, dtype=dtype, seed=21, mask="holes")
     x.mask[1] = False
-    m = x.mask.to(mask_dtype)
-    if mask_dtype.is_floating_point:
-        on, off = x.mask.nonzero(), (~x.mask).nonzero()
-        m[tuple(on[0])], m[tuple(on[1])], m[tuple(on[2])] = float("nan"), -2.0, 0.5
-        m[tuple(off[0])] = -0.0
-    elif mask_dtype == torch.uint8:
-        m[x.mask] = 7
+    m = odd_mask(x.mask, mask_dtype)
     xd = x.to(device=device)
     want = run_value_loss(ops, xd, 0.2, "seq-mean-token-mean")
     for check_finite in (True, False):
