@@ -60,9 +60,10 @@ PAMA_CPU_CLONES __attribute__((noinline)) void steered_thm1_tile(const PolicyLos
 // whose advantages are prefetched. Always inlined: an out-of-line copy is compiled for the baseline ISA
 // only (the target clones are of loss_chunk), and GCC stopped inlining it as it grew.
 template <typename scalar_t, typename acc = acc_of<scalar_t>>
-__attribute__((always_inline)) inline void tile_a_tilde(const PolicyLossParams& p, const LossConsts<acc>& C, const acc* w, int64_t base, int len,
-                         int64_t next, const lane_mask_t<acc>* mk, acc* A, acc* mn, acc* mx, acc* nmin, acc* nmax,
-                         acc* Nst, acc* bad) {
+__attribute__((always_inline)) inline void tile_a_tilde(const PolicyLossParams& p, const LossConsts<acc>& C,
+                                                        const acc* w, int64_t base, int len, int64_t next,
+                                                        const lane_mask_t<acc>* mk, acc* A, acc* mn, acc* mx,
+                                                        acc* nmin, acc* nmax, acc* Nst, acc* bad) {
   const int n = static_cast<int>(p.n);
   const int64_t BT = p.B * p.T;
   auto* adv = static_cast<const scalar_t*>(p.advantages) + base;

@@ -31,7 +31,8 @@ PAMA_CPU_CLONES void moments_chunk(const StatsParams& p, int64_t b, int64_t t0, 
   const int n = static_cast<int>(p.n);
   MomentsPartial P(n);
   const int64_t BT = p.B * p.T;
-  const int len = static_cast<int>(t1 - t0);  // <= kChunkLen (the CPU table's chunk length)
+  const int len = static_cast<int>(t1 - t0);
+  TORCH_INTERNAL_ASSERT(len <= kChunkLen, "moments_chunk: a chunk is at most the CPU table's kChunkLen tokens");
   K mk[kChunkLen];
   mask_lanes(p.mask, p.mask_f32, b * p.T + t0, len, mk);
   const acc cnt = lane_sum<acc>(len, [&](int t) { return keep_lanes(mk[t], acc(1)); });

@@ -192,10 +192,9 @@ __attribute__((always_inline)) inline acc lane_tree(acc* s) {
 }
 
 // Σ f(t) for t in [0, len), in kSumLanes partial sums (lane l takes the t ≡ l mod kSumLanes) added
-// in lane order at the end: several independent vector accumulators, where an `omp simd reduction`
-// keeps one and waits on the add latency at every vector (half the speed of the loads in the
-// moments pass). A fixed order: the sum does not depend on the thread count. Always inlined, so that it
-// runs in the ISA clone of its caller.
+// by halving at the end (lane_tree): several independent vector accumulators, where an `omp simd
+// reduction` keeps one and waits on the add latency at every vector. A fixed order: the sum does not
+// depend on the thread count. Always inlined, so that it runs in the ISA clone of its caller.
 constexpr int kSumLanes = 32;
 template <typename acc, typename F>
 __attribute__((always_inline)) inline acc lane_sum(int len, F&& f) {
