@@ -31,6 +31,9 @@
 // G is scaled by 1/max_i G_ii first (both argmins are scale-invariant), so the tolerances below are
 // relative to max_i G_ii. Any non-finite entry of G, w or c gives NaN weights (documented rule: never
 // a plausible answer from garbage). All loops have fixed bounds; no host interaction (one thread).
+// The working arrays (gram::Scratch, 72 KB) come from the caller: a CPU caller keeps them on its stack;
+// the CUDA kernels get them in device memory, since a 72 KB stack frame would make the driver raise
+// every thread's stack reservation to it (per-thread stack × resident threads: about 20 GB on an H100).
 #pragma once
 
 #include <cmath>
@@ -50,6 +53,8 @@ struct Scratch {
   double G[kMaxN * kMaxN];            // G / max_i G_ii
   double K[(kMaxN + 1) * (kMaxN + 3)]; // bordered system of one face, two right-hand sides
   double b[kMaxN], p0[kMaxN], p1[kMaxN], q[kMaxN], cur[kMaxN], best[kMaxN], Gp[kMaxN], Ga[kMaxN];
+  double wv[kMaxN];        // the user weights w (uniform when none)
+  double grad[2 * kMaxN];  // solve_active_set's gradient and its error bounds
   int idx[kMaxN];
 };
 
@@ -391,15 +396,14 @@ PAMA_HD void solve(Scratch& w, int n, int problem, double s, double* grad) {
 
 // ---- §4 / §6 MGDA: argmin_{c ∈ Δ} cᵀGc (exact; see gram_solvers.h) ------------------------------
 template <typename T>
-PAMA_HD void mgda_weights(const T* G, int n, T* c) {
-  gram::Scratch w;
-  double wv[gram::kMaxN], grad[2 * gram::kMaxN], s;
-  for (int i = 0; i < n; ++i) wv[i] = 0;
-  if (!gram::prepare(w, G, n, wv, 0.0, &s)) {
+PAMA_HD void mgda_weights(const T* G, int n, T* c, gram::Scratch& w) {
+  double s;
+  for (int i = 0; i < n; ++i) w.wv[i] = 0;
+  if (!gram::prepare(w, G, n, w.wv, 0.0, &s)) {
     for (int i = 0; i < n; ++i) c[i] = static_cast<T>(NAN);
     return;
   }
-  gram::solve(w, n, gram::kMinNorm, 0.0, grad);
+  gram::solve(w, n, gram::kMinNorm, 0.0, w.grad);
   for (int i = 0; i < n; ++i) c[i] = static_cast<T>(w.best[i]);
 }
 
@@ -408,15 +412,15 @@ PAMA_HD void mgda_weights(const T* G, int n, T* c) {
 // p̃ = min(p*, w) (clip) or p*; a = w + s/‖g_p̃‖·p̃, with a = w where ‖g_p̃‖² is 0 up to rounding
 // (gram::at_kink: the direction Σ p̃_i g_i vanishes, at a Pareto-stationary point without clipping).
 template <typename T>
-PAMA_HD void cagrad_weights(const T* G, const T* wp, int n, T c, bool clip, T* a) {
-  gram::Scratch w;
-  double wv[gram::kMaxN], grad[2 * gram::kMaxN], s;
+PAMA_HD void cagrad_weights(const T* G, const T* wp, int n, T c, bool clip, T* a, gram::Scratch& w) {
+  double s;
+  double* wv = w.wv;
   for (int i = 0; i < n; ++i) wv[i] = wp != nullptr ? static_cast<double>(wp[i]) : 1.0 / n;
   if (!gram::prepare(w, G, n, wv, static_cast<double>(c), &s)) {
     for (int i = 0; i < n; ++i) a[i] = static_cast<T>(NAN);
     return;
   }
-  gram::solve(w, n, gram::kCagrad, s, grad);
+  gram::solve(w, n, gram::kCagrad, s, w.grad);
   double* pt = w.cur;
   for (int i = 0; i < n; ++i) pt[i] = clip ? (w.best[i] < wv[i] ? w.best[i] : wv[i]) : w.best[i];
   double nrm2;

@@ -91,6 +91,7 @@ struct WeightsParams {
   double cagrad_c;          // c of the cagrad / raco methods
   void* weights;            // acc [n] out
   int acc_is_double;
+  void* scratch;  // Backend::solver_scratch_bytes of device memory (gram::Scratch), or nullptr where that is 0
 };
 
 // §4 fused policy loss forward. Per token: N_i = whiten_noon(A_i) with stats' mean/var; Ã from
@@ -301,6 +302,7 @@ struct GramWeightsParams {
   double c;           // c of the cagrad / raco methods
   void* weights;      // acc [n] out
   int acc_is_double;
+  void* scratch;      // as WeightsParams::scratch
 };
 
 // The one launcher table: every stage of both op families, for one device. pama::cpu (cpu/tables.cpp)
@@ -314,6 +316,9 @@ struct Backend {
   // the launchers of the value loss, the statistics and the policy-loss forward read a float32 mask as it
   // is (their Params::mask_f32) instead of a bool copy made per call
   bool float_mask;
+  // bytes of device memory the weights launchers (pareto_weights, gram_weights) need for the exact
+  // solvers' working arrays (gram::Scratch), passed as their Params::scratch; 0: they use the stack
+  int64_t solver_scratch_bytes;
   // RL ops (ops.cpp)
   void (*token_rewards)(const TokenRewardsParams&, void* stream);
   void (*multi_gae)(const GaeParams&, void* stream);

@@ -52,6 +52,11 @@ Launch backend_for_device(const at::Device& d, const char* op) {
   return {*g_cuda_table, g_cuda_stream()};
 }
 
+at::Tensor solver_scratch(const Launch& L, const at::Device& d) {
+  if (L.be.solver_scratch_bytes == 0) return at::Tensor();
+  return at::empty({L.be.solver_scratch_bytes}, at::TensorOptions().dtype(at::kByte).device(d));
+}
+
 namespace {
 
 Launch backend_for(const at::Tensor& t, const char* op) { return backend_for_device(t.device(), op); }
@@ -430,8 +435,10 @@ void run_moments(const Launch& L, const PolicyInputs& in, const at::Tensor& stat
 at::Tensor run_weights(const Launch& L, const at::Tensor& stats, const at::Tensor& prefs, int64_t n, int method,
                        int granularity, double cagrad_c) {
   at::Tensor weights = at::empty({n}, stats.options());
+  const at::Tensor scratch = solver_scratch(L, stats.device());
   WeightsParams p{stats.data_ptr(), prefs.defined() ? prefs.data_ptr() : nullptr, static_cast<int>(n), method,
-                  granularity, cagrad_c, weights.data_ptr(), stats.scalar_type() == at::kDouble};
+                  granularity, cagrad_c, weights.data_ptr(), stats.scalar_type() == at::kDouble,
+                  scratch_ptr(scratch)};
   L.be.pareto_weights(p, L.stream);
   return weights;
 }

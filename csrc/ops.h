@@ -22,6 +22,12 @@ struct Launch {
 };
 Launch backend_for_device(const at::Device& d, const char* op);
 
+// The working memory of the weights launchers' exact solvers (Backend::solver_scratch_bytes bytes on
+// device `d`, uint8), or an undefined tensor where the backend needs none. Keep it alive until the
+// launch is enqueued; the caching allocator orders its reuse on the stream.
+at::Tensor solver_scratch(const Launch& L, const at::Device& d);
+inline void* scratch_ptr(const at::Tensor& scratch) { return scratch.defined() ? scratch.data_ptr() : nullptr; }
+
 // Registers every op implementation on a dispatch key (CPU in ops.cpp, CUDA in ops_cuda.cpp).
 void register_impls(torch::Library& m);
 

@@ -325,13 +325,14 @@ PAMA_HD T pref_scaled(T v, T factor) {
 // §4/§6 MGDA and CAGrad on a Gram matrix: mgda_weights, cagrad_weights in gram_solvers.h
 
 template <typename T>
-PAMA_HD void gram_weights(const T* G, const T* w, int n, int method, T c, T* out);
+PAMA_HD void gram_weights(const T* G, const T* w, int n, int method, T c, T* out, gram::Scratch& scratch);
 
 // Combination weights used by the loss for a batch-level method: pama/batch (Theorem 1 on abar),
 // or gram_weights of every other method on the statistics Gram. prefs may be null (uniform; for pama:
-// plain Theorem 1, otherwise the weighted one of §4b).
+// plain Theorem 1, otherwise the weighted one of §4b). scratch: the exact solvers' working arrays.
 template <typename T>
-PAMA_HD void batch_weights(const T* stats, int n, int method, const T* prefs, T cagrad_c, T* w) {
+PAMA_HD void batch_weights(const T* stats, int n, int method, const T* prefs, T cagrad_c, T* w,
+                           gram::Scratch& scratch) {
   StatsLayout L(n);
   if (method == kMethodPama && prefs != nullptr) {  // §4b: Theorem 1 on abar_i / ρ_i, weights c_i / ρ_i
     T v[kMaxObjectives];
@@ -345,7 +346,7 @@ PAMA_HD void batch_weights(const T* stats, int n, int method, const T* prefs, T 
     for (int i = 0; i < n; ++i) w[i] = T(0);
     thm1(stats + L.abar(), 1, n, w, T(1));
   } else {
-    gram_weights(stats + L.gram(), prefs, n, method, cagrad_c, w);
+    gram_weights(stats + L.gram(), prefs, n, method, cagrad_c, w, scratch);
   }
 }
 
@@ -473,14 +474,14 @@ PAMA_HD void finalize_indicator_cseq(int n, int64_t B, const T* row_count, const
 // otherwise batch_weights. Single thread.
 template <typename T>
 PAMA_HD void finalize_weights(const T* stats, int n, int method, int granularity, const T* prefs, T cagrad_c,
-                              T* weights) {
+                              T* weights, gram::Scratch& scratch) {
   StatsLayout L(n);
   if (method == kMethodPama && granularity == kGranToken) {
     for (int i = 0; i < n; ++i) weights[i] = stats[L.ctok() + i];
   } else if (method == kMethodPama && granularity == kGranSequence) {
     for (int i = 0; i < n; ++i) weights[i] = stats[L.cseq() + i];
   } else {
-    batch_weights(stats, n, method, prefs, cagrad_c, weights);
+    batch_weights(stats, n, method, prefs, cagrad_c, weights, scratch);
   }
 }
 
@@ -607,7 +608,7 @@ PAMA_HD T dpo_pair_loss(T beta, T s, T h, T inv_b, T& coef) {
 
 // ---- §6 Gram of per-objective gradients --------------------------------------------------------
 // Partials hold the upper triangle (i <= j) row by row: n(n+1)/2 entries.
-PAMA_HD int gram_pairs(int n) { return n * (n + 1) / 2; }
+PAMA_HD constexpr int gram_pairs(int n) { return n * (n + 1) / 2; }
 PAMA_HD void gram_pair(int q, int n, int& i, int& j) {
   i = 0;
   while (q >= n - i) {
@@ -651,13 +652,14 @@ PAMA_HD void pcgrad_weights(const T* G, int n, T* out) {
 }
 
 // Weights of `method` (a Method other than pama) from G [n, n]; w (prefs) may be null (uniform);
-// c is CAGrad's / RACO's c. Single thread.
+// c is CAGrad's / RACO's c; scratch: the exact solvers' working arrays (MGDA, CAGrad, RACO). Single
+// thread.
 template <typename T>
-PAMA_HD void gram_weights(const T* G, const T* w, int n, int method, T c, T* out) {
+PAMA_HD void gram_weights(const T* G, const T* w, int n, int method, T c, T* out, gram::Scratch& scratch) {
   if (method == kMethodMgda) {
-    mgda_weights(G, n, out);
+    mgda_weights(G, n, out, scratch);
   } else if (method == kMethodCagrad || method == kMethodRaco) {
-    cagrad_weights(G, w, n, c, method == kMethodRaco, out);
+    cagrad_weights(G, w, n, c, method == kMethodRaco, out, scratch);
   } else if (method == kMethodPcgrad) {
     pcgrad_weights(G, n, out);
   } else {

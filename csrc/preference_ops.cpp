@@ -270,8 +270,9 @@ at::Tensor gram_weights_op(const at::Tensor& gram, const c10::optional<at::Tenso
   auto opts = gram.options().dtype(acc);
   at::Tensor out = at::empty({n}, opts);
   Launch L = backend_for_device(dev, kGW);
+  const at::Tensor scratch = solver_scratch(L, dev);
   GramWeightsParams p{G.data_ptr(), w.defined() ? w.data_ptr() : nullptr, static_cast<int>(n), m, c,
-                      out.data_ptr(), acc == at::kDouble};
+                      out.data_ptr(), acc == at::kDouble, scratch_ptr(scratch)};
   L.be.gram_weights(p, L.stream);
   return out;
 }

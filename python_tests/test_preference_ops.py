@@ -18,6 +18,7 @@ from torch.library import opcheck
 import pama_ext
 from pama_ext.vocab import GRAM_METHODS
 from pama_ext import reference
+from pama_ext.pareto import gram_weights
 from pama_testutils import LOWP_DTYPES, NS, compare, require_native
 
 F64 = torch.float64
@@ -271,6 +272,27 @@ def test_gram_float64(device, n):
     want = stacked_gram([[g.cpu() if g is not None else None for g in row] for row in t])
     compare("gram", G, want)
     assert torch.equal(G, G.T)
+
+
+# n = 23 and 64: more (pair, slice) items than a CUDA block has threads (SL = 1, several items per
+# thread), and n rows of a tile shorter than 256 elements (the tile loader steps over rows).
+@pytest.mark.parametrize("dtype", [F64, torch.float32], ids=str)
+@pytest.mark.parametrize("n", [23, 64])
+def test_gram_many_objectives(device, n, dtype):
+    require_native()
+    t = grad_table(n, [(3, 5), (70001,), (33, 17)], seed=n, dtype=dtype, device=device)
+    G = pama_ext.gradient_gram(t)
+    cpu = [[g.cpu() if g is not None else None for g in row] for row in t]
+    if dtype == F64:
+        compare("gram", G, stacked_gram(cpu))
+    else:
+        ref64, ref32 = stacked_gram(cpu, F64), stacked_gram(cpu, torch.float32)
+        scale = ref64.abs().max()
+        compare("gram", G.double().cpu() / scale, ref64 / scale, ref32.double() / scale, torch.float32)
+    assert torch.equal(G, G.T)
+    G64 = G.double()
+    for method in ("mgda", "cagrad", "raco"):
+        compare("weights", gram_weights(G64, method=method), reference.gram_weights(G64.cpu(), None, method))
 
 
 @pytest.mark.parametrize("dtype", LOWP_DTYPES, ids=str)

@@ -54,6 +54,25 @@ def test_objective_stats_lowp(native, device, n, dtype):
     compare_all(got, run_objective_stats(ref, x.as64()), run_objective_stats(ref, x), dtype)
 
 
+# n = 20 and 64: more partial entries than a CUDA block has threads (each thread keeps several, and
+# the Gram pairs i <= j past the first 256 entries), and the exact solvers' active-set path (n > 8)
+# with their working arrays in the op's scratch memory on CUDA.
+@pytest.mark.parametrize("dtype", [F64, torch.float32], ids=str)
+@pytest.mark.parametrize("n", [20, 64])
+def test_objective_stats_many_objectives(device, n, dtype):
+    x = make_inputs(n, 3, 70, dtype=dtype, seed=n + 5, mask="holes")
+    got = run_objective_stats(ops, x.to(device=device))
+    check_dtypes(got, dtype, device, acc_keys=["stats"])
+    if dtype == F64:
+        compare_all(got, run_objective_stats(ref, x))
+    else:
+        compare_all(got, run_objective_stats(ref, x.as64()), run_objective_stats(ref, x), dtype)
+    stats = got["stats"].double().cpu()
+    for method in ("mgda", "cagrad", "raco"):
+        w = ops.pareto_weights(got["stats"].double(), method, "batch")
+        compare("weights", w, ref.pareto_weights(stats, method, "batch"))
+
+
 @pytest.mark.parametrize("method,granularity,with_prefs",
                          [(m, g, False) for m, g in COMBOS] + [("linear", g, True) for g in ref.GRANULARITIES])
 @pytest.mark.parametrize("noon", [True, False])

@@ -212,8 +212,10 @@ PAMA_CPU_CLONES void loss_chunk(const PolicyLossParams& p, const LossConsts<acc_
 // pass combines with (so before it), or pama/token's ctok, reported only (so after it).
 template <typename acc>
 void single_pass_weights(const PolicyLossParams& p) {
+  gram::Scratch scratch;
   finalize_weights(static_cast<const acc*>(p.stats), static_cast<int>(p.n), p.method, p.granularity,
-                   static_cast<const acc*>(p.prefs), static_cast<acc>(p.cagrad_c), static_cast<acc*>(p.weights));
+                   static_cast<const acc*>(p.prefs), static_cast<acc>(p.cagrad_c), static_cast<acc*>(p.weights),
+                   scratch);
 }
 
 // The statistics of a single-pass forward from its chunks' SinglePassPartial, summed over chunks

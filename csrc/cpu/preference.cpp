@@ -284,8 +284,9 @@ void combine_gradients(const CombineGradsParams& p, void*) {
 void gram_weights(const GramWeightsParams& p, void*) {
   dispatch_acc(p.acc_is_double, [&](auto tag) {
     using acc = decltype(tag);
+    gram::Scratch scratch;  // on this thread's stack (the CUDA kernel gets GramWeightsParams::scratch)
     pama::gram_weights(static_cast<const acc*>(p.gram), static_cast<const acc*>(p.prefs), p.n, p.method,
-                       static_cast<acc>(p.c), static_cast<acc*>(p.weights));
+                       static_cast<acc>(p.c), static_cast<acc*>(p.weights), scratch);
   });
 }
 

@@ -173,8 +173,10 @@ void stats_indicators(const StatsParams& p, void*) {
 void pareto_weights(const WeightsParams& p, void*) {
   dispatch_acc(p.acc_is_double, [&](auto tag) {
     using acc = decltype(tag);
+    gram::Scratch scratch;  // on this thread's stack (the CUDA kernel gets WeightsParams::scratch)
     finalize_weights(static_cast<const acc*>(p.stats), p.n, p.method, p.granularity,
-                     static_cast<const acc*>(p.prefs), static_cast<acc>(p.cagrad_c), static_cast<acc*>(p.weights));
+                     static_cast<const acc*>(p.prefs), static_cast<acc>(p.cagrad_c), static_cast<acc*>(p.weights),
+                     scratch);
   });
 }
 

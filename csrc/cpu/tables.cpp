@@ -12,6 +12,7 @@ const Backend& table() {
                          /*single_pass_loss=*/true,
                          /*value_loss_checks=*/true,
                          /*float_mask=*/true,
+                         /*solver_scratch_bytes=*/0,
                          &token_rewards,
                          &multi_gae,
                          &multi_gae_backward,

@@ -173,7 +173,9 @@ inline void check_launch(const char* kernel) {
 
 // The shape of every reducing op: one block per chunk writes that chunk's partials, then a single
 // block runs the shared finalize routines. The finalize always runs, so the outputs it defines
-// (statistics, loss, metrics) are zeros for an empty batch too.
+// (statistics, loss, metrics) are zeros for an empty batch too. The finalize kernels declare
+// __launch_bounds__(threads, 1): with one block there is no occupancy to trade registers for, and
+// without the 1 ptxas capped the double moments finalize at 64 registers and spilled (sm_90).
 template <typename P>
 inline void launch_chunked_reduction(const P& p, int64_t nchunks, cudaStream_t s, void (*partials)(P),
                                      int partials_threads, size_t partials_smem, void (*finalize)(P),
@@ -184,6 +186,13 @@ inline void launch_chunked_reduction(const P& p, int64_t nchunks, cudaStream_t s
   }
   finalize<<<1, finalize_threads, 0, s>>>(p);
   check_launch(name);
+}
+
+// The weights kernels take the exact solvers' working arrays from the op (Backend::solver_scratch_bytes).
+inline void check_scratch(const void* scratch, const char* launcher) {
+  if (scratch == nullptr)
+    throw std::runtime_error(std::string("pama_ext: ") + launcher +
+                             ": no solver scratch (the op must allocate Backend::solver_scratch_bytes)");
 }
 
 // The kernels keep per-objective arrays of kMaxObjectives entries.

@@ -10,6 +10,7 @@
 #include "../ops.h"
 #include "../preference_ops.h"
 #include "../launch.h"
+#include "../pama_math.h"  // gram::Scratch
 
 namespace {
 
@@ -21,6 +22,7 @@ const pama::Backend kCudaTable{"cuda",
                                /*single_pass_loss=*/false,
                                /*value_loss_checks=*/false,
                                /*float_mask=*/false,
+                               /*solver_scratch_bytes=*/static_cast<int64_t>(sizeof(pama::gram::Scratch)),
                                &pama::cuda::launch_token_rewards,
                                &pama::cuda::launch_multi_gae,
                                &pama::cuda::launch_multi_gae_backward,

@@ -125,7 +125,7 @@ __global__ void __launch_bounds__(kLossBlock) policy_loss_partials_kernel(Policy
 }
 
 template <typename A>
-__global__ void __launch_bounds__(kFinalizeBlock) policy_loss_finalize_kernel(PolicyLossParams p) {
+__global__ void __launch_bounds__(kFinalizeBlock, 1) policy_loss_finalize_kernel(PolicyLossParams p) {
   const A* stats = static_cast<const A*>(p.stats);
   const A* row_count = static_cast<const A*>(p.row_count);
   A* row_scale = static_cast<A*>(p.row_scale);

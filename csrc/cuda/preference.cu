@@ -10,7 +10,8 @@
 //   per-pair totals go to the block's own partial slot in a fixed order, and one finalize block sums
 //   the partials in index order (pama::finalize_gram). No atomics: bitwise reproducible.
 // - combine_gradients: multi-tensor the same way, elementwise: out = (acc ? out : 0) + Σ_i c_i g_i.
-// - gram_weights: one thread runs pama::gram_weights (n <= 64, fixed iteration counts).
+// - gram_weights: one thread runs pama::gram_weights (n <= 64, fixed iteration counts), with the exact
+//   solvers' working arrays in device memory from the op (GramWeightsParams::scratch).
 #include <algorithm>
 
 #include "common.cuh"
@@ -26,6 +27,7 @@ constexpr int kGramLaunchParams = 64;   // parameters carried by one launch
 constexpr int kGramMaxItems = (kMaxObjectives * (kMaxObjectives + 1) / 2 + kGramThreads - 1) / kGramThreads;
 constexpr int kCombineLaunchParams = 32;
 constexpr int64_t kCombineBlock = 8192;  // elements per combine block
+static_assert(kGramBlock <= (int64_t(1) << 30), "gram_partials_kernel indexes a block's elements with int");
 
 // ---- multi_dpo_loss -----------------------------------------------------------------------------
 template <typename S>
@@ -92,21 +94,40 @@ inline size_t gram_smem_entries(int n) {
   return static_cast<size_t>(std::max(n * gram_tile(n), P * gram_slices(P)));
 }
 
+// An item's descriptor packed in 32 bits: the tile offsets of rows i and j (< n * E <= 4096, 12 bits
+// each) and its first element (its slice, < kGramThreads = 256, 8 bits). Three int arrays of
+// kGramMaxItems made the float kernels spill on sm_80.
+struct GramItem {
+  static_assert(kGramThreads <= 256, "GramItem keeps the slice in 8 bits");
+  __device__ static unsigned pack(int xo, int yo, int slice) {
+    return unsigned(xo) | (unsigned(yo) << 12) | (unsigned(slice) << 24);
+  }
+  __device__ static int x(unsigned d) { return int(d & 0xfffu); }
+  __device__ static int y(unsigned d) { return int((d >> 12) & 0xfffu); }
+  __device__ static int slice(unsigned d) { return int(d >> 24); }
+};
+
+// Resident blocks per SM the register budget is sized for: 4 (64 registers) with float sums,
+// 3 (85 registers) with double sums, whose item sums take two registers each.
 template <typename S>
-__global__ void __launch_bounds__(kGramThreads) gram_partials_kernel(GramLaunch L) {
+constexpr int gram_min_blocks() {
+  return sizeof(acc_t_of<S>) == 8 ? 3 : 4;
+}
+
+template <typename S>
+__global__ void __launch_bounds__(kGramThreads, gram_min_blocks<S>()) gram_partials_kernel(GramLaunch L) {
   using A = acc_t_of<S>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   A* tile = reinterpret_cast<A*>(smem_raw);
   const int n = L.n, P = gram_pairs(n), E = gram_tile(n), SL = gram_slices(P), items = P * SL;
-  int pi[kGramMaxItems], pj[kGramMaxItems], slice[kGramMaxItems];
+  // One register per item: the tile offsets of its two rows and its first element (GramItem).
+  unsigned desc[kGramMaxItems];
 #pragma unroll
   for (int m = 0; m < kGramMaxItems; ++m) {
     const int item = threadIdx.x + m * kGramThreads;
-    pi[m] = pj[m] = slice[m] = 0;
-    if (item < items) {
-      gram_pair(item % P, n, pi[m], pj[m]);
-      slice[m] = item / P;
-    }
+    int i = 0, j = 0;
+    if (item < items) gram_pair(item % P, n, i, j);
+    desc[m] = GramItem::pack(i * E, j * E, item < items ? item / P : 0);
   }
   A* part = static_cast<A*>(L.partials);
   const int64_t nblocks = L.first_block[L.np];
@@ -114,26 +135,31 @@ __global__ void __launch_bounds__(kGramThreads) gram_partials_kernel(GramLaunch 
     int kk = 0;
     while (L.first_block[kk + 1] <= blk) ++kk;
     const int64_t e0 = (blk - L.first_block[kk]) * L.block;
-    const int64_t e1 = e0 + L.block < L.numel[kk] ? e0 + L.block : L.numel[kk];
+    const int blen = static_cast<int>(minv<int64_t>(L.block, L.numel[kk] - e0));  // this block's elements
     A acc[kGramMaxItems];
 #pragma unroll
     for (int m = 0; m < kGramMaxItems; ++m) acc[m] = A(0);
-    for (int64_t base = e0; base < e1; base += E) {
-      const int64_t len = e1 - base < E ? e1 - base : E;
+    for (int base = 0; base < blen; base += E) {
+      const int len = minv(E, blen - base);
       __syncthreads();  // the previous tile (or reduction) is no longer read
-      for (int x = threadIdx.x; x < n * E; x += kGramThreads) {
-        const int i = x / E, e = x % E;
+      // tile[i * E + e] = g_i[base + e]; (i, e) advance by kGramThreads entries without a division
+      for (int x = threadIdx.x, i = x / E, e = x % E; i < n; x += kGramThreads) {
         const S* g = static_cast<const S*>(L.ptrs[i * L.np + kk]);
-        tile[x] = (g != nullptr && e < len) ? load(g, base + e) : A(0);
+        tile[x] = (g != nullptr && e < len) ? load(g + e0, base + e) : A(0);
+        e += kGramThreads;
+        while (e >= E) {
+          e -= E;
+          ++i;
+        }
       }
       __syncthreads();
 #pragma unroll
       for (int m = 0; m < kGramMaxItems; ++m) {
         if (threadIdx.x + m * kGramThreads < items) {
-          const A* x = tile + pi[m] * E;
-          const A* y = tile + pj[m] * E;
+          const A* x = tile + GramItem::x(desc[m]);
+          const A* y = tile + GramItem::y(desc[m]);
           A s = acc[m];
-          for (int e = slice[m]; e < E; e += SL) s += x[e] * y[e];
+          for (int e = GramItem::slice(desc[m]); e < E; e += SL) s += x[e] * y[e];
           acc[m] = s;
         }
       }
@@ -156,7 +182,7 @@ __global__ void __launch_bounds__(kGramThreads) gram_partials_kernel(GramLaunch 
 }
 
 template <typename A>
-__global__ void __launch_bounds__(kGramThreads) gram_finalize_kernel(const A* partials, int64_t nparts, int n, A* G) {
+__global__ void __launch_bounds__(kGramThreads, 1) gram_finalize_kernel(const A* partials, int64_t nparts, int n, A* G) {
   finalize_gram(partials, nparts, n, G, threadIdx.x, blockDim.x);
 }
 
@@ -206,7 +232,7 @@ template <typename A>
 __global__ void __launch_bounds__(1) gram_weights_kernel(GramWeightsParams p) {
   if (blockIdx.x != 0 || threadIdx.x != 0) return;
   gram_weights(static_cast<const A*>(p.gram), static_cast<const A*>(p.prefs), p.n, p.method, static_cast<A>(p.c),
-               static_cast<A*>(p.weights));
+               static_cast<A*>(p.weights), *static_cast<gram::Scratch*>(p.scratch));
 }
 
 }  // namespace
@@ -291,6 +317,7 @@ void launch_combine_gradients(const CombineGradsParams& p, void* stream) {
 
 void launch_gram_weights(const GramWeightsParams& p, void* stream) {
   check_objectives(p.n, "gram_weights");
+  check_scratch(p.scratch, "gram_weights");
   const cudaStream_t s = as_stream(stream);
   if (p.acc_is_double) {
     gram_weights_kernel<double><<<1, 1, 0, s>>>(p);

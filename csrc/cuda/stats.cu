@@ -68,7 +68,7 @@ __global__ void __launch_bounds__(kStatsBlock) moments_partials_kernel(StatsPara
 }
 
 template <typename A>
-__global__ void __launch_bounds__(kFinalizeBlock) moments_finalize_kernel(StatsParams p) {
+__global__ void __launch_bounds__(kFinalizeBlock, 1) moments_finalize_kernel(StatsParams p) {
   const A* part = static_cast<const A*>(p.partials);
   A* row_count = static_cast<A*>(p.row_count);
   A* stats = static_cast<A*>(p.stats);
@@ -80,62 +80,86 @@ __global__ void __launch_bounds__(kFinalizeBlock) moments_finalize_kernel(StatsP
 }
 
 // ---- indicators ---------------------------------------------------------------------------------
-// One block per chunk; the chunk is walked in tiles of kIndTile tokens staged in shared memory:
+// One block per chunk; the chunk is walked in tiles of ind_tile<A>() tokens staged in shared memory:
 //   (a) token flags: masked-in, and masked-in with u <= 1 + eps_hi (the clip indicator);
 //   (b) N tile: N_i = whiten_noon(A_i) for every objective, 0 on masked-out tokens;
 //   (c) one thread per token runs pama::thm1 on the token's N vector -> per-token weights c;
-//   (d) every partial entry e (sumI_i | pos_i | ctok_i | gram_ij) is owned by one thread, which
-//       adds the tile's tokens to its register accumulator in token order.
-// Entry e of a chunk's IndicatorPartial is thus a plain sequential sum over the chunk's tokens.
-constexpr int kIndTile = 32;
-constexpr int kIndPitch = kIndTile + 1;  // padded pitch of the N tile rows (avoids bank conflicts)
-constexpr int kIndMaxEntries = 3 * kMaxObjectives + kMaxObjectives * kMaxObjectives;
-constexpr int kIndEntriesPerThread = (kIndMaxEntries + kStatsBlock - 1) / kStatsBlock;
+//   (d) every partial entry (sumI_i | pos_i | ctok_i | gram_ij with i <= j) is owned by one thread,
+//       which adds the tile's tokens to the entry's running sum in token order.
+// Entry e of a chunk's IndicatorPartial is thus a plain sequential sum over the chunk's tokens. The
+// owner of the Gram pair i <= j writes its sum to gram_ij and gram_ji: I_i I_j and I_j I_i are the
+// same product, so both entries get the sum they would get on their own.
+// The running sums live in shared memory (each is read and written by its owner thread only, so
+// they need no barrier): up to 3n + n(n+1)/2 = 2272 of them do not fit in registers, and keeping
+// them there (17 per thread) made ptxas spill on sm_80 at any register budget it chose.
 constexpr unsigned char kFlagIn = 1;    // masked-in token
 constexpr unsigned char kFlagClip = 2;  // masked-in token with u <= 1 + eps_hi (I_i = N_i)
 
-// Dynamic shared memory of indicator_partials_kernel: mean(n), istd(n), N[n][kIndPitch],
-// c[kIndTile][n] (acc), then flags[kIndTile]. At most 34.3 KB (double, n = 64), under 48 KB.
+// Tokens per tile: 32 with float sums; 16 with double sums, which keeps the shared memory of n = 64
+// under the 48 KB a launch gets without opting in. The tile length does not change any sum.
+template <typename A>
+__host__ __device__ constexpr int ind_tile() {
+  return sizeof(A) == 8 ? 16 : 32;
+}
+template <typename A>
+__host__ __device__ constexpr int ind_pitch() {
+  return ind_tile<A>() + 1;  // padded pitch of the N tile rows (avoids bank conflicts)
+}
+__host__ __device__ constexpr int ind_owned(int n, bool with_gram) { return 3 * n + (with_gram ? gram_pairs(n) : 0); }
+
+// Dynamic shared memory of indicator_partials_kernel, in this order: mean(n), istd(n),
+// N[n][pitch], c[tile][n], running sums(owned) (acc); Gram pairs(n(n+1)/2) (uint16: i | j << 8);
+// flags[tile]. At most 39.3 KB (double, n = 64; float: 29.7 KB), under 48 KB.
 template <typename A>
 constexpr size_t indicator_smem_bytes(int n) {
-  return sizeof(A) * (size_t(2 * n) + size_t(n) * kIndPitch + size_t(kIndTile) * n) + kIndTile;
+  return sizeof(A) * (size_t(2 * n) + size_t(n) * ind_pitch<A>() + size_t(ind_tile<A>()) * n + ind_owned(n, true)) +
+         sizeof(uint16_t) * gram_pairs(n) + ind_tile<A>();
 }
+static_assert(indicator_smem_bytes<double>(kMaxObjectives) <= 48 * 1024, "indicator tile over 48 KB");
+static_assert(indicator_smem_bytes<float>(kMaxObjectives) <= 48 * 1024, "indicator tile over 48 KB");
 
-// Adds the tile's contribution to partial entry e (see IndicatorPartial) into `acc`.
+// Adds the tile's tokens to the running sum `acc` of owned entry q (see the layout above).
 template <typename A>
-__device__ __forceinline__ void accumulate_indicator_entry(int e, int n, int len, const A* sN, const A* sC,
-                                                           const unsigned char* sFlag, A& acc) {
-  if (e < n) {  // sumI_i: Σ I_i
-    const A* row = sN + e * kIndPitch;
-    for (int j = 0; j < len; ++j)
-      if (sFlag[j] & kFlagClip) acc += row[j];
-  } else if (e < 2 * n) {  // pos_i: #(N_i > 0)
-    const A* row = sN + (e - n) * kIndPitch;
-    for (int j = 0; j < len; ++j)
-      if (sFlag[j] & kFlagIn) acc += row[j] > A(0) ? A(1) : A(0);
-  } else if (e < 3 * n) {  // ctok_i: Σ thm1 weight c_i
-    const int i = e - 2 * n;
-    for (int j = 0; j < len; ++j)
-      if (sFlag[j] & kFlagIn) acc += sC[j * n + i];
-  } else {  // gram_ij: Σ I_i I_j
-    const int g = e - 3 * n;
-    const A* ri = sN + (g / n) * kIndPitch;
-    const A* rj = sN + (g % n) * kIndPitch;
-    for (int j = 0; j < len; ++j)
-      if (sFlag[j] & kFlagClip) acc += ri[j] * rj[j];
+__device__ __forceinline__ void accumulate_indicator_entry(int q, int n, int len, const A* sN, const A* sC,
+                                                           const uint16_t* sPair, const unsigned char* sFlag,
+                                                           A& acc) {
+  constexpr int pitch = ind_pitch<A>();
+  if (q >= 3 * n) {  // gram_ij: Σ I_i I_j
+    const int pair = sPair[q - 3 * n];
+    const A* ri = sN + (pair & 0xff) * pitch;
+    const A* rj = sN + (pair >> 8) * pitch;
+    for (int t = 0; t < len; ++t)
+      if (sFlag[t] & kFlagClip) acc += ri[t] * rj[t];
+    return;
+  }
+  const int kind = q / n, i = q - kind * n;
+  const A* ri = sN + i * pitch;
+  if (kind == 0) {  // sumI_i: Σ I_i
+    for (int t = 0; t < len; ++t)
+      if (sFlag[t] & kFlagClip) acc += ri[t];
+  } else if (kind == 1) {  // pos_i: #(N_i > 0)
+    for (int t = 0; t < len; ++t)
+      if (sFlag[t] & kFlagIn) acc += ri[t] > A(0) ? A(1) : A(0);
+  } else {  // ctok_i: Σ thm1 weight c_i
+    for (int t = 0; t < len; ++t)
+      if (sFlag[t] & kFlagIn) acc += sC[t * n + i];
   }
 }
 
 template <typename S>
 __global__ void __launch_bounds__(kStatsBlock) indicator_partials_kernel(StatsParams p) {
   using A = acc_t_of<S>;
+  constexpr int tile = ind_tile<A>(), pitch = ind_pitch<A>();
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int n = static_cast<int>(p.n);
+  const int owned = ind_owned(n, p.with_gram);
   A* sMean = reinterpret_cast<A*>(smem_raw);
   A* sIstd = sMean + n;
   A* sN = sIstd + n;
-  A* sC = sN + n * kIndPitch;
-  unsigned char* sFlag = reinterpret_cast<unsigned char*>(sC + kIndTile * n);
+  A* sC = sN + n * pitch;
+  A* sAcc = sC + tile * n;
+  uint16_t* sPair = reinterpret_cast<uint16_t*>(sAcc + ind_owned(n, true));
+  unsigned char* sFlag = reinterpret_cast<unsigned char*>(sPair + gram_pairs(n));
 
   const S* adv = static_cast<const S*>(p.advantages);
   const S* logp = static_cast<const S*>(p.logp);
@@ -145,12 +169,16 @@ __global__ void __launch_bounds__(kStatsBlock) indicator_partials_kernel(StatsPa
   const int64_t B = p.B, T = p.T, cpr = p.chunks_per_row;
   const StatsLayout L(n);
   const IndicatorPartial P(n);
-  const int entries = P.size(p.with_gram);
   const A hi = A(1) + static_cast<A>(p.eps_hi);  // same form as ppo_token_loss's upper clip bound
 
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
     sMean[i] = stats[L.mean() + i];
     sIstd[i] = inv_std(stats[L.var() + i]);
+  }
+  for (int q = threadIdx.x; q < gram_pairs(n); q += blockDim.x) {
+    int i, j;
+    gram_pair(q, n, i, j);
+    sPair[q] = static_cast<uint16_t>(i | (j << 8));
   }
   __syncthreads();
 
@@ -159,14 +187,12 @@ __global__ void __launch_bounds__(kStatsBlock) indicator_partials_kernel(StatsPa
     const ChunkBounds cb = chunk_bounds(chunk, cpr, p.chunk_len, T);
     const int64_t b = cb.b, t_begin = cb.t_begin, t_end = cb.t_end;
 
-    A acc[kIndEntriesPerThread];
-#pragma unroll
-    for (int r = 0; r < kIndEntriesPerThread; ++r) acc[r] = A(0);
+    for (int q = threadIdx.x; q < owned; q += kStatsBlock) sAcc[q] = A(0);
 
-    for (int64_t t0 = t_begin; t0 < t_end; t0 += kIndTile) {
-      const int len = static_cast<int>(minv<int64_t>(kIndTile, t_end - t0));
+    for (int64_t t0 = t_begin; t0 < t_end; t0 += tile) {
+      const int len = static_cast<int>(minv<int64_t>(tile, t_end - t0));
       // (a) flags
-      for (int j = threadIdx.x; j < kIndTile; j += blockDim.x) {
+      for (int j = threadIdx.x; j < tile; j += blockDim.x) {
         unsigned char f = 0;
         if (j < len) {
           const int64_t bt = b * T + t0 + j;
@@ -179,41 +205,47 @@ __global__ void __launch_bounds__(kStatsBlock) indicator_partials_kernel(StatsPa
       }
       __syncthreads();
       // (b) N tile, coalesced along t
-      for (int q = threadIdx.x; q < n * kIndTile; q += blockDim.x) {
-        const int i = q / kIndTile, j = q % kIndTile;
+      for (int q = threadIdx.x; q < n * tile; q += blockDim.x) {
+        const int i = q / tile, j = q % tile;
         A v = A(0);
         if (sFlag[j] & kFlagIn)
           v = whiten_noon(load(adv, (int64_t(i) * B + b) * T + t0 + j), sMean[i], sIstd[i], p.whiten, p.noon);
-        sN[i * kIndPitch + j] = v;
+        sN[i * pitch + j] = v;
       }
       __syncthreads();
       // (c) Theorem-1 weights of each masked-in token
-      for (int j = threadIdx.x; j < kIndTile; j += blockDim.x) {
+      for (int j = threadIdx.x; j < tile; j += blockDim.x) {
         A* c = sC + j * n;
         for (int i = 0; i < n; ++i) c[i] = A(0);
-        if (sFlag[j] & kFlagIn) thm1(sN + j, int64_t(kIndPitch), n, c, A(1));
+        if (sFlag[j] & kFlagIn) thm1(sN + j, int64_t(pitch), n, c, A(1));
       }
       __syncthreads();
-      // (d) per-entry accumulation
-#pragma unroll
-      for (int r = 0; r < kIndEntriesPerThread; ++r) {
-        const int e = threadIdx.x + r * kStatsBlock;
-        if (e < entries) accumulate_indicator_entry(e, n, len, sN, sC, sFlag, acc[r]);
+      // (d) per-entry accumulation, each owned running sum by its own thread
+      for (int q = threadIdx.x; q < owned; q += kStatsBlock) {
+        A acc = sAcc[q];
+        accumulate_indicator_entry(q, n, len, sN, sC, sPair, sFlag, acc);
+        sAcc[q] = acc;
       }
       __syncthreads();  // the next tile overwrites the shared buffers
     }
 
-    A* out = part + chunk * entries;
-#pragma unroll
-    for (int r = 0; r < kIndEntriesPerThread; ++r) {
-      const int e = threadIdx.x + r * kStatsBlock;
-      if (e < entries) out[e] = acc[r];
+    // the owned running sums to the chunk's IndicatorPartial: q < 3n is entry q (sumI, pos, ctok);
+    // a Gram pair goes to gram_ij and gram_ji
+    A* out = part + chunk * P.size(p.with_gram);
+    for (int q = threadIdx.x; q < owned; q += kStatsBlock) {
+      if (q < 3 * n) {
+        out[q] = sAcc[q];
+      } else {
+        const int pair = sPair[q - 3 * n], i = pair & 0xff, j = pair >> 8;
+        out[P.gram() + i * n + j] = sAcc[q];
+        out[P.gram() + j * n + i] = sAcc[q];
+      }
     }
   }
 }
 
 template <typename A>
-__global__ void __launch_bounds__(kFinalizeBlock) indicator_finalize_kernel(StatsParams p) {
+__global__ void __launch_bounds__(kFinalizeBlock, 1) indicator_finalize_kernel(StatsParams p) {
   const A* part = static_cast<const A*>(p.partials);
   const A* row_count = static_cast<const A*>(p.row_count);
   A* stats = static_cast<A*>(p.stats);
@@ -228,12 +260,13 @@ __global__ void __launch_bounds__(kFinalizeBlock) indicator_finalize_kernel(Stat
 }
 
 // ---- Pareto weights -----------------------------------------------------------------------------
-// finalize_weights is sequential by design (n <= 64, once per step): one thread.
+// finalize_weights is sequential by design (n <= 64, once per step): one thread, with the exact
+// solvers' working arrays in p.scratch (device memory; see gram_solvers.h).
 template <typename A>
 __global__ void __launch_bounds__(1) pareto_weights_kernel(WeightsParams p) {
   if (blockIdx.x != 0 || threadIdx.x != 0) return;
   finalize_weights(static_cast<const A*>(p.stats), p.n, p.method, p.granularity, static_cast<const A*>(p.prefs),
-                   static_cast<A>(p.cagrad_c), static_cast<A*>(p.weights));
+                   static_cast<A>(p.cagrad_c), static_cast<A*>(p.weights), *static_cast<gram::Scratch*>(p.scratch));
 }
 
 }  // namespace
@@ -263,6 +296,7 @@ void launch_stats_indicators(const StatsParams& p, void* stream) {
 
 void launch_pareto_weights(const WeightsParams& p, void* stream) {
   check_objectives(p.n, "pareto_weights");
+  check_scratch(p.scratch, "pareto_weights");
   const cudaStream_t s = as_stream(stream);
   if (p.acc_is_double) {
     pareto_weights_kernel<double><<<1, 1, 0, s>>>(p);
