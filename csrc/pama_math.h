@@ -376,9 +376,10 @@ PAMA_HD T value_token_loss(T v, T old_v, T ret, T clip, T& dv, bool& clipped) {
 }
 
 // ================================================================================================
-// Finalisation: chunk partials -> totals. Shared by the CPU path (called with tid = 0, nth = 1)
-// and the CUDA finalize kernels (tid = threadIdx.x, nth = blockDim.x, __syncthreads() between
-// phases). Every total is summed over chunks in a fixed order, so results are deterministic.
+// Finalisation: chunk partials -> totals. Shared by the CPU path (called with tid = 0, nth = 1, or
+// through the serial drivers of the finalize tree below) and the CUDA finalize kernels (tid =
+// threadIdx.x, nth = blockDim.x, __syncthreads() between phases; one thread per tree lane). Every
+// total is summed over chunks in a fixed order, so results are deterministic.
 // Chunk c of row b is partial index b * chunks_per_row + c.
 // ================================================================================================
 
@@ -393,30 +394,70 @@ PAMA_HD void finalize_moments_rows(const T* part, int n, int64_t B, int64_t cpr,
     row_count[b] = c;
   }
 }
-// Moments phase 2 (per objective, after phase 1): mean_i, var_i by moments_merge; count, num_seqs.
+// ---- the finalize reductions' fixed tree ---------------------------------------------------------
+// A total over many partials is taken in kMergeLanes lanes: lane l combines the items l,
+// l + kMergeLanes, ... in order; then, for s = 1, 2, ..., kMergeLanes / 2, every lane l that is a
+// multiple of 2s combines lane l + s into itself (`step(l, s)`), and lane 0 ends with the total. The
+// order depends on the item count only: the CPU runs the lanes and levels one after another
+// (serial_tree), the CUDA finalize kernels one lane per thread with a barrier per level
+// (cuda/common.cuh block_tree), so both combine in the same order, whatever the thread count. One
+// thread combining every partial in turn was a chain of B·cpr dependent steps on the GPU.
+constexpr int kMergeLanes = 256;
+template <typename Step>
+inline void serial_tree(Step step) {
+  for (int s = 1; s < kMergeLanes; s *= 2)
+    for (int l = 0; l < kMergeLanes; l += 2 * s) step(l, s);
+}
+// The tree step of K sums per lane kept as acc[q * kMergeLanes + lane].
 template <typename T>
-PAMA_HD void finalize_moments_stats(const T* part, int n, int64_t B, int64_t cpr, const T* row_count, T* stats,
-                                    int64_t tid, int64_t nth) {
-  MomentsPartial P(n);
-  StatsLayout L(n);
-  for (int64_t i = tid; i < n; i += nth) {
-    T count = 0, mean = 0, msd = 0;
-    for (int64_t k = 0; k < B * cpr; ++k) {
-      const T* p = part + k * P.size();
-      moments_merge(count, mean, msd, p[P.cnt()], p[P.mean() + i], p[P.msd() + i]);
-    }
-    stats[L.mean() + i] = mean;
-    stats[L.var() + i] = unbiased_var(msd, count);
+PAMA_HD void lanes_add(T* acc, int K, int lane, int s) {
+  for (int q = 0; q < K; ++q) acc[q * kMergeLanes + lane] += acc[q * kMergeLanes + lane + s];
+}
+
+// Moments phase 2 (per objective): mean_i, var_i merged from the B·cpr chunk partials by the tree,
+// the items of lane l being partials (moments_lane), the step moments_merge (moments_tree_step);
+// store_moments writes lane 0's result.
+template <typename T>
+PAMA_HD void moments_lane(const T* part, int n, int i, int64_t nparts, int lane, T& count, T& mean, T& msd) {
+  const MomentsPartial P(n);
+  count = mean = msd = T(0);
+  for (int64_t k = lane; k < nparts; k += kMergeLanes) {
+    const T* p = part + k * P.size();
+    moments_merge(count, mean, msd, p[P.cnt()], p[P.mean() + i], p[P.msd() + i]);
   }
-  if (tid == 0) {
-    T count = 0, nseq = 0;
-    for (int64_t b = 0; b < B; ++b) {
-      count += row_count[b];
-      nseq += row_count[b] > T(0) ? T(1) : T(0);
-    }
-    stats[L.count()] = count;
-    stats[L.num_seqs()] = nseq;
+}
+template <typename T>
+PAMA_HD void moments_tree_step(T* count, T* mean, T* msd, int lane, int s) {
+  moments_merge(count[lane], mean[lane], msd[lane], count[lane + s], mean[lane + s], msd[lane + s]);
+}
+template <typename T>
+PAMA_HD void store_moments(T* stats, int n, int i, T count, T mean, T msd) {
+  const StatsLayout L(n);
+  stats[L.mean() + i] = mean;
+  stats[L.var() + i] = unbiased_var(msd, count);
+}
+// Moments phase 3 (one thread, after phase 1): count and num_seqs from row_count.
+template <typename T>
+PAMA_HD void finalize_moments_counts(const T* row_count, int n, int64_t B, T* stats) {
+  const StatsLayout L(n);
+  T count = 0, nseq = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    count += row_count[b];
+    nseq += row_count[b] > T(0) ? T(1) : T(0);
   }
+  stats[L.count()] = count;
+  stats[L.num_seqs()] = nseq;
+}
+// Phases 2 and 3 on one thread (the CPU): the merge tree's lanes one after another.
+template <typename T>
+void finalize_moments_stats(const T* part, int n, int64_t B, int64_t cpr, const T* row_count, T* stats) {
+  T count[kMergeLanes], mean[kMergeLanes], msd[kMergeLanes];
+  for (int i = 0; i < n; ++i) {
+    for (int l = 0; l < kMergeLanes; ++l) moments_lane(part, n, i, B * cpr, l, count[l], mean[l], msd[l]);
+    serial_tree([&](int l, int s) { moments_tree_step(count, mean, msd, l, s); });
+    store_moments(stats, n, i, count[0], mean[0], msd[0]);
+  }
+  finalize_moments_counts(row_count, n, B, stats);
 }
 
 // Indicators phase 1 (per entry of abar/pos/ctok/gram, and per row): batch means, and the
@@ -491,14 +532,13 @@ PAMA_HD void finalize_row_scale(const T* row_count, int64_t B, int agg, T total,
                                 int64_t tid, int64_t nth) {
   for (int64_t b = tid; b < B; b += nth) row_scale[b] = agg_row_scale(agg, row_count[b], total, nseq);
 }
-// Policy loss phase 2 (single thread): loss and metrics
-// [pg_loss, kl_loss, clipfrac, approx_kl, active, abar(n), pos(n), weights(n)].
+// Policy loss phase 2, lane `lane` of the finalize tree (its items are rows): the rows lane,
+// lane + kMergeLanes, ... (each row's chunks in order) into acc[q * kMergeLanes + lane] for the
+// kLossPartialSize totals [Σ row_scale·Σ m·l, Σ row_scale·Σ m·k3, Σ clipped, Σ (old - logp), Σ active].
 template <typename T>
-PAMA_HD void finalize_policy_loss(const T* part, int n, int64_t B, int64_t cpr, const T* row_scale,
-                                  const T* stats, const T* weights, T beta_loss, T* loss, T* metrics) {
-  StatsLayout L(n);
+PAMA_HD void policy_loss_lane(const T* part, int64_t B, int64_t cpr, const T* row_scale, int lane, T* acc) {
   T pg = 0, kl = 0, clip = 0, akl = 0, active = 0;
-  for (int64_t b = 0; b < B; ++b) {
+  for (int64_t b = lane; b < B; b += kMergeLanes) {
     T rpg = 0, rkl = 0;
     for (int64_t k = 0; k < cpr; ++k) {
       const T* p = part + (b * cpr + k) * kLossPartialSize;
@@ -511,6 +551,21 @@ PAMA_HD void finalize_policy_loss(const T* part, int n, int64_t B, int64_t cpr, 
     pg += row_scale[b] * rpg;
     kl += row_scale[b] * rkl;
   }
+  acc[0 * kMergeLanes + lane] = pg;
+  acc[1 * kMergeLanes + lane] = kl;
+  acc[2 * kMergeLanes + lane] = clip;
+  acc[3 * kMergeLanes + lane] = akl;
+  acc[4 * kMergeLanes + lane] = active;
+}
+// Policy loss phase 3 (single thread): loss and metrics
+// [pg_loss, kl_loss, clipfrac, approx_kl, active, abar(n), pos(n), weights(n)] from the tree's totals
+// (lane 0 of acc, after lanes_add over kLossPartialSize sums).
+template <typename T>
+PAMA_HD void store_policy_loss(const T* acc, int n, const T* stats, const T* weights, T beta_loss, T* loss,
+                               T* metrics) {
+  StatsLayout L(n);
+  const T pg = acc[0], kl = acc[kMergeLanes], clip = acc[2 * kMergeLanes], akl = acc[3 * kMergeLanes],
+          active = acc[4 * kMergeLanes];
   T inv = T(1) / maxv(stats[L.count()], T(1));
   loss[0] = pg + beta_loss * kl;
   metrics[0] = pg;
@@ -524,40 +579,95 @@ PAMA_HD void finalize_policy_loss(const T* part, int n, int64_t B, int64_t cpr, 
     metrics[kLossMetricScalars + 2 * n + i] = weights[i];
   }
 }
-
-// Value loss (single thread): row_scale, loss = ½ Σ_i Σ_b scale_b Σ_t m·l_i, metrics [clipfrac, head_loss(n)].
-// `denominators` (nullptr: this batch's own) are the global [token count, sequence count] (algorithms §8).
+// Policy loss phases 2 and 3 on one thread (the CPU): the tree's lanes one after another.
 template <typename T>
-PAMA_HD void finalize_value_loss(const T* part, int n, int64_t B, int64_t cpr, int agg, const T* denominators,
-                                 T* row_scale, T* loss, T* metrics) {
+void finalize_policy_loss(const T* part, int n, int64_t B, int64_t cpr, const T* row_scale, const T* stats,
+                          const T* weights, T beta_loss, T* loss, T* metrics) {
+  T acc[kLossPartialSize * kMergeLanes];
+  for (int l = 0; l < kMergeLanes; ++l) policy_loss_lane(part, B, cpr, row_scale, l, acc);
+  serial_tree([&](int l, int s) { lanes_add(acc, kLossPartialSize, l, s); });
+  store_policy_loss(acc, n, stats, weights, beta_loss, loss, metrics);
+}
+
+// Value loss finalize: row_scale, loss = ½ Σ_i Σ_b scale_b Σ_t m·l_i, metrics [clipfrac, head_loss(n)].
+// `denominators` (nullptr: this batch's own) are the global [token count, sequence count] (algorithms §8).
+// The totals over rows use the finalize tree (items: rows):
+//   phase 1 (per row): row_scale[b] = the row's token count;
+//   phase 2 (tree, value_counts_lane): [Σ count, Σ (count > 0), Σ clipped] in acc (3 sums);
+//   phase 3 (per row, value_scale_rows): row_scale[b] = agg_row_scale(count_b, total, nseq), the
+//     denominators (value_denominators) being the caller's or the tree's;
+//   phase 4 (tree per head, value_head_lane): head_i = Σ_b row_scale[b] Σ_c Σ m·l_i; metrics[1 + i] = ½ head_i;
+//   phase 5 (one thread, store_value_loss): loss = Σ_i metrics[1 + i] in head order, clipfrac.
+template <typename T>
+PAMA_HD void value_loss_rows(const T* part, int n, int64_t B, int64_t cpr, T* row_scale, int64_t tid, int64_t nth) {
   const int ps = value_partial_size(n);
-  T total = 0, nseq = 0, clip = 0;
-  for (int64_t b = 0; b < B; ++b) {
+  for (int64_t b = tid; b < B; b += nth) {
     T c = 0;
     for (int64_t k = 0; k < cpr; ++k) c += part[(b * cpr + k) * ps];
-    row_scale[b] = c;  // row count for now
+    row_scale[b] = c;  // the row count until phase 3
+  }
+}
+template <typename T>
+PAMA_HD void value_counts_lane(const T* part, int n, int64_t B, int64_t cpr, const T* row_count, int lane, T* acc) {
+  const int ps = value_partial_size(n);
+  T total = 0, nseq = 0, clip = 0;
+  for (int64_t b = lane; b < B; b += kMergeLanes) {
+    const T c = row_count[b];
     total += c;
     nseq += c > T(0) ? T(1) : T(0);
+    for (int64_t k = 0; k < cpr; ++k) clip += part[(b * cpr + k) * ps + 1];
   }
-  if (denominators != nullptr) {
-    total = denominators[0];
-    nseq = denominators[1];
+  acc[lane] = total;
+  acc[kMergeLanes + lane] = nseq;
+  acc[2 * kMergeLanes + lane] = clip;
+}
+// (total, nseq) of phase 3: the caller's denominators, or the tree's totals (lane 0 of acc)
+template <typename T>
+PAMA_HD void value_denominators(const T* acc, const T* denominators, T& total, T& nseq) {
+  total = denominators != nullptr ? denominators[0] : acc[0];
+  nseq = denominators != nullptr ? denominators[1] : acc[kMergeLanes];
+}
+template <typename T>
+PAMA_HD void value_scale_rows(int agg, T total, T nseq, int64_t B, T* row_scale, int64_t tid, int64_t nth) {
+  for (int64_t b = tid; b < B; b += nth) row_scale[b] = agg_row_scale(agg, row_scale[b], total, nseq);
+}
+template <typename T>
+PAMA_HD void value_head_lane(const T* part, int n, int i, int64_t B, int64_t cpr, const T* row_scale, int lane,
+                             T* acc) {
+  const int ps = value_partial_size(n);
+  T head = 0;
+  for (int64_t b = lane; b < B; b += kMergeLanes) {
+    T r = 0;
+    for (int64_t k = 0; k < cpr; ++k) r += part[(b * cpr + k) * ps + 2 + i];
+    head += row_scale[b] * r;
   }
-  for (int64_t b = 0; b < B; ++b) row_scale[b] = agg_row_scale(agg, row_scale[b], total, nseq);
+  acc[lane] = head;
+}
+// clip_total: the tree's Σ clipped (phase 2); total: phase 3's token count
+template <typename T>
+PAMA_HD void store_value_loss(int n, T total, T clip_total, T* loss, T* metrics) {
   T sum = 0;
-  for (int i = 0; i < n; ++i) {
-    T head = 0;
-    for (int64_t b = 0; b < B; ++b) {
-      T r = 0;
-      for (int64_t k = 0; k < cpr; ++k) r += part[(b * cpr + k) * ps + 2 + i];
-      head += row_scale[b] * r;
-    }
-    metrics[1 + i] = T(0.5) * head;
-    sum += T(0.5) * head;
-  }
-  for (int64_t k = 0; k < B * cpr; ++k) clip += part[k * ps + 1];
-  metrics[0] = clip / maxv(total * T(n), T(1));
+  for (int i = 0; i < n; ++i) sum += metrics[1 + i];
+  metrics[0] = clip_total / maxv(total * T(n), T(1));
   loss[0] = sum;
+}
+// All phases on one thread (the CPU): the tree's lanes one after another.
+template <typename T>
+void finalize_value_loss(const T* part, int n, int64_t B, int64_t cpr, int agg, const T* denominators,
+                         T* row_scale, T* loss, T* metrics) {
+  T acc[3 * kMergeLanes], head[kMergeLanes];
+  value_loss_rows(part, n, B, cpr, row_scale, 0, 1);
+  for (int l = 0; l < kMergeLanes; ++l) value_counts_lane(part, n, B, cpr, row_scale, l, acc);
+  serial_tree([&](int l, int s) { lanes_add(acc, 3, l, s); });
+  T total, nseq;
+  value_denominators(acc, denominators, total, nseq);
+  value_scale_rows(agg, total, nseq, B, row_scale, 0, 1);
+  for (int i = 0; i < n; ++i) {
+    for (int l = 0; l < kMergeLanes; ++l) value_head_lane(part, n, i, B, cpr, row_scale, l, head);
+    serial_tree([&](int l, int s) { lanes_add(head, 1, l, s); });
+    metrics[1 + i] = T(0.5) * head[0];
+  }
+  store_value_loss(n, total, acc[2 * kMergeLanes], loss, metrics);
 }
 
 // ================================================================================================

@@ -70,6 +70,22 @@ def test_policy_loss_masks_f64(device, n, method, granularity, mask_kind):
         compare_all(got, run_policy_loss(ref, x, **kw))
 
 
+# More rows than the finalize tree has lanes (pama_math.h kMergeLanes = 256), some fully masked: the
+# loss and metric totals (and the moments' merge) with lanes of one, two or no rows.
+@pytest.mark.parametrize("dtype", [F64, torch.float32], ids=str)
+@pytest.mark.parametrize("agg", ref.AGG_MODES)
+@pytest.mark.parametrize("method,granularity", [("pama", "token"), ("mgda", "batch")])
+def test_policy_loss_many_rows(device, method, granularity, agg, dtype):
+    x = widen_ratio(make_inputs(2, 300, 9, dtype=dtype, seed=301, mask="holes"))
+    x.mask[::7] = False
+    kw = dict(method=method, granularity=granularity, agg=agg, beta_loss=0.1, use_ref=True)
+    got = run_policy_loss(ops, x.to(device=device), **kw)
+    if dtype == F64:
+        compare_all(got, run_policy_loss(ref, x, **kw))
+    else:
+        compare_all(got, run_policy_loss(ref, x.as64(), **kw), run_policy_loss(ref, x, **kw), dtype)
+
+
 @pytest.mark.parametrize("beta_loss", [0.1, 0.0])
 @pytest.mark.parametrize("agg", ref.AGG_MODES)
 @pytest.mark.parametrize("method,granularity", [("pama", "token"), ("pama", "batch"), ("mgda", "sequence")])

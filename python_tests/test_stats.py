@@ -45,6 +45,22 @@ def test_objective_stats_masks_f64(device, n, mask_kind):
         compare_all(got, run_objective_stats(ref, x, whiten=whiten, noon=noon))
 
 
+# More chunk partials than the moments' merge tree has lanes (pama_math.h kMergeLanes = 256): 300 rows
+# of one chunk, and 70 rows of 5 chunks (T = 9000 > the CPU's 2048 and CUDA's 1024 tokens per chunk);
+# lanes with one, two or no partials, empty rows among them.
+@pytest.mark.parametrize("dtype", [F64, torch.float32], ids=str)
+@pytest.mark.parametrize("B,T", [(300, 7), (70, 9000)])
+def test_objective_moments_many_partials(device, B, T, dtype):
+    x = make_inputs(3, B, T, dtype=dtype, seed=B, mask="holes")
+    x.mask[::7] = False
+    got = ops.objective_moments(x.advantages.to(device), x.mask.to(device))
+    want = ref.objective_moments(x.advantages.double(), x.mask)
+    if dtype == F64:
+        compare("moments", got, want)
+    else:
+        compare("moments", got, want, ref.objective_moments(x.advantages, x.mask), dtype)
+
+
 @pytest.mark.parametrize("dtype", LOWP_DTYPES, ids=str)
 @pytest.mark.parametrize("n", [2, 8])
 def test_objective_stats_lowp(native, device, n, dtype):

@@ -35,6 +35,20 @@ def test_value_loss_f64(device, n, shape, clip, agg):
     compare_all(got, want)
 
 
+# More rows than the finalize tree has lanes (pama_math.h kMergeLanes = 256), some fully masked:
+# lanes with one, two or no rows, every aggregation.
+@pytest.mark.parametrize("dtype", [F64, torch.float32], ids=str)
+@pytest.mark.parametrize("agg", ref.AGG_MODES)
+def test_value_loss_many_rows(device, agg, dtype):
+    x = make_inputs(3, 300, 9, dtype=dtype, seed=300, mask="holes")
+    x.mask[::7] = False
+    got = run_value_loss(ops, x.to(device=device), 0.2, agg)
+    if dtype == F64:
+        compare_all(got, run_value_loss(ref, x, 0.2, agg))
+    else:
+        compare_all(got, run_value_loss(ref, x.as64(), 0.2, agg), run_value_loss(ref, x, 0.2, agg), dtype)
+
+
 @pytest.mark.parametrize("mask_kind", ["random", "full", "empty"])
 def test_value_loss_masks_f64(device, mask_kind):
     x = make_inputs(3, 4, 2100, seed=9, mask=mask_kind)

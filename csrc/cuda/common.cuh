@@ -188,6 +188,18 @@ inline void launch_chunked_reduction(const P& p, int64_t nchunks, cudaStream_t s
   check_launch(name);
 }
 
+// pama_math.h's finalize tree (serial_tree's order) with one thread per lane: blockDim.x must be
+// kMergeLanes, and every thread of the block calls it. A barrier before each level and after the last.
+template <typename Step>
+__device__ __forceinline__ void block_tree(Step step) {
+  const int l = threadIdx.x;
+  for (int s = 1; s < kMergeLanes; s *= 2) {
+    __syncthreads();
+    if (l % (2 * s) == 0) step(l, s);
+  }
+  __syncthreads();
+}
+
 // The weights kernels take the exact solvers' working arrays from the op (Backend::solver_scratch_bytes).
 inline void check_scratch(const void* scratch, const char* launcher) {
   if (scratch == nullptr)

@@ -6,7 +6,8 @@
 //      PPO token loss (and k3 when ref_logp is given), write a_tilde and the gradient coefficient
 //      dlogp (what the op's autograd backward scales), and keep five running sums
 //      that one deterministic block reduction turns into the chunk's kLossPartialSize entries.
-//   2. finalize (single block): finalize_row_scale, barrier, then finalize_policy_loss on thread 0.
+//   2. finalize (single block): finalize_row_scale, barrier, then the rows' sums by pama_math.h's
+//      finalize tree (policy_loss_lane per thread, block_tree) and store_policy_loss on thread 0.
 // Backward: elementwise grad_logp, recomputing dl/dlogp from a_tilde with the same ppo_token_loss.
 #include "common.cuh"
 
@@ -126,17 +127,21 @@ __global__ void __launch_bounds__(kLossBlock) policy_loss_partials_kernel(Policy
 
 template <typename A>
 __global__ void __launch_bounds__(kFinalizeBlock, 1) policy_loss_finalize_kernel(PolicyLossParams p) {
+  static_assert(kFinalizeBlock == kMergeLanes, "policy_loss_finalize_kernel runs one thread per tree lane");
+  __shared__ A acc[kLossPartialSize * kMergeLanes];
   const A* stats = static_cast<const A*>(p.stats);
   const A* row_count = static_cast<const A*>(p.row_count);
   A* row_scale = static_cast<A*>(p.row_scale);
   const StatsLayout L(static_cast<int>(p.n));
   finalize_row_scale(row_count, p.B, p.agg, stats[L.count()], stats[L.num_seqs()], row_scale, threadIdx.x,
                      blockDim.x);
-  __syncthreads();  // finalize_policy_loss reads every row_scale
+  __syncthreads();  // the lanes read every row_scale
+  policy_loss_lane(static_cast<const A*>(p.partials), p.B, p.chunks_per_row, static_cast<const A*>(row_scale),
+                   static_cast<int>(threadIdx.x), acc);
+  block_tree([&](int lane, int s) { lanes_add(acc, kLossPartialSize, lane, s); });
   if (threadIdx.x == 0)
-    finalize_policy_loss(static_cast<const A*>(p.partials), static_cast<int>(p.n), p.B, p.chunks_per_row,
-                         static_cast<const A*>(row_scale), stats, static_cast<const A*>(p.weights),
-                         static_cast<A>(p.beta_loss), static_cast<A*>(p.loss), static_cast<A*>(p.metrics));
+    store_policy_loss(acc, static_cast<int>(p.n), stats, static_cast<const A*>(p.weights),
+                      static_cast<A>(p.beta_loss), static_cast<A*>(p.loss), static_cast<A*>(p.metrics));
 }
 
 // grad_logp[b, t] = mask ? (grad_loss * row_scale[b]) * (dl/dlogp + beta_loss * dk3/dlogp) : 0

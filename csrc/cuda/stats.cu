@@ -67,16 +67,26 @@ __global__ void __launch_bounds__(kStatsBlock) moments_partials_kernel(StatsPara
   }
 }
 
+// The finalize tree of pama_math.h (kMergeLanes lanes, the CPU's order): one thread per lane,
+// objective after objective.
 template <typename A>
 __global__ void __launch_bounds__(kFinalizeBlock, 1) moments_finalize_kernel(StatsParams p) {
+  static_assert(kFinalizeBlock == kMergeLanes, "moments_finalize_kernel runs one thread per merge lane");
+  __shared__ A s_count[kMergeLanes], s_mean[kMergeLanes], s_msd[kMergeLanes];
   const A* part = static_cast<const A*>(p.partials);
   A* row_count = static_cast<A*>(p.row_count);
   A* stats = static_cast<A*>(p.stats);
   const int n = static_cast<int>(p.n);
+  const int l = threadIdx.x;
   finalize_moments_rows(part, n, p.B, p.chunks_per_row, row_count, threadIdx.x, blockDim.x);
-  __syncthreads();  // phase 2 reads every row_count
-  finalize_moments_stats(part, n, p.B, p.chunks_per_row, static_cast<const A*>(row_count), stats, threadIdx.x,
-                         blockDim.x);
+  for (int i = 0; i < n; ++i) {
+    moments_lane(part, n, i, p.B * p.chunks_per_row, l, s_count[l], s_mean[l], s_msd[l]);
+    block_tree([&](int lane, int s) { moments_tree_step(s_count, s_mean, s_msd, lane, s); });
+    // lane 0 is complete, and no thread reads another's slots until the next tree's first barrier
+    if (l == 0) store_moments(stats, n, i, s_count[0], s_mean[0], s_msd[0]);
+  }
+  __syncthreads();  // phase 3 reads every row_count
+  if (l == 0) finalize_moments_counts(static_cast<const A*>(row_count), n, p.B, stats);
 }
 
 // ---- indicators ---------------------------------------------------------------------------------

@@ -5,7 +5,8 @@
 //      masked-in tokens, then for each head i sums pama::value_token_loss over them; per-thread
 //      sums go through a deterministic block reduction into value_partial_size(n) entries
 //      [cnt, Σ clipped over heads, Σ l_i (n)].
-//   2. finalize: pama::finalize_value_loss on a single thread (row_scale, loss, metrics).
+//   2. finalize (single block, one thread per lane of pama_math.h's finalize tree): row_scale, loss,
+//      metrics by the phases of pama::finalize_value_loss.
 // Backward: elementwise grad_values[i, b, t] = grad_loss * 0.5 * mask * row_scale[b] * dl_i/dV.
 #include "common.cuh"
 
@@ -64,12 +65,32 @@ __global__ void __launch_bounds__(kValueBlock) value_loss_partials_kernel(ValueL
   }
 }
 
-// Single thread: finalize_value_loss is sequential (it is a few sums over B * chunks_per_row).
+// The phases of pama_math.h's value-loss finalize, one thread per lane of the finalize tree (the
+// CPU's order); acc[0, kMergeLanes) is reused by the per-head trees once every thread has read the
+// totals, acc[2 * kMergeLanes] keeps Σ clipped.
 template <typename A>
-__global__ void __launch_bounds__(1) value_loss_finalize_kernel(ValueLossParams p) {
-  if (blockIdx.x != 0 || threadIdx.x != 0) return;
-  finalize_value_loss(static_cast<const A*>(p.partials), static_cast<int>(p.n), p.B, p.chunks_per_row, p.agg,
-                      static_cast<const A*>(p.denominators), static_cast<A*>(p.row_scale), static_cast<A*>(p.loss), static_cast<A*>(p.metrics));
+__global__ void __launch_bounds__(kMergeLanes, 1) value_loss_finalize_kernel(ValueLossParams p) {
+  __shared__ A acc[3 * kMergeLanes];
+  const A* part = static_cast<const A*>(p.partials);
+  A* row_scale = static_cast<A*>(p.row_scale);
+  A* metrics = static_cast<A*>(p.metrics);
+  const int n = static_cast<int>(p.n);
+  const int l = threadIdx.x;
+  value_loss_rows(part, n, p.B, p.chunks_per_row, row_scale, l, kMergeLanes);
+  __syncthreads();  // the lanes read every row count
+  value_counts_lane(part, n, p.B, p.chunks_per_row, static_cast<const A*>(row_scale), l, acc);
+  block_tree([&](int lane, int s) { lanes_add(acc, 3, lane, s); });
+  A total, nseq;
+  value_denominators(static_cast<const A*>(acc), static_cast<const A*>(p.denominators), total, nseq);
+  value_scale_rows(p.agg, total, nseq, p.B, row_scale, l, kMergeLanes);
+  __syncthreads();  // every thread has read the totals, and the lanes read every row_scale
+  for (int i = 0; i < n; ++i) {
+    value_head_lane(part, n, i, p.B, p.chunks_per_row, static_cast<const A*>(row_scale), l, acc);
+    block_tree([&](int lane, int s) { lanes_add(acc, 1, lane, s); });
+    // no thread reads another's slot until the next tree's first barrier
+    if (l == 0) metrics[1 + i] = A(0.5) * acc[0];
+  }
+  if (l == 0) store_value_loss(n, total, acc[2 * kMergeLanes], static_cast<A*>(p.loss), metrics);
 }
 
 template <typename S>
@@ -113,7 +134,7 @@ void launch_value_loss_forward(const ValueLossParams& p, void* stream) {
   const int64_t nchunks = p.B * p.chunks_per_row;
   PAMA_DISPATCH_DTYPE(p.dtype, "value_loss_forward", [&] {
     launch_chunked_reduction(p, nchunks, s, value_loss_partials_kernel<scalar_t>, kValueBlock, 0,
-                             value_loss_finalize_kernel<acc_t>, 1, "value_loss_forward");
+                             value_loss_finalize_kernel<acc_t>, kMergeLanes, "value_loss_forward");
   });
 }
 
