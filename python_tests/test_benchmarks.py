@@ -269,3 +269,19 @@ def test_fused_linear_interleaved_mode(tmp_path):
     assert got == sorted(want)
     assert all(r["status"] == "ok" for r in rows), rows
     assert "2-pass / 1-pass" in (tmp_path / "bench_fused_linear_interleaved_cpu.md").read_text()
+
+
+@pytest.mark.parametrize("name", ["ptxas_sm80.txt", "ptxas_sm90.txt", "sass_summary_sm80.txt",
+                                  "sass_summary_sm90.txt"])
+def test_committed_gpu_reports_match_the_library_sources(name):
+    """The per-arch resource reports (`make gpu-report`) that BENCHMARKS.md and docs/kernels.md quote
+    were made from this tree's kernels: their header records the library-source digest."""
+    from pama_ext import abi
+
+    lines = pathlib.Path(ROOT, "benchmarks", "results", name).read_text().splitlines()
+    recorded = [line.split()[3] for line in lines[:4] if line.startswith("# library sources: ")]
+    assert recorded, f"{name}: no '# library sources:' line; regenerate with `make gpu-report`"
+    tree = abi.source_digest(ROOT)
+    assert recorded[0] == tree, (
+        f"benchmarks/results/{name} was made from other library sources ({recorded[0]}) than this tree's "
+        f"({tree}): regenerate it with `make gpu-report` after changing csrc/")

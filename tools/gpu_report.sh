@@ -101,7 +101,15 @@ for line in raw:
         kern[cur]["smem"] = int(s.group(1)) if s else 0
 dem = demangle(list(kern))
 stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+# the library sources the report was made from (pama_ext/abi.py, loaded by path: no torch needed);
+# python_tests/test_benchmarks.py checks that the committed reports match the tree
+import importlib.util
+_spec = importlib.util.spec_from_file_location("pama_ext_abi", os.path.join("pama_ext", "abi.py"))
+_abi = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_abi)
+sources = f"# library sources: {_abi.source_digest('.')} (pama_ext/abi.py source_digest of csrc/ and schemas.def)"
 lines = [f"# ptxas resource usage, sm_{arch} ({stamp})",
+         sources,
          f"# nvcc: {nvcc_ver}",
          f"# flags: {flags} -Xptxas -v   (one object per csrc/cuda/*.cu, as `make nvcc-check`)",
          "# regs = registers per thread; stack = bytes of local stack frame; spill = bytes of spill stores/loads;",
@@ -130,7 +138,7 @@ sass_out = os.path.join(out_dir, f"sass_summary_sm{arch}.txt")
 sass = open(sass_path).read().splitlines() if os.path.exists(sass_path) else []
 if not any("Function :" in l for l in sass):
     msg = (f"# SASS summary, sm_{arch}: not produced ({'cuobjdump failed' if cuobjdump else 'cuobjdump not found'});"
-           " run tools/gpu_report.sh where the CUDA toolkit has cuobjdump + nvdisasm\n")
+           f" run tools/gpu_report.sh where the CUDA toolkit has cuobjdump + nvdisasm\n{sources}\n")
     with open(sass_out, "w") as f:
         f.write(msg)
     print(msg)
@@ -162,6 +170,7 @@ for line in sass:
             counts[fn][key][width] += 1
 dem2 = demangle(list(counts))
 out = [f"# SASS global memory instructions per kernel, sm_{arch} ({stamp})",
+       sources,
        f"# cuobjdump: {cuobjdump}; objects compiled with: {flags}",
        "# LDG/STG counts by access width in bits (static instruction counts in the SASS, not executed counts).",
        "# Vectorised = loads wider than the element type: .128 always; .64 only in kernels with no double",
