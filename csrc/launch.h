@@ -60,7 +60,7 @@ struct GaeBackwardParams {
 
 // §3 statistics, two passes over the data.
 // launch_stats_moments: partials = MomentsPartial per chunk; then writes stats[count, num_seqs,
-//   mean, var] and row_count (finalize_moments_rows, then the finalize tree of pama_math.h:
+//   mean, var] and row_count (row_counts, then the finalize tree of pama_math.h:
 //   moments_lane / moments_tree_step / store_moments, finalize_moments_counts).
 // launch_stats_indicators (after moments): per token N_i = whiten_noon(A_i), I_i = N_i * [u <= 1+eps_hi];
 //   partials = IndicatorPartial per chunk (sumI, pos = [N_i > 0], ctok = thm1 weights of N,

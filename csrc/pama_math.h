@@ -383,14 +383,14 @@ PAMA_HD T value_token_loss(T v, T old_v, T ret, T clip, T& dv, bool& clipped) {
 // Chunk c of row b is partial index b * chunks_per_row + c.
 // ================================================================================================
 
-// Moments phase 1 (per row): row_count[b] = Σ_c cnt.
+// Phase 1 of the moments and of the value loss (per row): row_count[b] = Σ_c cnt over the row's chunk
+// partials of `psize` entries, whose entry 0 is the token count (MomentsPartial::cnt(), the value
+// partial's count).
 template <typename T>
-PAMA_HD void finalize_moments_rows(const T* part, int n, int64_t B, int64_t cpr, T* row_count, int64_t tid,
-                                   int64_t nth) {
-  MomentsPartial P(n);
+PAMA_HD void row_counts(const T* part, int psize, int64_t B, int64_t cpr, T* row_count, int64_t tid, int64_t nth) {
   for (int64_t b = tid; b < B; b += nth) {
     T c = 0;
-    for (int64_t k = 0; k < cpr; ++k) c += part[(b * cpr + k) * P.size() + P.cnt()];
+    for (int64_t k = 0; k < cpr; ++k) c += part[(b * cpr + k) * psize];
     row_count[b] = c;
   }
 }
@@ -592,21 +592,12 @@ void finalize_policy_loss(const T* part, int n, int64_t B, int64_t cpr, const T*
 // Value loss finalize: row_scale, loss = ½ Σ_i Σ_b scale_b Σ_t m·l_i, metrics [clipfrac, head_loss(n)].
 // `denominators` (nullptr: this batch's own) are the global [token count, sequence count] (algorithms §8).
 // The totals over rows use the finalize tree (items: rows):
-//   phase 1 (per row): row_scale[b] = the row's token count;
+//   phase 1 (per row, row_counts): row_scale[b] = the row's token count;
 //   phase 2 (tree, value_counts_lane): [Σ count, Σ (count > 0), Σ clipped] in acc (3 sums);
 //   phase 3 (per row, value_scale_rows): row_scale[b] = agg_row_scale(count_b, total, nseq), the
 //     denominators (value_denominators) being the caller's or the tree's;
 //   phase 4 (tree per head, value_head_lane): head_i = Σ_b row_scale[b] Σ_c Σ m·l_i; metrics[1 + i] = ½ head_i;
 //   phase 5 (one thread, store_value_loss): loss = Σ_i metrics[1 + i] in head order, clipfrac.
-template <typename T>
-PAMA_HD void value_loss_rows(const T* part, int n, int64_t B, int64_t cpr, T* row_scale, int64_t tid, int64_t nth) {
-  const int ps = value_partial_size(n);
-  for (int64_t b = tid; b < B; b += nth) {
-    T c = 0;
-    for (int64_t k = 0; k < cpr; ++k) c += part[(b * cpr + k) * ps];
-    row_scale[b] = c;  // the row count until phase 3
-  }
-}
 template <typename T>
 PAMA_HD void value_counts_lane(const T* part, int n, int64_t B, int64_t cpr, const T* row_count, int lane, T* acc) {
   const int ps = value_partial_size(n);
@@ -656,7 +647,7 @@ template <typename T>
 void finalize_value_loss(const T* part, int n, int64_t B, int64_t cpr, int agg, const T* denominators,
                          T* row_scale, T* loss, T* metrics) {
   T acc[3 * kMergeLanes], head[kMergeLanes];
-  value_loss_rows(part, n, B, cpr, row_scale, 0, 1);
+  row_counts(part, value_partial_size(n), B, cpr, row_scale, 0, 1);
   for (int l = 0; l < kMergeLanes; ++l) value_counts_lane(part, n, B, cpr, row_scale, l, acc);
   serial_tree([&](int l, int s) { lanes_add(acc, 3, l, s); });
   T total, nseq;

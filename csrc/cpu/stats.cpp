@@ -135,7 +135,7 @@ void stats_moments(const StatsParams& p, void*) {
     });
     auto* stats = static_cast<acc*>(p.stats);
     auto* rc = static_cast<acc*>(p.row_count);
-    finalize_moments_rows(part, n, p.B, p.chunks_per_row, rc, 0, 1);
+    row_counts(part, P.size(), p.B, p.chunks_per_row, rc, 0, 1);
     finalize_moments_stats(part, n, p.B, p.chunks_per_row, rc, stats);
   });
 }

@@ -78,7 +78,7 @@ __global__ void __launch_bounds__(kFinalizeBlock, 1) moments_finalize_kernel(Sta
   A* stats = static_cast<A*>(p.stats);
   const int n = static_cast<int>(p.n);
   const int l = threadIdx.x;
-  finalize_moments_rows(part, n, p.B, p.chunks_per_row, row_count, threadIdx.x, blockDim.x);
+  row_counts(part, MomentsPartial(n).size(), p.B, p.chunks_per_row, row_count, threadIdx.x, blockDim.x);
   for (int i = 0; i < n; ++i) {
     moments_lane(part, n, i, p.B * p.chunks_per_row, l, s_count[l], s_mean[l], s_msd[l]);
     block_tree([&](int lane, int s) { moments_tree_step(s_count, s_mean, s_msd, lane, s); });

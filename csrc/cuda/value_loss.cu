@@ -76,7 +76,7 @@ __global__ void __launch_bounds__(kMergeLanes, 1) value_loss_finalize_kernel(Val
   A* metrics = static_cast<A*>(p.metrics);
   const int n = static_cast<int>(p.n);
   const int l = threadIdx.x;
-  value_loss_rows(part, n, p.B, p.chunks_per_row, row_scale, l, kMergeLanes);
+  row_counts(part, value_partial_size(n), p.B, p.chunks_per_row, row_scale, l, kMergeLanes);
   __syncthreads();  // the lanes read every row count
   value_counts_lane(part, n, p.B, p.chunks_per_row, static_cast<const A*>(row_scale), l, acc);
   block_tree([&](int lane, int s) { lanes_add(acc, 3, lane, s); });
