@@ -19,7 +19,7 @@
 # torch there satisfies the wheel's Requires-Dist, the test deps (pytest,
 # hypothesis, expecttest, numpy, scipy, tqdm) are installed if missing and a registry is reachable, and
 # python_tests/ plus README.md (test_readme.py reads ../README.md), docs/, csrc/, the Makefile and
-# pyproject.toml are copied to a temporary folder
+# pyproject.toml and the resource reports of benchmarks/results are copied to a temporary folder
 # where pytest runs with PAMA_EXT_REQUIRE_NATIVE=1. A check before pytest and an extra test
 # inside the pytest session assert that `import pama_ext` resolves to the venv's site-packages.
 #
@@ -103,6 +103,9 @@ cp -r "$ROOT/docs" "$TESTDIR/docs"
 cp -r "$ROOT/csrc" "$TESTDIR/csrc"
 # the Makefile and pyproject.toml: read by the tests of the Makefile and of the triton pin
 cp "$ROOT/Makefile" "$ROOT/pyproject.toml" "$TESTDIR/"
+# the per-arch resource reports, checked against the installed library's source digest
+mkdir -p "$TESTDIR/benchmarks/results"
+cp "$ROOT"/benchmarks/results/ptxas_sm*.txt "$ROOT"/benchmarks/results/sass_summary_sm*.txt "$TESTDIR/benchmarks/results/"
 find "$TESTDIR" -name __pycache__ -prune -exec rm -rf {} +
 SITE=$("$VPY" -c "import sysconfig; print(sysconfig.get_paths()['platlib'])")
 # Asserted again inside the pytest session, after conftest.py has set up sys.path.
